@@ -1,0 +1,1 @@
+"""The agentjobs control plane: intake, admission, Job launch, credentials, trust, CLI."""

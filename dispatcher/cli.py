@@ -1,0 +1,110 @@
+"""``agentjobs``: one console script, one click group; each subcommand lives near its code.
+
+Exit codes: 0 success, 1 a check found a problem (e.g. stale schemas),
+2 bad usage or bad configuration (with a message naming file, key and problem).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import redaction
+from .settings import ENV_CONFIG_FILE, Settings, SettingsError, load_settings
+
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def settings_from(ctx: click.Context) -> Settings:
+    """Load settings for a subcommand (``--config`` or ``AGENTJOBS_CONFIG``, then env)."""
+    try:
+        return load_settings(ctx.obj.get("config"), os.environ)
+    except SettingsError as exc:
+        _fail(str(exc))
+        raise  # unreachable; keeps type checkers content
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=ENV_CONFIG_FILE,
+    help="TOML settings file (default: $AGENTJOBS_CONFIG, else built-in defaults).",
+)
+@click.version_option(package_name="agentjobs")
+@click.pass_context
+def app(ctx: click.Context, config: Path | None) -> None:
+    """Run AI incident-investigation agents as Kubernetes Jobs, safely."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+@app.group()
+def schemas() -> None:
+    """Wire message schemas (JSON Schema files under schemas/json/)."""
+
+
+@schemas.command("export")
+@click.option("--check", is_flag=True, help="Exit 1 if the committed files are stale; write nothing.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Target directory (default: the schemas/json/ directory of this checkout).",
+)
+def schemas_export(check: bool, directory: Path | None) -> None:
+    """Write a JSON Schema file for every wire type."""
+    from schemas import export
+
+    directory = directory or export.SCHEMA_DIR
+    if check:
+        problems = export.stale(directory)
+        for problem in problems:
+            click.echo(f"stale: {problem}", err=True)
+        if problems:
+            click.echo("run `agentjobs schemas export` and commit the result", err=True)
+            sys.exit(EXIT_PROBLEM)
+        click.echo(f"schemas in {directory} are up to date")
+        return
+    for name in export.write(directory):
+        click.echo(f"wrote {directory / name}")
+
+
+@app.group()
+def config() -> None:
+    """Inspect settings."""
+
+
+@config.command("check")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def config_check(ctx: click.Context, file: Path | None) -> None:
+    """Print the effective settings (FILE + AGENTJOBS_* variables) with secrets masked."""
+    path = file if file is not None else ctx.obj.get("config")
+    try:
+        settings = load_settings(path, os.environ)
+    except SettingsError as exc:
+        _fail(str(exc))
+        return
+    click.echo(json.dumps(redaction.redact(settings), indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="agentjobs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The one settings object: a frozen tree loaded once and passed explicitly.
+
+Sources, later wins: built-in defaults (which work on a developer machine),
+a TOML file, then ``AGENTJOBS_<SECTION>__<KEY>`` environment variables
+(``__`` separates nesting levels, e.g. ``AGENTJOBS_CLASSES__DATABASE__MEMORY``).
+Nothing else in the code base reads the environment for configuration.
+Every field says its unit. Unknown keys are errors: a typo in a config file
+at 2 AM must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from schemas import Phase
+
+ENV_PREFIX = "AGENTJOBS_"
+ENV_CONFIG_FILE = "AGENTJOBS_CONFIG"  # path of the TOML file when --config is not given
+
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every settings section (unknown keys are errors)."""
+
+
+class AmqpSettings(Section):
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"  # broker URL incl. vhost
+    management_url: str = "http://guest:guest@127.0.0.1:15672/"  # RabbitMQ management API
+    prefetch: Positive = 100  # unacked messages per consumer
+    reconnect_interval: Seconds = 1.0  # seconds between reconnect attempts
+    heartbeat: NonNegative = 30  # seconds; 0 disables
+    publish_timeout: Seconds = 10.0  # seconds to wait for a publisher confirm
+    delivery_limit: Positive = 20  # deliveries before the broker dead-letters a message
+
+
+class KubernetesSettings(Section):
+    namespace: str = "agentjobs-runs"  # where investigation Jobs run
+    kubeconfig: str = ""  # path; empty: in-cluster config, then ~/.kube/config
+    context: str = ""  # kubeconfig context; empty: current
+    image: str = "ghcr.io/agentjobs/agent:0.1.0"  # agent container image
+    request_timeout: Seconds = 10.0  # seconds per API request
+    watch_timeout: Positive = 300  # seconds a watch stays open before it is renewed
+
+
+class RuntimeSettings(Section):
+    kind: Literal["local", "kubernetes"] = "local"  # local: a subprocess per investigation
+    state_dir: str = ".agentjobs"  # local runtime work dirs, OpenBao data for `up`
+
+
+class VaultSettings(Section):
+    addr: str = "http://127.0.0.1:8200"  # Vault/OpenBao API address
+    token: str = ""  # the dispatcher's own token (prefer token_file)
+    token_file: str = ""  # path to a file holding the dispatcher's token
+    auth_mode: Literal["token-role", "kubernetes"] = "token-role"
+    wrap_ttl: Positive = 60  # seconds a wrapped agent token may wait to be unwrapped
+    grace: NonNegative = 120  # seconds added to the Job deadline for the agent token TTL
+    request_timeout: Seconds = 10.0  # seconds per Vault request
+
+
+class InvestigationClass(Section):
+    """Resources and limits for one class of investigation (chosen by the alert's labels)."""
+
+    cpu: str = "500m"  # Kubernetes quantity
+    memory: str = "512Mi"  # Kubernetes quantity
+    deadline: Positive = 900  # seconds (activeDeadlineSeconds)
+    backoff_limit: NonNegative = 0  # Job retries; investigations are not retried blindly
+    ttl_after_finished: NonNegative = 3600  # seconds before a finished Job is deleted
+    max_active: Positive = 10  # concurrent investigations of this class
+
+
+def _default_classes() -> dict[str, InvestigationClass]:
+    return {
+        "default": InvestigationClass(),
+        "database": InvestigationClass(memory="768Mi", deadline=1200),
+        "kubernetes": InvestigationClass(),
+    }
+
+
+class AdmissionSettings(Section):
+    max_active: Positive = 20  # concurrent investigations in total
+    class_label: str = "agentjobs_class"  # alert label naming the class; else the domain label
+    domain_label: str = "domain"  # alert label naming the domain (trust scope, routing)
+    cancel_on_resolve: bool = True  # a resolved group cancels its running investigation
+    storm_window: Seconds = 30.0  # seconds over which a group's notifications are coalesced
+
+
+class TrustSettings(Section):
+    policy_version: str = "2026-11-1"  # bump when thresholds change
+    initial_phase: Phase = Phase.SHADOW
+    scope_label: str = "domain"  # feedback is tallied per value of this label
+    window: Positive = 50  # feedbacks in the sliding window
+    max_age: Seconds = 30 * 86400.0  # seconds; older feedback leaves the window
+    min_samples: Positive = 20  # feedbacks before any promotion
+    promote_threshold: Fraction = 0.10  # upper Wilson bound of modification rate to promote
+    demote_threshold: Fraction = 0.30  # lower Wilson bound of modification rate to demote
+    confidence_z: Annotated[float, msgspec.Meta(gt=0)] = 1.96  # Wilson interval z (95 %)
+    min_dwell: NonNegative = 7 * 86400  # seconds in a phase before promotion
+    cooldown: NonNegative = 86400  # seconds after any change without promotion
+    harmful_demotes_to: Phase = Phase.READ_ONLY
+
+    def __post_init__(self) -> None:
+        if self.promote_threshold >= self.demote_threshold:
+            raise ValueError(
+                "trust.promote_threshold must be below trust.demote_threshold (hysteresis)"
+            )
+
+
+class PostgresSettings(Section):
+    dsn: str = ""  # diagnostics target; empty: not configured
+
+
+class BridgeSettings(Section):
+    host: str = "127.0.0.1"
+    port: Port = 9095
+    bearer_token: str = ""  # require `Authorization: Bearer …` when set
+    basic_username: str = ""  # require HTTP basic auth when set
+    basic_password: str = ""
+    max_body_bytes: Positive = 1024 * 1024  # bytes per webhook request
+
+
+class LlmSettings(Section):
+    base_url: str = ""  # OpenAI-compatible endpoint; empty: rule-based reasoner only
+    model: str = ""
+    api_key: str = ""  # prefer Vault KV; here only for local experiments
+
+
+class LoggingSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
+
+
+class MetricsSettings(Section):
+    host: str = "127.0.0.1"
+    port: Port = 9464  # Prometheus scrape port; 0 disables
+
+
+class Settings(Section):
+    """Root of the settings tree."""
+
+    amqp: AmqpSettings = AmqpSettings()
+    k8s: KubernetesSettings = KubernetesSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    vault: VaultSettings = VaultSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    classes: dict[str, InvestigationClass] = msgspec.field(default_factory=_default_classes)
+    trust: TrustSettings = TrustSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    bridge: BridgeSettings = BridgeSettings()
+    llm: LlmSettings = LlmSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    def __post_init__(self) -> None:
+        if "default" not in self.classes:
+            raise ValueError("classes must define a 'default' class")
+
+
+class SettingsError(Exception):
+    """Settings could not be loaded; the message names the origin, the key and the problem."""
+
+    def __init__(self, origin: str, key: str, problem: str) -> None:
+        where = f"{origin}: {key}" if key else origin
+        super().__init__(f"{where}: {problem}")
+        self.origin = origin  # file path or environment variable
+        self.key = key  # dotted key, e.g. amqp.prefetch
+        self.problem = problem
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_value(raw: str) -> Any:
+    # Strings are converted to the field's type by msgspec (lax mode); JSON for lists/tables.
+    if raw[:1] in "[{":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Nested overrides from ``AGENTJOBS_A__B=…`` variables, and dotted key → variable name."""
+    tree: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise SettingsError(name, "", "empty key segment (use single '__' between levels)")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(name, ".".join(path), "conflicts with another variable")
+        node[path[-1]] = _env_value(raw)
+        origins[".".join(path)] = name
+    return tree, origins
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SettingsError(str(path), "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(str(path), "", f"cannot read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(str(path), "", f"invalid TOML: {exc}") from None
+
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
+
+
+def _explain(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """(dotted key, problem) from a msgspec validation message."""
+    text = str(exc)
+    match = _AT.search(text)
+    path = match.group("path") if match else ""
+    problem = text[: match.start()] if match else text
+    # msgspec writes list indexes as [3] and hides dict keys as [...]
+    key = re.sub(r"\[(\d+)\]", r".\1", path).replace("[...]", ".*").lstrip(".")
+    for pattern, what in ((_UNKNOWN, "unknown key"), (_MISSING, "missing required key")):
+        found = pattern.match(problem)
+        if found:
+            key = f"{key}.{found.group('field')}" if key else found.group("field")
+            problem = what
+    problem = problem.replace("Expected", "expected").replace("`", "")
+    return key, problem
+
+
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults ← TOML file ← ``AGENTJOBS_*`` variables; raises ``SettingsError``."""
+    environ = {} if environ is None else environ
+    if path is None and environ.get(ENV_CONFIG_FILE):
+        path = environ[ENV_CONFIG_FILE]
+    data: dict[str, Any] = msgspec.to_builtins(Settings())
+    file_data = _read_toml(Path(path)) if path is not None else {}
+    overrides, env_origins = env_overrides(environ)
+    data = _merge(_merge(data, file_data), overrides)
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        key, problem = _explain(exc)
+        raise SettingsError(_origin(key, env_origins, path), key, problem) from None
+
+
+def _origin(key: str, env_origins: Mapping[str, str], path: str | Path | None) -> str:
+    """The variable or file a failing key came from (env wins, as in loading)."""
+    pattern = re.compile("^" + re.escape(key).replace(r"\*", "[^.]+") + r"(\.|$)")
+    for env_key, var in env_origins.items():
+        if pattern.match(env_key) or key.startswith(env_key + "."):
+            return var
+    return str(path) if path is not None else "settings"

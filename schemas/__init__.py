@@ -1,0 +1,56 @@
+"""Wire messages shared by every agentjobs component, and their codecs.
+
+Import from here: ``from schemas import IncidentEvent, decode_incident``.
+"""
+
+from .alertmanager import AlertmanagerWebhook, to_incident
+from .base import Phase, RiskClass, Severity, utcnow
+from .codec import KINDS, MAX_BODY_BYTES, WIRE_TYPES, WireMessage, decode, decode_incident, encode
+from .deadletter import DeadLetter, ErrorKind, preview
+from .errors import AgentJobsError, DecodeError, PermanentError, TemporaryError
+from .feedback import OperatorFeedback, ShadowComparison, Verdict
+from .finding import Conclusion, Cost, Evidence, Finding, ProposedAction
+from .identity import Identity, identify
+from .incident import Alert, AlertStatus, IncidentEvent
+from .lifecycle import FailureReason, LifecycleEvent, LifecycleState
+from .phase import PhaseChanged
+
+__all__ = [
+    "KINDS",
+    "MAX_BODY_BYTES",
+    "WIRE_TYPES",
+    "AgentJobsError",
+    "Alert",
+    "AlertStatus",
+    "AlertmanagerWebhook",
+    "Conclusion",
+    "Cost",
+    "DeadLetter",
+    "DecodeError",
+    "ErrorKind",
+    "Evidence",
+    "FailureReason",
+    "Finding",
+    "Identity",
+    "IncidentEvent",
+    "LifecycleEvent",
+    "LifecycleState",
+    "OperatorFeedback",
+    "PermanentError",
+    "Phase",
+    "PhaseChanged",
+    "ProposedAction",
+    "RiskClass",
+    "Severity",
+    "ShadowComparison",
+    "TemporaryError",
+    "Verdict",
+    "WireMessage",
+    "decode",
+    "decode_incident",
+    "encode",
+    "identify",
+    "preview",
+    "to_incident",
+    "utcnow",
+]

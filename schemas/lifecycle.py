@@ -1,0 +1,62 @@
+"""What happened to an investigation, told to whoever holds the ticket.
+
+The dispatcher publishes one ``LifecycleEvent`` per state change on the
+results exchange (routing key ``lifecycle.<state>``), so no ticket is left
+hanging: every investigation ends in exactly one terminal state.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+
+from .base import Id, NonNegativeInt, Phase, Timestamp, Wire
+
+
+class LifecycleState(enum.StrEnum):
+    DISPATCHED = "dispatched"  # Job created (or found already created)
+    ATTACHED = "attached"  # new alerts joined a running investigation; no new Job
+    STARTED = "started"  # the agent's pod is running
+    SUCCEEDED = "succeeded"  # the agent published a finding and exited 0
+    FAILED = "failed"  # see ``reason``
+    CANCELLED = "cancelled"  # group resolved or an operator cancelled it
+
+    @property
+    def terminal(self) -> bool:
+        """True for states after which nothing more happens."""
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({LifecycleState.SUCCEEDED, LifecycleState.FAILED, LifecycleState.CANCELLED})
+
+
+class FailureReason(enum.StrEnum):
+    """Why an investigation failed; stable codes for tickets and dashboards."""
+
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    OOM_KILLED = "oom_killed"
+    BACKOFF_LIMIT_EXCEEDED = "backoff_limit_exceeded"
+    AGENT_ERROR = "agent_error"  # agent exited non-zero
+    NO_FINDING = "no_finding"  # Job ended without publishing a finding
+    CREDENTIALS_UNAVAILABLE = "credentials_unavailable"  # agent failed closed
+    LAUNCH_REJECTED = "launch_rejected"  # forbidden, quota, invalid spec
+    JOB_LOST = "job_lost"  # Job deleted from outside before it finished
+    INTERNAL = "internal"
+
+
+class LifecycleEvent(Wire, tag="lifecycle", kw_only=True):
+    """One state change of one investigation."""
+
+    investigation_id: Id
+    incident_key: Id  # source + group key, stable across investigations of a group
+    state: LifecycleState
+    at: Timestamp
+    job_name: Annotated[str, msgspec.Meta(max_length=63)] = ""
+    phase: Phase | None = None
+    reason: FailureReason | None = None  # set when state is failed
+    message: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    event_id: str = ""  # the incident notification that caused this (dispatched/attached)
+    attempt: NonNegativeInt = 0
+    alert_count: NonNegativeInt = 0
