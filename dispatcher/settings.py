@@ -10,9 +10,11 @@ at 2 AM must not silently fall back to a default.
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -249,8 +251,30 @@ def _explain(exc: msgspec.ValidationError) -> tuple[str, str]:
         if found:
             key = f"{key}.{found.group('field')}" if key else found.group("field")
             problem = what
+    if problem.startswith("Invalid enum value"):
+        choices = _choices(key)
+        if choices:
+            problem = f"{problem[len('Invalid enum value '):]} is not one of {', '.join(choices)}"
     problem = problem.replace("Expected", "expected").replace("`", "")
     return key, problem
+
+
+def _choices(key: str) -> list[str]:
+    """Allowed values of the Literal/enum field at dotted ``key`` (empty if not one)."""
+    type_: Any = Settings
+    for part in key.split("."):
+        if part == "*" and typing.get_origin(type_) is dict:
+            type_ = typing.get_args(type_)[1]
+            continue
+        hints = typing.get_type_hints(type_, include_extras=True) if isinstance(type_, type) else {}
+        if part not in hints:
+            return []
+        type_ = hints[part]
+    if typing.get_origin(type_) is Literal:
+        return [str(a) for a in typing.get_args(type_)]
+    if isinstance(type_, type) and issubclass(type_, enum.Enum):
+        return [str(m.value) for m in type_]
+    return []
 
 
 def load_settings(

@@ -30,7 +30,7 @@ class CloudEvent(msgspec.Struct, frozen=True, kw_only=True):
     time: Timestamp | None = None
     datacontenttype: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     subject: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
-    data: msgspec.Raw | None = None
+    data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # empty when absent
     data_base64: str | None = None
 
 

@@ -161,15 +161,17 @@ def _from_cloudevent(body: bytes, fallback_source: str) -> IncidentEvent:
             "unsupported_content_type",
             f"CloudEvents datacontenttype {envelope.datacontenttype!r} is not JSON",
         )
-    if envelope.data is not None and envelope.data_base64 is not None:
+    data = bytes(envelope.data)
+    has_data = data.strip() not in (b"", b"null")
+    if has_data and envelope.data_base64 is not None:
         raise DecodeError("invalid_cloudevent", "CloudEvent has both data and data_base64")
     if envelope.data_base64 is not None:
         try:
             inner = base64.b64decode(envelope.data_base64, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise DecodeError("invalid_base64", f"data_base64 is not valid base64: {exc}") from None
-    elif envelope.data is not None:
-        inner = bytes(envelope.data)
+    elif has_data:
+        inner = data
     else:
         raise DecodeError("missing_data", "CloudEvent carries no data")
     sniff = _sniff(inner)
