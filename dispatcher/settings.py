@@ -52,6 +52,10 @@ class KubernetesSettings(Section):
     kubeconfig: str = ""  # path; empty: in-cluster config, then ~/.kube/config
     context: str = ""  # kubeconfig context; empty: current
     image: str = "ghcr.io/agentjobs/agent:0.1.0"  # agent container image
+    agent_command: list[str] = msgspec.field(default_factory=lambda: ["agentjobs", "agent"])
+    service_account_prefix: str = "agentjobs-agent-"  # + phase, e.g. agentjobs-agent-shadow
+    token_audience: str = "vault"  # audience of the projected SA token (kubernetes auth)
+    token_expiration: Annotated[int, msgspec.Meta(ge=600)] = 600  # seconds (API minimum 600)
     request_timeout: Seconds = 10.0  # seconds per API request
     watch_timeout: Positive = 300  # seconds a watch stays open before it is renewed
 
@@ -80,6 +84,17 @@ class InvestigationClass(Section):
     backoff_limit: NonNegative = 0  # Job retries; investigations are not retried blindly
     ttl_after_finished: NonNegative = 3600  # seconds before a finished Job is deleted
     max_active: Positive = 10  # concurrent investigations of this class
+    image: str = ""  # empty: k8s.image
+    command: list[str] = []  # empty: k8s.agent_command
+
+
+class ClassRule(Section):
+    """First matching rule picks the class; all given conditions must hold."""
+
+    use: str  # class name
+    severities: list[str] = []  # any of these severities (empty: any)
+    domains: list[str] = []  # any of these domains (empty: any)
+    labels: dict[str, str] = {}  # all these label values
 
 
 def _default_classes() -> dict[str, InvestigationClass]:
@@ -96,6 +111,7 @@ class AdmissionSettings(Section):
     domain_label: str = "domain"  # alert label naming the domain (trust scope, routing)
     cancel_on_resolve: bool = True  # a resolved group cancels its running investigation
     storm_window: Seconds = 30.0  # seconds over which a group's notifications are coalesced
+    rules: list[ClassRule] = []  # class selection rules, before class_label and domain
 
 
 class TrustSettings(Section):
@@ -167,6 +183,9 @@ class Settings(Section):
     def __post_init__(self) -> None:
         if "default" not in self.classes:
             raise ValueError("classes must define a 'default' class")
+        for rule in self.admission.rules:
+            if rule.use not in self.classes:
+                raise ValueError(f"admission.rules: class {rule.use!r} is not defined in classes")
 
 
 class SettingsError(Exception):

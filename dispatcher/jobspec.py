@@ -1,0 +1,242 @@
+"""Job manifests: one pure function from an admitted investigation to a batch/v1 Job.
+
+Everything a Job may do is decided here, outside the model: the phase picks
+the ServiceAccount (RBAC) and the grants the agent will ask Vault for; the
+class picks resources and deadline. Pods run under the ``restricted`` Pod
+Security profile, get no ServiceAccount token unless kubernetes auth needs
+one (then a projected, audience-bound, short-lived one), and receive their
+input (the incident, the wrapped Vault token) as files from a Secret that the
+Job owns, so it is deleted with the Job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from schemas import IncidentEvent, Phase
+from schemas.identity import Identity
+from schemas.k8snames import label_value
+
+from .settings import InvestigationClass, Settings
+
+GROUP = "agentjobs.dev"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INVESTIGATION = f"{GROUP}/investigation-id"
+LABEL_INCIDENT = f"{GROUP}/incident-key"
+LABEL_DOMAIN = f"{GROUP}/domain"
+LABEL_PHASE = f"{GROUP}/phase"
+LABEL_CLASS = f"{GROUP}/class"
+LABEL_SEVERITY = f"{GROUP}/severity"
+LABEL_ALERTNAME = f"{GROUP}/alertname"
+ANN_GROUP_KEY = f"{GROUP}/group-key"
+ANN_SOURCE = f"{GROUP}/source"
+ANN_EVENT_ID = f"{GROUP}/event-id"
+ANN_STARTED_AT = f"{GROUP}/started-at"
+ANN_TRACEPARENT = f"{GROUP}/traceparent"
+MANAGED_BY = "agentjobs"
+# Selects every Job/Pod agentjobs manages (watch, list, quota accounting).
+SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+CONTAINER = "agent"
+INPUT_VOLUME = "input"
+INPUT_DIR = "/var/run/agentjobs/input"  # incident.json, wrapped-token
+SCRATCH_DIR = "/tmp"  # the only writable path (readOnlyRootFilesystem)
+TOKEN_DIR = "/var/run/secrets/agentjobs/serviceaccount"  # projected token, kubernetes auth only
+INCIDENT_FILE = "incident.json"
+WRAPPED_TOKEN_FILE = "wrapped-token"
+NONROOT_UID = 65532  # distroless "nonroot"
+
+
+class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """What admission decided for one investigation; input to ``build_job``."""
+
+    identity: Identity
+    event: IncidentEvent
+    class_name: str
+    phase: Phase
+    domain: str = ""
+
+
+def domain_of(event: IncidentEvent, settings: Settings) -> str:
+    """The incident's domain label (routing key part, trust scope)."""
+    return event.label(settings.admission.domain_label)
+
+
+def choose_class(event: IncidentEvent, settings: Settings) -> str:
+    """First matching rule, else the class label, else the domain if it names a class, else default."""
+    severity = event.severity.value
+    domain = domain_of(event, settings)
+    for rule in settings.admission.rules:
+        if rule.severities and severity not in rule.severities:
+            continue
+        if rule.domains and domain not in rule.domains:
+            continue
+        if any(event.label(k) != v for k, v in rule.labels.items()):
+            continue
+        return rule.use
+    named = event.label(settings.admission.class_label)
+    if named in settings.classes:
+        return named
+    if domain in settings.classes:
+        return domain
+    return "default"
+
+
+def secret_name(job_name: str) -> str:
+    """Name of the Secret holding a Job's input files (owned by the Job)."""
+    return f"{job_name}-input"
+
+
+def traceparent(investigation_id: str) -> str:
+    """W3C trace context derived from the investigation, so every replica agrees on it."""
+    return f"00-{investigation_id[:32]}-{investigation_id[-16:]}-01"
+
+
+def service_account(phase: Phase, settings: Settings) -> str:
+    """The ServiceAccount (and so the RBAC) of a phase's Jobs."""
+    return f"{settings.k8s.service_account_prefix}{phase.value}"
+
+
+def _labels(plan: JobPlan) -> dict[str, str]:
+    return {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_NAME: "agentjobs-agent",
+        LABEL_INVESTIGATION: plan.identity.investigation_id,
+        LABEL_INCIDENT: plan.identity.incident_key,
+        LABEL_DOMAIN: label_value(plan.domain),
+        LABEL_PHASE: plan.phase.value,
+        LABEL_CLASS: label_value(plan.class_name),
+        LABEL_SEVERITY: plan.event.severity.value,
+        LABEL_ALERTNAME: label_value(plan.event.alertname),
+    }
+
+
+def _annotations(plan: JobPlan) -> dict[str, str]:
+    return {
+        ANN_GROUP_KEY: plan.event.group_key,
+        ANN_SOURCE: plan.event.source,
+        ANN_EVENT_ID: plan.event.event_id,
+        ANN_STARTED_AT: plan.identity.started_at.isoformat(),
+        ANN_TRACEPARENT: traceparent(plan.identity.investigation_id),
+    }
+
+
+def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
+    env = {
+        "AGENTJOBS_INVESTIGATION_ID": plan.identity.investigation_id,
+        "AGENTJOBS_JOB_NAME": plan.identity.job_name,
+        "AGENTJOBS_PHASE": plan.phase.value,
+        "AGENTJOBS_CLASS": plan.class_name,
+        "AGENTJOBS_INPUT_DIR": INPUT_DIR,
+        "AGENTJOBS_VAULT__ADDR": settings.vault.addr,
+        "AGENTJOBS_VAULT__AUTH_MODE": settings.vault.auth_mode,
+        "TRACEPARENT": traceparent(plan.identity.investigation_id),
+        "HOME": SCRATCH_DIR,
+        "TMPDIR": SCRATCH_DIR,
+    }
+    items: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
+    items.append({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    if settings.vault.auth_mode == "kubernetes":
+        items.append({"name": "AGENTJOBS_SA_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})
+    return items
+
+
+def _resources(cls: InvestigationClass) -> dict[str, Any]:
+    # Requests equal limits: an investigation's cost is predictable and it is never
+    # the first to be evicted under node pressure (Guaranteed QoS).
+    quantities = {"cpu": cls.cpu, "memory": cls.memory}
+    return {"requests": dict(quantities), "limits": dict(quantities)}
+
+
+def _volumes(plan: JobPlan, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": INPUT_VOLUME,
+            "secret": {"secretName": secret_name(plan.identity.job_name), "defaultMode": 0o400},
+        },
+        {"name": "scratch", "emptyDir": {"sizeLimit": "256Mi"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": INPUT_VOLUME, "mountPath": INPUT_DIR, "readOnly": True},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+    ]
+    if settings.vault.auth_mode == "kubernetes":
+        volumes.append(
+            {
+                "name": "sa-token",
+                "projected": {
+                    "defaultMode": 0o400,
+                    "sources": [
+                        {
+                            "serviceAccountToken": {
+                                "audience": settings.k8s.token_audience,
+                                "expirationSeconds": settings.k8s.token_expiration,
+                                "path": "token",
+                            }
+                        }
+                    ],
+                },
+            }
+        )
+        mounts.append({"name": "sa-token", "mountPath": TOKEN_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def build_job(plan: JobPlan, settings: Settings) -> dict[str, Any]:
+    """The batch/v1 Job manifest for ``plan`` (pure; same plan → same manifest)."""
+    cls = settings.classes[plan.class_name]
+    labels = _labels(plan)
+    annotations = _annotations(plan)
+    volumes, mounts = _volumes(plan, settings)
+    container = {
+        "name": CONTAINER,
+        "image": cls.image or settings.k8s.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(cls.command or settings.k8s.agent_command),
+        "env": _env(plan, settings),
+        "resources": _resources(cls),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": plan.identity.job_name,
+            "namespace": settings.k8s.namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": {
+            "activeDeadlineSeconds": cls.deadline,
+            "backoffLimit": cls.backoff_limit,
+            "ttlSecondsAfterFinished": cls.ttl_after_finished,
+            "template": {
+                "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
+                "spec": {
+                    "serviceAccountName": service_account(plan.phase, settings),
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "restartPolicy": "Never",
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": NONROOT_UID,
+                        "runAsGroup": NONROOT_UID,
+                        "fsGroup": NONROOT_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }

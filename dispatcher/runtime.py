@@ -1,0 +1,82 @@
+"""The port every Job runtime implements, and the events it reports.
+
+A runtime turns one Job manifest (built by ``jobspec.build_job``) into one
+running investigation and reports what happens to it. ``KubernetesRuntime``
+creates a ``batch/v1`` Job; ``LocalRuntime`` runs the same container command
+as a subprocess under the same limits. Both give "exactly one per name":
+launching a name that exists answers ``ALREADY_EXISTS`` instead of starting a
+second one. Adapters raise only ``PermanentError`` / ``TemporaryError``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+
+from schemas import FailureReason
+
+
+class LaunchOutcome(enum.StrEnum):
+    CREATED = "created"
+    ALREADY_EXISTS = "already_exists"  # same investigation launched before (409 semantics)
+
+
+class JobState(enum.StrEnum):
+    RUNNING = "running"  # the agent process/pod started
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # see RuntimeEvent.reason
+    CANCELLED = "cancelled"  # cancelled through the runtime (cancel command, resolve)
+    LOST = "lost"  # the Job vanished without a terminal state (deleted from outside)
+
+    @property
+    def terminal(self) -> bool:
+        return self is not JobState.RUNNING
+
+
+class RuntimeEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One observed change of one Job; terminal events are reported once per Job."""
+
+    job_name: str
+    investigation_id: str  # from the Job's label
+    state: JobState
+    at: datetime
+    reason: FailureReason | None = None  # for FAILED/LOST
+    message: str = ""  # human-readable detail, e.g. "OOMKilled (exit 137)"
+    exit_code: int | None = None
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+
+
+@runtime_checkable
+class JobRuntime(Protocol):
+    """Launch, cancel and observe investigation Jobs."""
+
+    async def launch(
+        self, job: Mapping[str, Any], *, secret: Mapping[str, bytes] | None = None
+    ) -> LaunchOutcome:
+        """Start the Job described by ``job`` (a batch/v1 Job manifest).
+
+        ``secret`` holds files the Job gets (e.g. the wrapped Vault token): a Secret owned by
+        the Job on Kubernetes, files in the work dir locally. Deleted with the Job.
+        """
+        ...
+
+    async def cancel(self, job_name: str) -> bool:
+        """Stop and remove a Job; True if it existed."""
+        ...
+
+    def events(self) -> AsyncIterator[RuntimeEvent]:
+        """Status changes of every Job this runtime manages, terminal ones exactly once."""
+        ...
+
+    async def active(self) -> list[str]:
+        """Names of Jobs that have not reached a terminal state."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources; running Jobs keep running (local: are stopped)."""
+        ...
