@@ -5,6 +5,7 @@ Import from here: ``from schemas import IncidentEvent, decode_incident``.
 
 from .alertmanager import AlertmanagerWebhook, to_incident
 from .base import Phase, RiskClass, Severity, utcnow
+from .control import CancelInvestigation
 from .codec import KINDS, MAX_BODY_BYTES, WIRE_TYPES, WireMessage, decode, decode_incident, encode
 from .deadletter import DeadLetter, ErrorKind, preview
 from .errors import AgentJobsError, DecodeError, PermanentError, TemporaryError
@@ -23,6 +24,7 @@ __all__ = [
     "Alert",
     "AlertStatus",
     "AlertmanagerWebhook",
+    "CancelInvestigation",
     "Conclusion",
     "Cost",
     "DeadLetter",

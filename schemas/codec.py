@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from . import alertmanager, cloudevents
+from .control import CancelInvestigation
 from .deadletter import DeadLetter
 from .errors import DecodeError
 from .feedback import OperatorFeedback
@@ -26,7 +27,9 @@ from .phase import PhaseChanged
 
 MAX_BODY_BYTES = 1024 * 1024  # 1 MiB; Alertmanager groups of thousands of alerts fit easily
 
-WireMessage = IncidentEvent | LifecycleEvent | Finding | OperatorFeedback | PhaseChanged | DeadLetter
+WireMessage = (
+    IncidentEvent | LifecycleEvent | Finding | OperatorFeedback | PhaseChanged | DeadLetter | CancelInvestigation
+)
 WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     IncidentEvent,
     LifecycleEvent,
@@ -34,6 +37,7 @@ WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     OperatorFeedback,
     PhaseChanged,
     DeadLetter,
+    CancelInvestigation,
 )
 KINDS = {t.__struct_config__.tag: t for t in WIRE_TYPES}
 

@@ -1,0 +1,109 @@
+"""The aio-pika edge of every consumer: the one place a message is acked or handed back.
+
+A handler turns a ``Delivery`` into an ``Outcome``; ``Consumer`` settles the
+message accordingly, and nowhere else in the code base is a message acked.
+A handler that crashes (a bug) is logged and its message handed back after a
+short pause — the consumer keeps running; the broker's delivery limit stops a
+message that crashes every time, and the dead-letter recorder explains it.
+``stop`` cancels the subscription and waits for in-flight handlers (drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from .deadletters import Delivery
+from .intake import Outcome
+from .logs import bound, get_logger
+
+log = get_logger("agentjobs.consumer")
+
+Handler = Callable[[Delivery], Awaitable[Outcome]]
+CRASH_PAUSE = 1.0  # seconds before handing back a message whose handler crashed
+
+
+def to_delivery(message: AbstractIncomingMessage) -> Delivery:
+    """Broker message → broker-agnostic delivery."""
+    headers = dict(message.headers or {})
+    count = headers.get("x-delivery-count", 0)
+    return Delivery(
+        message.body,
+        routing_key=message.routing_key or "",
+        exchange=message.exchange or "",
+        message_id=message.message_id or "",
+        content_type=message.content_type or "",
+        headers=headers,
+        delivery_count=count if isinstance(count, int) else 0,
+    )
+
+
+class Consumer:
+    """Consumes one queue with a handler; settles every message exactly here."""
+
+    def __init__(self, queue_name: str, handler: Handler, *, prefetch: int, name: str) -> None:
+        self.queue_name = queue_name
+        self.handler = handler
+        self.prefetch = prefetch
+        self.name = name
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.consuming = False
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        self._channel = await connection.channel()
+        await self._channel.set_qos(prefetch_count=self.prefetch)
+        self._queue = await self._channel.get_queue(self.queue_name, ensure=True)
+        self._tag = await self._queue.consume(self._on_message)
+        self.consuming = True
+        log.info("consumer_started", queue=self.queue_name, prefetch=self.prefetch)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            delivery = to_delivery(message)
+            with bound(queue=self.queue_name, message_id=delivery.message_id, attempt=delivery.delivery_count + 1):
+                try:
+                    outcome = await self.handler(delivery)
+                except asyncio.CancelledError:
+                    raise  # shutdown: unacked, the broker redelivers it
+                except Exception:
+                    log.exception("handler_crashed")
+                    await asyncio.sleep(CRASH_PAUSE)
+                    outcome = Outcome.REQUEUE
+                await self._settle(message, outcome)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        """The one ack site."""
+        try:
+            if outcome is Outcome.ACK:
+                await message.ack()
+            else:
+                await message.nack(requeue=True)
+        except Exception as exc:  # channel gone: the broker redelivers; handlers are idempotent
+            log.warning("settle_failed", outcome=outcome.value, error=repr(exc))
+
+    async def stop(self, *, drain_timeout: float = 30.0) -> None:
+        """Stop taking new messages, then wait for in-flight ones (unacked ones are redelivered)."""
+        self.consuming = False
+        if self._queue is not None and self._tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._tag)
+        if self._inflight:
+            log.info("draining", queue=self.queue_name, in_flight=len(self._inflight))
+            _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()

@@ -1,0 +1,77 @@
+"""Handlers for the dispatcher's side queues: operator commands and the dead-letter log.
+
+``ControlHandler`` executes ``CancelInvestigation`` commands (the Job is
+deleted / the process killed; the watcher then reports ``cancelled``).
+``DeadLetterRecorder`` reads a copy of every dead letter and publishes its
+``DeadLetter`` record to the results exchange, so an operator learns why a
+message died — including messages the broker dead-lettered on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from schemas import CancelInvestigation, decode, utcnow
+from schemas.errors import DecodeError
+
+from .amqp import Publisher
+from .deadletters import HEADER_RECORD, Delivery, dead_letter, explain, from_error
+from .intake import Outcome
+from .logs import get_logger
+from .metrics import Metrics
+from .reporting import Reporter
+from .retry import Backoff, RetriesExhausted, retry
+from .runtime import JobRuntime
+
+log = get_logger("agentjobs.control")
+
+
+class ControlHandler:
+    def __init__(
+        self, *, runtime: JobRuntime, publisher: Publisher, backoff: Backoff | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.runtime = runtime
+        self.publisher = publisher
+        self.backoff = backoff or Backoff()
+        self.clock = clock
+
+    async def handle(self, delivery: Delivery) -> Outcome:
+        try:
+            command = decode(delivery.body, CancelInvestigation)
+        except DecodeError as exc:
+            record = from_error(delivery, exc, at=self.clock(), component="dispatcher.control")
+            try:
+                await retry(lambda: dead_letter(self.publisher, delivery, record), self.backoff)
+            except RetriesExhausted:
+                return Outcome.REQUEUE
+            log.warning("command_dead_lettered", reason=exc.reason, detail=exc.message)
+            return Outcome.ACK
+        try:
+            existed = await retry(lambda: self.runtime.cancel(command.job_name), self.backoff)
+        except RetriesExhausted:
+            return Outcome.REQUEUE
+        log.info("investigation_cancel_requested", job_name=command.job_name, existed=existed,
+                 reason=command.reason, requested_by=command.requested_by)
+        return Outcome.ACK
+
+
+class DeadLetterRecorder:
+    def __init__(self, *, reporter: Reporter, metrics: Metrics, clock: Callable[[], datetime] = utcnow) -> None:
+        self.reporter = reporter
+        self.metrics = metrics
+        self.clock = clock
+
+    async def handle(self, delivery: Delivery) -> Outcome:
+        record = explain(delivery, at=self.clock())
+        if HEADER_RECORD not in delivery.headers:  # ours are counted where they are rejected
+            self.metrics.dead_lettered.labels(reason=record.reason).inc()
+        message_id = f"dead:{delivery.message_id or record.preview[:64]}:{record.reason}"
+        try:
+            await retry(lambda: self.reporter.dead_letter(record, message_id=message_id), Backoff())
+        except RetriesExhausted:
+            return Outcome.REQUEUE
+        log.warning("dead_letter_recorded", reason=record.reason, error_kind=record.error_kind.value,
+                    original_routing_key=record.original_routing_key, detail=record.message[:300])
+        return Outcome.ACK

@@ -1,0 +1,254 @@
+"""Incident intake: one notification in, one durable outcome out.
+
+``Intake.handle`` decides what a delivery means and makes it durable before
+it returns ``ACK``: a new investigation's Job exists and ``dispatched`` was
+confirmed by the broker; a notification for a known investigation produced
+``attached`` (new alerts) or nothing (a plain re-send); a resolved group's
+investigation was cancelled; an undecodable message sits in
+``agentjobs.dead`` with its reason. Temporary failures are retried in place
+with backoff; when that runs out the delivery goes back to the broker
+(``REQUEUE``), and on its last allowed delivery it is dead-lettered with the
+last error as reason instead, so nothing dies silently.
+
+Concurrency: notifications of one investigation are handled one at a time in
+this process; across processes and replicas the runtime's "already exists"
+(Kubernetes 409) guarantees a single Job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import TypeVar
+
+import msgspec
+
+from schemas import FailureReason, IncidentEvent, LifecycleEvent, LifecycleState, decode_incident, encode, identify, utcnow
+from schemas.errors import DecodeError, PermanentError, TemporaryError
+from schemas.identity import Identity
+
+from . import jobspec
+from .admission import AdmissionGate
+from .amqp import Publisher
+from .deadletters import Delivery, dead_letter, from_error
+from .logs import bound, get_logger
+from .metrics import Metrics
+from .phases import PhaseSource
+from .reporting import Reporter, failure_result
+from .retry import Backoff, RetriesExhausted, retry
+from .runtime import JobRuntime, LaunchOutcome
+from .settings import Settings
+from .tracker import Tracked, Tracker
+
+T = TypeVar("T")
+log = get_logger("agentjobs.intake")
+COMPONENT = "dispatcher"
+
+
+class Outcome(enum.StrEnum):
+    ACK = "ack"  # the outcome is durable
+    REQUEUE = "requeue"  # hand back to the broker (it counts deliveries)
+
+
+class Intake:
+    """Handles incident deliveries; owns no broker objects except a confirming publisher."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        runtime: JobRuntime,
+        publisher: Publisher,
+        gate: AdmissionGate,
+        tracker: Tracker,
+        phases: PhaseSource,
+        metrics: Metrics,
+        backoff: Backoff | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.publisher = publisher
+        self.reporter = Reporter(publisher)
+        self.gate = gate
+        self.tracker = tracker
+        self.phases = phases
+        self.metrics = metrics
+        self.backoff = backoff or Backoff()
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- entry point -------------------------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> Outcome:
+        """Make the delivery's outcome durable; never raises except on cancellation."""
+        try:
+            outcome, label = await self._handle_once(delivery)
+        except RetriesExhausted as exc:
+            return await self._give_back(delivery, exc)
+        except PermanentError as exc:  # e.g. launch rejected as invalid
+            outcome, label = await self._reject(delivery, exc), f"dead_lettered:{exc.reason}"
+        self.metrics.incidents.labels(outcome=label.split(":")[0]).inc()
+        log.info("incident_handled", outcome=label)
+        return outcome
+
+    async def _durably(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Retry one I/O step in place; ``RetriesExhausted`` hands the delivery back."""
+        return await retry(work, self.backoff, on_retry=self._on_retry)
+
+    def _on_retry(self, attempt: int, exc: TemporaryError, wait: float) -> None:
+        self.metrics.retries.inc()
+        log.warning("temporary_error", attempt=attempt, error=exc.message, retry_in_s=round(wait, 3))
+
+    async def _give_back(self, delivery: Delivery, exc: RetriesExhausted) -> Outcome:
+        # The broker dead-letters on the (limit+1)th delivery; on the last one we do it ourselves
+        # so the record carries the real cause instead of just "delivery_limit".
+        if delivery.delivery_count + 1 >= self.settings.amqp.delivery_limit:
+            error = PermanentError("retries_exhausted", exc.last.message)
+            try:
+                return await self._reject(delivery, error)
+            except RetriesExhausted:
+                pass
+        self.metrics.incidents.labels(outcome="requeued").inc()
+        log.warning("incident_requeued", error=exc.last.message, deliveries=delivery.delivery_count + 1)
+        return Outcome.REQUEUE
+
+    async def _reject(self, delivery: Delivery, error: PermanentError) -> Outcome:
+        record = from_error(delivery, error, at=self.clock(), component=COMPONENT)
+        await self._durably(lambda: dead_letter(self.publisher, delivery, record))
+        self.metrics.dead_lettered.labels(reason=error.reason).inc()
+        log.warning("incident_dead_lettered", reason=error.reason, detail=error.message)
+        return Outcome.ACK
+
+    async def _handle_once(self, delivery: Delivery) -> tuple[Outcome, str]:
+        try:
+            event = decode_incident(delivery.body, max_bytes=self.settings.bridge.max_body_bytes)
+        except DecodeError as exc:
+            return await self._reject(delivery, exc), f"dead_lettered:{exc.reason}"
+        ident = identify(event)
+        with bound(investigation_id=ident.investigation_id, incident_key=ident.incident_key, event_id=event.event_id):
+            async with self._one_at_a_time(ident.investigation_id):
+                if event.firing_alerts:
+                    return await self._firing(event, ident)
+                return await self._resolved(event, ident)
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, investigation_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(investigation_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._locks.pop(investigation_id, None)
+
+    # -- firing ------------------------------------------------------------------------------
+
+    async def _firing(self, event: IncidentEvent, ident: Identity) -> tuple[Outcome, str]:
+        fingerprints = [a.fingerprint or a.name for a in event.firing_alerts]
+        known = self.tracker.get(ident.investigation_id)
+        if known is not None and known.dispatch_reported:
+            return await self._attach(event, known, fingerprints)
+        if known is not None:  # launched, but telling the ticket failed last time
+            await self._report_dispatched(known, event)
+            return Outcome.ACK, "already_dispatched"
+
+        domain = jobspec.domain_of(event, self.settings)
+        class_name = jobspec.choose_class(event, self.settings)
+        phase = self.phases.phase_for(event.label(self.settings.trust.scope_label) or domain)
+        plan = jobspec.JobPlan(identity=ident, event=event, class_name=class_name, phase=phase, domain=domain)
+        manifest = jobspec.build_job(plan, self.settings)
+        files = {jobspec.INCIDENT_FILE: encode(event)}
+
+        started = asyncio.get_running_loop().time()
+        slot = await self.gate.admit(ident.investigation_id, event.severity, class_name)
+        tracked = Tracked(
+            investigation_id=ident.investigation_id,
+            incident_key=ident.incident_key,
+            job_name=ident.job_name,
+            class_name=class_name,
+            phase=phase,
+            severity=event.severity,
+            domain=domain,
+        )
+        try:
+            launched = await self._durably(lambda: self.runtime.launch(manifest, secret=files))
+        except PermanentError as exc:
+            slot.cancel()
+            await self._report_rejected(tracked, event, exc)
+            raise
+        except BaseException:
+            slot.cancel()
+            raise
+        if launched is LaunchOutcome.CREATED:
+            slot.commit()
+        else:
+            slot.cancel()  # launched before (restart, redelivery or another replica)
+        tracked = self.tracker.add(tracked)
+        self.tracker.new_fingerprints(ident.investigation_id, fingerprints)
+        self.metrics.dispatch_latency.observe(asyncio.get_running_loop().time() - started)
+        # Published for "already exists" too: a crash between create and publish must not
+        # lose it; the deterministic message id lets consumers drop the duplicate.
+        await self._report_dispatched(tracked, event)
+        log.info("job_dispatched", job_name=ident.job_name, launch=launched.value, job_class=class_name, phase=phase.value)
+        return Outcome.ACK, "dispatched" if launched is LaunchOutcome.CREATED else "already_dispatched"
+
+    async def _report_rejected(self, tracked: Tracked, event: IncidentEvent, exc: PermanentError) -> None:
+        """The Job could not be created at all (invalid, forbidden): tell the ticket, then dead-letter."""
+        lifecycle = msgspec.structs.replace(
+            self._lifecycle(tracked, event, LifecycleState.FAILED),
+            reason=FailureReason.LAUNCH_REJECTED,
+            message=f"{exc.reason}: {exc.message}"[:4096],
+        )
+        await self._durably(lambda: self.reporter.lifecycle(lifecycle))
+        result = failure_result(lifecycle, severity=tracked.severity, domain=tracked.domain)
+        await self._durably(lambda: self.reporter.finding(result))
+
+    async def _report_dispatched(self, tracked: Tracked, event: IncidentEvent) -> None:
+        lifecycle = self._lifecycle(tracked, event, LifecycleState.DISPATCHED)
+        await self._durably(lambda: self.reporter.lifecycle(lifecycle))
+        tracked.dispatch_reported = True
+
+    async def _attach(self, event: IncidentEvent, known: Tracked, fingerprints: list[str]) -> tuple[Outcome, str]:
+        if known.finished:
+            log.info("incident_for_finished_investigation", job_name=known.job_name)
+            return Outcome.ACK, "duplicate"
+        new = self.tracker.new_fingerprints(known.investigation_id, fingerprints)
+        if not new:
+            return Outcome.ACK, "duplicate"
+        lifecycle = self._lifecycle(known, event, LifecycleState.ATTACHED)
+        try:
+            await self._durably(lambda: self.reporter.lifecycle(lifecycle, suffix=event.event_id))
+        except RetriesExhausted:
+            known.fingerprints -= new  # so the redelivery reports them
+            raise
+        log.info("alerts_attached", job_name=known.job_name, new_alerts=len(new))
+        return Outcome.ACK, "attached"
+
+    # -- resolved ----------------------------------------------------------------------------
+
+    async def _resolved(self, event: IncidentEvent, ident: Identity) -> tuple[Outcome, str]:
+        if not self.settings.admission.cancel_on_resolve:
+            log.info("group_resolved_recorded", job_name=ident.job_name)
+            return Outcome.ACK, "resolved_recorded"
+        known = self.tracker.get(ident.investigation_id)
+        if known is not None and known.finished:
+            return Outcome.ACK, "resolved_after_finish"
+        existed = await self._durably(lambda: self.runtime.cancel(ident.job_name))
+        log.info("group_resolved", job_name=ident.job_name, cancelled=existed)
+        return Outcome.ACK, "resolved_cancelled" if existed else "resolved_no_job"
+
+    def _lifecycle(self, tracked: Tracked, event: IncidentEvent, state: LifecycleState) -> LifecycleEvent:
+        return LifecycleEvent(
+            investigation_id=tracked.investigation_id,
+            incident_key=tracked.incident_key,
+            state=state,
+            at=self.clock(),
+            job_name=tracked.job_name,
+            phase=tracked.phase,
+            event_id=event.event_id,
+            alert_count=len(event.alerts),
+        )

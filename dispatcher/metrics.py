@@ -1,0 +1,36 @@
+"""Prometheus metrics of the dispatcher (``agentjobs_`` prefix, base units).
+
+One ``Metrics`` object per process, on its own registry so tests and several
+components in one process (``agentjobs up``) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.incidents = Counter(
+            "agentjobs_incidents_consumed_total", "Incident deliveries handled, by outcome", ["outcome"], registry=r
+        )
+        self.active = Gauge(
+            "agentjobs_investigations_active", "Investigations admitted and not finished, by class", ["job_class"],
+            registry=r,
+        )
+        self.waiting = Gauge("agentjobs_investigations_waiting", "Incidents waiting for admission", registry=r)
+        self.dispatch_latency = Histogram(
+            "agentjobs_dispatch_latency_seconds",
+            "From admission request to Job created (or found) and reported",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.outcomes = Counter(
+            "agentjobs_job_outcomes_total", "Terminal Job outcomes, by state and reason", ["state", "reason"], registry=r
+        )
+        self.retries = Counter("agentjobs_retries_total", "Temporary errors retried in place", registry=r)
+        self.dead_lettered = Counter(
+            "agentjobs_dead_lettered_total", "Messages dead-lettered, by reason", ["reason"], registry=r
+        )

@@ -1,0 +1,137 @@
+"""What the dispatcher tells tickets, as pure builders plus one publishing edge.
+
+Every investigation gets ``dispatched`` (or ``attached``), ``started`` and
+exactly one terminal lifecycle event. When it ends without the agent's own
+finding (failed, lost, cancelled), a result in the shape of a ``Finding``
+(inconclusive, confidence 0, the reason as evidence) follows, so the ticket
+that opened with the alert is closed with an explanation rather than silence.
+AMQP ``message_id``s are deterministic (investigation + state), so a
+consumer can drop the duplicates an at-least-once redelivery may cause.
+"""
+
+from __future__ import annotations
+
+import re
+
+from schemas import (
+    Conclusion,
+    DeadLetter,
+    Evidence,
+    FailureReason,
+    Finding,
+    LifecycleEvent,
+    LifecycleState,
+    Phase,
+    Severity,
+)
+
+from .amqp import Publisher
+from .runtime import JobState, RuntimeEvent
+from .topology import RESULTS
+from .tracker import Tracked
+
+_ROUTING_WORD = re.compile(r"[^A-Za-z0-9_-]+")
+
+STATE_OF = {
+    JobState.RUNNING: LifecycleState.STARTED,
+    JobState.SUCCEEDED: LifecycleState.SUCCEEDED,
+    JobState.FAILED: LifecycleState.FAILED,
+    JobState.CANCELLED: LifecycleState.CANCELLED,
+    JobState.LOST: LifecycleState.FAILED,
+}
+
+
+def routing_word(text: str) -> str:
+    """One routing-key word (no dots, no wildcards); empty becomes ``unknown``."""
+    return _ROUTING_WORD.sub("_", text).strip("_")[:64] or "unknown"
+
+
+def lifecycle_key(state: LifecycleState) -> str:
+    return f"lifecycle.{state.value}"
+
+
+def finding_key(severity: Severity, domain: str) -> str:
+    return f"finding.{severity.value}.{routing_word(domain)}"
+
+
+def lifecycle_message_id(investigation_id: str, state: LifecycleState, suffix: str = "") -> str:
+    return f"{investigation_id}:{state.value}{':' + suffix if suffix else ''}"
+
+
+def lifecycle_for(event: RuntimeEvent, tracked: Tracked | None) -> LifecycleEvent:
+    """The lifecycle event for a runtime event (pure)."""
+    state = STATE_OF[event.state]
+    reason = event.reason
+    if event.state is JobState.LOST and reason is None:
+        reason = FailureReason.JOB_LOST
+    if state is LifecycleState.FAILED and reason is None:
+        reason = FailureReason.AGENT_ERROR
+    return LifecycleEvent(
+        investigation_id=event.investigation_id,
+        incident_key=tracked.incident_key if tracked else event.labels.get("agentjobs.dev/incident-key", "unknown"),
+        state=state,
+        at=event.at,
+        job_name=event.job_name,
+        phase=tracked.phase if tracked else _phase(event.labels.get("agentjobs.dev/phase")),
+        reason=reason if state is LifecycleState.FAILED else None,
+        message=event.message[:4096],
+    )
+
+
+def _phase(value: str | None) -> Phase | None:
+    try:
+        return Phase(value) if value else None
+    except ValueError:
+        return None
+
+
+def failure_result(lifecycle: LifecycleEvent, *, severity: Severity, domain: str) -> Finding:
+    """An inconclusive result that closes the ticket of an investigation without a finding."""
+    if lifecycle.state is LifecycleState.CANCELLED:
+        summary = "Investigation cancelled before it produced a finding"
+    else:
+        reason = lifecycle.reason.value if lifecycle.reason else "unknown"
+        summary = f"Investigation failed ({reason}) before it produced a finding"
+    return Finding(
+        investigation_id=lifecycle.investigation_id,
+        incident_key=lifecycle.incident_key,
+        idempotency_key=f"{lifecycle.investigation_id}:outcome",
+        summary=summary,
+        probable_cause="unknown: the investigation did not complete",
+        confidence=0.0,
+        phase=lifecycle.phase or Phase.SHADOW,
+        severity=severity,
+        domain=domain,
+        conclusion=Conclusion.INCONCLUSIVE,
+        evidence=(
+            Evidence(source="agentjobs", query=f"job {lifecycle.job_name}", excerpt=lifecycle.message, ok=False),
+        ),
+        produced_at=lifecycle.at,
+        reasoner="dispatcher",
+    )
+
+
+class Reporter:
+    """Publishes lifecycle events and results to ``agentjobs.results`` with confirms."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+
+    async def lifecycle(self, event: LifecycleEvent, *, suffix: str = "") -> None:
+        await self._publisher.publish_message(
+            RESULTS,
+            lifecycle_key(event.state),
+            event,
+            message_id=lifecycle_message_id(event.investigation_id, event.state, suffix),
+        )
+
+    async def finding(self, finding: Finding) -> None:
+        await self._publisher.publish_message(
+            RESULTS, finding_key(finding.severity, finding.domain), finding, message_id=finding.idempotency_key
+        )
+
+    async def dead_letter(self, record: DeadLetter, *, message_id: str) -> None:
+        await self._publisher.publish_message(
+            RESULTS, f"deadletter.{routing_word(record.reason)}", record, message_id=message_id
+        )
+

@@ -1,0 +1,153 @@
+"""``agentjobs dispatcher``: wires settings, broker, runtime and handlers into one service.
+
+Start order: connect → declare topology → publisher → watcher → consumers →
+health server. Stop order (SIGTERM): stop consuming and drain in-flight
+deliveries, stop the watcher, close the runtime, close the connection. A
+crashed background task stops the service (non-zero exit) instead of
+leaving a half-working process that still looks alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from aio_pika.abc import AbstractRobustConnection
+
+from schemas.errors import TemporaryError
+
+from .admission import AdmissionGate
+from .amqp import Publisher, connect
+from .consumer import Consumer
+from .control import ControlHandler, DeadLetterRecorder
+from .health import HealthServer
+from .intake import Intake
+from .logs import get_logger
+from .metrics import Metrics
+from .phases import PhaseSource, StaticPhases
+from .reporting import Reporter
+from .runtime import JobRuntime
+from .settings import Settings
+from .tasks import spawn
+from .topology import CONTROL, DEAD_LOG, INCIDENTS, declare, dispatcher_topology
+from .tracker import Tracker
+from .watcher import Watcher
+
+log = get_logger("agentjobs.dispatcher")
+
+
+class DispatcherService:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: JobRuntime,
+        *,
+        phases: PhaseSource | None = None,
+        metrics: Metrics | None = None,
+        name: str = "agentjobs-dispatcher",
+        health_port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.phases = phases or StaticPhases(settings.trust.initial_phase)
+        self.metrics = metrics or Metrics()
+        self.name = name
+        self.health_port = settings.metrics.port if health_port is None else health_port
+        self.gate = AdmissionGate(
+            max_active=settings.admission.max_active,
+            class_caps={k: c.max_active for k, c in settings.classes.items()},
+        )
+        self.tracker = Tracker()
+        self.crashed = asyncio.Event()
+        self._connection: AbstractRobustConnection | None = None
+        self._consumers: list[Consumer] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._health: HealthServer | None = None
+        self.intake: Intake | None = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._consumers) and all(c.consuming for c in self._consumers) and not self.crashed.is_set()
+
+    def _on_crash(self, name: str, exc: BaseException) -> None:
+        self.crashed.set()
+
+    async def start(self) -> None:
+        s = self.settings
+        self._connection = await connect(s.amqp, name=self.name)
+        channel = await self._connection.channel()
+        await declare(channel, dispatcher_topology(s.amqp))
+        await channel.close()
+        publisher = await Publisher.open(self._connection, s.amqp)
+        reporter = Reporter(publisher)
+        self.intake = Intake(
+            settings=s, runtime=self.runtime, publisher=publisher, gate=self.gate, tracker=self.tracker,
+            phases=self.phases, metrics=self.metrics,
+        )
+        watcher = Watcher(runtime=self.runtime, reporter=reporter, gate=self.gate, tracker=self.tracker, metrics=self.metrics)
+        self._tasks.append(spawn(watcher.run(), name="watcher", on_crash=self._on_crash))
+        self._tasks.append(spawn(self._gauges(), name="gauges", on_crash=self._on_crash))
+        control = ControlHandler(runtime=self.runtime, publisher=publisher)
+        recorder = DeadLetterRecorder(reporter=reporter, metrics=self.metrics)
+        self._consumers = [
+            Consumer(INCIDENTS, self.intake.handle, prefetch=s.amqp.prefetch, name="incidents"),
+            Consumer(CONTROL, control.handle, prefetch=16, name="control"),
+            Consumer(DEAD_LOG, recorder.handle, prefetch=64, name="dead-letter-recorder"),
+        ]
+        for consumer in self._consumers:
+            await consumer.start(self._connection)
+        if self.health_port is not None and self.health_port >= 0 and s.metrics.port != 0:
+            self._health = HealthServer(
+                host=s.metrics.host, port=self.health_port, registry=self.metrics.registry,
+                ready={"consuming": lambda: self.ready},
+            )
+            await self._health.start()
+        log.info("dispatcher_started", runtime=type(self.runtime).__name__, prefetch=s.amqp.prefetch,
+                 max_active=s.admission.max_active)
+
+    async def _gauges(self) -> None:
+        while True:
+            self.metrics.waiting.set(self.gate.waiting)
+            by_class = self.gate.active_by_class()
+            for class_name in self.settings.classes:
+                self.metrics.active.labels(job_class=class_name).set(by_class.get(class_name, 0))
+            await asyncio.sleep(1.0)
+
+    async def stop(self, *, drain_timeout: float = 30.0) -> None:
+        log.info("dispatcher_stopping")
+        for consumer in self._consumers:
+            await consumer.stop(drain_timeout=drain_timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.runtime.close()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        if self._health is not None:
+            await self._health.stop()
+        log.info("dispatcher_stopped")
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or a crashed task (exit 1)."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+        except TemporaryError as exc:
+            log.error("dispatcher_start_failed", error=exc.message)
+            await self.stop(drain_timeout=1)
+            return 2
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.crashed.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        await self.stop()
+        return 1 if self.crashed.is_set() else 0

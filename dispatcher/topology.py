@@ -1,0 +1,123 @@
+"""The AMQP topology: one declarative description, declared at start and exported.
+
+Every component declares what it uses idempotently at start-up (declaring an
+existing entity with the same arguments is a no-op), and the same description
+is exported as RabbitMQ definitions JSON (``k8s/rabbitmq/definitions.json``)
+for ``rabbitmqctl import_definitions``. A test keeps the two in step.
+
+Quorum queues dead-letter ``at-least-once`` (RabbitMQ >= 3.10), which needs
+``x-overflow: reject-publish``: a full queue pushes back on publishers (they
+see a nack) instead of dropping the oldest incident.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .settings import AmqpSettings
+
+INCIDENTS = "agentjobs.incidents"  # exchange and queue: intake
+RESULTS = "agentjobs.results"  # exchange: findings and lifecycle events
+DEAD = "agentjobs.dead"  # exchange and queue: what could not be handled, with reasons
+DEAD_LOG = "agentjobs.dead.log"  # a copy of every dead letter, for the recorder to explain
+CONTROL = "agentjobs.control"  # exchange and queue: commands such as cancel
+DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "k8s" / "rabbitmq" / "definitions.json"
+
+
+class Exchange(msgspec.Struct, frozen=True):
+    name: str
+    type: str = "topic"
+
+
+class Queue(msgspec.Struct, frozen=True):
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class Binding(msgspec.Struct, frozen=True):
+    exchange: str
+    queue: str
+    routing_key: str = "#"
+
+
+class Topology(msgspec.Struct, frozen=True):
+    exchanges: tuple[Exchange, ...]
+    queues: tuple[Queue, ...]
+    bindings: tuple[Binding, ...]
+
+
+def _quorum(dead_letter: bool, delivery_limit: int) -> dict[str, Any]:
+    args: dict[str, Any] = {"x-queue-type": "quorum"}
+    if dead_letter:
+        args |= {
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": DEAD,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+    return args
+
+
+def dispatcher_topology(amqp: AmqpSettings) -> Topology:
+    """What the dispatcher needs (pure)."""
+    return Topology(
+        exchanges=(Exchange(INCIDENTS), Exchange(RESULTS), Exchange(DEAD), Exchange(CONTROL)),
+        queues=(
+            Queue(INCIDENTS, _quorum(True, amqp.delivery_limit)),
+            Queue(DEAD, _quorum(False, amqp.delivery_limit)),
+            Queue(DEAD_LOG, _quorum(False, amqp.delivery_limit)),
+            Queue(CONTROL, _quorum(True, amqp.delivery_limit)),
+        ),
+        bindings=(
+            Binding(INCIDENTS, INCIDENTS),
+            Binding(DEAD, DEAD),
+            Binding(DEAD, DEAD_LOG),
+            Binding(CONTROL, CONTROL),
+        ),
+    )
+
+
+def definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
+    """RabbitMQ definitions JSON (the management API / import_definitions format)."""
+    return {
+        "exchanges": [
+            {"name": e.name, "vhost": vhost, "type": e.type, "durable": True, "auto_delete": False,
+             "internal": False, "arguments": {}}
+            for e in topology.exchanges
+        ],
+        "queues": [
+            {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False,
+             "arguments": dict(q.arguments)}
+            for q in topology.queues
+        ],
+        "bindings": [
+            {"source": b.exchange, "vhost": vhost, "destination": b.queue, "destination_type": "queue",
+             "routing_key": b.routing_key, "arguments": {}}
+            for b in topology.bindings
+        ],
+    }
+
+
+def render_definitions(topology: Topology) -> str:
+    """Deterministic JSON text of ``definitions``."""
+    return json.dumps(definitions(topology), indent=2, sort_keys=True) + "\n"
+
+
+async def declare(channel: Any, topology: Topology) -> None:
+    """Declare every exchange, queue and binding (idempotent) on an aio-pika channel."""
+    import aio_pika
+
+    exchanges = {}
+    for e in topology.exchanges:
+        exchanges[e.name] = await channel.declare_exchange(
+            e.name, aio_pika.ExchangeType(e.type), durable=True
+        )
+    for q in topology.queues:
+        queue = await channel.declare_queue(q.name, durable=True, arguments=dict(q.arguments))
+        for b in topology.bindings:
+            if b.queue == q.name:
+                await queue.bind(exchanges[b.exchange], routing_key=b.routing_key)

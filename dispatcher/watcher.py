@@ -1,0 +1,86 @@
+"""Turns runtime events into what tickets see, and frees admission slots.
+
+For every Job: ``started`` when its agent runs, then exactly one terminal
+lifecycle event, and for every ending other than success an inconclusive
+result carrying the reason (see ``reporting``). Publishing is retried until
+the broker confirms — a terminal state is never dropped because RabbitMQ
+hiccupped. Jobs first seen here (launched by another replica, or before a
+restart) are counted against the caps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from schemas import LifecycleState, Severity
+
+from . import jobspec
+from .admission import AdmissionGate
+from .logs import bound, get_logger
+from .metrics import Metrics
+from .reporting import Reporter, failure_result, lifecycle_key, lifecycle_for
+from .retry import Backoff, retry
+from .runtime import JobRuntime, JobState, RuntimeEvent
+from .tracker import Tracked, Tracker
+
+log = get_logger("agentjobs.watcher")
+# Reporting a terminal state never gives up; it only backs off.
+REPORT_BACKOFF = Backoff(base=0.2, cap=10.0, max_elapsed=float("inf"))
+
+
+def _tracked_from_labels(event: RuntimeEvent) -> Tracked:
+    labels = event.labels
+    try:
+        severity = Severity(labels.get(jobspec.LABEL_SEVERITY, "warning"))
+    except ValueError:
+        severity = Severity.WARNING
+    return Tracked(
+        investigation_id=event.investigation_id,
+        incident_key=labels.get(jobspec.LABEL_INCIDENT, "unknown"),
+        job_name=event.job_name,
+        class_name=labels.get(jobspec.LABEL_CLASS, "default"),
+        severity=severity,
+        domain=labels.get(jobspec.LABEL_DOMAIN, ""),
+        dispatch_reported=True,
+    )
+
+
+class Watcher:
+    def __init__(
+        self, *, runtime: JobRuntime, reporter: Reporter, gate: AdmissionGate, tracker: Tracker, metrics: Metrics
+    ) -> None:
+        self.runtime = runtime
+        self.reporter = reporter
+        self.gate = gate
+        self.tracker = tracker
+        self.metrics = metrics
+
+    async def run(self) -> None:
+        """Consume runtime events until cancelled."""
+        async for event in self.runtime.events():
+            with bound(investigation_id=event.investigation_id, job_name=event.job_name):
+                await self.handle(event)
+
+    async def handle(self, event: RuntimeEvent) -> None:
+        tracked = self.tracker.get(event.investigation_id)
+        if tracked is None:
+            tracked = self.tracker.add(_tracked_from_labels(event))
+        if not event.state.terminal:
+            self.gate.occupy(event.investigation_id, tracked.class_name)
+            lifecycle = lifecycle_for(event, tracked)
+            await self._publish(lambda: self.reporter.lifecycle(lifecycle))
+            log.info("job_started")
+            return
+        lifecycle = lifecycle_for(event, tracked)
+        await self._publish(lambda: self.reporter.lifecycle(lifecycle))
+        if lifecycle.state is not LifecycleState.SUCCEEDED:
+            result = failure_result(lifecycle, severity=tracked.severity, domain=tracked.domain)
+            await self._publish(lambda: self.reporter.finding(result))
+        self.gate.release(event.investigation_id)
+        self.tracker.finish(event.investigation_id)
+        reason = lifecycle.reason.value if lifecycle.reason else ""
+        self.metrics.outcomes.labels(state=lifecycle.state.value, reason=reason).inc()
+        log.info("job_finished", state=lifecycle.state.value, reason=reason, routing_key=lifecycle_key(lifecycle.state))
+
+    async def _publish(self, work: Callable[[], Awaitable[None]]) -> None:
+        await retry(work, REPORT_BACKOFF, on_retry=lambda n, e, w: log.warning("report_retry", attempt=n, error=e.message))
