@@ -91,6 +91,7 @@ class Store:
         self._compacted = first_rv  # watches can resume from any rv >= this
         self._watchers: set[Watcher] = set()
         self._listeners: list[Callable[[Event], None]] = []
+        self._watch_waiters: list[asyncio.Future] = []
 
     # -- reading -------------------------------------------------------------------------
     @property
@@ -201,7 +202,20 @@ class Store:
                 if ev.rv > since:
                     w.offer(ev)
         self._watchers.add(w)
+        for fut in self._watch_waiters:
+            if not fut.done():
+                fut.set_result(w)
+        self._watch_waiters.clear()
         return w
+
+    def watch_count(self, rt: ResourceType) -> int:
+        return sum(1 for w in self._watchers if w.rt is rt)
+
+    async def next_watch(self) -> Watcher:
+        """Resolves when the next watch opens (tests use it to avoid racing a watch request)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._watch_waiters.append(fut)
+        return await fut
 
     def compact(self) -> int:
         """Forget history up to now (like etcd compaction); older watches get 410."""
