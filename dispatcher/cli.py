@@ -101,6 +101,27 @@ def config_check(ctx: click.Context, file: Path | None) -> None:
     click.echo(json.dumps(redaction.redact(settings), indent=2))
 
 
+@app.command("dispatcher")
+@click.option("--health-port", type=int, default=None, help="Port for /healthz, /readyz, /metrics (default: metrics.port).")
+@click.pass_context
+def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
+    """Consume incidents and run one Job per investigation (until SIGTERM)."""
+    import asyncio
+
+    from . import logs
+    from .runtimes import open_runtime
+    from .service import DispatcherService
+
+    settings = settings_from(ctx)
+    logs.configure(settings.logging)
+
+    async def run() -> int:
+        runtime = await open_runtime(settings)
+        return await DispatcherService(settings, runtime, health_port=health_port).run()
+
+    sys.exit(asyncio.run(run()))
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="agentjobs")

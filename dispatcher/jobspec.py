@@ -36,6 +36,12 @@ ANN_SOURCE = f"{GROUP}/source"
 ANN_EVENT_ID = f"{GROUP}/event-id"
 ANN_STARTED_AT = f"{GROUP}/started-at"
 ANN_TRACEPARENT = f"{GROUP}/traceparent"
+ANN_CANCEL = f"{GROUP}/cancel-reason"  # set before a cancel-delete, so the ending reads "cancelled"
+ANN_CLAIM = f"{GROUP}/reporter"  # "<replica>@<unix seconds>": who is reporting the ending
+ANN_REPORTED = f"{GROUP}/reported"  # the terminal state, once reported
+# Keeps a finished or deleted Job visible until its ending is reported and its credentials
+# revoked: no terminal state is missed, whoever deletes the Job and whenever.
+FINALIZER = f"{GROUP}/report"
 MANAGED_BY = "agentjobs"
 # Selects every Job/Pod agentjobs manages (watch, list, quota accounting).
 SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
@@ -215,6 +221,7 @@ def build_job(plan: JobPlan, settings: Settings) -> dict[str, Any]:
             "namespace": settings.k8s.namespace,
             "labels": labels,
             "annotations": annotations,
+            "finalizers": [FINALIZER],
         },
         "spec": {
             "activeDeadlineSeconds": cls.deadline,

@@ -70,7 +70,15 @@ class JobRuntime(Protocol):
         ...
 
     def events(self) -> AsyncIterator[RuntimeEvent]:
-        """Status changes of every Job this runtime manages, terminal ones exactly once."""
+        """Status changes of every Job this runtime manages.
+
+        A terminal event is emitted once per Job and re-emitted (after a restart) until it
+        is acknowledged, so a crash between observing and reporting loses nothing.
+        """
+        ...
+
+    async def acknowledge(self, event: RuntimeEvent) -> None:
+        """The terminal ``event`` was reported durably: let the Job go (finalizer, record)."""
         ...
 
     async def active(self) -> list[str]:

@@ -76,6 +76,7 @@ class Watcher:
         if lifecycle.state is not LifecycleState.SUCCEEDED:
             result = failure_result(lifecycle, severity=tracked.severity, domain=tracked.domain)
             await self._publish(lambda: self.reporter.finding(result))
+        await self._publish(lambda: self.runtime.acknowledge(event))
         self.gate.release(event.investigation_id)
         self.tracker.finish(event.investigation_id)
         reason = lifecycle.reason.value if lifecycle.reason else ""

@@ -229,6 +229,11 @@ class Api:
         except (ValueError, yaml.YAMLError) as exc:
             raise status.bad_request(f"error decoding patch: {exc}")
         current = self.store.get(rt, namespace, name)
+        # Like the real server: a resourceVersion inside a merge/strategic patch is a precondition.
+        wanted_rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
+        if (current is not None and wanted_rv is not None and ctype != "application/apply-patch+yaml"
+                and str(wanted_rv) != current["metadata"]["resourceVersion"]):
+            raise status.conflict(rt, name)
         if ctype == "application/apply-patch+yaml":
             if not field_manager:
                 raise status.ApiError(status.status(

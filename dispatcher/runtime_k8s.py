@@ -1,0 +1,379 @@
+"""``KubernetesRuntime``: one batch/v1 Job per investigation, observed until its ending is reported.
+
+Launch creates the Job (409 AlreadyExists → ``ALREADY_EXISTS``: that is how
+"exactly one Job per investigation" holds across replicas) and then its input
+Secret, owned by the Job so it is deleted with it. Jobs carry the finalizer
+``agentjobs.dev/report``: however a Job ends — completes, fails, hits its
+deadline, is deleted by an operator, by TTL, or by our cancel — it stays
+visible until a dispatcher has reported its ending and acknowledged it.
+
+Observation is list + watch by label, resumed from the last resourceVersion
+and re-listed on 410 Expired. Replicas all watch; the one whose claim (an
+annotation patched with a resourceVersion precondition) succeeds reports.
+A claim left by a crashed replica expires after ``claim_timeout`` seconds.
+Every call passes ``_request_timeout`` (and watches ``timeout_seconds``):
+kubernetes_asyncio has no read timeout otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from schemas import FailureReason, utcnow
+from schemas.errors import AgentJobsError, TemporaryError
+
+from . import jobspec
+from .k8s_errors import AlreadyExists, Conflict, NotFound, classify
+from .logs import get_logger
+from .retry import Backoff
+from .runtime import JobState, LaunchOutcome, RuntimeEvent
+from .settings import KubernetesSettings
+
+log = get_logger("agentjobs.runtime.kubernetes")
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def _annotations(job: Mapping[str, Any]) -> dict[str, str]:
+    return dict((job.get("metadata") or {}).get("annotations") or {})
+
+
+def _condition(job: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def ending_of(job: Mapping[str, Any], *, deleted: bool = False) -> tuple[JobState, FailureReason | None, str] | None:
+    """How a Job object says it ended (pure), or None while it runs.
+
+    A terminal condition wins over deletion; a deletion we asked for reads as cancelled,
+    any other as lost.
+    """
+    if _condition(job, "Complete"):
+        return JobState.SUCCEEDED, None, "Job completed"
+    failed = _condition(job, "Failed")
+    if failed:
+        reason = failed.get("reason", "")
+        message = failed.get("message", "") or reason
+        if reason == "DeadlineExceeded":
+            return JobState.FAILED, FailureReason.DEADLINE_EXCEEDED, message
+        if reason == "BackoffLimitExceeded":
+            return JobState.FAILED, FailureReason.BACKOFF_LIMIT_EXCEEDED, message
+        return JobState.FAILED, FailureReason.AGENT_ERROR, f"{reason}: {message}"
+    if deleted or (job.get("metadata") or {}).get("deletionTimestamp"):
+        cancel = _annotations(job).get(jobspec.ANN_CANCEL)
+        if cancel:
+            return JobState.CANCELLED, None, cancel
+        return JobState.LOST, FailureReason.JOB_LOST, "the Job was deleted before it finished"
+    return None
+
+
+def pod_failure(pods: list[Mapping[str, Any]]) -> tuple[FailureReason | None, str]:
+    """OOMKilled (or the agent's exit code) from a failed Job's pods (pure)."""
+    detail = ""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if not term:
+                continue
+            if term.get("reason") == "OOMKilled":
+                return FailureReason.OOM_KILLED, f"container {cs.get('name')} was OOMKilled (exit {term.get('exitCode', 137)})"
+            if term.get("exitCode"):
+                detail = f"container {cs.get('name')} exited with code {term.get('exitCode')} ({term.get('reason', 'Error')})"
+    return None, detail
+
+
+class KubernetesRuntime:
+    """The production runtime (see module docstring)."""
+
+    def __init__(
+        self,
+        api_client: ApiClient,
+        *,
+        namespace: str,
+        request_timeout: float = 10.0,
+        watch_timeout: int = 300,
+        replica: str | None = None,
+        claim_timeout: float = 60.0,
+        clock: Callable[[], datetime] = utcnow,
+        owns_client: bool = False,
+    ) -> None:
+        self.api = api_client
+        self.batch = client.BatchV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.namespace = namespace
+        self.request_timeout = request_timeout  # seconds per call
+        self.watch_timeout = watch_timeout  # seconds a watch stays open
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
+        self.claim_timeout = claim_timeout  # seconds before another replica may take over a claim
+        self.clock = clock
+        self._owns_client = owns_client
+        self._started: set[str] = set()  # Job uids reported as running by this process
+        self._emitted: dict[str, float] = {}  # Job uid → when its terminal event was emitted
+        self._backoff = Backoff(base=0.2, cap=10.0)
+        self._rv: str | None = None  # newest resourceVersion seen by list or watch
+
+    @classmethod
+    async def from_settings(cls, k8s: KubernetesSettings) -> KubernetesRuntime:
+        """In-cluster config, else the kubeconfig from settings or ~/.kube/config."""
+        cfg = client.Configuration()
+        if k8s.kubeconfig:
+            await config.load_kube_config(config_file=k8s.kubeconfig, context=k8s.context or None,
+                                          client_configuration=cfg)
+        else:
+            try:
+                config.load_incluster_config(client_configuration=cfg)
+            except config.ConfigException:
+                await config.load_kube_config(context=k8s.context or None, client_configuration=cfg)
+        return cls(ApiClient(cfg), namespace=k8s.namespace, request_timeout=k8s.request_timeout,
+                   watch_timeout=k8s.watch_timeout, owns_client=True)
+
+    async def _call(self, doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, _request_timeout=self.request_timeout, **kwargs)
+        except Exception as exc:  # mapped here and only here
+            raise classify(exc, doing=doing) from exc
+
+    async def _read_json(self, doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        response = await self._call(doing, fn, *args, _preload_content=False, **kwargs)
+        try:
+            body = await response.read()
+        except Exception as exc:
+            raise classify(exc, doing=doing) from exc
+        finally:
+            response.release()
+        if not 200 <= response.status <= 299:  # unpreloaded responses are not checked by the client
+            error = ApiException(status=response.status, reason=response.reason)
+            error.body, error.headers = body, response.headers
+            raise classify(error, doing=doing)
+        return json.loads(body)
+
+    # -- launch / cancel ---------------------------------------------------------------------
+
+    async def launch(self, job: Mapping[str, Any], *, secret: Mapping[str, bytes] | None = None) -> LaunchOutcome:
+        name = job["metadata"]["name"]
+        try:
+            created = await self._read_json(f"create job {name}", self.batch.create_namespaced_job,
+                                            self.namespace, dict(job))
+            outcome = LaunchOutcome.CREATED
+        except AlreadyExists:
+            try:
+                created = await self._read_json(f"read job {name}", self.batch.read_namespaced_job,
+                                                name, self.namespace)
+            except NotFound as exc:  # deleted between our create and read: try again later
+                raise TemporaryError(f"job {name} vanished right after 409") from exc
+            outcome = LaunchOutcome.ALREADY_EXISTS
+        if secret:
+            await self._ensure_secret(created, secret)
+        return outcome
+
+    async def _ensure_secret(self, job: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
+        meta = job["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": jobspec.secret_name(meta["name"]),
+                "namespace": self.namespace,
+                "labels": {jobspec.LABEL_MANAGED_BY: jobspec.MANAGED_BY,
+                           jobspec.LABEL_INVESTIGATION: (meta.get("labels") or {}).get(jobspec.LABEL_INVESTIGATION, "")},
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                     "uid": meta["uid"], "controller": False, "blockOwnerDeletion": False}],
+            },
+            "type": "Opaque",
+            "data": {k: base64.b64encode(v).decode() for k, v in files.items()},
+        }
+        try:
+            await self._call(f"create secret for {meta['name']}", self.core.create_namespaced_secret,
+                             self.namespace, body)
+        except AlreadyExists:
+            pass
+
+    async def cancel(self, job_name: str) -> bool:
+        patch = {"metadata": {"annotations": {jobspec.ANN_CANCEL: "cancelled"}}}
+        try:
+            await self._call(f"annotate job {job_name}", self.batch.patch_namespaced_job, job_name,
+                             self.namespace, patch, _content_type=MERGE_PATCH)
+            await self._call(f"delete job {job_name}", self.batch.delete_namespaced_job, job_name,
+                             self.namespace, propagation_policy="Foreground")
+        except NotFound:
+            return False
+        return True
+
+    async def active(self) -> list[str]:
+        listing = await self._list()
+        return [j["metadata"]["name"] for j in listing.get("items", [])
+                if ending_of(j) is None and jobspec.ANN_REPORTED not in _annotations(j)]
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self.api.close()
+
+    # -- observation -------------------------------------------------------------------------
+
+    async def _list(self) -> dict[str, Any]:
+        return await self._read_json("list jobs", self.batch.list_namespaced_job, self.namespace,
+                                     label_selector=jobspec.SELECTOR)
+
+    async def events(self) -> AsyncIterator[RuntimeEvent]:
+        attempt = 0
+        while True:
+            try:
+                listing = await self._list()
+                for job in listing.get("items", []):
+                    async for event in self._observe(job):
+                        yield event
+                self._rv = listing.get("metadata", {}).get("resourceVersion")
+                while True:  # resume from the last resourceVersion until it expires
+                    async for kind, job in self._watch(self._rv):
+                        attempt = 0
+                        async for event in self._observe(job, deleted=kind == "DELETED"):
+                            yield event
+            except _Expired:
+                log.info("watch_expired_relisting")
+            except TemporaryError as exc:
+                attempt += 1
+                wait = self._backoff.delay(attempt, floor=exc.delay)
+                log.warning("watch_failed", error=exc.message, retry_in_s=round(wait, 2))
+                await asyncio.sleep(wait)
+
+    async def _watch(self, resource_version: str | None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Watch from ``resource_version`` until the server ends the stream (then re-list)."""
+        w = watch.Watch()
+        try:
+            stream = w.stream(self.batch.list_namespaced_job, self.namespace, label_selector=jobspec.SELECTOR,
+                              resource_version=resource_version, timeout_seconds=self.watch_timeout,
+                              allow_watch_bookmarks=True,
+                              _request_timeout=self.watch_timeout + self.request_timeout)
+            async for item in stream:
+                kind = item.get("type", "")
+                rv = (item.get("raw_object") or {}).get("metadata", {}).get("resourceVersion")
+                if rv:
+                    self._rv = rv  # bookmarks too: resume from the newest point we saw
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    yield kind, item["raw_object"]
+        except Exception as exc:
+            if _is_expired(exc):
+                raise _Expired() from exc
+            raise classify(exc, doing="watch jobs") from exc
+        finally:
+            await w.close()
+
+    async def _observe(self, job: dict[str, Any], *, deleted: bool = False) -> AsyncIterator[RuntimeEvent]:
+        meta = job.get("metadata") or {}
+        uid = meta.get("uid", "")
+        annotations = _annotations(job)
+        if jobspec.ANN_REPORTED in annotations:
+            if jobspec.FINALIZER in (meta.get("finalizers") or []) and not deleted:
+                await self._release(job)  # reported, but the finalizer removal was lost
+            return
+        ending = ending_of(job, deleted=deleted)
+        if ending is None:
+            status = job.get("status") or {}
+            if status.get("active") and uid not in self._started:
+                self._started.add(uid)
+                yield self._event(job, JobState.RUNNING, None, "agent pod is running")
+            return
+        if deleted and jobspec.FINALIZER in (meta.get("finalizers") or []):
+            return  # cannot be: the finalizer keeps it; ignore odd streams
+        emitted = self._emitted.get(uid)
+        if emitted is not None and time.monotonic() - emitted < self.claim_timeout:
+            return  # already handed to the watcher; waiting for acknowledge
+        if not deleted and not await self._claim(job):
+            return
+        state, reason, message = ending
+        if state is JobState.FAILED and reason is not FailureReason.DEADLINE_EXCEEDED:
+            pod_reason, detail = await self._pod_failure(meta["name"])
+            reason = pod_reason or reason
+            message = detail or message
+        self._emitted[uid] = time.monotonic()
+        yield self._event(job, state, reason, message)
+
+    async def _claim(self, job: dict[str, Any]) -> bool:
+        """Become the replica that reports this Job's ending (optimistic concurrency)."""
+        meta = job["metadata"]
+        claim = _annotations(job).get(jobspec.ANN_CLAIM, "")
+        if claim and not claim.startswith(f"{self.replica}@"):
+            try:
+                age = time.time() - float(claim.rsplit("@", 1)[1])
+            except (IndexError, ValueError):
+                age = float("inf")
+            if age < self.claim_timeout:
+                return False
+        patch = {"metadata": {"resourceVersion": meta["resourceVersion"],
+                              "annotations": {jobspec.ANN_CLAIM: f"{self.replica}@{time.time():.0f}"}}}
+        try:
+            await self._call(f"claim job {meta['name']}", self.batch.patch_namespaced_job, meta["name"],
+                             self.namespace, patch, _content_type=MERGE_PATCH)
+        except (Conflict, NotFound):
+            return False  # another replica was faster (or it changed; the watch brings it again)
+        return True
+
+    async def _pod_failure(self, job_name: str) -> tuple[FailureReason | None, str]:
+        try:
+            pods = await self._read_json(f"list pods of {job_name}", self.core.list_namespaced_pod,
+                                         self.namespace, label_selector=f"job-name={job_name}")
+        except AgentJobsError:
+            return None, ""
+        return pod_failure(pods.get("items", []))
+
+    def _event(self, job: Mapping[str, Any], state: JobState, reason: FailureReason | None, message: str) -> RuntimeEvent:
+        meta = job.get("metadata") or {}
+        labels = dict(meta.get("labels") or {})
+        return RuntimeEvent(
+            job_name=meta.get("name", ""),
+            investigation_id=labels.get(jobspec.LABEL_INVESTIGATION, ""),
+            state=state,
+            at=self.clock(),
+            reason=reason,
+            message=message,
+            labels=labels,
+            annotations={"uid": meta.get("uid", "")},
+        )
+
+    async def acknowledge(self, event: RuntimeEvent) -> None:
+        """Mark the Job reported and drop our finalizer, so TTL/deletion can proceed."""
+        try:
+            job = await self._read_json(f"read job {event.job_name}", self.batch.read_namespaced_job,
+                                        event.job_name, self.namespace)
+        except NotFound:
+            return
+        annotations = {jobspec.ANN_REPORTED: event.state.value}
+        await self._release(job, annotations)
+        self._emitted.pop(job["metadata"].get("uid", ""), None)
+        self._started.discard(job["metadata"].get("uid", ""))
+
+    async def _release(self, job: Mapping[str, Any], annotations: Mapping[str, str] | None = None) -> None:
+        meta = job["metadata"]
+        finalizers = [f for f in meta.get("finalizers") or [] if f != jobspec.FINALIZER]
+        patch: dict[str, Any] = {"metadata": {"resourceVersion": meta["resourceVersion"], "finalizers": finalizers}}
+        if annotations:
+            patch["metadata"]["annotations"] = dict(annotations)
+        try:
+            await self._call(f"release job {meta['name']}", self.batch.patch_namespaced_job, meta["name"],
+                             self.namespace, patch, _content_type=MERGE_PATCH)
+        except NotFound:
+            return
+        except Conflict as exc:  # changed under us: read again and retry via the caller's retry
+            raise TemporaryError(f"job {meta['name']} changed while releasing it") from exc
+
+
+class _Expired(Exception):
+    """The watch's resourceVersion is too old (410): re-list."""
+
+
+def _is_expired(exc: BaseException) -> bool:
+    return isinstance(exc, ApiException) and exc.status == 410
