@@ -48,6 +48,10 @@ log = get_logger("agentjobs.intake")
 COMPONENT = "dispatcher"
 
 
+def _fingerprints(event: IncidentEvent) -> frozenset[str]:
+    return frozenset(a.fingerprint or a.name for a in event.firing_alerts)
+
+
 class Outcome(enum.StrEnum):
     ACK = "ack"  # the outcome is durable
     REQUEUE = "requeue"  # hand back to the broker (it counts deliveries)
@@ -80,6 +84,7 @@ class Intake:
         self.backoff = backoff or Backoff()
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, frozenset[str]] = {}  # investigation id → alerts being launched
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -130,6 +135,11 @@ class Intake:
             return await self._reject(delivery, exc), f"dead_lettered:{exc.reason}"
         ident = identify(event)
         with bound(investigation_id=ident.investigation_id, incident_key=ident.incident_key, event_id=event.event_id):
+            pending = self._pending.get(ident.investigation_id)
+            if event.firing_alerts and pending is not None and _fingerprints(event) <= pending:
+                # Storm control: the same alerts are already on their way into a Job, held
+                # unacked by another handler; this re-send adds nothing and need not wait.
+                return Outcome.ACK, "coalesced"
             async with self._one_at_a_time(ident.investigation_id):
                 if event.firing_alerts:
                     return await self._firing(event, ident)
@@ -148,7 +158,7 @@ class Intake:
     # -- firing ------------------------------------------------------------------------------
 
     async def _firing(self, event: IncidentEvent, ident: Identity) -> tuple[Outcome, str]:
-        fingerprints = [a.fingerprint or a.name for a in event.firing_alerts]
+        fingerprints = _fingerprints(event)
         known = self.tracker.get(ident.investigation_id)
         if known is not None and known.dispatch_reported:
             return await self._attach(event, known, fingerprints)
@@ -160,20 +170,29 @@ class Intake:
         class_name = jobspec.choose_class(event, self.settings)
         phase = self.phases.phase_for(event.label(self.settings.trust.scope_label) or domain)
         plan = jobspec.JobPlan(identity=ident, event=event, class_name=class_name, phase=phase, domain=domain)
+
+        self._pending[ident.investigation_id] = fingerprints
+        try:
+            return await self._launch(event, ident, plan, fingerprints)
+        finally:
+            del self._pending[ident.investigation_id]
+
+    async def _launch(
+        self, event: IncidentEvent, ident: Identity, plan: jobspec.JobPlan, fingerprints: frozenset[str]
+    ) -> tuple[Outcome, str]:
         manifest = jobspec.build_job(plan, self.settings)
         files = {jobspec.INCIDENT_FILE: encode(event)}
-
-        started = asyncio.get_running_loop().time()
-        slot = await self.gate.admit(ident.investigation_id, event.severity, class_name)
         tracked = Tracked(
             investigation_id=ident.investigation_id,
             incident_key=ident.incident_key,
             job_name=ident.job_name,
-            class_name=class_name,
-            phase=phase,
+            class_name=plan.class_name,
+            phase=plan.phase,
             severity=event.severity,
-            domain=domain,
+            domain=plan.domain,
         )
+        started = asyncio.get_running_loop().time()
+        slot = await self.gate.admit(ident.investigation_id, event.severity, plan.class_name)
         try:
             launched = await self._durably(lambda: self.runtime.launch(manifest, secret=files))
         except PermanentError as exc:
@@ -193,7 +212,8 @@ class Intake:
         # Published for "already exists" too: a crash between create and publish must not
         # lose it; the deterministic message id lets consumers drop the duplicate.
         await self._report_dispatched(tracked, event)
-        log.info("job_dispatched", job_name=ident.job_name, launch=launched.value, job_class=class_name, phase=phase.value)
+        log.info("job_dispatched", job_name=ident.job_name, launch=launched.value, job_class=plan.class_name,
+                 phase=plan.phase.value)
         return Outcome.ACK, "dispatched" if launched is LaunchOutcome.CREATED else "already_dispatched"
 
     async def _report_rejected(self, tracked: Tracked, event: IncidentEvent, exc: PermanentError) -> None:
@@ -212,7 +232,7 @@ class Intake:
         await self._durably(lambda: self.reporter.lifecycle(lifecycle))
         tracked.dispatch_reported = True
 
-    async def _attach(self, event: IncidentEvent, known: Tracked, fingerprints: list[str]) -> tuple[Outcome, str]:
+    async def _attach(self, event: IncidentEvent, known: Tracked, fingerprints: frozenset[str]) -> tuple[Outcome, str]:
         if known.finished:
             log.info("incident_for_finished_investigation", job_name=known.job_name)
             return Outcome.ACK, "duplicate"

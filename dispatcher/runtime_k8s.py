@@ -326,7 +326,8 @@ class KubernetesRuntime:
         try:
             pods = await self._read_json(f"list pods of {job_name}", self.core.list_namespaced_pod,
                                          self.namespace, label_selector=f"job-name={job_name}")
-        except AgentJobsError:
+        except AgentJobsError as exc:
+            log.warning("pod_lookup_failed", job_name=job_name, error=str(exc))
             return None, ""
         return pod_failure(pods.get("items", []))
 

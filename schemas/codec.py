@@ -101,6 +101,11 @@ def _check_size(body: bytes, max_bytes: int) -> None:
         raise DecodeError("empty_body", "body is empty")
     if len(body) > max_bytes:
         raise DecodeError("too_large", f"body is {len(body)} bytes; the limit is {max_bytes}")
+    if not body.isascii():  # msgspec skips unknown fields without checking their encoding
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _classify(exc) from None
 
 
 def _sniff(body: bytes) -> _Sniff:

@@ -80,3 +80,34 @@ def cloudevent(data: Any, **attrs: Any) -> dict[str, Any]:
 def dumps(payload: Any) -> bytes:
     """JSON bytes of a payload."""
     return json.dumps(payload).encode()
+
+
+def storm(*, groups: int, notifications: int, seed: int = 0, severities: tuple[str, ...] = ("critical", "warning", "info")) -> list[bytes]:
+    """An alert storm: ``notifications`` webhook bodies over ``groups`` firing groups, shuffled.
+
+    Each group starts with one alert; later notifications re-send it unchanged, add alerts that
+    joined the group (starting later), or arrive wrapped in a CloudEvent — all of which belong
+    to the group's one investigation.
+    """
+    import random
+
+    rng = random.Random(seed)
+    bodies: list[bytes] = []
+    for g in range(groups):
+        severity = severities[g % len(severities)]
+        alertname = f"Storm{g % 7}"
+        key = f'{{}}/{{severity="{severity}"}}:{{alertname="{alertname}", service="svc-{g}"}}'
+        alerts = [am_alert(starts_at="2026-11-26T02:00:00Z", alertname=alertname, severity=severity,
+                           service=f"svc-{g}", instance="pod-0")]
+        per_group = notifications // groups + (1 if g < notifications % groups else 0)
+        for n in range(per_group):
+            kind = rng.random()
+            if n > 0 and kind < 0.3:
+                alerts = alerts + [am_alert(starts_at=f"2026-11-26T02:{n % 60:02d}:30Z", alertname=alertname,
+                                            severity=severity, service=f"svc-{g}", instance=f"pod-{n}")]
+            payload = group(list(alerts), group_key=key)
+            if 0.3 <= kind < 0.45:
+                payload = cloudevent(payload, id=f"ce-{g}-{n}")
+            bodies.append(dumps(payload))
+    rng.shuffle(bodies)
+    return bodies

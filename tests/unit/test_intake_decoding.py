@@ -184,3 +184,9 @@ def test_label_values_with_spaces_unicode_or_paths_are_accepted_as_data(value: s
     # Kubernetes names or labels (see test_k8snames), not rejected at intake.
     event = decode_incident(dumps(_labels(instance=value)))
     assert event.alerts[0].labels["instance"] == value
+
+
+def test_invalid_utf8_in_a_field_nobody_reads_is_still_reported_as_such() -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode_incident(b'{"receiver": "\xff"}')
+    assert caught.value.reason == "not_utf8"

@@ -1,6 +1,7 @@
 """Fault injection: make chosen requests fail the way a sick apiserver or network does.
 
-`inject(method, path_regex, status=…|timeout=True|drop_stream=True, times=N, delay=s)`
+`inject(method, path_regex, status=…|timeout=True|drop_stream=True, times=N, delay=s,
+probability=p)`
 matches requests by HTTP method and a regex searched in the URL path. A
 status fault answers a real Status body (429 carries Retry-After), `timeout`
 hangs until the client gives up, `drop_stream` cuts the connection — after
@@ -11,6 +12,7 @@ counts its hits and exposes an event so tests can await "the fault fired".
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 from dataclasses import dataclass, field
 
@@ -26,6 +28,8 @@ class Fault:
     delay: float = 0.0
     retry_after: int | None = None
     after_events: int = 0
+    probability: float = 1.0  # share of matching requests that get the fault
+    rng: random.Random = field(default_factory=lambda: random.Random(0))  # seeded: reproducible runs
     hits: int = 0
     fired: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -45,19 +49,20 @@ class Faults:
     def inject(self, method: str, path_regex: str, status: int | None = None, *,
                timeout: bool = False, drop_stream: bool = False, times: int | None = 1,
                delay: float = 0.0, retry_after: int | None = None,
-               after_events: int = 0) -> Fault:
+               after_events: int = 0, probability: float = 1.0, seed: int = 0) -> Fault:
         """Register a fault; with only `delay` it slows matching requests down."""
         if status == 429 and retry_after is None:
             retry_after = 1
         fault = Fault(method.upper(), re.compile(path_regex), status, timeout, drop_stream, times,
-                      delay, retry_after, after_events)
+                      delay, retry_after, after_events, probability, random.Random(seed))
         self._faults.append(fault)
         return fault
 
     def take(self, method: str, path: str) -> Fault | None:
         """The first live fault matching this request, counted as a hit."""
         for fault in self._faults:
-            if fault.matches(method, path):
+            if fault.matches(method, path) and (
+                    fault.probability >= 1.0 or fault.rng.random() < fault.probability):
                 fault.hits += 1
                 fault.fired.set()
                 return fault
