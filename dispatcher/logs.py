@@ -79,8 +79,13 @@ def configure(settings: LoggingSettings | None = None, *, stream: TextIO | None 
 
 
 def get_logger(name: str | None = None, **initial: Any) -> structlog.stdlib.BoundLogger:
-    """A structlog logger, optionally with bound values."""
-    return structlog.stdlib.get_logger(name).bind(**initial)
+    """A structlog logger, optionally with bound values.
+
+    Without values it stays a lazy proxy, so module-level loggers pick up ``configure``
+    even when it runs after import (binding would freeze the default configuration).
+    """
+    logger = structlog.stdlib.get_logger(name)
+    return logger.bind(**initial) if initial else logger
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -81,19 +82,21 @@ def ending_of(job: Mapping[str, Any], *, deleted: bool = False) -> tuple[JobStat
     return None
 
 
-def pod_failure(pods: list[Mapping[str, Any]]) -> tuple[FailureReason | None, str]:
-    """OOMKilled (or the agent's exit code) from a failed Job's pods (pure)."""
-    detail = ""
+def pod_failure(pods: list[Mapping[str, Any]]) -> tuple[FailureReason | None, str, int | None]:
+    """OOMKilled (or the agent's exit code) from a failed Job's pods (pure): reason, detail, exit code."""
+    detail, exit_code = "", None
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
             if not term:
                 continue
             if term.get("reason") == "OOMKilled":
-                return FailureReason.OOM_KILLED, f"container {cs.get('name')} was OOMKilled (exit {term.get('exitCode', 137)})"
+                code = term.get("exitCode", 137)
+                return FailureReason.OOM_KILLED, f"container {cs.get('name')} was OOMKilled (exit {code})", code
             if term.get("exitCode"):
-                detail = f"container {cs.get('name')} exited with code {term.get('exitCode')} ({term.get('reason', 'Error')})"
-    return None, detail
+                exit_code = term["exitCode"]
+                detail = f"container {cs.get('name')} exited with code {exit_code} ({term.get('reason', 'Error')})"
+    return None, detail, exit_code
 
 
 class KubernetesRuntime:
@@ -125,6 +128,8 @@ class KubernetesRuntime:
         self._emitted: dict[str, float] = {}  # Job uid → when its terminal event was emitted
         self._backoff = Backoff(base=0.2, cap=10.0)
         self._rv: str | None = None  # newest resourceVersion seen by list or watch
+        self._closed = asyncio.Event()  # set by close(): events() ends
+        self._watching: watch.Watch | None = None  # the open watch stream, cut by close()
 
     @classmethod
     async def from_settings(cls, k8s: KubernetesSettings) -> KubernetesRuntime:
@@ -219,6 +224,13 @@ class KubernetesRuntime:
                 if ending_of(j) is None and jobspec.ANN_REPORTED not in _annotations(j)]
 
     async def close(self) -> None:
+        """End ``events()`` (cutting an open watch) and release the client if ours; Jobs keep running."""
+        self._closed.set()
+        watching = self._watching
+        if watching is not None:  # a watch blocks up to watch_timeout: cut it so events() ends now
+            watching.stop()
+            if watching.resp is not None:
+                watching.resp.close()
         if self._owns_client:
             await self.api.close()
 
@@ -230,14 +242,14 @@ class KubernetesRuntime:
 
     async def events(self) -> AsyncIterator[RuntimeEvent]:
         attempt = 0
-        while True:
+        while not self._closed.is_set():
             try:
                 listing = await self._list()
                 for job in listing.get("items", []):
                     async for event in self._observe(job):
                         yield event
                 self._rv = listing.get("metadata", {}).get("resourceVersion")
-                while True:  # resume from the last resourceVersion until it expires
+                while not self._closed.is_set():  # resume from the last resourceVersion until it expires
                     async for kind, job in self._watch(self._rv):
                         attempt = 0
                         async for event in self._observe(job, deleted=kind == "DELETED"):
@@ -245,14 +257,19 @@ class KubernetesRuntime:
             except _Expired:
                 log.info("watch_expired_relisting")
             except TemporaryError as exc:
+                if self._closed.is_set():
+                    return  # our own close() cut the stream
                 attempt += 1
                 wait = self._backoff.delay(attempt, floor=exc.delay)
                 log.warning("watch_failed", error=exc.message, retry_in_s=round(wait, 2))
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._closed.wait()
 
     async def _watch(self, resource_version: str | None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Watch from ``resource_version`` until the server ends the stream (then re-list)."""
         w = watch.Watch()
+        self._watching = w
         try:
             stream = w.stream(self.batch.list_namespaced_job, self.namespace, label_selector=jobspec.SELECTOR,
                               resource_version=resource_version, timeout_seconds=self.watch_timeout,
@@ -270,6 +287,7 @@ class KubernetesRuntime:
                 raise _Expired() from exc
             raise classify(exc, doing="watch jobs") from exc
         finally:
+            self._watching = None
             await w.close()
 
     async def _observe(self, job: dict[str, Any], *, deleted: bool = False) -> AsyncIterator[RuntimeEvent]:
@@ -295,12 +313,13 @@ class KubernetesRuntime:
         if not deleted and not await self._claim(job):
             return
         state, reason, message = ending
+        exit_code = None
         if state is JobState.FAILED and reason is not FailureReason.DEADLINE_EXCEEDED:
-            pod_reason, detail = await self._pod_failure(meta["name"])
+            pod_reason, detail, exit_code = await self._pod_failure(meta["name"])
             reason = pod_reason or reason
             message = detail or message
         self._emitted[uid] = time.monotonic()
-        yield self._event(job, state, reason, message)
+        yield self._event(job, state, reason, message, exit_code)
 
     async def _claim(self, job: dict[str, Any]) -> bool:
         """Become the replica that reports this Job's ending (optimistic concurrency)."""
@@ -322,16 +341,17 @@ class KubernetesRuntime:
             return False  # another replica was faster (or it changed; the watch brings it again)
         return True
 
-    async def _pod_failure(self, job_name: str) -> tuple[FailureReason | None, str]:
+    async def _pod_failure(self, job_name: str) -> tuple[FailureReason | None, str, int | None]:
         try:
             pods = await self._read_json(f"list pods of {job_name}", self.core.list_namespaced_pod,
                                          self.namespace, label_selector=f"job-name={job_name}")
         except AgentJobsError as exc:
             log.warning("pod_lookup_failed", job_name=job_name, error=str(exc))
-            return None, ""
+            return None, "", None
         return pod_failure(pods.get("items", []))
 
-    def _event(self, job: Mapping[str, Any], state: JobState, reason: FailureReason | None, message: str) -> RuntimeEvent:
+    def _event(self, job: Mapping[str, Any], state: JobState, reason: FailureReason | None, message: str,
+               exit_code: int | None = None) -> RuntimeEvent:
         meta = job.get("metadata") or {}
         labels = dict(meta.get("labels") or {})
         return RuntimeEvent(
@@ -341,6 +361,7 @@ class KubernetesRuntime:
             at=self.clock(),
             reason=reason,
             message=message,
+            exit_code=exit_code,
             labels=labels,
             annotations={"uid": meta.get("uid", "")},
         )

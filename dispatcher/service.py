@@ -54,7 +54,9 @@ class DispatcherService:
         self.phases = phases or StaticPhases(settings.trust.initial_phase)
         self.metrics = metrics or Metrics()
         self.name = name
+        # An explicit port (0: any free one) always serves; from settings, port 0 disables.
         self.health_port = settings.metrics.port if health_port is None else health_port
+        self._serve_health = health_port is not None or settings.metrics.port != 0
         self.gate = AdmissionGate(
             max_active=settings.admission.max_active,
             class_caps={k: c.max_active for k, c in settings.classes.items()},
@@ -98,7 +100,7 @@ class DispatcherService:
         ]
         for consumer in self._consumers:
             await consumer.start(self._connection)
-        if self.health_port is not None and self.health_port >= 0 and s.metrics.port != 0:
+        if self._serve_health:
             self._health = HealthServer(
                 host=s.metrics.host, port=self.health_port, registry=self.metrics.registry,
                 ready={"consuming": lambda: self.ready},

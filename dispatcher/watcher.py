@@ -41,7 +41,9 @@ def _tracked_from_labels(event: RuntimeEvent) -> Tracked:
         class_name=labels.get(jobspec.LABEL_CLASS, "default"),
         severity=severity,
         domain=labels.get(jobspec.LABEL_DOMAIN, ""),
-        dispatch_reported=True,
+        # Launched elsewhere (another replica, or before a crash) — maybe without telling the
+        # ticket; the next notification for it re-publishes `dispatched` (same message id).
+        dispatch_reported=False,
     )
 
 

@@ -5,13 +5,15 @@ The scenarios run against each implementation in ``conftest.RUNTIME_FACTORIES``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from dispatcher.runtime import JobRuntime, JobState, LaunchOutcome
+from dispatcher import jobspec
+from dispatcher.runtime import JobRuntime, JobState, LaunchOutcome, RuntimeEvent
 from schemas import FailureReason
 
 from .conftest import Harness, make_job
@@ -79,7 +81,7 @@ async def test_second_launch_of_a_name_starts_nothing(
     assert len(runs.read_text().split()) == 1
 
 
-async def test_failing_command_fails_with_agent_error_and_exit_code(
+async def test_failing_command_fails_with_its_exit_code(
     runtime_harness: Harness, runtime: JobRuntime
 ) -> None:
     # Given a Job that complains on stderr (including its secret) and exits 3
@@ -90,19 +92,21 @@ async def test_failing_command_fails_with_agent_error_and_exit_code(
         "sys.exit(3)"
     )
     env = [{"name": "VAULT_WRAPPING_TOKEN",
-            "valueFrom": {"secretKeyRef": {"name": "fail-1-vault", "key": "wrapping_token"}}}]
+            "valueFrom": {"secretKeyRef": {"name": jobspec.secret_name("fail-1"),
+                                           "key": "wrapping_token"}}}]
     job = make_job("fail-1", code, env=env)
 
     await runtime.launch(job, secret={"wrapping_token": WRAPPING_TOKEN})
     event = await runtime_harness.terminal("fail-1")
 
-    # Then: failed as an agent error with the exit code; the secret is never in the message
+    # Then: failed (agent error locally, BackoffLimitExceeded on Kubernetes) with the exit
+    # code; the secret is never in the message
     assert event.state is JobState.FAILED
-    assert event.reason is FailureReason.AGENT_ERROR
+    assert event.reason is runtime_harness.expect.nonzero_exit_reason
     assert event.exit_code == 3
+    assert "exit" in event.message and "3" in event.message
     assert WRAPPING_TOKEN.decode() not in event.message
-    if runtime_harness.reports_stderr_tail:
-        assert "exit" in event.message and "3" in event.message
+    if runtime_harness.expect.reports_stderr_tail:
         assert "tool prometheus unreachable" in event.message
         assert len(event.message.encode()) < 2048 + 200
 
@@ -114,6 +118,7 @@ async def test_deadline_fails_with_deadline_exceeded(
     job = make_job("slow-1", "import time; time.sleep(120)", deadline=1)
 
     await runtime.launch(job)
+    await runtime_harness.let_deadline_pass("slow-1", 1)
     event = await runtime_harness.terminal("slow-1")
 
     assert event.state is JobState.FAILED
@@ -150,39 +155,51 @@ async def test_cancel_reports_cancelled(runtime_harness: Harness, runtime: JobRu
     assert await runtime.cancel("never-launched") is False
 
 
-async def test_secret_reaches_the_process_as_file_and_env(
+async def test_secret_reaches_the_process_as_files_and_env(
     runtime_harness: Harness, runtime: JobRuntime
 ) -> None:
-    # Given a Job that mounts its secret and maps one key to an env var
+    # Given a Job that mounts its input Secret where jobspec does (/var/run/agentjobs/input,
+    # mode 0400) and maps one key to an env var; the process finds the files through
+    # AGENTJOBS_MOUNT_ROOT (the pod's filesystem root on the host)
     out = runtime_harness.scratch / "seen.json"
     code = (
         "import json, os, stat, sys\n"
-        "root = os.environ.get('AGENTJOBS_MOUNT_ROOT', '')\n"
-        "path = root + '/var/run/secrets/agentjobs/wrapping_token'\n"
-        "seen = {'file': open(path).read(), 'mode': stat.S_IMODE(os.stat(path).st_mode),\n"
+        "root = os.environ['AGENTJOBS_MOUNT_ROOT']\n"
+        "d = root + sys.argv[2]\n"
+        "seen = {'files': {n: open(os.path.join(d, n)).read() for n in sorted(os.listdir(d))},\n"
+        "        'modes': [stat.S_IMODE(os.stat(os.path.join(d, n)).st_mode)\n"
+        "                  for n in os.listdir(d)],\n"
         "        'env': os.environ.get('VAULT_WRAPPING_TOKEN'),\n"
         "        'pod': os.environ.get('POD_NAME'), 'inv': os.environ.get('INVESTIGATION')}\n"
         "json.dump(seen, open(sys.argv[1], 'w'))\n"
     )
     env = [
         {"name": "VAULT_WRAPPING_TOKEN",
-         "valueFrom": {"secretKeyRef": {"name": "sec-1-vault", "key": "wrapping_token"}}},
+         "valueFrom": {"secretKeyRef": {"name": jobspec.secret_name("sec-1"),
+                                        "key": jobspec.WRAPPED_TOKEN_FILE}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "INVESTIGATION", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.labels['agentjobs.dev/investigation-id']"}}},
     ]
-    volumes = [{"name": "vault", "secret": {"secretName": "sec-1-vault"}}]
-    mounts = [{"name": "vault", "mountPath": "/var/run/secrets/agentjobs", "readOnly": True}]
-    job = make_job("sec-1", code, str(out), env=env, volumes=volumes, mounts=mounts,
-                   investigation_id="inv-sec")
+    volumes = [{"name": jobspec.INPUT_VOLUME,
+                "secret": {"secretName": jobspec.secret_name("sec-1"), "defaultMode": 0o400}}]
+    mounts = [{"name": jobspec.INPUT_VOLUME, "mountPath": jobspec.INPUT_DIR, "readOnly": True}]
+    job = make_job("sec-1", code, str(out), jobspec.INPUT_DIR, env=env, volumes=volumes,
+                   mounts=mounts, investigation_id="inv-sec")
+    incident = b'{"kind": "incident", "group_key": "{}:{alertname=\\"DiskFull\\"}"}'
 
-    await runtime.launch(job, secret={"wrapping_token": WRAPPING_TOKEN})
+    # When it is launched with its input files
+    await runtime.launch(job, secret={jobspec.WRAPPED_TOKEN_FILE: WRAPPING_TOKEN,
+                                      jobspec.INCIDENT_FILE: incident})
     event = await runtime_harness.terminal("sec-1")
 
+    # Then the process read both files and the env var, and the files are owner-only
     assert event.state is JobState.SUCCEEDED, event.message
     seen = json.loads(out.read_text())
-    assert seen["file"] == seen["env"] == WRAPPING_TOKEN.decode()
-    assert seen["mode"] & 0o077 == 0  # not readable by group/others
+    assert seen["files"] == {jobspec.INCIDENT_FILE: incident.decode(),
+                             jobspec.WRAPPED_TOKEN_FILE: WRAPPING_TOKEN.decode()}
+    assert seen["env"] == WRAPPING_TOKEN.decode()
+    assert seen["modes"] and all(mode & 0o077 == 0 for mode in seen["modes"])
     assert seen["pod"].startswith("sec-1")
     assert seen["inv"] == "inv-sec"
 
@@ -251,6 +268,7 @@ async def test_every_job_gets_exactly_one_terminal_event(
     assert await runtime.launch(jobs["once-ok"]) is LaunchOutcome.ALREADY_EXISTS
     for name in ("once-cancel", "once-open"):
         await runtime_harness.wait_for(name, lambda e: e.state is JobState.RUNNING)
+    await runtime_harness.let_deadline_pass("once-slow", 1)
     await runtime.cancel("once-cancel")
     for name in ("once-ok", "once-fail", "once-slow", "once-cancel"):
         await runtime_harness.terminal(name)
@@ -259,19 +277,22 @@ async def test_every_job_gets_exactly_one_terminal_event(
     # When the runtime closes (the event stream ends)
     await runtime_harness.close()
 
-    # Then each Job had exactly one terminal event, and the expected one
+    # Then each Job had at most one terminal event, and the expected one: the Job still
+    # running at close was stopped (local) or keeps running for the next dispatcher (Kubernetes)
     finals = {}
     for name in jobs:
         terminal = [e for e in runtime_harness.events[name] if e.state.terminal]
-        assert len(terminal) == 1, (name, runtime_harness.events[name])
-        finals[name] = terminal[0].state
+        assert len(terminal) <= 1, (name, runtime_harness.events[name])
+        finals[name] = terminal[0].state if terminal else None
+    stops = runtime_harness.expect.close_stops_jobs
     assert finals == {
         "once-ok": JobState.SUCCEEDED,
         "once-fail": JobState.FAILED,
         "once-slow": JobState.FAILED,
         "once-cancel": JobState.CANCELLED,
-        "once-open": JobState.CANCELLED,
+        "once-open": JobState.CANCELLED if stops else None,
     }
+    assert await runtime_harness.reopen().active() == ([] if stops else ["once-open"])
 
 
 async def test_an_unacknowledged_ending_is_reported_again_after_a_restart(
@@ -295,3 +316,47 @@ async def test_an_unacknowledged_ending_is_reported_again_after_a_restart(
         LaunchOutcome.ALREADY_EXISTS)  # the finished Job is still there (until its TTL)
     await third.close()
     assert third.events["unacked-1"] == []
+
+
+async def test_concurrent_launches_from_two_runtimes_create_one_run(
+    runtime_harness: Harness, runtime: JobRuntime
+) -> None:
+    # Given a second runtime on the same backing store (another dispatcher replica)
+    assert runtime_harness.peer is not None
+    other = runtime_harness.alongside(runtime_harness.peer())
+    other.start()
+    runs = runtime_harness.scratch / "runs"
+    names = [f"race-{i}" for i in range(3)]
+    try:
+        # When both launch each name at the same time
+        outcomes = {}
+        for name in names:
+            job = make_job(name, RECORD_RUN, f"{runs}-{name}")
+            inputs = {jobspec.INCIDENT_FILE: b"{}"}  # both also race to create its Secret
+            outcomes[name] = await asyncio.gather(runtime.launch(job, secret=inputs),
+                                                  other.runtime.launch(job, secret=inputs))
+
+        # Then exactly one of them created it, the command ran once, and its ending is
+        # reported exactly once (by whichever runtime reports it)
+        for name in names:
+            assert sorted(outcomes[name]) == sorted(
+                [LaunchOutcome.CREATED, LaunchOutcome.ALREADY_EXISTS]), outcomes[name]
+            done = await _first_terminal(name, runtime_harness, other)
+            assert done.state is JobState.SUCCEEDED, done.message
+            assert len(Path(f"{runs}-{name}").read_text().split()) == 1
+    finally:
+        await other.close()
+    for name in names:
+        terminal = [e for h in (runtime_harness, other) for e in h.events[name] if e.state.terminal]
+        assert len(terminal) == 1, (name, terminal)
+
+
+async def _first_terminal(name: str, *harnesses: Harness) -> RuntimeEvent:
+    """The terminal event of Job ``name`` as reported by whichever harness sees it first."""
+    waits = [asyncio.ensure_future(h.terminal(name)) for h in harnesses]
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return done.pop().result()
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -77,3 +77,17 @@ def test_stdlib_loggers_go_through_the_same_pipeline(lines) -> None:
     (line,) = lines()
     assert line["logger"] == "aio_pika"
     assert "guest:guest" not in line["event"] and TOKEN not in line["event"]
+
+
+def test_module_level_loggers_created_before_configure_follow_it() -> None:
+    # dispatcher modules create their loggers at import time, before the CLI configures logging
+    from dispatcher import intake
+
+    stream = io.StringIO()
+    logs.configure(LoggingSettings(format="json"), stream=stream)
+    try:
+        intake.log.info("probe", x=1)
+        assert json.loads(stream.getvalue().splitlines()[-1])["event"] == "probe"
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
