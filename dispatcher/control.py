@@ -58,9 +58,13 @@ class ControlHandler:
 
 
 class DeadLetterRecorder:
-    def __init__(self, *, reporter: Reporter, metrics: Metrics, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self, *, reporter: Reporter, metrics: Metrics, backoff: Backoff | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.reporter = reporter
         self.metrics = metrics
+        self.backoff = backoff or Backoff()
         self.clock = clock
 
     async def handle(self, delivery: Delivery) -> Outcome:
@@ -69,7 +73,7 @@ class DeadLetterRecorder:
             self.metrics.dead_lettered.labels(reason=record.reason).inc()
         message_id = f"dead:{delivery.message_id or record.preview[:64]}:{record.reason}"
         try:
-            await retry(lambda: self.reporter.dead_letter(record, message_id=message_id), Backoff())
+            await retry(lambda: self.reporter.dead_letter(record, message_id=message_id), self.backoff)
         except RetriesExhausted:
             return Outcome.REQUEUE
         log.warning("dead_letter_recorded", reason=record.reason, error_kind=record.error_kind.value,

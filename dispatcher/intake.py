@@ -81,7 +81,7 @@ class Intake:
         self.tracker = tracker
         self.phases = phases
         self.metrics = metrics
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff.of(settings.retry)
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, frozenset[str]] = {}  # investigation id → alerts being launched

@@ -17,6 +17,8 @@ import msgspec
 
 from schemas.errors import TemporaryError
 
+from .settings import RetrySettings
+
 T = TypeVar("T")
 
 
@@ -25,6 +27,11 @@ class Backoff(msgspec.Struct, frozen=True, kw_only=True):
     multiplier: float = 2.0
     cap: float = 15.0  # seconds; no single wait is longer
     max_elapsed: float = 60.0  # seconds of retrying in place before handing the work back
+
+    @classmethod
+    def of(cls, settings: RetrySettings) -> Backoff:
+        """The policy configured in settings."""
+        return cls(base=settings.base, cap=settings.cap, max_elapsed=settings.max_elapsed)
 
     def delay(self, attempt: int, rng: random.Random | None = None, floor: float | None = None) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based); "equal jitter"."""

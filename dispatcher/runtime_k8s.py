@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import socket
 import time
@@ -126,8 +127,9 @@ class KubernetesRuntime:
         self._owns_client = owns_client
         self._started: set[str] = set()  # Job uids reported as running by this process
         self._emitted: dict[str, float] = {}  # Job uid → when its terminal event was emitted
-        self._backoff = Backoff(base=0.2, cap=10.0)
+        self._backoff = Backoff(base=0.2, cap=5.0)
         self._rv: str | None = None  # newest resourceVersion seen by list or watch
+        self._recheck_at: float | None = None  # monotonic time of the next forced re-list
         self._closed = asyncio.Event()  # set by close(): events() ends
         self._watching: watch.Watch | None = None  # the open watch stream, cut by close()
 
@@ -244,16 +246,19 @@ class KubernetesRuntime:
         attempt = 0
         while not self._closed.is_set():
             try:
+                self._recheck_at = None
                 listing = await self._list()
+                attempt = 0
                 for job in listing.get("items", []):
                     async for event in self._observe(job):
                         yield event
                 self._rv = listing.get("metadata", {}).get("resourceVersion")
                 while not self._closed.is_set():  # resume from the last resourceVersion until it expires
-                    async for kind, job in self._watch(self._rv):
-                        attempt = 0
+                    async for kind, job in self._watch(self._rv, self._watch_seconds()):
                         async for event in self._observe(job, deleted=kind == "DELETED"):
                             yield event
+                    if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
+                        break  # something deferred is due: look at everything again
             except _Expired:
                 log.info("watch_expired_relisting")
             except TemporaryError as exc:
@@ -266,15 +271,25 @@ class KubernetesRuntime:
                     async with asyncio.timeout(wait):
                         await self._closed.wait()
 
-    async def _watch(self, resource_version: str | None) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    def _defer(self, seconds: float) -> None:
+        """Look at the Jobs again (re-list) after ``seconds``: a claim expires, a call failed."""
+        due = time.monotonic() + max(seconds, 0.0)
+        self._recheck_at = due if self._recheck_at is None else min(self._recheck_at, due)
+
+    def _watch_seconds(self) -> int:
+        if self._recheck_at is None:
+            return self.watch_timeout
+        return max(1, min(self.watch_timeout, math.ceil(self._recheck_at - time.monotonic())))
+
+    async def _watch(self, resource_version: str | None, seconds: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Watch from ``resource_version`` until the server ends the stream (then re-list)."""
         w = watch.Watch()
         self._watching = w
         try:
             stream = w.stream(self.batch.list_namespaced_job, self.namespace, label_selector=jobspec.SELECTOR,
-                              resource_version=resource_version, timeout_seconds=self.watch_timeout,
+                              resource_version=resource_version, timeout_seconds=seconds,
                               allow_watch_bookmarks=True,
-                              _request_timeout=self.watch_timeout + self.request_timeout)
+                              _request_timeout=seconds + self.request_timeout)
             async for item in stream:
                 kind = item.get("type", "")
                 rv = (item.get("raw_object") or {}).get("metadata", {}).get("resourceVersion")
@@ -296,7 +311,10 @@ class KubernetesRuntime:
         annotations = _annotations(job)
         if jobspec.ANN_REPORTED in annotations:
             if jobspec.FINALIZER in (meta.get("finalizers") or []) and not deleted:
-                await self._release(job)  # reported, but the finalizer removal was lost
+                try:
+                    await self._release(job)  # reported, but the finalizer removal was lost
+                except TemporaryError:
+                    self._defer(1.0)
             return
         ending = ending_of(job, deleted=deleted)
         if ending is None:
@@ -309,6 +327,7 @@ class KubernetesRuntime:
             return  # cannot be: the finalizer keeps it; ignore odd streams
         emitted = self._emitted.get(uid)
         if emitted is not None and time.monotonic() - emitted < self.claim_timeout:
+            self._defer(self.claim_timeout - (time.monotonic() - emitted))
             return  # already handed to the watcher; waiting for acknowledge
         if not deleted and not await self._claim(job):
             return
@@ -331,14 +350,19 @@ class KubernetesRuntime:
             except (IndexError, ValueError):
                 age = float("inf")
             if age < self.claim_timeout:
+                self._defer(self.claim_timeout - age)  # take over if that replica went away
                 return False
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"],
-                              "annotations": {jobspec.ANN_CLAIM: f"{self.replica}@{time.time():.0f}"}}}
+                              "annotations": {jobspec.ANN_CLAIM: f"{self.replica}@{time.time():.3f}"}}}
         try:
             await self._call(f"claim job {meta['name']}", self.batch.patch_namespaced_job, meta["name"],
                              self.namespace, patch, _content_type=MERGE_PATCH)
         except (Conflict, NotFound):
             return False  # another replica was faster (or it changed; the watch brings it again)
+        except TemporaryError as exc:
+            log.warning("claim_failed", job_name=meta["name"], error=exc.message)
+            self._defer(1.0)
+            return False
         return True
 
     async def _pod_failure(self, job_name: str) -> tuple[FailureReason | None, str, int | None]:

@@ -28,6 +28,7 @@ from .logs import get_logger
 from .metrics import Metrics
 from .phases import PhaseSource, StaticPhases
 from .reporting import Reporter
+from .retry import Backoff
 from .runtime import JobRuntime
 from .settings import Settings
 from .tasks import spawn
@@ -86,13 +87,14 @@ class DispatcherService:
         reporter = Reporter(publisher)
         self.intake = Intake(
             settings=s, runtime=self.runtime, publisher=publisher, gate=self.gate, tracker=self.tracker,
-            phases=self.phases, metrics=self.metrics,
+            phases=self.phases, metrics=self.metrics, backoff=Backoff.of(s.retry),
         )
         watcher = Watcher(runtime=self.runtime, reporter=reporter, gate=self.gate, tracker=self.tracker, metrics=self.metrics)
         self._tasks.append(spawn(watcher.run(), name="watcher", on_crash=self._on_crash))
         self._tasks.append(spawn(self._gauges(), name="gauges", on_crash=self._on_crash))
-        control = ControlHandler(runtime=self.runtime, publisher=publisher)
-        recorder = DeadLetterRecorder(reporter=reporter, metrics=self.metrics)
+        backoff = Backoff.of(s.retry)
+        control = ControlHandler(runtime=self.runtime, publisher=publisher, backoff=backoff)
+        recorder = DeadLetterRecorder(reporter=reporter, metrics=self.metrics, backoff=backoff)
         self._consumers = [
             Consumer(INCIDENTS, self.intake.handle, prefetch=s.amqp.prefetch, name="incidents"),
             Consumer(CONTROL, control.handle, prefetch=16, name="control"),

@@ -47,6 +47,14 @@ class AmqpSettings(Section):
     delivery_limit: Positive = 20  # deliveries before the broker dead-letters a message
 
 
+class RetrySettings(Section):
+    """Backoff for temporary errors while a message is held (see dispatcher/retry.py)."""
+
+    base: Seconds = 0.1  # seconds before the first retry
+    cap: Seconds = 15.0  # seconds; longest single wait
+    max_elapsed: Seconds = 60.0  # seconds of retrying in place before the message goes back
+
+
 class KubernetesSettings(Section):
     namespace: str = "agentjobs-runs"  # where investigation Jobs run
     kubeconfig: str = ""  # path; empty: in-cluster config, then ~/.kube/config
@@ -168,6 +176,7 @@ class Settings(Section):
     """Root of the settings tree."""
 
     amqp: AmqpSettings = AmqpSettings()
+    retry: RetrySettings = RetrySettings()
     k8s: KubernetesSettings = KubernetesSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     vault: VaultSettings = VaultSettings()

@@ -10,6 +10,7 @@ restart) are counted against the caps.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from schemas import LifecycleState, Severity
@@ -25,7 +26,8 @@ from .tracker import Tracked, Tracker
 
 log = get_logger("agentjobs.watcher")
 # Reporting a terminal state never gives up; it only backs off.
-REPORT_BACKOFF = Backoff(base=0.2, cap=10.0, max_elapsed=float("inf"))
+REPORT_BACKOFF = Backoff(base=0.1, cap=2.0, max_elapsed=float("inf"))
+CONCURRENT_ENDINGS = 32  # endings reported in parallel, so one slow report blocks no other
 
 
 def _tracked_from_labels(event: RuntimeEvent) -> Tracked:
@@ -56,12 +58,40 @@ class Watcher:
         self.gate = gate
         self.tracker = tracker
         self.metrics = metrics
+        self._failure: BaseException | None = None
 
     async def run(self) -> None:
-        """Consume runtime events until cancelled."""
-        async for event in self.runtime.events():
-            with bound(investigation_id=event.investigation_id, job_name=event.job_name):
-                await self.handle(event)
+        """Consume runtime events until cancelled; each ending is reported in its own task."""
+        limit = asyncio.Semaphore(CONCURRENT_ENDINGS)
+        endings: set[asyncio.Task[None]] = set()
+
+        async def report(event: RuntimeEvent) -> None:
+            async with limit:
+                with bound(investigation_id=event.investigation_id, job_name=event.job_name):
+                    await self.handle(event)
+
+        try:
+            async for event in self.runtime.events():
+                if event.state.terminal:
+                    await limit.acquire()  # back-pressure: do not read ahead without bound
+                    limit.release()
+                    task = asyncio.create_task(report(event), name=f"report-{event.job_name}")
+                    endings.add(task)
+                    task.add_done_callback(endings.discard)
+                    task.add_done_callback(self._check)
+                if self._failure is not None:
+                    raise self._failure  # a report crashed: stop the service rather than go deaf
+                else:
+                    with bound(investigation_id=event.investigation_id, job_name=event.job_name):
+                        await self.handle(event)
+        finally:
+            for task in endings:
+                task.cancel()
+
+    def _check(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("report_crashed", task=task.get_name(), error=repr(task.exception()))
+            self._failure = task.exception()
 
     async def handle(self, event: RuntimeEvent) -> None:
         tracked = self.tracker.get(event.investigation_id)

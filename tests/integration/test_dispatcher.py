@@ -173,3 +173,41 @@ async def test_a_resolved_group_cancels_its_investigation(env):
     await _until(lambda: not _jobs(handle))
     assert len(results.keys("lifecycle.cancelled")) == 1
     assert "cancelled" in results.keys("finding.")[0][2].summary
+
+
+async def test_kubernetes_api_faults_lose_nothing_and_duplicate_nothing(env):
+    # Given an API server that fails 20 % of calls with 5xx, hangs on some, answers 429,
+    # cuts watches, compacts history (410) and, for a while, rejects Jobs over quota
+    handle, url = env
+    ns = handle.namespace
+    from tests.support.k8s.resources import RESOURCEQUOTAS
+
+    handle.faults.inject("*", r"/namespaces/[^/]+/(jobs|secrets|pods)", status=503, times=None, probability=0.2, seed=1)
+    handle.faults.inject("*", r"/namespaces/[^/]+/(jobs|secrets)", status=429, times=None, probability=0.05, seed=2)
+    handle.faults.inject("*", r"/namespaces/[^/]+/jobs", timeout=True, times=None, probability=0.03, seed=3)
+    handle.cluster.set_quota(ns, "runs", {"count/jobs.batch": 0})
+    bodies = storm(groups=20, notifications=100, seed=3)
+    expected = sorted({identify(decode_incident(b)).job_name for b in bodies})
+    fast_retries = {"AGENTJOBS_RETRY__BASE": "0.05", "AGENTJOBS_RETRY__CAP": "0.5",
+                    "AGENTJOBS_ADMISSION__MAX_ACTIVE": "100",
+                    **{f"AGENTJOBS_CLASSES__{c}__MAX_ACTIVE": "100" for c in ("DEFAULT", "DATABASE", "KUBERNETES")}}
+    async with PodDriver(handle, decide=lambda pod: 0).running_(), Results(url) as results, \
+            running_dispatcher(handle, url, **fast_retries) as service:
+        await publish(url, bodies)
+        # When the quota is lifted after the dispatcher has been refused for a while
+        await _until(lambda: service.metrics.retries._value.get() >= 20, timeout=30)
+        assert _jobs(handle) == []  # refused over quota: nothing stored, nothing lost
+        handle.cluster.gc.delete(RESOURCEQUOTAS, ns, "runs")
+        for _ in range(3):  # and watches keep being cut and compacted
+            await asyncio.sleep(0.2)
+            handle.cluster.store.close_watches()
+            handle.cluster.compact()
+        # Then every group gets exactly one Job and every ending is reported exactly once
+        await _until(lambda: _consumed(service.metrics) >= 100, timeout=60)
+        await results.wait_for(lambda: len(set(lifecycle_ids(results, "succeeded"))) == 20, timeout=60)
+        await asyncio.sleep(0.5)  # a late duplicate would arrive now
+    assert _jobs(handle) == expected or all(j in expected for j in _jobs(handle))
+    succeeded = [m[1] for m in results.keys("lifecycle.succeeded")]
+    assert len(succeeded) == len(set(succeeded)) == 20
+    assert set(lifecycle_ids(results, "dispatched")) == {identify(decode_incident(b)).investigation_id for b in bodies}
+    assert not results.keys("deadletter.")
