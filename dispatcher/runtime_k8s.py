@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -45,6 +46,7 @@ from .settings import KubernetesSettings
 
 log = get_logger("agentjobs.runtime.kubernetes")
 MERGE_PATCH = "application/merge-patch+json"
+ACKNOWLEDGED_MEMORY = 50_000  # uids; more than a namespace holds Jobs within their TTL
 
 
 def _annotations(job: Mapping[str, Any]) -> dict[str, str]:
@@ -127,6 +129,8 @@ class KubernetesRuntime:
         self._owns_client = owns_client
         self._started: set[str] = set()  # Job uids reported as running by this process
         self._emitted: dict[str, float] = {}  # Job uid → when its terminal event was emitted
+        # uids whose ending we reported; stale watch events for them must not re-open it
+        self._acknowledged: OrderedDict[str, None] = OrderedDict()
         self._backoff = Backoff(base=0.2, cap=5.0)
         self._rv: str | None = None  # newest resourceVersion seen by list or watch
         self._recheck_at: float | None = None  # monotonic time of the next forced re-list
@@ -309,6 +313,8 @@ class KubernetesRuntime:
         meta = job.get("metadata") or {}
         uid = meta.get("uid", "")
         annotations = _annotations(job)
+        if uid in self._acknowledged and jobspec.ANN_REPORTED not in annotations:
+            return  # a stale event from before our acknowledgement
         if jobspec.ANN_REPORTED in annotations:
             if jobspec.FINALIZER in (meta.get("finalizers") or []) and not deleted:
                 try:
@@ -399,7 +405,11 @@ class KubernetesRuntime:
             return
         annotations = {jobspec.ANN_REPORTED: event.state.value}
         await self._release(job, annotations)
-        self._emitted.pop(job["metadata"].get("uid", ""), None)
+        uid = job["metadata"].get("uid", "")
+        self._emitted.pop(uid, None)
+        self._acknowledged[uid] = None
+        while len(self._acknowledged) > ACKNOWLEDGED_MEMORY:
+            self._acknowledged.popitem(last=False)
         self._started.discard(job["metadata"].get("uid", ""))
 
     async def _release(self, job: Mapping[str, Any], annotations: Mapping[str, str] | None = None) -> None:

@@ -72,18 +72,18 @@ class Watcher:
 
         try:
             async for event in self.runtime.events():
-                if event.state.terminal:
-                    await limit.acquire()  # back-pressure: do not read ahead without bound
-                    limit.release()
-                    task = asyncio.create_task(report(event), name=f"report-{event.job_name}")
-                    endings.add(task)
-                    task.add_done_callback(endings.discard)
-                    task.add_done_callback(self._check)
                 if self._failure is not None:
                     raise self._failure  # a report crashed: stop the service rather than go deaf
-                else:
+                if not event.state.terminal:
                     with bound(investigation_id=event.investigation_id, job_name=event.job_name):
                         await self.handle(event)
+                    continue
+                await limit.acquire()  # back-pressure: do not read ahead without bound
+                limit.release()
+                task = asyncio.create_task(report(event), name=f"report-{event.job_name}")
+                endings.add(task)
+                task.add_done_callback(endings.discard)
+                task.add_done_callback(self._check)
         finally:
             for task in endings:
                 task.cancel()
