@@ -331,10 +331,11 @@ class KubernetesRuntime:
             return
         if deleted and jobspec.FINALIZER in (meta.get("finalizers") or []):
             return  # cannot be: the finalizer keeps it; ignore odd streams
-        emitted = self._emitted.get(uid)
-        if emitted is not None and time.monotonic() - emitted < self.claim_timeout:
-            self._defer(self.claim_timeout - (time.monotonic() - emitted))
-            return  # already handed to the watcher; waiting for acknowledge
+        if uid in self._emitted:
+            # Handed to our watcher, which retries until it can acknowledge: never twice from here.
+            # (Another replica may take over once our claim is older than claim_timeout; the
+            # deterministic message ids let consumers drop that rare duplicate.)
+            return
         if not deleted and not await self._claim(job):
             return
         state, reason, message = ending

@@ -21,7 +21,7 @@ from .logs import bound, get_logger
 from .metrics import Metrics
 from .reporting import Reporter, failure_result, lifecycle_key, lifecycle_for
 from .retry import Backoff, retry
-from .runtime import JobRuntime, JobState, RuntimeEvent
+from .runtime import JobRuntime, RuntimeEvent
 from .tracker import Tracked, Tracker
 
 log = get_logger("agentjobs.watcher")

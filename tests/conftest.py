@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+pytest_plugins = ("tests.support.k8s.fixtures",)  # k8s_emulator, k8s_emulator_factory
+
 from tests.support.services import (
     ManagementClient,
     OpenBaoServer,

@@ -36,6 +36,7 @@ from dispatcher.runtime import JobRuntime, JobState, RuntimeEvent
 from dispatcher.runtime_k8s import KubernetesRuntime
 from dispatcher.runtime_local import INVESTIGATION_LABEL, LocalRuntime
 from schemas import FailureReason, Phase
+from dispatcher.retry import Backoff, retry
 from tests.support.k8s.fixtures import running_emulator
 
 EVENT_TIMEOUT = 20.0  # seconds to wait for an expected event (generous for a loaded CI box)
@@ -83,7 +84,8 @@ class Harness:
         try:
             async for event in self.runtime.events():
                 if self.acknowledge and event.state.terminal:
-                    await self.runtime.acknowledge(event)
+                    # retried until it sticks, as the dispatcher's watcher does (a 409 is normal)
+                    await retry(lambda: self.runtime.acknowledge(event), Backoff(base=0.05, max_elapsed=10))
                 async with self._changed:
                     self.events[event.job_name].append(event)
                     self._changed.notify_all()

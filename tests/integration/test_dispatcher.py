@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
-import aio_pika
 import pytest
 
 from dispatcher.metrics import Metrics
 from dispatcher.runtime_k8s import KubernetesRuntime
 from dispatcher.service import DispatcherService
 from dispatcher.topology import DEAD
-from schemas import Conclusion, DeadLetter, FailureReason, Finding, LifecycleEvent, identify, decode_incident
+from schemas import Conclusion, DeadLetter, FailureReason, Finding, identify, decode_incident
 from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, lifecycle_ids, publish
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
-from tests.support.k8s.fixtures import k8s_emulator  # noqa: F401
 from tests.support.k8s.resources import JOBS
 from tests.support.payloads import am_alert, dumps, group, storm
 

@@ -6,12 +6,11 @@ import aio_pika
 import aiohttp
 import pytest
 
-from dispatcher.topology import CONTROL, DEAD, INCIDENTS
+from dispatcher.topology import CONTROL, DEAD
 from schemas import CancelInvestigation, DeadLetter, decode_incident, encode, identify
 from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, publish
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.integration.test_dispatcher import _consumed, _until, running_dispatcher
-from tests.support.k8s.fixtures import k8s_emulator  # noqa: F401
 from tests.support.payloads import am_alert, dumps, group
 
 pytestmark = pytest.mark.integration

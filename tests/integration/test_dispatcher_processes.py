@@ -22,7 +22,6 @@ from dispatcher.topology import DEAD, INCIDENTS
 from schemas import decode_incident, identify
 from tests.integration.dispatcher_harness import Results, declare_topology, lifecycle_ids, publish
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
-from tests.support.k8s.fixtures import k8s_emulator  # noqa: F401
 from tests.support.k8s.resources import JOBS
 from tests.support.payloads import storm
 from tests.support.services import free_port

@@ -12,7 +12,6 @@ from dispatcher.runtime_k8s import KubernetesRuntime
 from schemas import FailureReason, identify
 from schemas.errors import PermanentError, TemporaryError
 from tests.integration.k8s_helpers import EventLog, incident, manifest, prepare_cluster, settings_for
-from tests.support.k8s.fixtures import k8s_emulator  # noqa: F401
 from tests.support.k8s.resources import JOBS, SECRETS
 
 pytestmark = pytest.mark.integration

@@ -256,10 +256,10 @@ class Api:
             patched = patching.strategic_merge(current, body)
         else:
             raise status.ApiError(status.status(
-                415, "UnsupportedMediaType", f"the body of the request was in an unknown "
-                f"format - accepted media types include: application/json-patch+json, "
-                f"application/merge-patch+json, application/apply-patch+yaml, "
-                f"application/strategic-merge-patch+json"))
+                415, "UnsupportedMediaType", "the body of the request was in an unknown "
+                "format - accepted media types include: application/json-patch+json, "
+                "application/merge-patch+json, application/apply-patch+yaml, "
+                "application/strategic-merge-patch+json"))
         if dry_run:
             return 200, patched
         return 200, self.save(rt, current, patched, subresource)
