@@ -77,10 +77,19 @@ class VaultSettings(Section):
     addr: str = "http://127.0.0.1:8200"  # Vault/OpenBao API address
     token: str = ""  # the dispatcher's own token (prefer token_file)
     token_file: str = ""  # path to a file holding the dispatcher's token
-    auth_mode: Literal["token-role", "kubernetes"] = "token-role"
+    # per-investigation: a token per Job from the phase's token role, response-wrapped;
+    # kubernetes: the agent logs in with its projected ServiceAccount token;
+    # none: no credentials at all (development and tests only)
+    auth_mode: Literal["per-investigation", "kubernetes", "none"] = "per-investigation"
     wrap_ttl: Positive = 60  # seconds a wrapped agent token may wait to be unwrapped
     grace: NonNegative = 120  # seconds added to the Job deadline for the agent token TTL
     request_timeout: Seconds = 10.0  # seconds per Vault request
+    database_ttl: Positive = 900  # seconds a dynamic PostgreSQL user lives by default
+    database_max_ttl: Positive = 3600  # seconds at most (renewals stop there)
+    rabbitmq_vhost: str = "/"  # vhost where the agent's dynamic user may publish results
+    kubernetes_host: str = "https://kubernetes.default.svc"  # for the kubernetes auth method
+    kubernetes_ca_cert: str = ""  # PEM file; required by OpenBao even for http hosts
+    kubernetes_namespace: str = "agentjobs-runs"  # where agent ServiceAccounts live
 
 
 class InvestigationClass(Section):
@@ -144,7 +153,10 @@ class TrustSettings(Section):
 
 
 class PostgresSettings(Section):
-    dsn: str = ""  # diagnostics target; empty: not configured
+    dsn: str = ""  # diagnostics target for agents, without credentials; empty: not configured
+    # Vault's database engine connects with this to create and drop agent users (needs
+    # CREATEROLE); only `agentjobs vault bootstrap` reads it.
+    admin_dsn: str = ""
 
 
 class BridgeSettings(Section):

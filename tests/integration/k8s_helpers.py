@@ -16,7 +16,7 @@ from tests.support.payloads import am_alert, dumps, group
 
 
 def settings_for(namespace: str, **env: str) -> Settings:
-    return load_settings(None, {"AGENTJOBS_K8S__NAMESPACE": namespace, **env})
+    return load_settings(None, {"AGENTJOBS_K8S__NAMESPACE": namespace, "AGENTJOBS_VAULT__AUTH_MODE": "none", **env})
 
 
 def prepare_cluster(handle) -> None:

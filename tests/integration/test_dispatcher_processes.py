@@ -105,6 +105,7 @@ async def test_two_dispatchers_one_killed_and_restarted_make_exactly_one_job_per
         "AGENTJOBS_K8S__KUBECONFIG": str(kubeconfig),
         "AGENTJOBS_K8S__NAMESPACE": handle.namespace,
         "AGENTJOBS_LOGGING__FORMAT": "json",
+        "AGENTJOBS_VAULT__AUTH_MODE": "none",
         "AGENTJOBS_ADMISSION__MAX_ACTIVE": "200",
         **{f"AGENTJOBS_CLASSES__{c}__MAX_ACTIVE": "200" for c in ("DEFAULT", "DATABASE", "KUBERNETES")},
     }

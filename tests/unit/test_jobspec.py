@@ -35,7 +35,7 @@ def _validate(manifest: dict) -> None:
 SAMPLE = decode_incident(dumps(SAMPLE_WEBHOOK))
 
 
-@pytest.mark.parametrize("auth_mode", ["token-role", "kubernetes"])
+@pytest.mark.parametrize("auth_mode", ["per-investigation", "kubernetes", "none"])
 @pytest.mark.parametrize("phase", list(Phase))
 def test_manifest_validates_strictly_against_the_kubernetes_schema(auth_mode, phase) -> None:
     s = load_settings(None, {"AGENTJOBS_VAULT__AUTH_MODE": auth_mode})
@@ -55,7 +55,7 @@ def test_pod_runs_restricted_without_a_default_service_account_token() -> None:
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]}
-    assert not any("projected" in v for v in pod["volumes"])  # token-role mode: no SA token at all
+    assert not any("projected" in v for v in pod["volumes"])  # per-investigation mode: no SA token at all
     assert {m["mountPath"] for m in container["volumeMounts"]} == {jobspec.INPUT_DIR, jobspec.SCRATCH_DIR}
 
 

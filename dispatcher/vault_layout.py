@@ -1,0 +1,53 @@
+"""Where agentjobs lives inside Vault/OpenBao: mounts, roles and policy names, in one place.
+
+``agentjobs vault bootstrap`` creates exactly this; the dispatcher mints and
+revokes tokens against it; the agent reads credentials from it. Names are
+derived from the phase so that the phase — decided outside the model — picks
+what a Job may read.
+"""
+
+from __future__ import annotations
+
+from schemas import Phase
+
+TOKEN_ROLE_PREFIX = "agentjobs-agent-"  # auth/token/roles/<prefix><phase>
+POLICY_PREFIX = "agentjobs-agent-"  # sys/policies/acl/<prefix><phase>
+K8S_AUTH_MOUNT = "kubernetes"  # auth/kubernetes, role per phase: <prefix><phase>
+DISPATCHER_POLICY = "agentjobs-dispatcher"
+
+DATABASE_MOUNT = "database"
+DATABASE_CONNECTION = "agentjobs-postgres"
+DATABASE_ROLE = "agentjobs-diagnostics"  # read-only: pg_read_all_stats
+RABBITMQ_MOUNT = "rabbitmq"
+RABBITMQ_ROLE = "agentjobs-results"  # may only write to agentjobs.results
+KV_MOUNT = "agentjobs-kv"  # kv-v2
+KV_LLM = "llm"  # agentjobs-kv/data/llm: {"api_key": ...}
+
+# Token metadata keys: they appear in the audit log of every request the agent makes.
+META_INVESTIGATION = "investigation_id"
+META_INCIDENT = "incident_key"
+META_PHASE = "phase"
+
+
+def token_role(phase: Phase) -> str:
+    return f"{TOKEN_ROLE_PREFIX}{phase.value}"
+
+
+def policy(phase: Phase) -> str:
+    return f"{POLICY_PREFIX}{phase.value}"
+
+
+def kubernetes_role(phase: Phase) -> str:
+    return f"{TOKEN_ROLE_PREFIX}{phase.value}"
+
+
+def database_creds_path() -> str:
+    return f"{DATABASE_MOUNT}/creds/{DATABASE_ROLE}"
+
+
+def rabbitmq_creds_path() -> str:
+    return f"{RABBITMQ_MOUNT}/creds/{RABBITMQ_ROLE}"
+
+
+def kv_llm_path() -> str:
+    return f"{KV_MOUNT}/data/{KV_LLM}"
