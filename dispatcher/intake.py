@@ -33,6 +33,7 @@ from schemas.identity import Identity
 from . import jobspec
 from .admission import AdmissionGate
 from .amqp import Publisher
+from .credentials import Credentials, NoCredentials, WrappedToken
 from .deadletters import Delivery, dead_letter, from_error
 from .logs import bound, get_logger
 from .metrics import Metrics
@@ -70,6 +71,7 @@ class Intake:
         tracker: Tracker,
         phases: PhaseSource,
         metrics: Metrics,
+        credentials: Credentials | None = None,
         backoff: Backoff | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -80,6 +82,7 @@ class Intake:
         self.gate = gate
         self.tracker = tracker
         self.phases = phases
+        self.credentials: Credentials = credentials or NoCredentials()
         self.metrics = metrics
         self.backoff = backoff or Backoff.of(settings.retry)
         self.clock = clock
@@ -180,8 +183,6 @@ class Intake:
     async def _launch(
         self, event: IncidentEvent, ident: Identity, plan: jobspec.JobPlan, fingerprints: frozenset[str]
     ) -> tuple[Outcome, str]:
-        manifest = jobspec.build_job(plan, self.settings)
-        files = {jobspec.INCIDENT_FILE: encode(event)}
         tracked = Tracked(
             investigation_id=ident.investigation_id,
             incident_key=ident.incident_key,
@@ -193,7 +194,16 @@ class Intake:
         )
         started = asyncio.get_running_loop().time()
         slot = await self.gate.admit(ident.investigation_id, event.severity, plan.class_name)
+        token: WrappedToken | None = None
+        launched: LaunchOutcome | None = None
         try:
+            token = await self._durably(lambda: self._mint(plan, ident))
+            if token is not None:
+                plan = msgspec.structs.replace(plan, token_accessor=token.accessor)
+            manifest = jobspec.build_job(plan, self.settings)
+            files = {jobspec.INCIDENT_FILE: encode(event)}
+            if token is not None:
+                files[jobspec.WRAPPED_TOKEN_FILE] = token.wrapping_token.encode()
             launched = await self._durably(lambda: self.runtime.launch(manifest, secret=files))
         except PermanentError as exc:
             slot.cancel()
@@ -202,6 +212,9 @@ class Intake:
         except BaseException:
             slot.cancel()
             raise
+        finally:
+            if token is not None and launched is not LaunchOutcome.CREATED:
+                await self._revoke_unused(token)  # the Job that exists has its own token
         if launched is LaunchOutcome.CREATED:
             slot.commit()
         else:
@@ -215,6 +228,19 @@ class Intake:
         log.info("job_dispatched", job_name=ident.job_name, launch=launched.value, job_class=plan.class_name,
                  phase=plan.phase.value)
         return Outcome.ACK, "dispatched" if launched is LaunchOutcome.CREATED else "already_dispatched"
+
+    async def _mint(self, plan: jobspec.JobPlan, ident: Identity) -> WrappedToken | None:
+        cls = self.settings.classes[plan.class_name]
+        return await self.credentials.mint(
+            phase=plan.phase, investigation_id=ident.investigation_id, incident_key=ident.incident_key,
+            job_name=ident.job_name, ttl=cls.deadline + self.settings.vault.grace,
+        )
+
+    async def _revoke_unused(self, token: WrappedToken) -> None:
+        try:
+            await self._durably(lambda: self.credentials.revoke(token.accessor))
+        except RetriesExhausted as exc:  # it expires with its TTL; say so loudly
+            log.error("unused_agent_token_not_revoked", token_accessor=token.accessor, error=exc.last.message)
 
     async def _report_rejected(self, tracked: Tracked, event: IncidentEvent, exc: PermanentError) -> None:
         """The Job could not be created at all (invalid, forbidden): tell the ticket, then dead-letter."""

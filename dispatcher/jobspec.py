@@ -36,6 +36,9 @@ ANN_SOURCE = f"{GROUP}/source"
 ANN_EVENT_ID = f"{GROUP}/event-id"
 ANN_STARTED_AT = f"{GROUP}/started-at"
 ANN_TRACEPARENT = f"{GROUP}/traceparent"
+# Accessor of the Job's Vault token (never the token): revoked when the Job ends, also after
+# a dispatcher restart, because it travels with the Job.
+ANN_TOKEN_ACCESSOR = f"{GROUP}/token-accessor"
 ANN_CANCEL = f"{GROUP}/cancel-reason"  # set before a cancel-delete, so the ending reads "cancelled"
 ANN_CLAIM = f"{GROUP}/reporter"  # "<replica>@<unix seconds>": who is reporting the ending
 ANN_REPORTED = f"{GROUP}/reported"  # the terminal state, once reported
@@ -64,6 +67,7 @@ class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
     class_name: str
     phase: Phase
     domain: str = ""
+    token_accessor: str = ""  # per-investigation Vault identity, if any
 
 
 def domain_of(event: IncidentEvent, settings: Settings) -> str:
@@ -127,6 +131,7 @@ def _annotations(plan: JobPlan) -> dict[str, str]:
         ANN_EVENT_ID: plan.event.event_id,
         ANN_STARTED_AT: plan.identity.started_at.isoformat(),
         ANN_TRACEPARENT: traceparent(plan.identity.investigation_id),
+        **({ANN_TOKEN_ACCESSOR: plan.token_accessor} if plan.token_accessor else {}),
     }
 
 

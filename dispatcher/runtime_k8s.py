@@ -394,7 +394,7 @@ class KubernetesRuntime:
             message=message,
             exit_code=exit_code,
             labels=labels,
-            annotations={"uid": meta.get("uid", "")},
+            annotations={**_annotations(job), "uid": meta.get("uid", "")},
         )
 
     async def acknowledge(self, event: RuntimeEvent) -> None:

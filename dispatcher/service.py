@@ -21,6 +21,7 @@ from schemas.errors import TemporaryError
 from .admission import AdmissionGate
 from .amqp import Publisher, connect
 from .consumer import Consumer
+from .credentials import Credentials, open_credentials
 from .control import ControlHandler, DeadLetterRecorder
 from .health import HealthServer
 from .intake import Intake
@@ -47,6 +48,7 @@ class DispatcherService:
         *,
         phases: PhaseSource | None = None,
         metrics: Metrics | None = None,
+        credentials: Credentials | None = None,
         name: str = "agentjobs-dispatcher",
         health_port: int | None = None,
     ) -> None:
@@ -54,6 +56,7 @@ class DispatcherService:
         self.runtime = runtime
         self.phases = phases or StaticPhases(settings.trust.initial_phase)
         self.metrics = metrics or Metrics()
+        self.credentials = credentials or open_credentials(settings.vault)
         self.name = name
         # An explicit port (0: any free one) always serves; from settings, port 0 disables.
         self.health_port = settings.metrics.port if health_port is None else health_port
@@ -87,9 +90,10 @@ class DispatcherService:
         reporter = Reporter(publisher)
         self.intake = Intake(
             settings=s, runtime=self.runtime, publisher=publisher, gate=self.gate, tracker=self.tracker,
-            phases=self.phases, metrics=self.metrics, backoff=Backoff.of(s.retry),
+            phases=self.phases, metrics=self.metrics, backoff=Backoff.of(s.retry), credentials=self.credentials,
         )
-        watcher = Watcher(runtime=self.runtime, reporter=reporter, gate=self.gate, tracker=self.tracker, metrics=self.metrics)
+        watcher = Watcher(runtime=self.runtime, reporter=reporter, gate=self.gate, tracker=self.tracker,
+                          metrics=self.metrics, credentials=self.credentials)
         self._tasks.append(spawn(watcher.run(), name="watcher", on_crash=self._on_crash))
         self._tasks.append(spawn(self._gauges(), name="gauges", on_crash=self._on_crash))
         backoff = Backoff.of(s.retry)
@@ -130,6 +134,8 @@ class DispatcherService:
                 await task
         with contextlib.suppress(Exception):
             await self.runtime.close()
+        with contextlib.suppress(Exception):
+            await self.credentials.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()

@@ -17,6 +17,7 @@ from schemas import LifecycleState, Severity
 
 from . import jobspec
 from .admission import AdmissionGate
+from .credentials import Credentials, NoCredentials
 from .logs import bound, get_logger
 from .metrics import Metrics
 from .reporting import Reporter, failure_result, lifecycle_key, lifecycle_for
@@ -51,8 +52,10 @@ def _tracked_from_labels(event: RuntimeEvent) -> Tracked:
 
 class Watcher:
     def __init__(
-        self, *, runtime: JobRuntime, reporter: Reporter, gate: AdmissionGate, tracker: Tracker, metrics: Metrics
+        self, *, runtime: JobRuntime, reporter: Reporter, gate: AdmissionGate, tracker: Tracker, metrics: Metrics,
+        credentials: Credentials | None = None,
     ) -> None:
+        self.credentials: Credentials = credentials or NoCredentials()
         self.runtime = runtime
         self.reporter = reporter
         self.gate = gate
@@ -103,6 +106,9 @@ class Watcher:
             await self._publish(lambda: self.reporter.lifecycle(lifecycle))
             log.info("job_started")
             return
+        accessor = event.annotations.get(jobspec.ANN_TOKEN_ACCESSOR)
+        if accessor:  # first: nothing of the Job's identity outlives it
+            await self._publish(lambda: self.credentials.revoke(accessor))
         lifecycle = lifecycle_for(event, tracked)
         await self._publish(lambda: self.reporter.lifecycle(lifecycle))
         if lifecycle.state is not LifecycleState.SUCCEEDED:
