@@ -98,7 +98,10 @@ class Intake:
         except RetriesExhausted as exc:
             return await self._give_back(delivery, exc)
         except PermanentError as exc:  # e.g. launch rejected as invalid
-            outcome, label = await self._reject(delivery, exc), f"dead_lettered:{exc.reason}"
+            try:
+                outcome, label = await self._reject(delivery, exc), f"dead_lettered:{exc.reason}"
+            except RetriesExhausted as again:  # the dead-letter queue is unreachable too
+                return await self._give_back(delivery, again)
         self.metrics.incidents.labels(outcome=label.split(":")[0]).inc()
         log.info("incident_handled", outcome=label)
         return outcome

@@ -11,7 +11,9 @@ Job owns, so it is deleted with the Job.
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -135,6 +137,24 @@ def _annotations(plan: JobPlan) -> dict[str, str]:
     }
 
 
+# user=… / password=… pairs of a libpq key=value DSN (values may be single-quoted).
+_KV_CREDENTIAL = re.compile(r"\b(?:user|password)\s*=\s*(?:'(?:[^'\\]|\\.)*'|\S+)")
+
+
+def without_credentials(url: str) -> str:
+    """``url`` (or a libpq key=value DSN) without user and password (pure).
+
+    Agents get broker and database addresses only; their credentials come from Vault.
+    """
+    if "://" not in url:
+        return " ".join(_KV_CREDENTIAL.sub(" ", url).split())
+    parts = urlsplit(url)
+    query = "&".join(
+        pair for pair in parts.query.split("&") if pair and pair.partition("=")[0] not in ("user", "password")
+    )
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query))
+
+
 def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
     env = {
         "AGENTJOBS_INVESTIGATION_ID": plan.identity.investigation_id,
@@ -144,6 +164,9 @@ def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
         "AGENTJOBS_INPUT_DIR": INPUT_DIR,
         "AGENTJOBS_VAULT__ADDR": settings.vault.addr,
         "AGENTJOBS_VAULT__AUTH_MODE": settings.vault.auth_mode,
+        # Addresses only: the agent inserts its own dynamic (Vault-issued) users.
+        "AGENTJOBS_AMQP__URL": without_credentials(settings.amqp.url),
+        "AGENTJOBS_POSTGRES__DSN": without_credentials(settings.postgres.dsn),
         "TRACEPARENT": traceparent(plan.identity.investigation_id),
         "HOME": SCRATCH_DIR,
         "TMPDIR": SCRATCH_DIR,
