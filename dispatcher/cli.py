@@ -122,6 +122,64 @@ def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
     sys.exit(asyncio.run(run()))
 
 
+@app.command("agent")
+def agent_cmd() -> None:
+    """Run one investigation inside its Job (AGENTJOBS_* environment, input files).
+
+    Exit codes: 0 finding published, 1 error, 3 credentials unavailable, 4 finding not published.
+    """
+    from agent.main import main as agent_main
+
+    sys.exit(agent_main(os.environ))
+
+
+@app.group()
+def vault() -> None:
+    """Vault/OpenBao layout for agent credentials."""
+
+
+@vault.command("bootstrap")
+@click.option("--addr", default=None, help="Vault/OpenBao address (default: vault.addr).")
+@click.option(
+    "--token",
+    default=None,
+    envvar=["VAULT_TOKEN", "BAO_TOKEN"],
+    help="Admin token (default: $VAULT_TOKEN, $BAO_TOKEN, vault.token, vault.token_file).",
+)
+@click.pass_context
+def vault_bootstrap_cmd(ctx: click.Context, addr: str | None, token: str | None) -> None:
+    """Idempotently create policies, token roles, auth and secrets engines; print changes."""
+    import hvac
+
+    from . import logs
+    from .credentials import dispatcher_token
+    from .vault_bootstrap import BootstrapError, bootstrap
+
+    settings = settings_from(ctx)
+    logs.configure(settings.logging)
+    if not token:
+        try:
+            token = dispatcher_token(settings.vault)
+        except OSError as exc:
+            _fail(f"vault.token_file: cannot read {settings.vault.token_file}: {exc.strerror}")
+    if not token:
+        _fail("no Vault token: pass --token or set VAULT_TOKEN / vault.token / vault.token_file")
+    client = hvac.Client(
+        url=addr or settings.vault.addr, token=token, timeout=settings.vault.request_timeout
+    )
+    try:
+        report = bootstrap(client, settings)
+    except BootstrapError as exc:
+        _fail(str(exc))
+        return
+    for change in report.changes:
+        click.echo(str(change))
+    if not report.changes:
+        click.echo("no changes")
+    for note in report.notes:
+        click.echo(note)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="agentjobs")

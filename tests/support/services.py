@@ -580,6 +580,8 @@ class OpenBaoServer:
         port: int | None = None,
         root_token: str | None = None,
         extra_args: tuple[str, ...] = (),
+        config_hcl: str = "",
+        audit_log: bool = False,
     ) -> None:
         self.binary = binary or find_bao_binary()
         self.host = host
@@ -587,6 +589,13 @@ class OpenBaoServer:
         self.port = port or 0
         self.root_token = root_token or "root-" + secrets.token_urlsafe(18)
         self.extra_args = extra_args
+        # Extra server configuration (HCL), merged by `bao server -dev -config=FILE` with
+        # the dev settings. OpenBao 2.x refuses `sys/audit` over the API; audit devices
+        # can only be declared here: `audit_log=True` declares a file device at
+        # `audit_log_path` (one JSON object per request and response).
+        self.config_hcl = config_hcl
+        self.audit_log = audit_log
+        self.audit_log_path: Path | None = None
         self.workdir: Path | None = None
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -651,6 +660,7 @@ class OpenBaoServer:
             f"-dev-root-token-id={self.root_token}",
             f"-dev-listen-address={self.host}:{self.port}",
             "-dev-no-store-token",
+            *self._config_args(),
             *self.extra_args,
         ]
         with open(self.log_path, "wb") as log:
@@ -678,6 +688,22 @@ class OpenBaoServer:
                 f"`bao server -dev` on {self.host}:{self.port} did not become healthy "
                 f"({reason}); last log lines:\n{tail}"
             ) from None
+
+    def _config_args(self) -> list[str]:
+        assert self.workdir is not None
+        config = self.config_hcl
+        if self.audit_log:
+            self.audit_log_path = self.workdir / "audit.log"
+            config += (
+                '\naudit "file" "agentjobs-test" {\n'
+                f"  options {{\n    file_path = {json_module.dumps(str(self.audit_log_path))}\n  }}\n"
+                "}\n"
+            )
+        if not config:
+            return []
+        path = self.workdir / "server.hcl"
+        path.write_text(config)
+        return [f"-config={path}"]
 
     async def _healthy(self) -> bool:
         if self._proc is not None and self._proc.poll() is not None:

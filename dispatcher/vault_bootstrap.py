@@ -1,0 +1,555 @@
+"""``agentjobs vault bootstrap``: make a Vault/OpenBao look like ``vault_layout`` says, idempotently.
+
+It owns the *server side* of agentjobs' credentials: the per-phase ACL policies
+(``k8s/vault/*.hcl``), the per-phase token roles the dispatcher mints agent
+tokens through, the kubernetes auth method and its per-phase roles, the
+database engine (dynamic read-only PostgreSQL users), the rabbitmq engine
+(dynamic users that may only publish results), the kv-v2 mount for static keys
+and the dispatcher's own policy.
+
+Every object is read first and written only when it is missing or differs, so
+a second run writes nothing and reports no changes. Two configurations cannot
+be read back with their secret (``database/config/*`` hides the password,
+``rabbitmq/config/connection`` is write-only); for those a salted HMAC of the
+full configuration is kept at ``agentjobs-kv/data/bootstrap`` (readable only by
+the bootstrap's admin token — agent policies grant ``agentjobs-kv/data/llm``
+alone), so a changed password is noticed without ever storing or logging it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+
+import hvac
+import hvac.exceptions
+import requests
+
+from schemas import Phase
+
+from . import redaction
+from . import vault_layout as layout
+from .logs import get_logger
+from .settings import Settings
+
+log = get_logger(__name__)
+
+POLICY_DIR = Path(__file__).resolve().parent.parent / "k8s" / "vault"
+KV_BOOTSTRAP = "bootstrap"  # agentjobs-kv/data/bootstrap: fingerprints of write-only configs
+RESULTS_EXCHANGE = "agentjobs.results"
+
+# OpenBao insists on a CA for the kubernetes auth method even for http:// hosts.
+# This self-signed certificate's key was thrown away when it was made, so no
+# server can ever present a chain to it: https hosts fail closed, http hosts work.
+PLACEHOLDER_CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIB0DCCAXegAwIBAgIUBs0UWmXKikZJviNwRDFg/N1971kwCgYIKoZIzj0EAwIw
+PTE7MDkGA1UEAwwyYWdlbnRqb2JzIHBsYWNlaG9sZGVyIENBIC0gbm90IHRydXN0
+ZWQgYnkgYW55dGhpbmcwIBcNMjYxMTI2MTczOTM2WhgPMjEyNjExMDIxNzM5MzZa
+MD0xOzA5BgNVBAMMMmFnZW50am9icyBwbGFjZWhvbGRlciBDQSAtIG5vdCB0cnVz
+dGVkIGJ5IGFueXRoaW5nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEQ6eJV7HU
+Js81oYhKxIltczWqiVAGr+OyC9z26VJII1/peOvrhJv+y7kAogJ3iDyrSQX1RJk0
+cK2oqkAroulSSaNTMFEwHQYDVR0OBBYEFA+zGp0VxWpfbxs6noq74T/Rxrn5MB8G
+A1UdIwQYMBaAFA+zGp0VxWpfbxs6noq74T/Rxrn5MA8GA1UdEwEB/wQFMAMBAf8w
+CgYIKoZIzj0EAwIDRwAwRAIgHEVshZqkByCMy8LAp+SZ/YarPsgjdAhKKpc2p1LF
+LYoCIBm1ubW72eNcXjyG2vyjvJSCTRAkfL/tk6kP4dkad51Y
+-----END CERTIFICATE-----
+"""  # subject: CN = agentjobs placeholder CA - not trusted by anything
+
+
+class BootstrapError(Exception):
+    """Vault is unreachable, refused a request or the settings cannot be used.
+
+    The message names the Vault path and never contains a secret.
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
+class Change:
+    """One object bootstrap created or updated."""
+
+    action: Literal["created", "updated"]
+    what: str  # e.g. "policy agentjobs-agent-shadow"
+    path: str  # the Vault API path written, e.g. "sys/policies/acl/agentjobs-agent-shadow"
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.what} ({self.path})"
+
+
+@dataclass(kw_only=True)
+class BootstrapReport:
+    """What a bootstrap run changed (empty when Vault already matched) plus notes."""
+
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # skipped parts and warnings, no secrets
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+def token_ttl(settings: Settings) -> int:
+    """Seconds an agent token may live at most: the longest class deadline plus the grace."""
+    return max(c.deadline for c in settings.classes.values()) + settings.vault.grace
+
+
+def bootstrap(
+    client: hvac.Client, settings: Settings, *, policy_dir: Path = POLICY_DIR
+) -> BootstrapReport:
+    """Create or update everything agentjobs needs in Vault; raises ``BootstrapError``."""
+    return _Bootstrap(client, settings, policy_dir).run()
+
+
+# --------------------------------------------------------------------------- #
+# settings → desired Vault objects (pure)
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatabaseConnection:
+    connection_url: str  # with {{username}}/{{password}} templates, no secret
+    username: str
+    password: str
+    dbname: str  # database the agent's user may connect to
+
+
+def database_connection(settings: Settings) -> DatabaseConnection:
+    """Vault's view of ``postgres.admin_dsn``: a templated URL plus separate credentials."""
+    dsn = settings.postgres.admin_dsn
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+        raise BootstrapError("postgres.admin_dsn must be a postgresql://user@host:port/db URL")
+    if any(k.lower() in ("user", "password") for k, _ in parse_qsl(parts.query)):
+        raise BootstrapError(
+            "postgres.admin_dsn: put the user and password before the host, not in the query"
+        )
+    username = unquote(parts.username or "")
+    password = unquote(parts.password or "")
+    host = parts.netloc.rpartition("@")[2]
+    netloc = host
+    if username:
+        netloc = "{{username}}" + (":{{password}}" if password else "") + "@" + host
+    target = urlsplit(settings.postgres.dsn) if settings.postgres.dsn else parts
+    dbname = unquote(target.path.lstrip("/")) or unquote(target.username or "") or "postgres"
+    return DatabaseConnection(
+        connection_url=urlunsplit(parts._replace(netloc=netloc)),
+        username=username,
+        password=password,
+        dbname=dbname,
+    )
+
+
+def _sql_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def database_role(settings: Settings, dbname: str) -> dict[str, Any]:
+    """Body of database/roles/agentjobs-diagnostics."""
+    db = _sql_ident(dbname)
+    return {
+        "db_name": layout.DATABASE_CONNECTION,
+        "creation_statements": [
+            (
+                "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+                "VALID UNTIL '{{expiration}}';"
+            ),
+            'GRANT pg_read_all_stats TO "{{name}}";',
+            f'GRANT CONNECT ON DATABASE {db} TO "{{{{name}}}}";',
+            # Defence in depth: the role has no write privileges anyway (PostgreSQL 15
+            # no longer lets PUBLIC create in schema public); sessions also start read-only,
+            # which stops temporary tables and accidental writes through functions.
+            'ALTER ROLE "{{name}}" SET default_transaction_read_only = on;',
+        ],
+        "revocation_statements": [
+            # Sessions first, so a running query cannot outlive the credential.
+            ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';"),
+            # The CONNECT grant is a dependency that would make DROP ROLE fail.
+            f'REVOKE ALL ON DATABASE {db} FROM "{{{{name}}}}";',
+            'DROP ROLE IF EXISTS "{{name}}";',
+        ],
+        "default_ttl": settings.vault.database_ttl,
+        "max_ttl": settings.vault.database_max_ttl,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RabbitConnection:
+    connection_uri: str  # management API base URL without credentials
+    username: str
+    password: str
+
+
+def rabbitmq_connection(settings: Settings) -> RabbitConnection:
+    """Management API URL and admin credentials from ``amqp.management_url`` (else ``amqp.url``)."""
+    parts = urlsplit(settings.amqp.management_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BootstrapError("amqp.management_url must be an http(s)://user:password@host:port URL")
+    creds = parts if parts.username else urlsplit(settings.amqp.url)
+    if not creds.username:
+        raise BootstrapError(
+            "amqp.management_url (or amqp.url) must carry the management user's credentials"
+        )
+    uri = urlunsplit(
+        (parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", "")
+    )
+    return RabbitConnection(
+        connection_uri=uri,
+        username=unquote(creds.username),
+        password=unquote(creds.password or ""),
+    )
+
+
+def rabbitmq_vhosts(settings: Settings) -> dict[str, dict[str, str]]:
+    """Permissions of the agent's dynamic RabbitMQ user: publish to the results exchange only."""
+    return {
+        settings.vault.rabbitmq_vhost: {
+            "configure": "",  # declares nothing (passive declares need no permission)
+            "write": "^" + RESULTS_EXCHANGE.replace(".", r"\.") + "$",
+            "read": "",  # consumes nothing
+        }
+    }
+
+
+def _same(current: Any, desired: Any) -> bool:
+    if isinstance(desired, list):
+        return isinstance(current, list) and sorted(map(str, current)) == sorted(map(str, desired))
+    if isinstance(desired, str):
+        return (current or "") == desired
+    return current == desired
+
+
+def _fingerprint(salt: str, value: Mapping[str, Any]) -> str:
+    body = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(bytes.fromhex(salt), body, hashlib.sha256).hexdigest()
+
+
+# --------------------------------------------------------------------------- #
+# the run (I/O)
+# --------------------------------------------------------------------------- #
+
+
+class _Bootstrap:
+    def __init__(self, client: hvac.Client, settings: Settings, policy_dir: Path) -> None:
+        self.client = client
+        self.settings = settings
+        self.policy_dir = policy_dir
+        self.report = BootstrapReport()
+        self.ttl = token_ttl(settings)
+        self._fingerprints: dict[str, str] = {}
+        self._fingerprints_version = 0
+        self._fingerprints_dirty = False
+
+    # -- Vault calls with errors that name the path ------------------------- #
+
+    def _call(self, method: str, path: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except hvac.exceptions.Forbidden:
+            raise BootstrapError(
+                f"permission denied: {method} {path} — the token needs an admin (or root) policy"
+            ) from None
+        except hvac.exceptions.VaultDown:
+            raise BootstrapError(f"Vault at {self.client.url} is sealed") from None
+        except hvac.exceptions.VaultError as exc:
+            errors = "; ".join(str(e) for e in (exc.errors or [])) or str(exc)
+            raise BootstrapError(
+                redaction.mask_text(f"{method} {path} failed: {errors}".strip())
+            ) from None
+        except requests.exceptions.RequestException as exc:
+            raise BootstrapError(
+                f"cannot reach Vault at {redaction.mask_text(self.client.url)}: "
+                f"{type(exc).__name__}"
+            ) from None
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        """The response's `data`, or None if nothing is there."""
+        resp = self._call("GET", path, lambda: self.client.read(path))
+        if not resp:
+            return None
+        return resp.get("data") if isinstance(resp, dict) else None
+
+    def _write(self, path: str, data: Mapping[str, Any]) -> Any:
+        return self._call("POST", path, lambda: self.client.write_data(path, data=dict(data)))
+
+    def _changed(self, action: Literal["created", "updated"], what: str, path: str) -> None:
+        self.report.changes.append(Change(action=action, what=what, path=path))
+        log.info("vault_object_changed", action=action, what=what, path=path)
+
+    def _note(self, message: str, event: str, **fields: Any) -> None:
+        self.report.notes.append(message)
+        log.warning(event, **fields)
+
+    def _ensure(
+        self,
+        what: str,
+        path: str,
+        data: Mapping[str, Any],
+        *,
+        expect: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Write `data` at `path` unless what is there already matches `expect` (default: data)."""
+        current = self._read(path)
+        expect = data if expect is None else expect
+        if (
+            current is not None
+            and not force
+            and all(_same(current.get(k), v) for k, v in expect.items())
+        ):
+            return False
+        self._write(path, data)
+        self._changed("created" if current is None else "updated", what, path)
+        return True
+
+    def _ensure_mount(
+        self,
+        kind: Literal["secrets", "auth"],
+        path: str,
+        type_: str,
+        options: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Enable `type_` at `path` unless it is there; refuse to touch a different mount."""
+        listing = "sys/mounts" if kind == "secrets" else "sys/auth"
+        mounts = self._read(listing) or {}
+        current = mounts.get(path + "/")
+        api = f"{listing}/{path}"
+        if current is not None:
+            if current.get("type") != type_:
+                raise BootstrapError(
+                    f"{api}: a {current.get('type')!r} mount is already there, expected {type_!r}; "
+                    "move it away or disable it first"
+                )
+            for key, value in (options or {}).items():
+                if str((current.get("options") or {}).get(key)) != value:
+                    raise BootstrapError(
+                        f"{api}: mount option {key}={(current.get('options') or {}).get(key)!r},"
+                        f" expected {value!r} (tune or move the mount first)"
+                    )
+            return False
+        body: dict[str, Any] = {"type": type_, "description": f"agentjobs ({type_})"}
+        if options:
+            body["options"] = dict(options)
+        self._write(api, body)
+        what = "secrets engine" if kind == "secrets" else "auth method"
+        self._changed("created", f"{what} {type_} at {path}/", api)
+        return True
+
+    def _needs_secret_write(self, path: str, value: Mapping[str, Any]) -> bool:
+        """True if the write-only part of `path`'s config changed since the last run."""
+        salt = self._fingerprints.get("salt")
+        if not salt:
+            salt = self._fingerprints["salt"] = secrets.token_hex(16)
+            self._fingerprints_dirty = True
+        digest = _fingerprint(salt, value)
+        if self._fingerprints.get(path) == digest:
+            return False
+        self._fingerprints[path] = digest
+        self._fingerprints_dirty = True
+        return True
+
+    # -- steps ---------------------------------------------------------------- #
+
+    def run(self) -> BootstrapReport:
+        self._policies()
+        self._token_roles()
+        self._kv()
+        self._kubernetes_auth()
+        self._database()
+        self._rabbitmq()
+        self._save_fingerprints()
+        return self.report
+
+    def _policies(self) -> None:
+        names = [layout.policy(p) for p in Phase] + [layout.DISPATCHER_POLICY]
+        for name in names:
+            file = self.policy_dir / f"{name}.hcl"
+            try:
+                text = file.read_text()
+            except OSError as exc:
+                raise BootstrapError(f"cannot read policy file {file}: {exc.strerror}") from None
+            self._ensure(f"policy {name}", f"sys/policies/acl/{name}", {"policy": text})
+
+    def _token_roles(self) -> None:
+        for phase in Phase:
+            name = layout.token_role(phase)
+            self._ensure(
+                f"token role {name}",
+                f"auth/token/roles/{name}",
+                {
+                    "allowed_policies": [layout.policy(phase)],
+                    "orphan": False,  # children of the dispatcher's token
+                    "renewable": True,
+                    "token_explicit_max_ttl": self.ttl,  # seconds; renewals stop here
+                    "token_type": "service",  # batch tokens cannot be revoked by accessor
+                    "token_no_default_policy": True,  # the phase policy and nothing else
+                },
+            )
+
+    def _kv(self) -> None:
+        self._ensure_mount("secrets", layout.KV_MOUNT, "kv", {"version": "2"})
+        llm = f"{layout.KV_MOUNT}/data/{layout.KV_LLM}"
+        # metadata/ also sees soft-deleted versions: an operator's key is never replaced.
+        if self._read(f"{layout.KV_MOUNT}/metadata/{layout.KV_LLM}") is None:
+
+            def create_if_absent() -> bool:
+                try:
+                    self.client.write_data(llm, data={"data": {}, "options": {"cas": 0}})
+                except hvac.exceptions.InvalidRequest:
+                    return False  # created concurrently (cas=0 refused): leave it alone
+                return True
+
+            if self._call("POST", llm, create_if_absent):
+                self._changed("created", f"empty kv secret {layout.KV_LLM}", llm)
+        state = self._call(
+            "GET",
+            self._bootstrap_path,
+            lambda: self.client.read(self._bootstrap_path),
+        )
+        if state and state.get("data"):
+            self._fingerprints = dict(state["data"].get("data") or {})
+            self._fingerprints_version = int(state["data"]["metadata"]["version"])
+
+    @property
+    def _bootstrap_path(self) -> str:
+        return f"{layout.KV_MOUNT}/data/{KV_BOOTSTRAP}"
+
+    def _save_fingerprints(self) -> None:
+        if not self._fingerprints_dirty:
+            return
+        body = {"data": self._fingerprints, "options": {"cas": self._fingerprints_version}}
+        self._write(self._bootstrap_path, body)
+        action: Literal["created", "updated"] = (
+            "updated" if self._fingerprints_version else "created"
+        )
+        self._changed(action, "fingerprints of write-only configs", self._bootstrap_path)
+
+    def _kubernetes_auth(self) -> None:
+        vault = self.settings.vault
+        mount = layout.K8S_AUTH_MOUNT
+        self._ensure_mount("auth", mount, "kubernetes")
+        if vault.kubernetes_ca_cert:
+            try:
+                ca = Path(vault.kubernetes_ca_cert).read_text()
+            except OSError as exc:
+                raise BootstrapError(
+                    f"vault.kubernetes_ca_cert: cannot read {vault.kubernetes_ca_cert}: "
+                    f"{exc.strerror}"
+                ) from None
+        else:
+            ca = PLACEHOLDER_CA_PEM
+            self._note(
+                "warning: vault.kubernetes_ca_cert is empty; configured auth/kubernetes with a "
+                "placeholder CA (CN 'agentjobs placeholder CA - not trusted by anything'): "
+                "only http:// API servers will work",
+                "kubernetes_ca_placeholder_used",
+                kubernetes_host=vault.kubernetes_host,
+            )
+        self._ensure(
+            "kubernetes auth config",
+            f"auth/{mount}/config",
+            {"kubernetes_host": vault.kubernetes_host, "kubernetes_ca_cert": ca},
+        )
+        prefix = self.settings.k8s.service_account_prefix
+        for phase in Phase:
+            name = layout.kubernetes_role(phase)
+            self._ensure(
+                f"kubernetes auth role {name}",
+                f"auth/{mount}/role/{name}",
+                {
+                    "bound_service_account_names": [f"{prefix}{phase.value}"],
+                    "bound_service_account_namespaces": [vault.kubernetes_namespace],
+                    "audience": self.settings.k8s.token_audience,
+                    "token_ttl": self.ttl,  # seconds
+                    "token_max_ttl": self.ttl,  # seconds
+                    "token_policies": [layout.policy(phase)],
+                    "token_no_default_policy": True,
+                    "token_type": "service",
+                },
+            )
+
+    def _database(self) -> None:
+        if not self.settings.postgres.admin_dsn:
+            self._note(
+                "skipped: database engine (postgres.admin_dsn is empty; agents get no "
+                "PostgreSQL credentials)",
+                "database_engine_skipped",
+                reason="postgres.admin_dsn is empty",
+            )
+            return
+        conn = database_connection(self.settings)
+        mount = layout.DATABASE_MOUNT
+        fresh = self._ensure_mount("secrets", mount, "database")
+        path = f"{mount}/config/{layout.DATABASE_CONNECTION}"
+        body = {
+            "plugin_name": "postgresql-database-plugin",
+            "connection_url": conn.connection_url,
+            "username": conn.username,
+            "password": conn.password,
+            "allowed_roles": [layout.DATABASE_ROLE],
+            "verify_connection": True,
+        }
+        if not conn.password:
+            del body["password"]
+        current = None if fresh else self._read(path)
+        readable_same = current is not None and all(
+            (
+                _same(current.get("plugin_name"), body["plugin_name"]),
+                _same(current.get("allowed_roles"), body["allowed_roles"]),
+                _same(
+                    (current.get("connection_details") or {}).get("connection_url"),
+                    conn.connection_url,
+                ),
+                _same((current.get("connection_details") or {}).get("username"), conn.username),
+            )
+        )
+        secret_changed = self._needs_secret_write(path, body)
+        if not readable_same or secret_changed:
+            self._write(path, body)
+            self._changed(
+                "created" if current is None else "updated",
+                f"database connection {layout.DATABASE_CONNECTION}",
+                path,
+            )
+        self._ensure(
+            f"database role {layout.DATABASE_ROLE}",
+            f"{mount}/roles/{layout.DATABASE_ROLE}",
+            database_role(self.settings, conn.dbname),
+        )
+
+    def _rabbitmq(self) -> None:
+        conn = rabbitmq_connection(self.settings)
+        mount = layout.RABBITMQ_MOUNT
+        fresh = self._ensure_mount("secrets", mount, "rabbitmq")
+        path = f"{mount}/config/connection"
+        body = {
+            "connection_uri": conn.connection_uri,
+            "username": conn.username,
+            "password": conn.password,
+            "verify_connection": True,
+        }
+        # Write-only in Vault and OpenBao (GET is 405): the fingerprint is all we can compare.
+        secret_changed = self._needs_secret_write(path, body)
+        if fresh or secret_changed:
+            self._write(path, body)
+            self._changed("created" if fresh else "updated", "rabbitmq connection", path)
+        vault = self.settings.vault
+        # No separate settings for RabbitMQ users: they live as long as PostgreSQL users.
+        self._ensure(
+            "rabbitmq lease",
+            f"{mount}/config/lease",
+            {"ttl": vault.database_ttl, "max_ttl": vault.database_max_ttl},
+        )
+        vhosts = rabbitmq_vhosts(self.settings)
+        self._ensure(
+            f"rabbitmq role {layout.RABBITMQ_ROLE}",
+            f"{mount}/roles/{layout.RABBITMQ_ROLE}",
+            {"vhosts": json.dumps(vhosts, sort_keys=True), "tags": ""},
+            expect={"vhosts": vhosts, "tags": ""},
+        )

@@ -1,0 +1,53 @@
+# Vault/OpenBao ACL policy for agentjobs agents in the "limited-remediation" phase.
+#
+# Written by `agentjobs vault bootstrap` as sys/policies/acl/agentjobs-agent-limited-remediation and
+# attached, as the only policy, to tokens from the token role and the kubernetes
+# auth role of the same name (token_no_default_policy = true, so not even the
+# `default` policy's cubbyhole or sys/tools paths come along).
+#
+# Read-only by construction: no create/update/delete on any secrets path, no
+# other kv paths, no sys/* beyond renewing its own leases. Every request is made
+# with a per-investigation token whose metadata (investigation_id, incident_key,
+# phase) lands in the audit log.
+#
+# Limited remediation: identical Vault grants to read-only on purpose. The
+# remediation actions allowed in this phase (restart a pod, scale a Deployment)
+# are granted by the phase's Kubernetes ServiceAccount/RBAC and by the action
+# classes in the Job spec, not by Vault. When an action needs a secret of its
+# own (e.g. a write-capable database role), add exactly that creds path here,
+# with a comment saying which action uses it.
+
+# Dynamic PostgreSQL user for diagnostics (pg_read_all_stats, read-only by default).
+path "database/creds/agentjobs-diagnostics" {
+  capabilities = ["read"]
+}
+
+# Dynamic RabbitMQ user that may only publish to the agentjobs.results exchange.
+path "rabbitmq/creds/agentjobs-results" {
+  capabilities = ["read"]
+}
+
+# Static keys for the LLM reasoner (kv-v2). Only this one secret, never the mount.
+path "agentjobs-kv/data/llm" {
+  capabilities = ["read"]
+}
+
+# Keep its own leases alive within the token's max TTL (lease ids are only known
+# to their holder). No sys/leases/revoke: revoke-self below revokes every lease.
+path "sys/leases/renew" {
+  capabilities = ["update"]
+}
+
+# Its own token: look up (remaining TTL), renew within the explicit max TTL, and
+# revoke at the end of the investigation.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
+
+path "auth/token/revoke-self" {
+  capabilities = ["update"]
+}

@@ -1,0 +1,52 @@
+# Vault/OpenBao ACL policy for the agentjobs dispatcher.
+#
+# Written by `agentjobs vault bootstrap` as sys/policies/acl/agentjobs-dispatcher.
+# The dispatcher mints one token per investigation and revokes it when the Job
+# ends; it never reads a credential itself and cannot create a token with any
+# other policy: the token roles fix the policies (allowed_policies = the phase's
+# policy), the TTL ceiling (token_explicit_max_ttl) and the token type.
+#
+# min/max_wrapping_ttl make response wrapping mandatory: an unwrapped create is
+# denied, so the plain agent token never passes through the dispatcher's
+# memory, logs or the Kubernetes API — only the single-use wrapping token does.
+# The roles are listed one by one (not agentjobs-agent-*) so that a token role
+# added later does not silently become mintable.
+#
+# Looking up and renewing the dispatcher's own token comes from the `default`
+# policy; nothing else is granted here.
+
+path "auth/token/create/agentjobs-agent-shadow" {
+  capabilities = ["update"]
+  min_wrapping_ttl = "1s"
+  max_wrapping_ttl = "300s"
+}
+
+path "auth/token/create/agentjobs-agent-read-only" {
+  capabilities = ["update"]
+  min_wrapping_ttl = "1s"
+  max_wrapping_ttl = "300s"
+}
+
+path "auth/token/create/agentjobs-agent-limited-remediation" {
+  capabilities = ["update"]
+  min_wrapping_ttl = "1s"
+  max_wrapping_ttl = "300s"
+}
+
+path "auth/token/create/agentjobs-agent-autonomous" {
+  capabilities = ["update"]
+  min_wrapping_ttl = "1s"
+  max_wrapping_ttl = "300s"
+}
+
+# Is the agent token still alive? (revocation is retried until lookup fails)
+path "auth/token/lookup-accessor" {
+  capabilities = ["update"]
+}
+
+# Revoke the agent token (and with it every lease issued under it) by the
+# wrapped_accessor recorded on the Job; also the kubernetes-auth login token
+# whose accessor the agent published.
+path "auth/token/revoke-accessor" {
+  capabilities = ["update"]
+}
