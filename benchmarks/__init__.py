@@ -1,0 +1,1 @@
+"""Benchmark scripts (see README.md); run them as files, e.g. `.venv/bin/python benchmarks/dispatch.py`."""

@@ -1,0 +1,853 @@
+#!/usr/bin/env python
+"""Dispatch benchmark: real RabbitMQ + the Kubernetes API emulator, no LocalRuntime.
+
+Prints, then ends with one JSON line (see benchmarks/README.md for what each figure means):
+
+1. dispatch latency p50/p99 — publish (with confirm) of a new incident → its Job create
+   accepted by the API server — at a steady 100 new incidents/s, each a distinct group;
+2. sustained incidents/s dispatched with a pre-published backlog;
+3. the raw ceiling: a plain aio-pika consume+decode+ack loop over the same bodies, same
+   prefetch, same quorum queue arguments, and the ratio dispatched/s ÷ raw/s;
+4. the resident set of a process hosting only the dispatcher, before and with 10,000 active
+   investigations (dispatched through the real service; caps raised so all stay active).
+
+Three processes, so that each figure is about the dispatcher and not its test doubles:
+this orchestrator (publisher, raw consumer), an emulator process, and one fresh dispatcher
+process per phase. Create times are taken inside the emulator (a store listener on Jobs
+ADDED) with ``time.monotonic()``, which on Linux is the system-wide CLOCK_MONOTONIC, so they
+compare directly with the publish times taken here.
+
+Run: ``.venv/bin/python benchmarks/dispatch.py [--quick] [--profile DIR]``. Needs RabbitMQ on
+127.0.0.1:5672 with the management API (``AGENTJOBS_TEST_AMQP_URL`` /
+``AGENTJOBS_TEST_RABBITMQ_MGMT_URL`` override); uses a temporary vhost, deleted afterwards.
+Misses against the targets are reported, never turned into a failing exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+NAMESPACE = "agentjobs-bench"
+ROUTING_KEY = "alertmanager"
+RAW_QUEUE = "bench.raw"
+HIGH_CAP = 100_000  # admission caps high enough never to throttle
+
+TARGET_P99_MS = 25.0
+TARGET_RATIO = 0.25
+TARGET_RSS_MB = 150.0
+
+
+# --------------------------------------------------------------------------------------------
+# small shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    """Resident set of this process (VmRSS), in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (from /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pids() -> list[int]:
+    """The local RabbitMQ (Erlang VM) processes, for CPU accounting only."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    pids.append(int(entry.name))
+    return pids
+
+
+def cpu_snapshot(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(proc_cpu_s(p) for p in group) for name, group in pids.items()}
+
+
+class GcPauses:
+    """Records this process's garbage-collector pauses (gc.callbacks), to explain latency tails."""
+
+    def __init__(self, threshold_s: float = 0.002) -> None:
+        self.threshold_s = threshold_s
+        self.pauses: list[tuple[float, float, int]] = []  # (monotonic start, seconds, generation)
+        self._start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.monotonic()
+        else:
+            took = time.monotonic() - self._start
+            if took >= self.threshold_s:
+                self.pauses.append((self._start, took, info["generation"]))
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def quiet_logging() -> None:
+    """structlog (and stdlib loggers routed through it) at warning, to stderr."""
+    from dispatcher.logs import configure
+    from dispatcher.settings import LoggingSettings
+
+    configure(LoggingSettings(level="warning", format="json"))
+
+
+# --------------------------------------------------------------------------------------------
+# child processes: a tiny JSON-lines protocol over stdin/stdout
+# --------------------------------------------------------------------------------------------
+
+
+async def serve(handlers: dict[str, Callable[[dict], Awaitable[dict]]]) -> None:
+    """Answer one JSON command per stdin line until EOF or ``exit``; replies go to the real stdout.
+
+    SIGINT is ignored: on Ctrl-C the orchestrator shuts children down in order (and a child
+    whose orchestrator vanished sees EOF and cleans up).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    proto = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # anything else printing to stdout must not corrupt the protocol
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def reply(doc: dict) -> None:
+        proto.write(json.dumps(doc).encode() + b"\n")
+
+    reply({"ready": True, "pid": os.getpid(), "rss_mb": rss_mb()})
+    while line := await reader.readline():
+        cmd = json.loads(line)
+        try:
+            result = await handlers[cmd["cmd"]](cmd)
+        except Exception as exc:  # noqa: BLE001 - reported to the orchestrator, which stops the run
+            result = {"error": f"{cmd['cmd']}: {exc!r}"}
+        reply(result)
+        if cmd["cmd"] == "exit":
+            break
+    if "exit" in handlers:
+        with contextlib.suppress(Exception):
+            await handlers["exit"]({"cmd": "exit"})
+
+
+class Child:
+    """A child process of this script in one role, driven by ``call``."""
+
+    def __init__(self, role: str, *args: str) -> None:
+        self.role = role
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, timeout: float = 60.0) -> dict:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).resolve()), "--role", self.role, *self.args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**26,
+        )
+        return await self._read(timeout)
+
+    async def _read(self, timeout: float) -> dict:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"{self.role} process exited (status {await self.proc.wait()})")
+        doc = json.loads(line)
+        if "error" in doc:
+            raise RuntimeError(f"{self.role} process: {doc['error']}")
+        return doc
+
+    async def call(self, cmd: str, timeout: float = 60.0, **fields: Any) -> dict:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self._read(timeout)
+
+    async def close(self, timeout: float = 20.0) -> None:
+        """Ask the child to exit (clean-up runs there); kill it by pid if it does not."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.call("exit", timeout=timeout), timeout)
+        with contextlib.suppress(Exception):
+            proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            proc.kill()
+            await proc.wait()
+
+
+
+
+class _IndexedObjects(dict):
+    """The emulator store's object dict plus two indexes: keys by resource plural, key by uid."""
+
+    def __init__(self, items: dict) -> None:
+        super().__init__()
+        self.by_plural: dict[str, dict[tuple, None]] = {}
+        self.by_uid: dict[str, tuple] = {}
+        for key, obj in items.items():
+            self[key] = obj
+
+    def __setitem__(self, key: tuple, obj: dict) -> None:
+        super().__setitem__(key, obj)
+        self.by_plural.setdefault(key[0], {})[key] = None
+        uid = obj["metadata"].get("uid")
+        if uid:
+            self.by_uid[uid] = key
+
+    def pop(self, key: tuple, *default: Any) -> Any:
+        obj = super().pop(key, *default)
+        if obj is not None and key in self.by_plural.get(key[0], {}):
+            del self.by_plural[key[0]][key]
+            self.by_uid.pop(obj["metadata"].get("uid"), None)
+        return obj
+
+
+def index_emulator_store(store: Any) -> None:
+    """Benchmark-only speed-up of the emulator's Store, same results: ``list`` and ``find_by_uid``.
+
+    The emulator scans every stored object on each ``list`` (called per create by quota admission
+    and the quota controller hook) and each ``find_by_uid`` (per owned Secret, by the garbage
+    collector), so with 10,000 Jobs + Secrets it — not the dispatcher — would set the pace.
+    """
+    import copy
+
+    from tests.support.k8s.resources import BY_KIND
+
+    objects = _IndexedObjects(store._objects)
+    store._objects = objects
+
+    def list_(rt: Any, namespace: str | None = None) -> list[dict]:
+        out = [copy.deepcopy(objects[k]) for k in objects.by_plural.get(rt.plural, ())
+               if namespace is None or k[1] == namespace]
+        out.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+        return out
+
+    def find_by_uid(uid: str) -> tuple[Any, dict] | None:
+        key = objects.by_uid.get(uid)
+        if key is None:
+            return None
+        obj = objects[key]
+        return BY_KIND[(obj["apiVersion"], obj["kind"])], copy.deepcopy(obj)
+
+    store.list = list_
+    store.find_by_uid = find_by_uid
+
+# --------------------------------------------------------------------------------------------
+# role: emulator (the Kubernetes API emulator, timing Job creates)
+# --------------------------------------------------------------------------------------------
+
+
+async def emulator_role(profile: str | None) -> None:
+    from tests.integration.k8s_helpers import prepare_cluster
+    from tests.support.k8s.fixtures import running_emulator
+    from tests.support.k8s.resources import JOBS
+    from tests.support.k8s.tokens import ADMIN_TOKEN
+
+    quiet_logging()
+    # A client hanging up a watch stream at shutdown is not worth a traceback here.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    pauses = GcPauses()
+    stack = contextlib.AsyncExitStack()
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    created: dict[str, float] = {}  # Job name → monotonic time its create was committed
+    reached = asyncio.Event()
+    want = [0]
+
+    def on_event(ev: Any) -> None:
+        if ev.rt is JOBS and ev.type == "ADDED":
+            created.setdefault(ev.obj["metadata"]["name"], time.monotonic())
+            if len(created) >= want[0]:
+                reached.set()
+
+    async def fresh(cmd: dict) -> dict:
+        """A new, empty cluster (the previous one is stopped)."""
+        await stack.aclose()
+        created.clear()
+        # The emulator stands in for a (Go) API server: its own collector pauses (up to ~180 ms
+        # with thousands of stored objects) must not be billed to the dispatcher, so it collects
+        # only here, between phases.
+        gc.enable()
+        gc.collect()
+        gc.disable()
+        handle = await stack.enter_async_context(running_emulator(NAMESPACE))
+        index_emulator_store(handle.cluster.store)
+        prepare_cluster(handle)
+        # No Job controller: Jobs stay exactly as created (no pods), so every investigation stays
+        # active, and the controller's per-reconcile pod listing (O(pods)) cannot slow the API.
+        await handle.cluster.controller.stop()
+        handle.cluster.store.subscribe(on_event)
+        return {"url": handle.url, "token": ADMIN_TOKEN, "namespace": handle.namespace}
+
+    async def wait_jobs(cmd: dict) -> dict:
+        want[0] = cmd["n"]
+        reached.clear()
+        if len(created) < want[0]:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cmd.get("within", 60)):
+                    await reached.wait()
+        return {"count": len(created), "created": created if cmd.get("times", True) else {},
+                "gc_pauses": pauses.pauses}
+
+    async def count(cmd: dict) -> dict:
+        return {"count": len(created), "cpu_s": time.process_time()}
+
+    async def exit_(cmd: dict) -> dict:
+        await stack.aclose()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        return {"ok": True}
+
+    await serve({"fresh": fresh, "wait_jobs": wait_jobs, "count": count, "exit": exit_})
+
+
+# --------------------------------------------------------------------------------------------
+# role: dispatcher (the real DispatcherService + KubernetesRuntime, nothing else)
+# --------------------------------------------------------------------------------------------
+
+
+async def dispatcher_role(profile: str | None, gc_freeze: bool) -> None:
+    from kubernetes_asyncio.client import ApiClient, Configuration
+
+    from dispatcher.runtime_k8s import KubernetesRuntime
+    from dispatcher.service import DispatcherService
+    from dispatcher.settings import load_settings
+
+    quiet_logging()
+    pauses = GcPauses()
+    state: dict[str, Any] = {}
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+
+    def dispatched() -> float:
+        # The service's own counter: incremented once `dispatched` is confirmed, right before the ack.
+        return state["service"].metrics.incidents.labels(outcome="dispatched")._value.get()
+
+    async def start(cmd: dict) -> dict:
+        settings = load_settings(None, cmd["env"])
+        cfg = Configuration(host=cmd["url"], api_key={"BearerToken": cmd["token"]},
+                            api_key_prefix={"BearerToken": "Bearer"})
+        runtime = KubernetesRuntime(ApiClient(cfg), namespace=settings.k8s.namespace,
+                                    request_timeout=settings.k8s.request_timeout,
+                                    watch_timeout=settings.k8s.watch_timeout, owns_client=True)
+        service = DispatcherService(settings, runtime, health_port=0)
+        state["service"] = service
+        if profiler is not None:
+            profiler.enable()
+        t0 = time.monotonic()
+        await service.start()
+        t1 = time.monotonic()
+        if gc_freeze:  # experiment (--gc-freeze): what the product would get from freezing after start
+            gc.collect()
+            gc.freeze()
+        return {"t_start": t0, "t_started": t1}
+
+    async def status(cmd: dict) -> dict:
+        service = state.get("service")
+        if cmd.get("settle"):
+            await asyncio.sleep(cmd["settle"])
+        gc.collect()
+        return {
+            "rss_mb": rss_mb(),
+            "cpu_s": time.process_time(),
+            "dispatched": dispatched() if service else 0,
+            "tracked": len(service.tracker) if service else 0,
+            "active": service.gate.active if service else 0,
+            "waiting": service.gate.waiting if service else 0,
+            "gc_pauses": pauses.pauses,
+            "gc_objects": len(gc.get_objects()),
+        }
+
+    async def wait_dispatched(cmd: dict) -> dict:
+        n, deadline = cmd["n"], time.monotonic() + cmd.get("within", 60)
+        while dispatched() < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return {"t_done": time.monotonic(), "dispatched": dispatched()}
+
+    async def exit_(cmd: dict) -> dict:
+        service = state.pop("service", None)
+        if service is not None:
+            await service.stop(drain_timeout=5)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        return {"ok": True}
+
+    await serve({"start": start, "status": status, "wait_dispatched": wait_dispatched, "exit": exit_})
+
+
+# --------------------------------------------------------------------------------------------
+# orchestrator
+# --------------------------------------------------------------------------------------------
+
+
+def dispatcher_env(amqp_url: str) -> dict[str, str]:
+    """Settings overrides: this vhost, the bench namespace, admission caps that never throttle."""
+    from dispatcher.settings import load_settings
+
+    env = {
+        "AGENTJOBS_AMQP__URL": amqp_url,
+        "AGENTJOBS_K8S__NAMESPACE": NAMESPACE,
+        "AGENTJOBS_LOGGING__LEVEL": "warning",
+        # No Vault here: per-investigation token minting is out of scope, as in the issue-4 tests.
+        "AGENTJOBS_VAULT__AUTH_MODE": "none",
+        "AGENTJOBS_ADMISSION__MAX_ACTIVE": str(HIGH_CAP),
+    }
+    for name in load_settings(None, {}).classes:
+        env[f"AGENTJOBS_CLASSES__{name.upper()}__MAX_ACTIVE"] = str(HIGH_CAP)
+    return env
+
+
+def incidents(run: str, phase: str, n: int) -> tuple[list[bytes], list[str]]:
+    """``n`` Alertmanager webhooks, each a distinct firing group (→ one Job each), and their Job names."""
+    from schemas import decode_incident, identify
+    from tests.support.payloads import am_alert, dumps, group
+
+    bodies, names = [], []
+    for i in range(n):
+        alert = am_alert(starts_at="2026-11-26T02:00:00Z", alertname="BenchHighLatency",
+                         instance=f"{phase}-{i}", service=f"svc-{i % 97}")
+        body = dumps(group([alert], group_key=f'{{}}:{{bench="{run}", phase="{phase}", n="{i}"}}'))
+        bodies.append(body)
+        names.append(identify(decode_incident(body)).job_name)
+    if len(set(names)) != n:
+        raise RuntimeError("incident bodies do not map to distinct Jobs")
+    return bodies, names
+
+
+async def publish_all(amqp_url: str, bodies: list[bytes], *, exchange: str, routing_key: str) -> None:
+    """Pipelined publish with confirms (persistent), as an alert bridge under a storm would."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        target = await channel.get_exchange(exchange) if exchange else channel.default_exchange
+        window = asyncio.Semaphore(1000)
+
+        async def one(body: bytes) -> None:
+            async with window:
+                await target.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                     routing_key, timeout=30)
+
+        await asyncio.gather(*(one(b) for b in bodies))
+
+
+async def publish_paced(amqp_url: str, bodies: list[bytes], rate: float, *, exchange_name: str,
+                        routing_key: str) -> tuple[list[float], list[float]]:
+    """Publish one body every 1/rate s, each awaiting its own confirm (no coordinated omission).
+
+    Message ids are the indexes. Returns (monotonic time each publish started, confirm latency in s).
+    """
+    import aio_pika
+
+    sent = [0.0] * len(bodies)
+    confirm = [0.0] * len(bodies)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(exchange_name) if exchange_name else channel.default_exchange
+
+        async def one(i: int) -> None:
+            message = aio_pika.Message(bodies[i], delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(i))
+            sent[i] = time.monotonic()
+            await exchange.publish(message, routing_key, timeout=10)
+            confirm[i] = time.monotonic() - sent[i]
+
+        tasks = []
+        start = time.monotonic() + 0.05
+        try:
+            for i in range(len(bodies)):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i)))
+            await asyncio.gather(*tasks)
+        finally:  # interrupted: settle the in-flight publishes quietly before the connection closes
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return sent, confirm
+
+
+async def broker_latency(amqp_url: str, bodies: list[bytes], rate: float, prefetch: int) -> list[float]:
+    """publish (confirm) → delivery to a plain consumer of ``RAW_QUEUE``, in ms, at ``rate``/s."""
+    import aio_pika
+
+    received = [0.0] * len(bodies)
+    done = asyncio.Event()
+    count = 0
+
+    async def on_message(message: Any) -> None:
+        nonlocal count
+        received[int(message.message_id)] = time.monotonic()
+        await message.ack()
+        count += 1
+        if count >= len(bodies):
+            done.set()
+
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(RAW_QUEUE)
+        await queue.consume(on_message)
+        sent, _ = await publish_paced(amqp_url, bodies, rate, exchange_name="", routing_key=RAW_QUEUE)
+        async with asyncio.timeout(30):
+            await done.wait()
+    return [(r - s) * 1000 for r, s in zip(received, sent)]
+
+
+async def raw_ceiling(amqp_url: str, n: int, prefetch: int, max_bytes: int) -> float:
+    """messages/s of a plain consume + decode + ack loop over ``RAW_QUEUE`` (already filled)."""
+    import aio_pika
+
+    from schemas import decode_incident
+
+    done = asyncio.Event()
+    count = 0
+
+    async def on_message(message: Any) -> None:
+        nonlocal count
+        decode_incident(message.body, max_bytes=max_bytes)
+        await message.ack()
+        count += 1
+        if count >= n:
+            done.set()
+
+    t0 = time.monotonic()
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(RAW_QUEUE)
+        await queue.consume(on_message)
+        async with asyncio.timeout(120):
+            await done.wait()
+        elapsed = time.monotonic() - t0
+    return n / elapsed
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.run = uuid.uuid4().hex[:6]
+        self.emulator = Child("emulator", *(("--profile", str(Path(args.profile) / "emulator.prof"))
+                                             if args.profile else ()))
+        self.figures: dict[str, Any] = {"quick": self.quick, "gc_freeze_experiment": args.gc_freeze}
+        self.amqp_url = ""
+        self.env: dict[str, str] = {}
+        self.cluster: dict[str, Any] = {}
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    async def fresh_cluster(self) -> None:
+        self.cluster = await self.emulator.call("fresh")
+
+    async def dispatcher(self, phase: str) -> Child:
+        args: tuple[str, ...] = ()
+        if self.args.profile:
+            Path(self.args.profile).mkdir(parents=True, exist_ok=True)
+            args = ("--profile", str(Path(self.args.profile) / f"dispatcher-{phase}.prof"))
+        if self.args.gc_freeze:
+            args += ("--gc-freeze",)
+        child = Child("dispatcher", *args)
+        await child.start()
+        return child
+
+    async def start_dispatcher(self, child: Child) -> dict:
+        return await child.call("start", env=self.env, url=self.cluster["url"], token=self.cluster["token"])
+
+    # -- 1. latency at a steady rate ---------------------------------------------------------
+    async def latency(self) -> None:
+        from dispatcher.topology import INCIDENTS
+
+        rate = 100.0
+        seconds = 5.0 if self.quick else 20.0
+        warmup = int(rate * 1.0)  # first second: connections, pools and caches warm up; not counted
+        n = int(rate * seconds)
+        bodies, names = incidents(self.run, "lat", warmup + n)
+        await self.fresh_cluster()
+        child = await self.dispatcher("latency")
+        try:
+            await self.start_dispatcher(child)
+            sent, confirm = await publish_paced(self.amqp_url, bodies, rate, exchange_name=INCIDENTS,
+                                                routing_key=ROUTING_KEY)
+            done = await self.emulator.call("wait_jobs", timeout=70, n=len(bodies), within=60)
+            status = await child.call("status")
+        finally:
+            await child.close()
+        created = done["created"]
+        missing = [name for name in names if name not in created]
+        if missing:
+            raise RuntimeError(f"latency phase: {len(missing)} incidents never got a Job")
+        from dispatcher.settings import load_settings
+
+        broker_n = int(rate * (3.0 if self.quick else 10.0))
+        prefetch = load_settings(None, self.env).amqp.prefetch
+        broker = await broker_latency(self.amqp_url, bodies[:broker_n], rate, prefetch)
+        lat = [(created[names[i]] - sent[i]) * 1000 for i in range(warmup, len(bodies))]
+        if self.args.dump:
+            rows = [f"{i},{sent[i] - sent[warmup]:.4f},{(created[names[i]] - sent[i]) * 1000:.3f},"
+                    f"{confirm[i] * 1000:.3f}\n" for i in range(warmup, len(bodies))]
+            Path(self.args.dump).write_text("i,sent_s,latency_ms,confirm_ms\n" + "".join(rows))
+        conf = [c * 1000 for c in confirm[warmup:]]
+        achieved = (n - 1) / (sent[-1] - sent[warmup])
+        window = (sent[warmup], max(created[name] for name in names))
+        gc_in = {who: [p for p in doc["gc_pauses"] if window[0] <= p[0] <= window[1]]
+                 for who, doc in (("dispatcher", status), ("emulator", done))}
+        slow = [i for i in range(warmup, len(bodies)) if (created[names[i]] - sent[i]) * 1000 >= pct(lat, 99)]
+
+        def overlaps_gc(i: int) -> bool:
+            return any(sent[i] - 0.001 <= start + took and start <= created[names[i]]
+                       for pauses in gc_in.values() for start, took, _ in pauses)
+
+        slow_during_gc = sum(1 for i in slow if overlaps_gc(i))
+        p50, p99 = pct(lat, 50), pct(lat, 99)
+        self.figures.update(
+            latency_incidents=n, latency_rate_per_s=round(achieved, 1), dispatch_p50_ms=round(p50, 2),
+            dispatch_p99_ms=round(p99, 2), dispatch_max_ms=round(max(lat), 2),
+            publish_confirm_p50_ms=round(pct(conf, 50), 2), publish_confirm_p99_ms=round(pct(conf, 99), 2),
+            broker_delivery_p50_ms=round(pct(broker, 50), 2), broker_delivery_p99_ms=round(pct(broker, 99), 2),
+            dispatcher_gc_pause_max_ms=round(max((t for _, t, _ in gc_in["dispatcher"]), default=0.0) * 1000, 1),
+        )
+        self.say(f"\n1. Dispatch latency, publish → Job create accepted, {n} new incidents at {achieved:.1f}/s "
+                 f"(after {warmup} warm-up incidents; {status['gc_objects']} objects in the dispatcher heap)")
+        self.say(f"   p50 {p50:7.2f} ms   p90 {pct(lat, 90):7.2f} ms   p99 {p99:7.2f} ms   max {max(lat):7.2f} ms"
+                 f"   [target p99 < {TARGET_P99_MS:.0f} ms: {verdict(p99 < TARGET_P99_MS)}]")
+        self.say(f"   (publish → broker confirm alone: p50 {pct(conf, 50):.2f} ms, p99 {pct(conf, 99):.2f} ms; "
+                 f"dispatcher RSS after the phase {status['rss_mb']:.1f} MB)")
+        self.say(f"   context, broker alone (same queue type, a plain consumer, {broker_n} at {rate:.0f}/s): publish → "
+                 f"delivery p50 {pct(broker, 50):.2f} ms, p99 {pct(broker, 99):.2f} ms, max {max(broker):.2f} ms")
+        for who, pauses in gc_in.items():
+            longest = max((took for _, took, _ in pauses), default=0.0) * 1000
+            gens = sorted({g for _, _, g in pauses})
+            self.say(f"   {who} GC pauses ≥ 2 ms during the phase: {len(pauses)}, longest {longest:.1f} ms"
+                     f" (generations {gens or '-'})")
+        self.say(f"   incidents at or above p99 whose dispatch overlapped a GC pause: {slow_during_gc} of {len(slow)}")
+
+    # -- 2 + 3. sustained throughput vs the raw ceiling --------------------------------------
+    async def throughput(self) -> None:
+        from dispatcher.settings import load_settings
+        from dispatcher.topology import INCIDENTS
+
+        n = 1000 if self.quick else 5000
+        bodies, _ = incidents(self.run, "tput", n)
+        settings = load_settings(None, self.env)
+        await self.fresh_cluster()
+        child = await self.dispatcher("throughput")
+        pids = {"dispatcher": [child.pid], "emulator": [self.emulator.pid], "broker": broker_pids()}
+        try:
+            await publish_all(self.amqp_url, bodies, exchange=INCIDENTS, routing_key=ROUTING_KEY)
+            cpu_before = cpu_snapshot(pids)
+            started = await self.start_dispatcher(child)
+            done = await child.call("wait_dispatched", timeout=310, n=n, within=300)
+            cpu_after = cpu_snapshot(pids)
+            jobs = await self.emulator.call("wait_jobs", timeout=20, n=n, within=10)
+            status = await child.call("status")
+        finally:
+            await child.close()
+        cpu_ms = {k: (cpu_after[k] - cpu_before[k]) * 1000 / n for k in pids}
+        if done["dispatched"] < n or jobs["count"] < n:
+            raise RuntimeError(f"throughput phase: only {done['dispatched']} of {n} dispatched")
+        elapsed = done["t_done"] - started["t_start"]
+        rate = n / elapsed
+        creates = sorted(jobs["created"].values())
+        create_rate = (n - 1) / (creates[-1] - creates[0])
+
+        # The same bodies through a plain consume + decode + ack loop, same prefetch and queue type.
+        raws = []
+        for _ in range(3):  # a run of the raw loop is short (about a second): take the median of three
+            await publish_all(self.amqp_url, bodies, exchange="", routing_key=RAW_QUEUE)
+            raws.append(await raw_ceiling(self.amqp_url, n, settings.amqp.prefetch, settings.bridge.max_body_bytes))
+        raw = sorted(raws)[1]
+        ratio = rate / raw
+        self.figures.update(
+            throughput_incidents=n, dispatched_per_s=round(rate, 1), job_creates_per_s=round(create_rate, 1),
+            raw_consume_per_s=round(raw, 1), ratio_vs_raw=round(ratio, 3),
+            **{f"cpu_{k}_ms_per_incident": round(v, 3) for k, v in cpu_ms.items()},
+        )
+        self.say(f"\n2. Sustained dispatch, {n} distinct incidents pre-published (prefetch {settings.amqp.prefetch})")
+        self.say(f"   {rate:8.1f} incidents/s dispatched (service start → last `dispatched` confirmed and counted,"
+                 f" {elapsed:.2f} s); Job creates {create_rate:.1f}/s first → last")
+        self.say("   CPU per incident: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cpu_ms.items())
+                 + f" (of {os.cpu_count()} cores, all shared)")
+        self.say(f"\n3. Raw ceiling: aio-pika consume + decode + ack, same {n} bodies, quorum queue, "
+                 f"prefetch {settings.amqp.prefetch}")
+        runs = ", ".join(f"{r:.0f}" for r in raws)
+        self.say(f"   {raw:8.1f} messages/s (median of {runs})   ratio dispatched/raw {ratio:.3f}"
+                 f"   [target ≥ {TARGET_RATIO:.2f}: {verdict(ratio >= TARGET_RATIO)}]"
+                 f"   (dispatcher RSS after {n}: {status['rss_mb']:.1f} MB)")
+
+    # -- 4. memory with 10,000 active investigations -----------------------------------------
+    async def memory(self) -> None:
+        from dispatcher.topology import INCIDENTS
+
+        n = 2000 if self.quick else 10_000
+        bodies, _ = incidents(self.run, "rss", n)
+        await self.fresh_cluster()
+        child = await self.dispatcher("rss")
+        try:
+            await self.start_dispatcher(child)
+            before = await child.call("status", settle=0.5)
+            t0 = time.monotonic()
+            await publish_all(self.amqp_url, bodies, exchange=INCIDENTS, routing_key=ROUTING_KEY)
+            await child.call("wait_dispatched", timeout=310, n=n // 2, within=300)
+            half = await child.call("status")
+            await child.call("wait_dispatched", timeout=310, n=n, within=300)
+            elapsed = time.monotonic() - t0
+            after = await child.call("status", settle=0.5)
+        finally:
+            await child.close()
+        if after["active"] < n or after["tracked"] < n:
+            raise RuntimeError(f"memory phase: only {after['active']} active / {after['tracked']} tracked of {n}")
+        per_item_kb = (after["rss_mb"] - before["rss_mb"]) * 1024 / n
+        # Growth over the second half: the first dispatches also pay one-off costs (connection
+        # pools, lazily built caches), so this is the fairer slope to extrapolate with.
+        marginal_kb = (after["rss_mb"] - half["rss_mb"]) * 1024 / (after["active"] - half["active"])
+        at_10k = after["rss_mb"] if n == 10_000 else after["rss_mb"] + marginal_kb * (10_000 - n) / 1024
+        self.figures.update(
+            rss_baseline_mb=round(before["rss_mb"], 1), rss_active_mb=round(after["rss_mb"], 1),
+            rss_active_count=after["active"], rss_10k_active_mb=round(at_10k, 1),
+            rss_10k_extrapolated=n != 10_000, rss_per_investigation_kb=round(per_item_kb, 2),
+            rss_marginal_per_investigation_kb=round(marginal_kb, 2),
+        )
+        self.say(f"\n4. Dispatcher RSS (a process hosting only DispatcherService + KubernetesRuntime), "
+                 f"{n} incidents dispatched through the real service in {elapsed:.1f} s")
+        self.say(f"   baseline (started, idle) {before['rss_mb']:7.1f} MB")
+        self.say(f"   with {after['active']} active ({after['tracked']} tracked) {after['rss_mb']:7.1f} MB"
+                 f"   ≈ {per_item_kb:.1f} KB per investigation on average, {marginal_kb:.1f} KB over the second half"
+                 f" (RSS {half['rss_mb']:.1f} MB at {half['active']})")
+        label = "measured" if n == 10_000 else "extrapolated with the second-half slope (--quick)"
+        self.say(f"   at 10,000 active: {at_10k:7.1f} MB ({label})"
+                 f"   [target < {TARGET_RSS_MB:.0f} MB: {verdict(at_10k < TARGET_RSS_MB)}]")
+
+    async def main(self) -> None:
+        import aio_pika
+
+        from dispatcher.settings import load_settings
+        from dispatcher.topology import declare, dispatcher_topology
+        from tests.support.services import RabbitMQ, temporary_vhost
+
+        # SIGTERM cleans up like Ctrl-C: cancellation runs every `finally` (children, vhost).
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+        t_begin = time.monotonic()
+        rabbitmq = RabbitMQ.from_env()
+        await rabbitmq.check()
+        async with rabbitmq.management() as mgmt, temporary_vhost(mgmt, hint="bench-dispatch") as vhost:
+            self.amqp_url = rabbitmq.vhost_url(vhost.name)
+            self.env = dispatcher_env(self.amqp_url)
+            settings = load_settings(None, self.env)
+            topology = dispatcher_topology(settings.amqp)
+            connection = await aio_pika.connect(self.amqp_url)
+            async with connection:
+                channel = await connection.channel()
+                await declare(channel, topology)
+                incident_queue = next(q for q in topology.queues if q.name == "agentjobs.incidents")
+                await channel.declare_queue(RAW_QUEUE, durable=True, arguments=dict(incident_queue.arguments))
+            self.say(f"agentjobs dispatch benchmark{' (--quick)' if self.quick else ''}: RabbitMQ vhost "
+                     f"{vhost.name}, Kubernetes API emulator in its own process (Job controller off), "
+                     f"one fresh dispatcher process per phase")
+            if self.args.profile:
+                Path(self.args.profile).mkdir(parents=True, exist_ok=True)
+            try:
+                await self.emulator.start()
+                await self.latency()
+                await self.throughput()
+                await self.memory()
+            finally:
+                await self.emulator.close()
+        f = self.figures
+        f["targets"] = {
+            "p99_under_25_ms": f["dispatch_p99_ms"] < TARGET_P99_MS,
+            "ratio_at_least_0_25": f["ratio_vs_raw"] >= TARGET_RATIO,
+            "rss_under_150_mb": f["rss_10k_active_mb"] < TARGET_RSS_MB,
+        }
+        f["duration_s"] = round(time.monotonic() - t_begin, 1)
+        self.say(f"\nTargets: p99 {verdict(f['targets']['p99_under_25_ms'])}, throughput ratio "
+                 f"{verdict(f['targets']['ratio_at_least_0_25'])}, RSS {verdict(f['targets']['rss_under_150_mb'])}"
+                 f"  (total {f['duration_s']} s)")
+        print(json.dumps(f), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter run (about 30 s)")
+    parser.add_argument("--profile", metavar="DIR", help="write a cProfile of each dispatcher process to DIR")
+    parser.add_argument("--dump", metavar="CSV", help="write per-incident latencies of phase 1 to CSV")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="experiment: gc.freeze() in the dispatcher process after start (not product behaviour)")
+    parser.add_argument("--role", choices=("emulator", "dispatcher"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "emulator":
+        asyncio.run(emulator_role(args.profile))
+        return 0
+    if args.role == "dispatcher":
+        asyncio.run(dispatcher_role(args.profile, args.gc_freeze))
+        return 0
+    quiet_logging()
+    try:
+        asyncio.run(Bench(args).main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; child processes stopped and the vhost deleted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
