@@ -1,0 +1,126 @@
+"""Every investigation's Vault identity dies with its Job, however the Job ends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+
+from dispatcher import jobspec
+from dispatcher.credentials import VaultCredentials
+from dispatcher.settings import load_settings
+from schemas import Phase, decode_incident, identify
+from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, publish
+from tests.integration.k8s_helpers import prepare_cluster
+from tests.integration.test_dispatcher import _consumed, _until, running_dispatcher
+from tests.integration.vault_helpers import bootstrapped_vault
+from tests.support.k8s.resources import JOBS, SECRETS
+from tests.support.payloads import am_alert, dumps, group
+
+pytestmark = pytest.mark.integration
+GONE_WITHIN = 10.0  # seconds (issue 5)
+
+
+@pytest.fixture
+async def world(k8s_emulator, amqp_vhost, rabbitmq_management, postgres, rabbitmq):
+    prepare_cluster(k8s_emulator)
+    await rabbitmq_management.delete_vhost(amqp_vhost.name)
+    await rabbitmq_management.create_vhost(amqp_vhost.name)
+    await rabbitmq_management.set_permissions(amqp_vhost.name, "guest")
+    async with bootstrapped_vault(postgres, rabbitmq, amqp_vhost.name) as vault:
+        await declare_topology(amqp_vhost.amqp_url, load_settings(None, {}))
+        yield k8s_emulator, amqp_vhost.amqp_url, vault
+
+
+def _incident(name: str) -> bytes:
+    return dumps(group([am_alert(starts_at="2026-11-26T02:00:00Z", alertname=name)], group_key=f"cred-{name}"))
+
+
+async def test_each_ending_revokes_the_jobs_token(world):
+    handle, url, vault = world
+    ns = handle.namespace
+    endings = {"Ok": 0, "Crash": 3, "Oom": "oom", "Slow": None, "Cancelled": None, "Deleted": None}
+
+    def decide(pod):
+        name = pod["metadata"]["labels"]["job-name"]
+        return next(v for k, v in endings.items() if f"-{k.lower()}-" in name)
+
+    names = {k: identify(decode_incident(_incident(k))).job_name for k in endings}
+    async with PodDriver(handle, decide).running_(), Results(url) as results, \
+            running_dispatcher(handle, url, **{k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}) as d:
+        await publish(url, [_incident(k) for k in endings])
+        await _until(lambda: len(handle.cluster.store.list(JOBS, ns)) == len(endings))
+        await _until(lambda: all(handle.cluster.store.get(SECRETS, ns, jobspec.secret_name(n)) for n in names.values()))
+        # Given every Job carries only a wrapping token, and its accessor as an annotation
+        accessors = {}
+        for key, name in names.items():
+            job = handle.cluster.job(ns, name)
+            accessors[key] = job["metadata"]["annotations"][jobspec.ANN_TOKEN_ACCESSOR]
+            secret = handle.cluster.store.get(SECRETS, ns, jobspec.secret_name(name))
+            wrapping = base64.b64decode(secret["data"][jobspec.WRAPPED_TOKEN_FILE]).decode()
+            assert wrapping and wrapping not in str(job)  # the token is never on the Job itself
+            assert vault.token_alive(accessors[key])
+        await results.wait_for(lambda: len(results.keys("lifecycle.started")) == len(endings))
+        # When the Jobs end every way a Job can end
+        await d.runtime.cancel(names["Cancelled"])
+        await d.runtime.batch.delete_namespaced_job(names["Deleted"], ns)
+        handle.clock.advance(901)
+        await results.wait_for(lambda: len(results.keys("lifecycle.succeeded")) + len(results.keys("lifecycle.failed"))
+                               + len(results.keys("lifecycle.cancelled")) == len(endings))
+        # Then no token survives its Job
+        await _until(lambda: not any(vault.token_alive(a) for a in accessors.values()), timeout=GONE_WITHIN)
+
+
+async def test_a_token_minted_for_an_existing_job_is_revoked(world):
+    handle, url, vault = world
+    root = vault.root()
+
+    def agent_tokens() -> int:
+        keys = root.list("auth/token/accessors")["data"]["keys"]
+        return sum(1 for a in keys
+                   if "agentjobs-agent-" in str(root.auth.token.lookup_accessor(a)["data"].get("policies")))
+
+    body = _incident("Twice")
+    env = {k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}
+    async with running_dispatcher(handle, url, **env) as d:
+        await publish(url, [body])
+        await _until(lambda: _consumed(d.metrics) >= 1)
+    assert await asyncio.to_thread(agent_tokens) == 1
+    # A restarted dispatcher (empty memory) sees the same incident again: 409, and a fresh token
+    async with running_dispatcher(handle, url, **env) as d:
+        await publish(url, [body])
+        await _until(lambda: _consumed(d.metrics) >= 1)
+    assert await asyncio.to_thread(agent_tokens) == 1  # the second one was revoked at once
+    assert len(handle.cluster.store.list(JOBS, handle.namespace)) == 1
+
+
+async def test_vault_down_at_dispatch_makes_the_incident_wait_not_vanish(world, k8s_emulator):
+    handle, url, vault = world
+    env = {k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}
+    env |= {"AGENTJOBS_VAULT__ADDR": "http://127.0.0.1:9", "AGENTJOBS_RETRY__MAX_ELAPSED": "0.5",
+            "AGENTJOBS_RETRY__BASE": "0.05", "AGENTJOBS_RETRY__CAP": "0.1"}
+    body = _incident("Waiting")
+    async with running_dispatcher(handle, url, **env) as d:
+        await publish(url, [body])
+        await _until(lambda: d.metrics.retries._value.get() >= 3)
+        assert handle.cluster.store.list(JOBS, handle.namespace) == []  # no Job without credentials
+    # When Vault is reachable again, the same (redelivered) incident is dispatched
+    env["AGENTJOBS_VAULT__ADDR"] = vault.server.addr
+    async with running_dispatcher(handle, url, **env):
+        await _until(lambda: len(handle.cluster.store.list(JOBS, handle.namespace)) == 1)
+    job = handle.cluster.store.list(JOBS, handle.namespace)[0]
+    assert jobspec.ANN_TOKEN_ACCESSOR in job["metadata"]["annotations"]
+
+
+async def test_revoking_an_unknown_accessor_is_not_an_error(world):
+    _, _, vault = world
+    creds = VaultCredentials(load_settings(None, vault.env).vault)
+    try:
+        await creds.revoke("nonexistent-accessor")
+        token = await creds.mint(phase=Phase.SHADOW, investigation_id="x" * 40, incident_key="k", job_name="aj-x", ttl=60)
+        assert vault.token_alive(token.accessor)
+        await creds.revoke(token.accessor)
+        assert not vault.token_alive(token.accessor)
+    finally:
+        await creds.close()
