@@ -353,7 +353,7 @@ async def emulator_role(profile: str | None) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def dispatcher_role(profile: str | None, gc_freeze: bool) -> None:
+async def dispatcher_role(profile: str | None) -> None:
     from kubernetes_asyncio.client import ApiClient, Configuration
 
     from dispatcher.runtime_k8s import KubernetesRuntime
@@ -387,9 +387,6 @@ async def dispatcher_role(profile: str | None, gc_freeze: bool) -> None:
         t0 = time.monotonic()
         await service.start()
         t1 = time.monotonic()
-        if gc_freeze:  # experiment (--gc-freeze): what the product would get from freezing after start
-            gc.collect()
-            gc.freeze()
         return {"t_start": t0, "t_started": t1}
 
     async def status(cmd: dict) -> dict:
@@ -585,7 +582,7 @@ class Bench:
         self.run = uuid.uuid4().hex[:6]
         self.emulator = Child("emulator", *(("--profile", str(Path(args.profile) / "emulator.prof"))
                                              if args.profile else ()))
-        self.figures: dict[str, Any] = {"quick": self.quick, "gc_freeze_experiment": args.gc_freeze}
+        self.figures: dict[str, Any] = {"quick": self.quick}
         self.amqp_url = ""
         self.env: dict[str, str] = {}
         self.cluster: dict[str, Any] = {}
@@ -601,8 +598,6 @@ class Bench:
         if self.args.profile:
             Path(self.args.profile).mkdir(parents=True, exist_ok=True)
             args = ("--profile", str(Path(self.args.profile) / f"dispatcher-{phase}.prof"))
-        if self.args.gc_freeze:
-            args += ("--gc-freeze",)
         child = Child("dispatcher", *args)
         await child.start()
         return child
@@ -830,15 +825,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter run (about 30 s)")
     parser.add_argument("--profile", metavar="DIR", help="write a cProfile of each dispatcher process to DIR")
     parser.add_argument("--dump", metavar="CSV", help="write per-incident latencies of phase 1 to CSV")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="experiment: gc.freeze() in the dispatcher process after start (not product behaviour)")
     parser.add_argument("--role", choices=("emulator", "dispatcher"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "emulator":
         asyncio.run(emulator_role(args.profile))
         return 0
     if args.role == "dispatcher":
-        asyncio.run(dispatcher_role(args.profile, args.gc_freeze))
+        asyncio.run(dispatcher_role(args.profile))
         return 0
     quiet_logging()
     try:

@@ -75,6 +75,7 @@ class AdmissionGate:
         self.max_active = max_active
         self.class_caps = dict(class_caps)
         self._active: dict[str, str] = {}  # investigation id → class
+        self._by_class: dict[str, int] = {}  # kept in step with _active: O(1) admission checks
         self._waiting: dict[int, tuple[Waiter, asyncio.Future[None]]] = {}
         self._seq = itertools.count()
 
@@ -87,10 +88,12 @@ class AdmissionGate:
         return len(self._waiting)
 
     def active_by_class(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for class_name in self._active.values():
-            counts[class_name] = counts.get(class_name, 0) + 1
-        return counts
+        return {k: v for k, v in self._by_class.items() if v}
+
+    def _take(self, investigation_id: str, class_name: str) -> None:
+        if investigation_id not in self._active:
+            self._active[investigation_id] = class_name
+            self._by_class[class_name] = self._by_class.get(class_name, 0) + 1
 
     def is_active(self, investigation_id: str) -> bool:
         return investigation_id in self._active
@@ -113,24 +116,26 @@ class AdmissionGate:
 
     def occupy(self, investigation_id: str, class_name: str) -> None:
         """Count an investigation found running (after a restart, or by another replica)."""
-        self._active.setdefault(investigation_id, class_name)
+        self._take(investigation_id, class_name)
 
     def release(self, investigation_id: str) -> None:
         """The investigation ended (or never launched): free its slot."""
-        if self._active.pop(investigation_id, None) is not None:
+        class_name = self._active.pop(investigation_id, None)
+        if class_name is not None:
+            self._by_class[class_name] -= 1
             self._wake()
 
     def _wake(self) -> None:
-        while True:
+        while self._waiting:
             chosen = pick_next(
                 (w for w, _ in self._waiting.values()),
                 active_total=len(self._active),
-                active_by_class=self.active_by_class(),
+                active_by_class=self._by_class,
                 max_active=self.max_active,
                 class_caps=self.class_caps,
             )
             if chosen is None:
                 return
             _, future = self._waiting.pop(chosen.seq)
-            self._active[chosen.investigation_id] = chosen.class_name
+            self._take(chosen.investigation_id, chosen.class_name)
             future.set_result(None)

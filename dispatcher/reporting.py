@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from schemas import (
+    AgentExit,
     Conclusion,
     DeadLetter,
     Evidence,
@@ -64,8 +65,9 @@ def lifecycle_for(event: RuntimeEvent, tracked: Tracked | None) -> LifecycleEven
     reason = event.reason
     if event.state is JobState.LOST and reason is None:
         reason = FailureReason.JOB_LOST
-    if state is LifecycleState.FAILED and reason is None:
-        reason = FailureReason.AGENT_ERROR
+    if state is LifecycleState.FAILED and reason in (None, FailureReason.AGENT_ERROR,
+                                                     FailureReason.BACKOFF_LIMIT_EXCEEDED):
+        reason = _exit_reason(event.exit_code) or reason or FailureReason.AGENT_ERROR
     return LifecycleEvent(
         investigation_id=event.investigation_id,
         incident_key=tracked.incident_key if tracked else event.labels.get("agentjobs.dev/incident-key", "unknown"),
@@ -76,6 +78,14 @@ def lifecycle_for(event: RuntimeEvent, tracked: Tracked | None) -> LifecycleEven
         reason=reason if state is LifecycleState.FAILED else None,
         message=event.message[:4096],
     )
+
+
+def _exit_reason(exit_code: int | None) -> FailureReason | None:
+    """The agent said why it failed through its exit code (see ``AgentExit``)."""
+    try:
+        return AgentExit(exit_code).failure if exit_code is not None else None
+    except ValueError:
+        return None
 
 
 def _phase(value: str | None) -> Phase | None:

@@ -208,8 +208,8 @@ class KubernetesRuntime:
             "data": {k: base64.b64encode(v).decode() for k, v in files.items()},
         }
         try:
-            await self._call(f"create secret for {meta['name']}", self.core.create_namespaced_secret,
-                             self.namespace, body)
+            await self._read_json(f"create secret for {meta['name']}", self.core.create_namespaced_secret,
+                                  self.namespace, body)
         except AlreadyExists:
             pass
 
@@ -287,7 +287,7 @@ class KubernetesRuntime:
 
     async def _watch(self, resource_version: str | None, seconds: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Watch from ``resource_version`` until the server ends the stream (then re-list)."""
-        w = watch.Watch()
+        w = _RawWatch()
         self._watching = w
         try:
             stream = w.stream(self.batch.list_namespaced_job, self.namespace, label_selector=jobspec.SELECTOR,
@@ -426,6 +426,13 @@ class KubernetesRuntime:
             return
         except Conflict as exc:  # changed under us: read again and retry via the caller's retry
             raise TemporaryError(f"job {meta['name']} changed while releasing it") from exc
+
+
+class _RawWatch(watch.Watch):
+    """A Watch that leaves objects as the JSON dicts we read (no model conversion per event)."""
+
+    def get_return_type(self, func: object) -> None:  # type: ignore[override]
+        return None
 
 
 class _Expired(Exception):

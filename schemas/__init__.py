@@ -13,10 +13,11 @@ from .feedback import OperatorFeedback, ShadowComparison, Verdict
 from .finding import Conclusion, Cost, Evidence, Finding, ProposedAction
 from .identity import Identity, identify
 from .incident import Alert, AlertStatus, IncidentEvent
-from .lifecycle import FailureReason, LifecycleEvent, LifecycleState
+from .lifecycle import AgentExit, FailureReason, LifecycleEvent, LifecycleState
 from .phase import PhaseChanged
 
 __all__ = [
+    "AgentExit",
     "KINDS",
     "MAX_BODY_BYTES",
     "WIRE_TYPES",

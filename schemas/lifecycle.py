@@ -46,6 +46,23 @@ class FailureReason(enum.StrEnum):
     INTERNAL = "internal"
 
 
+class AgentExit(enum.IntEnum):
+    """The agent's exit codes: the contract between ``agentjobs agent`` and the dispatcher."""
+
+    OK = 0  # finding published and confirmed
+    ERROR = 1
+    CREDENTIALS_UNAVAILABLE = 3  # failed closed (e.g. the wrapping token was already used)
+    UNPUBLISHED = 4  # the finding could not be confirmed by the broker
+
+    @property
+    def failure(self) -> FailureReason | None:
+        """What a non-zero exit tells the ticket."""
+        return {
+            AgentExit.CREDENTIALS_UNAVAILABLE: FailureReason.CREDENTIALS_UNAVAILABLE,
+            AgentExit.UNPUBLISHED: FailureReason.NO_FINDING,
+        }.get(self)
+
+
 class LifecycleEvent(Wire, tag="lifecycle", kw_only=True):
     """One state change of one investigation."""
 

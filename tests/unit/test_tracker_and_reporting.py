@@ -84,3 +84,15 @@ def test_broker_dead_letters_are_explained_from_x_death() -> None:
     assert "delivered too often" in record.message
     assert record.original_routing_key == "alertmanager.shop"
     assert record.deliveries == 21
+
+
+def test_the_agents_exit_code_says_why_it_failed() -> None:
+    def failed(code: int, reason: FailureReason) -> FailureReason | None:
+        event = RuntimeEvent(job_name="aj-a", investigation_id="a", state=JobState.FAILED, at=AT,
+                             reason=reason, exit_code=code)
+        return lifecycle_for(event, None).reason
+
+    assert failed(3, FailureReason.BACKOFF_LIMIT_EXCEEDED) is FailureReason.CREDENTIALS_UNAVAILABLE
+    assert failed(4, FailureReason.AGENT_ERROR) is FailureReason.NO_FINDING
+    assert failed(1, FailureReason.BACKOFF_LIMIT_EXCEEDED) is FailureReason.BACKOFF_LIMIT_EXCEEDED
+    assert failed(137, FailureReason.OOM_KILLED) is FailureReason.OOM_KILLED

@@ -1,0 +1,195 @@
+"""``agentjobs agent``: one investigation, start to end, inside its Job.
+
+bootstrap (unwrap or log in, dynamic credentials) → investigate → publish the
+finding with confirms → revoke-self. The exit code tells the dispatcher how it
+ended — it maps them to lifecycle reasons:
+
+====  ===========================================================================
+0     the finding was published and confirmed by the broker
+1     anything else (bad environment, unreadable incident, SIGTERM, a bug)
+3     credentials unavailable: failed closed (e.g. the wrapping token was used)
+4     the finding could not be published (not confirmed)
+====  ===========================================================================
+
+For exit codes other than 0 the last line on stderr is one plain sentence,
+``<reason>: <what happened>``, for the pod's termination message and humans.
+Logs are structlog JSON on stderr, redacted; no token, password or wrapping
+token is ever written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import TextIO
+
+import msgspec
+
+from dispatcher import logs
+from dispatcher.settings import LoggingSettings
+from schemas import AgentExit, DecodeError, Evidence, IncidentEvent, decode, utcnow
+
+from . import config, credentials, investigate, publish
+from .config import AgentEnv, ConfigError
+from .credentials import CredentialsUnavailable, Denied, VaultSession
+
+log = logs.get_logger("agentjobs.agent")
+
+EXIT_OK = AgentExit.OK
+EXIT_ERROR = AgentExit.ERROR
+EXIT_CREDENTIALS = AgentExit.CREDENTIALS_UNAVAILABLE
+EXIT_UNPUBLISHED = AgentExit.UNPUBLISHED
+
+
+class IncidentUnreadable(Exception):
+    """incident.json is missing or not an IncidentEvent."""
+
+
+class Terminated(Exception):
+    """SIGTERM (deadline, cancel, eviction): stopped early, credentials revoked on the way out."""
+
+
+def exit_code_for(exc: BaseException | None) -> int:
+    """The process exit code for how the run ended (pure)."""
+    if exc is None:
+        return EXIT_OK
+    if isinstance(exc, CredentialsUnavailable):
+        return EXIT_CREDENTIALS
+    if isinstance(exc, publish.PublishFailed):
+        return EXIT_UNPUBLISHED
+    return EXIT_ERROR
+
+
+def stderr_line(exc: BaseException) -> str:
+    """The one clear line for a failed run (pure; messages are secret-free by construction)."""
+    if isinstance(exc, CredentialsUnavailable):
+        return f"credentials_unavailable: {exc}"
+    if isinstance(exc, publish.PublishFailed):
+        return f"finding_unpublished: {exc}"
+    if isinstance(exc, ConfigError):
+        return f"bad_environment: {exc}"
+    if isinstance(exc, IncidentUnreadable):
+        return f"incident_unreadable: {exc}"
+    if isinstance(exc, Terminated):
+        return f"terminated: {exc}"
+    return f"agent_error: {type(exc).__name__}"
+
+
+def read_incident(env: AgentEnv) -> IncidentEvent:
+    try:
+        body = env.incident_file.read_bytes()
+    except OSError as exc:
+        raise IncidentUnreadable(f"cannot read {env.incident_file.name} ({type(exc).__name__})") from None
+    try:
+        return decode(body, IncidentEvent)
+    except DecodeError as exc:
+        raise IncidentUnreadable(f"{env.incident_file.name} is not an incident ({exc.reason})") from None
+
+
+async def _database_access(
+    env: AgentEnv, session: VaultSession | None
+) -> tuple[str | None, str | None, list[Evidence], str | None]:
+    """(user, password, evidence, why unavailable) for the diagnostics database."""
+    if session is None or not env.postgres_dsn:
+        return None, None, [], None  # mode none: the DSN carries its own credentials, if any
+    got = await session.database()
+    if isinstance(got, Denied):
+        # The phase's policy may not grant it: that is evidence for the finding, not a crash.
+        refusal = Evidence(source="vault", query=f"read {got.path}", excerpt=got.reason, at=utcnow(), ok=False)
+        return None, None, [refusal], got.reason
+    return got.username, got.password, [], None
+
+
+async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> None:
+    """One investigation; raises what ``exit_code_for`` maps (returns on success)."""
+    tally = investigate.Tally()
+    session: VaultSession | None = None
+    stop = asyncio.Event()
+    renewer: asyncio.Task[None] | None = None
+    try:
+        if env.auth_mode != "none":
+            session = await credentials.start(env, clock=clock)
+        incident = read_incident(env)
+        amqp_user = amqp_password = None
+        if session is not None:
+            rabbit = await session.rabbitmq()  # required: without it a finding cannot leave the Job
+            amqp_user, amqp_password = rabbit.username, rabbit.password
+        db_user, db_password, prior, db_unavailable = await _database_access(env, session)
+        if session is not None:  # every lease is known now
+            renewer = asyncio.create_task(session.renew_until(stop), name="agentjobs-lease-renewer")
+        finding = await investigate.investigate(
+            incident, env, db_user=db_user, db_password=db_password, prior_evidence=prior,
+            db_unavailable=db_unavailable, tally=tally,
+        )
+        finding = msgspec.structs.replace(finding, cost=tally.cost())
+        headers = {"investigation_id": env.investigation_id, "job_name": env.job_name}
+        if session is not None and session.identity is not None:
+            # Lets the dispatcher revoke a kubernetes-login token by accessor (not a secret).
+            headers["token_accessor"] = session.identity.accessor
+        routing_key = await publish.publish_finding(
+            finding, amqp_url=env.amqp_url, username=amqp_user, password=amqp_password,
+            timeout=env.publish_timeout, connection_name=f"agentjobs-agent {env.job_name}", headers=headers,
+        )
+        log.info("finding_published", routing_key=routing_key, conclusion=finding.conclusion.value,
+                 confidence=finding.confidence, tool_calls=finding.cost.tool_calls)
+    finally:
+        stop.set()
+        if renewer is not None:
+            await renewer  # returns promptly once stopped; it logs its own crash
+        if session is not None:
+            await session.revoke_self()
+
+
+async def _run_until_terminated(env: AgentEnv) -> None:
+    """``run``, cancelled by SIGTERM so that its cleanup (revoke-self) still happens."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        await run(env)
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated("SIGTERM received; stopped and revoked its credentials") from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def main(environ: Mapping[str, str], *, stderr: TextIO | None = None) -> int:
+    """Entry point of ``agentjobs agent``; returns the exit code."""
+    stderr = stderr or sys.stderr
+    try:
+        env = config.load(environ)
+    except ConfigError as exc:
+        logs.configure(LoggingSettings(format="json"), stream=stderr)
+        log.error("agent_failed", outcome="bad_environment", error=str(exc), exit_code=EXIT_ERROR)
+        print(stderr_line(exc), file=stderr, flush=True)
+        return EXIT_ERROR
+    logs.configure(LoggingSettings(format="json", level=env.log_level), stream=stderr)  # type: ignore[arg-type]
+    failure: BaseException | None = None
+    with logs.bound(investigation_id=env.investigation_id, job_name=env.job_name, phase=env.phase.value):
+        log.info("agent_started", auth_mode=env.auth_mode, job_class=env.class_name)
+        try:
+            asyncio.run(_run_until_terminated(env))
+        except (CredentialsUnavailable, publish.PublishFailed, IncidentUnreadable, Terminated) as exc:
+            failure = exc
+            log.error("agent_failed", outcome=type(exc).__name__, reason=getattr(exc, "reason", ""), error=str(exc))
+        except Exception as exc:
+            failure = exc
+            log.exception("agent_failed", outcome="error")
+        code = exit_code_for(failure)
+        log.info("agent_finished", exit_code=code)
+    if failure is not None:
+        print(stderr_line(failure), file=stderr, flush=True)
+    return code
