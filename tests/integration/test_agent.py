@@ -224,7 +224,7 @@ async def _pg_role_exists(postgres: Postgres, name: str) -> bool:
 
 
 async def _rabbit_user_exists(mgmt: ManagementClient, name: str) -> bool:
-    return await mgmt._request("GET", f"/api/users/{quote(name, safe='')}", ok=(200, 404)) is not None
+    return await mgmt.user_exists(name)
 
 
 # --------------------------------------------------------------------------- #

@@ -168,9 +168,7 @@ async def pg_role_exists(postgres: Postgres, role: str) -> bool:
 
 
 async def rabbit_user_exists(mgmt: ManagementClient, user: str) -> bool:
-    # GET /api/users/{name}: 200 with the user, 404 once it is gone.
-    doc = await mgmt._request("GET", f"/api/users/{quote(user, safe='')}", ok=(200, 404))
-    return doc is not None
+    return await mgmt.user_exists(user)
 
 
 def amqp_url_for(rabbitmq: RabbitMQ, vhost: str, user: str, password: str) -> str:

@@ -328,6 +328,14 @@ class ManagementClient:
         # Vhost "/" must appear as %2F; quote everything, keep nothing "safe".
         return quote(segment, safe="")
 
+    async def list_users(self) -> list[str]:
+        """GET /api/users: every broker user's name."""
+        return [u["name"] for u in await self._request("GET", "/api/users")]
+
+    async def user_exists(self, name: str) -> bool:
+        """GET /api/users/<name>: True unless 404 (e.g. a Vault-issued user was revoked)."""
+        return await self._request("GET", f"/api/users/{self._q(name)}", ok=(200, 404)) is not None
+
     async def overview(self) -> dict[str, Any]:
         """GET /api/overview."""
         return await self._request("GET", "/api/overview")
