@@ -161,3 +161,17 @@ async def test_however_the_job_ends_its_credentials_die_with_it(world, postgres,
 
 async def _absent_role(postgres, name: str) -> bool:
     return not await _pg_role_exists(postgres, name)
+
+
+async def test_an_intercepted_wrapping_token_is_refused_and_the_ticket_is_told(world):
+    vault, env, vhost, tmp = world
+    intercept = Path(__file__).resolve().parents[1] / "support" / "intercept_then_agent.py"
+    env = {**env, "AGENTJOBS_K8S__AGENT_COMMAND": json.dumps([sys.executable, str(intercept), AGENTJOBS])}
+    body = _incident("Intercepted")
+    async with Results(vhost.amqp_url) as results, dispatcher(env, tmp):
+        await publish(vhost.amqp_url, [body])
+        await results.wait_for(lambda: results.keys("lifecycle.failed"), timeout=60)
+    (failed,) = [m[2] for m in results.keys("lifecycle.failed")]
+    assert failed.reason is FailureReason.CREDENTIALS_UNAVAILABLE
+    assert "already used or invalid" in failed.message
+    assert not [m for m in results.keys("finding.") if m[2].reasoner != "dispatcher"]  # the agent published nothing
