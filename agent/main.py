@@ -30,7 +30,8 @@ import msgspec
 
 from dispatcher import logs
 from dispatcher.settings import LoggingSettings
-from schemas import AgentExit, DecodeError, Evidence, IncidentEvent, decode, utcnow
+from dispatcher.topology import CREDENTIALS_KEY
+from schemas import AgentExit, CredentialsIssued, DecodeError, Evidence, IncidentEvent, decode, utcnow
 
 from . import config, credentials, investigate, publish
 from .config import AgentEnv, ConfigError
@@ -117,6 +118,16 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
         if session is not None:
             rabbit = await session.rabbitmq()  # required: without it a finding cannot leave the Job
             amqp_user, amqp_password = rabbit.username, rabbit.password
+            if env.auth_mode == "kubernetes" and session.identity is not None:
+                # We logged in ourselves: tell the dispatcher our token's accessor at once, so it
+                # revokes the token when the Job ends even if we never get further than this.
+                await publish.publish_message(
+                    CredentialsIssued(investigation_id=env.investigation_id, job_name=env.job_name,
+                                      token_accessor=session.identity.accessor, at=utcnow()),
+                    routing_key=CREDENTIALS_KEY, message_id=f"{env.investigation_id}:credentials",
+                    amqp_url=env.amqp_url, username=amqp_user, password=amqp_password,
+                    timeout=env.publish_timeout, connection_name=f"agentjobs-agent {env.job_name}",
+                )
         db_user, db_password, prior, db_unavailable = await _database_access(env, session)
         if session is not None:  # every lease is known now
             renewer = asyncio.create_task(session.renew_until(stop), name="agentjobs-lease-renewer")

@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
+
+import msgspec
 
 import aio_pika
 import aiormq
@@ -56,15 +59,38 @@ async def publish_finding(
 ) -> str:
     """Publish ``finding`` and wait for the confirm; returns the routing key used."""
     routing_key = finding_key(finding.severity, finding.domain)
+    await publish_message(
+        finding, routing_key=routing_key, message_id=finding.idempotency_key, amqp_url=amqp_url,
+        username=username, password=password, timeout=timeout, connection_name=connection_name,
+        headers=headers, timestamp=finding.produced_at,
+    )
+    return routing_key
+
+
+async def publish_message(
+    body: msgspec.Struct,
+    *,
+    routing_key: str,
+    message_id: str,
+    amqp_url: str,
+    username: str | None,
+    password: str | None,
+    timeout: float,
+    connection_name: str,
+    headers: Mapping[str, Any] | None = None,
+    timestamp: datetime | None = None,
+) -> None:
+    """Publish a wire message to ``agentjobs.results`` as the agent's user; confirmed or ``PublishFailed``."""
+    kind = getattr(type(body).__struct_config__, "tag", None)
     message = aio_pika.Message(
-        encode(finding),
+        encode(body),
         content_type="application/json",
         delivery_mode=DeliveryMode.PERSISTENT,
-        message_id=finding.idempotency_key,
-        type="finding",
+        message_id=message_id,
+        type=kind if isinstance(kind, str) else None,
         user_id=username,  # verified by the broker: who published is who Vault issued
         headers=dict(headers or {}),
-        timestamp=finding.produced_at,
+        timestamp=timestamp,
     )
     connection: aio_pika.abc.AbstractConnection | None = None
     try:
@@ -83,4 +109,3 @@ async def publish_finding(
             # The outcome is decided; closing is best effort.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=timeout)
-    return routing_key

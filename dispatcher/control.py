@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
-from schemas import CancelInvestigation, decode, utcnow
+from schemas import CancelInvestigation, CredentialsIssued, decode, utcnow
 from schemas.errors import DecodeError
 
+from . import jobspec
 from .amqp import Publisher
+from .credentials import Credentials
 from .deadletters import HEADER_RECORD, Delivery, dead_letter, explain, from_error
 from .intake import Outcome
 from .logs import get_logger
@@ -54,6 +57,46 @@ class ControlHandler:
             return Outcome.REQUEUE
         log.info("investigation_cancel_requested", job_name=command.job_name, existed=existed,
                  reason=command.reason, requested_by=command.requested_by)
+        return Outcome.ACK
+
+
+class LoginTokenRecorder:
+    """Kubernetes auth: records each agent's login-token accessor on its Job, for revocation.
+
+    The accessor goes on the Job (so a restarted dispatcher still revokes it) unless the
+    Job's ending was already reported — then the token is revoked right here.
+    """
+
+    def __init__(
+        self, *, runtime: Any, credentials: Credentials, publisher: Publisher, backoff: Backoff | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.runtime = runtime  # KubernetesRuntime (kubernetes auth needs it; see settings)
+        self.credentials = credentials
+        self.publisher = publisher
+        self.backoff = backoff or Backoff()
+        self.clock = clock
+
+    async def handle(self, delivery: Delivery) -> Outcome:
+        try:
+            issued = decode(delivery.body, CredentialsIssued)
+        except DecodeError as exc:
+            record = from_error(delivery, exc, at=self.clock(), component="dispatcher.credentials")
+            try:
+                await retry(lambda: dead_letter(self.publisher, delivery, record), self.backoff)
+            except RetriesExhausted:
+                return Outcome.REQUEUE
+            return Outcome.ACK
+        note = {jobspec.ANN_LOGIN_ACCESSOR: issued.token_accessor}
+        try:
+            recorded = await retry(lambda: self.runtime.annotate_unless_reported(issued.job_name, note),
+                                   self.backoff)
+            if not recorded:  # the Job already ended (or is gone): nothing may outlive it
+                await retry(lambda: self.credentials.revoke(issued.token_accessor), self.backoff)
+        except RetriesExhausted:
+            return Outcome.REQUEUE
+        log.info("login_token_recorded" if recorded else "login_token_revoked_late", job_name=issued.job_name,
+                 token_accessor=issued.token_accessor)
         return Outcome.ACK
 
 

@@ -156,8 +156,17 @@ class VaultCredentials:
             await self._session.close()
 
 
+class LoginRevoker(VaultCredentials):
+    """Kubernetes auth: agents log in themselves; the dispatcher only revokes their tokens."""
+
+    async def mint(self, **_: Any) -> WrappedToken | None:
+        return None
+
+
 def open_credentials(settings: VaultSettings) -> Credentials:
-    """Credentials for the configured mode (kubernetes mode mints nothing: the agent logs in)."""
+    """Credentials for the configured mode."""
     if settings.auth_mode == "per-investigation":
         return VaultCredentials(settings)
+    if settings.auth_mode == "kubernetes":
+        return LoginRevoker(settings)
     return NoCredentials()

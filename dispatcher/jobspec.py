@@ -41,6 +41,8 @@ ANN_TRACEPARENT = f"{GROUP}/traceparent"
 # Accessor of the Job's Vault token (never the token): revoked when the Job ends, also after
 # a dispatcher restart, because it travels with the Job.
 ANN_TOKEN_ACCESSOR = f"{GROUP}/token-accessor"
+ANN_LOGIN_ACCESSOR = f"{GROUP}/login-token-accessor"  # kubernetes auth: reported by the agent
+TOKEN_ANNOTATIONS = (ANN_TOKEN_ACCESSOR, ANN_LOGIN_ACCESSOR)
 ANN_CANCEL = f"{GROUP}/cancel-reason"  # set before a cancel-delete, so the ending reads "cancelled"
 ANN_CLAIM = f"{GROUP}/reporter"  # "<replica>@<unix seconds>": who is reporting the ending
 ANN_REPORTED = f"{GROUP}/reported"  # the terminal state, once reported

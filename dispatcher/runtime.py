@@ -77,8 +77,11 @@ class JobRuntime(Protocol):
         """
         ...
 
-    async def acknowledge(self, event: RuntimeEvent) -> None:
-        """The terminal ``event`` was reported durably: let the Job go (finalizer, record)."""
+    async def acknowledge(self, event: RuntimeEvent) -> Mapping[str, str] | None:
+        """The terminal ``event`` was reported durably: let the Job go (finalizer, record).
+
+        May return the Job's final annotations, for anything recorded on it late.
+        """
         ...
 
     async def active(self) -> list[str]:

@@ -397,13 +397,17 @@ class KubernetesRuntime:
             annotations={**_annotations(job), "uid": meta.get("uid", "")},
         )
 
-    async def acknowledge(self, event: RuntimeEvent) -> None:
-        """Mark the Job reported and drop our finalizer, so TTL/deletion can proceed."""
+    async def acknowledge(self, event: RuntimeEvent) -> dict[str, str]:
+        """Mark the Job reported and drop our finalizer, so TTL/deletion can proceed.
+
+        Returns the Job's annotations as they were when it was released (a late login-token
+        accessor recorded after ``event`` was observed is among them).
+        """
         try:
             job = await self._read_json(f"read job {event.job_name}", self.batch.read_namespaced_job,
                                         event.job_name, self.namespace)
         except NotFound:
-            return
+            return dict(event.annotations)
         annotations = {jobspec.ANN_REPORTED: event.state.value}
         await self._release(job, annotations)
         uid = job["metadata"].get("uid", "")
@@ -412,6 +416,27 @@ class KubernetesRuntime:
         while len(self._acknowledged) > ACKNOWLEDGED_MEMORY:
             self._acknowledged.popitem(last=False)
         self._started.discard(job["metadata"].get("uid", ""))
+        return _annotations(job)
+
+    async def annotate_unless_reported(self, job_name: str, annotations: Mapping[str, str]) -> bool:
+        """Add annotations to a Job whose ending is not yet reported; False if it is (or is gone)."""
+        try:
+            job = await self._read_json(f"read job {job_name}", self.batch.read_namespaced_job,
+                                        job_name, self.namespace)
+        except NotFound:
+            return False
+        meta = job["metadata"]
+        if jobspec.ANN_REPORTED in _annotations(job) or jobspec.FINALIZER not in (meta.get("finalizers") or []):
+            return False
+        patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "annotations": dict(annotations)}}
+        try:
+            await self._call(f"annotate job {job_name}", self.batch.patch_namespaced_job, job_name,
+                             self.namespace, patch, _content_type=MERGE_PATCH)
+        except NotFound:
+            return False
+        except Conflict as exc:  # changed meanwhile (maybe just reported): look again
+            raise TemporaryError(f"job {job_name} changed while annotating it") from exc
+        return True
 
     async def _release(self, job: Mapping[str, Any], annotations: Mapping[str, str] | None = None) -> None:
         meta = job["metadata"]

@@ -23,7 +23,7 @@ from .admission import AdmissionGate
 from .amqp import Publisher, connect
 from .consumer import Consumer
 from .credentials import Credentials, open_credentials
-from .control import ControlHandler, DeadLetterRecorder
+from .control import ControlHandler, DeadLetterRecorder, LoginTokenRecorder
 from .health import HealthServer
 from .intake import Intake
 from .logs import get_logger
@@ -34,7 +34,7 @@ from .retry import Backoff
 from .runtime import JobRuntime
 from .settings import Settings
 from .tasks import spawn
-from .topology import CONTROL, DEAD_LOG, INCIDENTS, declare, dispatcher_topology
+from .topology import CONTROL, CREDENTIALS, DEAD_LOG, INCIDENTS, declare, dispatcher_topology
 from .tracker import Tracker
 from .watcher import Watcher
 
@@ -105,6 +105,10 @@ class DispatcherService:
             Consumer(CONTROL, control.handle, prefetch=16, name="control"),
             Consumer(DEAD_LOG, recorder.handle, prefetch=64, name="dead-letter-recorder"),
         ]
+        if s.vault.auth_mode == "kubernetes":
+            logins = LoginTokenRecorder(runtime=self.runtime, credentials=self.credentials, publisher=publisher,
+                                        backoff=backoff)
+            self._consumers.append(Consumer(CREDENTIALS, logins.handle, prefetch=16, name="login-tokens"))
         for consumer in self._consumers:
             await consumer.start(self._connection)
         if self._serve_health:

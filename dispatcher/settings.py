@@ -204,6 +204,9 @@ class Settings(Section):
     def __post_init__(self) -> None:
         if "default" not in self.classes:
             raise ValueError("classes must define a 'default' class")
+        if self.vault.auth_mode == "kubernetes" and self.runtime.kind != "kubernetes":
+            raise ValueError("vault.auth_mode 'kubernetes' needs runtime.kind 'kubernetes' "
+                             "(agents log in with their pod's ServiceAccount token)")
         for rule in self.admission.rules:
             if rule.use not in self.classes:
                 raise ValueError(f"admission.rules: class {rule.use!r} is not defined in classes")

@@ -25,6 +25,8 @@ RESULTS = "agentjobs.results"  # exchange: findings and lifecycle events
 DEAD = "agentjobs.dead"  # exchange and queue: what could not be handled, with reasons
 DEAD_LOG = "agentjobs.dead.log"  # a copy of every dead letter, for the recorder to explain
 CONTROL = "agentjobs.control"  # exchange and queue: commands such as cancel
+CREDENTIALS = "agentjobs.credentials"  # queue: agents' login-token accessors (kubernetes auth)
+CREDENTIALS_KEY = "credentials.issued"  # routing key on agentjobs.results
 DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "k8s" / "rabbitmq" / "definitions.json"
 
 
@@ -71,12 +73,14 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Queue(DEAD, _quorum(False, amqp.delivery_limit)),
             Queue(DEAD_LOG, _quorum(False, amqp.delivery_limit)),
             Queue(CONTROL, _quorum(True, amqp.delivery_limit)),
+            Queue(CREDENTIALS, _quorum(True, amqp.delivery_limit)),
         ),
         bindings=(
             Binding(INCIDENTS, INCIDENTS),
             Binding(DEAD, DEAD),
             Binding(DEAD, DEAD_LOG),
             Binding(CONTROL, CONTROL),
+            Binding(RESULTS, CREDENTIALS, CREDENTIALS_KEY),
         ),
     )
 

@@ -11,7 +11,7 @@ restart) are counted against the caps.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from schemas import LifecycleState, Severity
 
@@ -106,20 +106,34 @@ class Watcher:
             await self._publish(lambda: self.reporter.lifecycle(lifecycle))
             log.info("job_started")
             return
-        accessor = event.annotations.get(jobspec.ANN_TOKEN_ACCESSOR)
-        if accessor:  # first: nothing of the Job's identity outlives it
-            await self._publish(lambda: self.credentials.revoke(accessor))
+        revoked = await self._revoke_tokens(event.annotations, set())  # first: nothing outlives the Job
         lifecycle = lifecycle_for(event, tracked)
         await self._publish(lambda: self.reporter.lifecycle(lifecycle))
         if lifecycle.state is not LifecycleState.SUCCEEDED:
             result = failure_result(lifecycle, severity=tracked.severity, domain=tracked.domain)
             await self._publish(lambda: self.reporter.finding(result))
-        await self._publish(lambda: self.runtime.acknowledge(event))
+        final: list[Mapping[str, str] | None] = []
+
+        async def acknowledge() -> None:
+            final.append(await self.runtime.acknowledge(event))
+
+        await self._publish(acknowledge)
+        if final and final[-1]:
+            await self._revoke_tokens(final[-1], revoked)  # e.g. a login token recorded late
         self.gate.release(event.investigation_id)
         self.tracker.finish(event.investigation_id)
         reason = lifecycle.reason.value if lifecycle.reason else ""
         self.metrics.outcomes.labels(state=lifecycle.state.value, reason=reason).inc()
         log.info("job_finished", state=lifecycle.state.value, reason=reason, routing_key=lifecycle_key(lifecycle.state))
+
+    async def _revoke_tokens(self, annotations: Mapping[str, str], done: set[str]) -> set[str]:
+        """Revoke every token accessor recorded on the Job that is not revoked yet."""
+        for key in jobspec.TOKEN_ANNOTATIONS:
+            accessor = annotations.get(key)
+            if accessor and accessor not in done:
+                await self._publish(lambda a=accessor: self.credentials.revoke(a))
+                done.add(accessor)
+        return done
 
     async def _publish(self, work: Callable[[], Awaitable[None]]) -> None:
         await retry(work, REPORT_BACKOFF, on_retry=lambda n, e, w: log.warning("report_retry", attempt=n, error=e.message))

@@ -6,6 +6,7 @@ Import from here: ``from schemas import IncidentEvent, decode_incident``.
 from .alertmanager import AlertmanagerWebhook, to_incident
 from .base import Phase, RiskClass, Severity, utcnow
 from .control import CancelInvestigation
+from .credentials import CredentialsIssued
 from .codec import KINDS, MAX_BODY_BYTES, WIRE_TYPES, WireMessage, decode, decode_incident, encode
 from .deadletter import DeadLetter, ErrorKind, preview
 from .errors import AgentJobsError, DecodeError, PermanentError, TemporaryError
@@ -28,6 +29,7 @@ __all__ = [
     "CancelInvestigation",
     "Conclusion",
     "Cost",
+    "CredentialsIssued",
     "DeadLetter",
     "DecodeError",
     "ErrorKind",

@@ -17,6 +17,7 @@ import msgspec
 
 from . import alertmanager, cloudevents
 from .control import CancelInvestigation
+from .credentials import CredentialsIssued
 from .deadletter import DeadLetter
 from .errors import DecodeError
 from .feedback import OperatorFeedback
@@ -29,6 +30,7 @@ MAX_BODY_BYTES = 1024 * 1024  # 1 MiB; Alertmanager groups of thousands of alert
 
 WireMessage = (
     IncidentEvent | LifecycleEvent | Finding | OperatorFeedback | PhaseChanged | DeadLetter | CancelInvestigation
+    | CredentialsIssued
 )
 WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     IncidentEvent,
@@ -38,6 +40,7 @@ WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     PhaseChanged,
     DeadLetter,
     CancelInvestigation,
+    CredentialsIssued,
 )
 KINDS = {t.__struct_config__.tag: t for t in WIRE_TYPES}
 

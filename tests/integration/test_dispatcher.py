@@ -128,7 +128,7 @@ async def test_with_a_cap_of_two_criticals_launch_first(env):
 
 async def test_every_ending_is_reported_once_with_a_failure_result_when_there_is_no_finding(env):
     handle, url = env
-    endings = {"Ok": 0, "Crash": 3, "Oom": "oom", "Slow": None}
+    endings = {"Ok": 0, "Crash": 2, "Oom": "oom", "Slow": None}
 
     def decide(pod):
         name = pod["metadata"]["labels"]["job-name"]

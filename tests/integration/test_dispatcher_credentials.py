@@ -40,14 +40,10 @@ def _incident(name: str) -> bytes:
 async def test_each_ending_revokes_the_jobs_token(world):
     handle, url, vault = world
     ns = handle.namespace
-    endings = {"Ok": 0, "Crash": 3, "Oom": "oom", "Slow": None, "Cancelled": None, "Deleted": None}
-
-    def decide(pod):
-        name = pod["metadata"]["labels"]["job-name"]
-        return next(v for k, v in endings.items() if f"-{k.lower()}-" in name)
-
+    endings = {"Ok": 0, "Crash": 2, "Oom": "oom", "Slow": None, "Cancelled": None, "Deleted": None}
     names = {k: identify(decode_incident(_incident(k))).job_name for k in endings}
-    async with PodDriver(handle, decide).running_(), Results(url) as results, \
+    driver = PodDriver(handle, decide=lambda pod: None)  # every agent runs until the test ends it
+    async with driver.running_(), Results(url) as results, \
             running_dispatcher(handle, url, **{k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}) as d:
         await publish(url, [_incident(k) for k in endings])
         await _until(lambda: len(handle.cluster.store.list(JOBS, ns)) == len(endings))
@@ -63,6 +59,10 @@ async def test_each_ending_revokes_the_jobs_token(world):
             assert vault.token_alive(accessors[key])
         await results.wait_for(lambda: len(results.keys("lifecycle.started")) == len(endings))
         # When the Jobs end every way a Job can end
+        for pod in list(driver.running):
+            key = next(k for k, n in names.items() if pod.startswith(n))
+            if endings[key] is not None:
+                driver.end(pod, endings[key])
         await d.runtime.cancel(names["Cancelled"])
         await d.runtime.batch.delete_namespaced_job(names["Deleted"], ns)
         handle.clock.advance(901)
@@ -124,3 +124,53 @@ async def test_revoking_an_unknown_accessor_is_not_an_error(world):
         assert not vault.token_alive(token.accessor)
     finally:
         await creds.close()
+
+
+async def _publish_login(url: str, issued) -> None:
+    import aio_pika
+
+    from dispatcher.topology import CREDENTIALS_KEY, RESULTS
+    from schemas import encode
+
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(RESULTS)
+        await exchange.publish(aio_pika.Message(encode(issued)), CREDENTIALS_KEY)
+
+
+async def test_kubernetes_auth_login_tokens_are_revoked_when_their_job_ends(world):
+    # Given kubernetes auth: agents log in themselves and report their token's accessor
+    from schemas import CredentialsIssued, utcnow
+
+    handle, url, vault = world
+    ns = handle.namespace
+    env = {k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}
+    env |= {"AGENTJOBS_VAULT__AUTH_MODE": "kubernetes", "AGENTJOBS_RUNTIME__KIND": "kubernetes"}
+    root = vault.root()
+
+    def login_token() -> str:  # what auth/kubernetes/login would return to the agent
+        created = root.auth.token.create(policies=["agentjobs-agent-shadow"], ttl="1h", no_parent=True)
+        return created["auth"]["accessor"]
+
+    running, late = _incident("LoginRunning"), _incident("LoginLate")
+    running_job = identify(decode_incident(running))
+    late_job = identify(decode_incident(late))
+    driver = PodDriver(handle, decide=lambda pod: None)
+    async with driver.running_(), Results(url) as results, running_dispatcher(handle, url, **env):
+        await publish(url, [running, late])
+        await results.wait_for(lambda: len(results.keys("lifecycle.started")) == 2)
+        first, second = await asyncio.to_thread(login_token), await asyncio.to_thread(login_token)
+        # When one agent reports its login while its Job runs, then the Job ends
+        await _publish_login(url, CredentialsIssued(investigation_id=running_job.investigation_id,
+                                                    job_name=running_job.job_name, token_accessor=first, at=utcnow()))
+        await _until(lambda: jobspec.ANN_LOGIN_ACCESSOR in
+                     handle.cluster.job(ns, running_job.job_name)["metadata"]["annotations"])
+        # ... and the other's report arrives only after its Job's ending was reported
+        driver.finish_oldest(0)
+        driver.finish_oldest(0)
+        await results.wait_for(lambda: len(results.keys("lifecycle.succeeded")) == 2)
+        await _publish_login(url, CredentialsIssued(investigation_id=late_job.investigation_id,
+                                                    job_name=late_job.job_name, token_accessor=second, at=utcnow()))
+        # Then both login tokens are revoked
+        await _until(lambda: not vault.token_alive(first) and not vault.token_alive(second), timeout=GONE_WITHIN)

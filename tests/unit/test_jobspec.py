@@ -38,7 +38,7 @@ SAMPLE = decode_incident(dumps(SAMPLE_WEBHOOK))
 @pytest.mark.parametrize("auth_mode", ["per-investigation", "kubernetes", "none"])
 @pytest.mark.parametrize("phase", list(Phase))
 def test_manifest_validates_strictly_against_the_kubernetes_schema(auth_mode, phase) -> None:
-    s = load_settings(None, {"AGENTJOBS_VAULT__AUTH_MODE": auth_mode})
+    s = load_settings(None, {"AGENTJOBS_VAULT__AUTH_MODE": auth_mode, "AGENTJOBS_RUNTIME__KIND": "kubernetes"})
     _validate(jobspec.build_job(_plan(SAMPLE, s, phase), s))
 
 
@@ -60,7 +60,7 @@ def test_pod_runs_restricted_without_a_default_service_account_token() -> None:
 
 
 def test_kubernetes_auth_gets_a_projected_audience_bound_short_lived_token() -> None:
-    s = load_settings(None, {"AGENTJOBS_VAULT__AUTH_MODE": "kubernetes"})
+    s = load_settings(None, {"AGENTJOBS_VAULT__AUTH_MODE": "kubernetes", "AGENTJOBS_RUNTIME__KIND": "kubernetes"})
     pod = jobspec.build_job(_plan(SAMPLE, s), s)["spec"]["template"]["spec"]
     (projected,) = [v["projected"] for v in pod["volumes"] if "projected" in v]
     token = projected["sources"][0]["serviceAccountToken"]
