@@ -831,7 +831,9 @@ def main() -> int:
         asyncio.run(emulator_role(args.profile))
         return 0
     if args.role == "dispatcher":
-        asyncio.run(dispatcher_role(args.profile))
+        from dispatcher import tasks
+
+        tasks.run(dispatcher_role(args.profile))  # the event loop `agentjobs dispatcher` runs on
         return 0
     quiet_logging()
     try:

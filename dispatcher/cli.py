@@ -106,9 +106,7 @@ def config_check(ctx: click.Context, file: Path | None) -> None:
 @click.pass_context
 def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
     """Consume incidents and run one Job per investigation (until SIGTERM)."""
-    import asyncio
-
-    from . import logs
+    from . import logs, tasks
     from .runtimes import open_runtime
     from .service import DispatcherService
 
@@ -119,7 +117,7 @@ def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
         runtime = await open_runtime(settings)
         return await DispatcherService(settings, runtime, health_port=health_port).run()
 
-    sys.exit(asyncio.run(run()))
+    sys.exit(tasks.run(run()))
 
 
 @app.command("agent")

@@ -1,14 +1,27 @@
-"""Named, guarded background tasks: a crashed task is logged and stops the service, never vanishes."""
+"""Running services: the event loop they run on, and named, guarded background tasks.
+
+A crashed background task is logged and stops the service; it never vanishes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from .logs import get_logger
 
 log = get_logger("agentjobs.tasks")
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a service's main coroutine on uvloop when installed, else on the standard loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on our platforms
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def spawn(
