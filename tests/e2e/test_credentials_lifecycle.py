@@ -66,9 +66,7 @@ async def _until(predicate, timeout: float):
 
 
 async def _pg_role_exists(postgres, name: str) -> bool:
-    async with await psycopg.AsyncConnection.connect(postgres.dsn) as conn:
-        cur = await conn.execute("select 1 from pg_roles where rolname = %s", (name,))
-        return await cur.fetchone() is not None
+    return await postgres.role_exists(name)
 
 
 async def _vault_pg_roles(postgres) -> set[str]:

@@ -216,11 +216,7 @@ def _secrets_handed_out(entries: list[dict[str, Any]]) -> dict[str, str]:
 
 
 async def _pg_role_exists(postgres: Postgres, name: str) -> bool:
-    import psycopg
-
-    async with await psycopg.AsyncConnection.connect(postgres.dsn) as conn:
-        cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
-        return await cur.fetchone() is not None
+    return await postgres.role_exists(name)
 
 
 async def _rabbit_user_exists(mgmt: ManagementClient, name: str) -> bool:

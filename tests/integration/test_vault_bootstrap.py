@@ -162,9 +162,7 @@ async def shadow(bao: OpenBaoServer, dispatcher: hvac.Client) -> AgentToken:
 
 
 async def pg_role_exists(postgres: Postgres, role: str) -> bool:
-    async with await psycopg.AsyncConnection.connect(postgres.dsn) as conn:
-        cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
-        return await cur.fetchone() is not None
+    return await postgres.role_exists(role)
 
 
 async def rabbit_user_exists(mgmt: ManagementClient, user: str) -> bool:

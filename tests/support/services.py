@@ -505,6 +505,14 @@ class Postgres:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
 
+    async def role_exists(self, name: str) -> bool:
+        """True if a PostgreSQL role ``name`` exists (e.g. a Vault-issued user not yet revoked)."""
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
+            cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+            return await cur.fetchone() is not None
+
     async def database_exists(self, name: str) -> bool:
         """True if pg_database has `name`."""
         import psycopg
