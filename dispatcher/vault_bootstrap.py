@@ -146,13 +146,8 @@ def database_connection(settings: Settings) -> DatabaseConnection:
     )
 
 
-def _sql_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def database_role(settings: Settings, dbname: str) -> dict[str, Any]:
+def database_role(settings: Settings) -> dict[str, Any]:
     """Body of database/roles/agentjobs-diagnostics."""
-    db = _sql_ident(dbname)
     return {
         "db_name": layout.DATABASE_CONNECTION,
         "creation_statements": [
@@ -161,7 +156,10 @@ def database_role(settings: Settings, dbname: str) -> dict[str, Any]:
                 "VALID UNTIL '{{expiration}}';"
             ),
             'GRANT pg_read_all_stats TO "{{name}}";',
-            f'GRANT CONNECT ON DATABASE {db} TO "{{{{name}}}}";',
+            # No per-user GRANT CONNECT ON DATABASE: it rewrites the database's ACL row, and
+            # agents taking credentials at once during a storm then fail with "tuple
+            # concurrently updated". Connecting relies on PUBLIC's default CONNECT (where an
+            # operator revoked it: GRANT CONNECT ON DATABASE ... TO pg_read_all_stats, once).
             # Defence in depth: the role has no write privileges anyway (PostgreSQL 15
             # no longer lets PUBLIC create in schema public); sessions also start read-only,
             # which stops temporary tables and accidental writes through functions.
@@ -170,8 +168,6 @@ def database_role(settings: Settings, dbname: str) -> dict[str, Any]:
         "revocation_statements": [
             # Sessions first, so a running query cannot outlive the credential.
             ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';"),
-            # The CONNECT grant is a dependency that would make DROP ROLE fail.
-            f'REVOKE ALL ON DATABASE {db} FROM "{{{{name}}}}";',
             'DROP ROLE IF EXISTS "{{name}}";',
         ],
         "default_ttl": settings.vault.database_ttl,
@@ -520,7 +516,7 @@ class _Bootstrap:
         self._ensure(
             f"database role {layout.DATABASE_ROLE}",
             f"{mount}/roles/{layout.DATABASE_ROLE}",
-            database_role(self.settings, conn.dbname),
+            database_role(self.settings),
         )
 
     def _rabbitmq(self) -> None:
