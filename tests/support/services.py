@@ -333,8 +333,12 @@ class ManagementClient:
         return [u["name"] for u in await self._request("GET", "/api/users")]
 
     async def user_exists(self, name: str) -> bool:
-        """GET /api/users/<name>: True unless 404 (e.g. a Vault-issued user was revoked)."""
-        return await self._request("GET", f"/api/users/{self._q(name)}", ok=(200, 404)) is not None
+        """GET /api/users/<name>: True unless 404 (e.g. a Vault-issued user was revoked).
+
+        RabbitMQ 3.10 answers 500 for a user in the middle of being deleted
+        (rabbit_mgmt_wm_user badmatch {error,not_found}): that counts as "not gone yet".
+        """
+        return await self._request("GET", f"/api/users/{self._q(name)}", ok=(200, 404, 500)) is not None
 
     async def overview(self) -> dict[str, Any]:
         """GET /api/overview."""
