@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from schemas import CancelInvestigation, CredentialsIssued, decode, utcnow
-from schemas.errors import DecodeError
+from schemas.errors import DecodeError, PermanentError
 
 from . import jobspec
 from .amqp import Publisher
@@ -28,6 +28,20 @@ from .retry import Backoff, RetriesExhausted, retry
 from .runtime import JobRuntime
 
 log = get_logger("agentjobs.control")
+
+
+async def reject(
+    publisher: Publisher, delivery: Delivery, error: PermanentError, *, backoff: Backoff, at: datetime,
+    component: str,
+) -> Outcome:
+    """Dead-letter an invalid message with its reason (ACK), or hand it back if that fails."""
+    record = from_error(delivery, error, at=at, component=component)
+    try:
+        await retry(lambda: dead_letter(publisher, delivery, record), backoff)
+    except RetriesExhausted:
+        return Outcome.REQUEUE
+    log.warning("message_dead_lettered", component=component, reason=error.reason, detail=error.message)
+    return Outcome.ACK
 
 
 class ControlHandler:
@@ -44,13 +58,8 @@ class ControlHandler:
         try:
             command = decode(delivery.body, CancelInvestigation)
         except DecodeError as exc:
-            record = from_error(delivery, exc, at=self.clock(), component="dispatcher.control")
-            try:
-                await retry(lambda: dead_letter(self.publisher, delivery, record), self.backoff)
-            except RetriesExhausted:
-                return Outcome.REQUEUE
-            log.warning("command_dead_lettered", reason=exc.reason, detail=exc.message)
-            return Outcome.ACK
+            return await reject(self.publisher, delivery, exc, backoff=self.backoff,
+                                at=self.clock(), component="dispatcher.control")
         try:
             existed = await retry(lambda: self.runtime.cancel(command.job_name), self.backoff)
         except RetriesExhausted:
@@ -81,12 +90,8 @@ class LoginTokenRecorder:
         try:
             issued = decode(delivery.body, CredentialsIssued)
         except DecodeError as exc:
-            record = from_error(delivery, exc, at=self.clock(), component="dispatcher.credentials")
-            try:
-                await retry(lambda: dead_letter(self.publisher, delivery, record), self.backoff)
-            except RetriesExhausted:
-                return Outcome.REQUEUE
-            return Outcome.ACK
+            return await reject(self.publisher, delivery, exc, backoff=self.backoff,
+                                at=self.clock(), component="dispatcher.credentials")
         note = {jobspec.ANN_LOGIN_ACCESSOR: issued.token_accessor}
         try:
             recorded = await retry(lambda: self.runtime.annotate_unless_reported(issued.job_name, note),
