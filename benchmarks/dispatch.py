@@ -6,6 +6,8 @@ Prints, then ends with one JSON line (see benchmarks/README.md for what each fig
 1. dispatch latency p50/p99 — publish (with confirm) of a new incident → its Job create
    accepted by the API server — at a steady 100 new incidents/s, each a distinct group;
 2. sustained incidents/s dispatched with a pre-published backlog;
+2b. context: incidents/s handled with a pre-published realistic alert storm (re-sends, joining
+   alerts, CloudEvent-wrapped, shuffled; ``tests/support/payloads.storm``) and the Jobs it made;
 3. the raw ceiling: a plain aio-pika consume+decode+ack loop over the same bodies, same
    prefetch, same quorum queue arguments, and the ratio dispatched/s ÷ raw/s;
 4. the resident set of a process hosting only the dispatcher, before and with 10,000 active
@@ -52,6 +54,7 @@ HIGH_CAP = 100_000  # admission caps high enough never to throttle
 TARGET_P99_MS = 25.0
 TARGET_RATIO = 0.25
 TARGET_RSS_MB = 150.0
+STORM_SEED = 4  # fixed, so every run replays the same storm
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +408,23 @@ async def dispatcher_role(profile: str | None) -> None:
             "gc_objects": len(gc.get_objects()),
         }
 
+    def consumed() -> dict[str, float]:
+        # `agentjobs_incidents_consumed_total` by outcome (every handled delivery counts once).
+        counts: dict[str, float] = {}
+        for metric in state["service"].metrics.incidents.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["outcome"]] = counts.get(sample.labels["outcome"], 0) + sample.value
+        return counts
+
+    async def wait_consumed(cmd: dict) -> dict:
+        n, deadline = cmd["n"], time.monotonic() + cmd.get("within", 60)
+        while sum(consumed().values()) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        t_done = time.monotonic()
+        counts = consumed()
+        return {"t_done": t_done, "consumed": sum(counts.values()), "by_outcome": counts}
+
     async def wait_dispatched(cmd: dict) -> dict:
         n, deadline = cmd["n"], time.monotonic() + cmd.get("within", 60)
         while dispatched() < n and time.monotonic() < deadline:
@@ -420,7 +440,8 @@ async def dispatcher_role(profile: str | None) -> None:
             profiler.dump_stats(profile)
         return {"ok": True}
 
-    await serve({"start": start, "status": status, "wait_dispatched": wait_dispatched, "exit": exit_})
+    await serve({"start": start, "status": status, "wait_dispatched": wait_dispatched,
+                 "wait_consumed": wait_consumed, "exit": exit_})
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,6 +723,8 @@ class Bench:
         creates = sorted(jobs["created"].values())
         create_rate = (n - 1) / (creates[-1] - creates[0])
 
+        storm = await self.storm()  # 2b, right after phase 2, in a fresh dispatcher process
+
         # The same bodies through a plain consume + decode + ack loop, same prefetch and queue type.
         raws = []
         for _ in range(3):  # a run of the raw loop is short (about a second): take the median of three
@@ -709,22 +732,63 @@ class Bench:
             raws.append(await raw_ceiling(self.amqp_url, n, settings.amqp.prefetch, settings.bridge.max_body_bytes))
         raw = sorted(raws)[1]
         ratio = rate / raw
+        storm_ratio = storm["rate"] / raw
         self.figures.update(
             throughput_incidents=n, dispatched_per_s=round(rate, 1), job_creates_per_s=round(create_rate, 1),
             raw_consume_per_s=round(raw, 1), ratio_vs_raw=round(ratio, 3),
             **{f"cpu_{k}_ms_per_incident": round(v, 3) for k, v in cpu_ms.items()},
+            storm_notifications=storm["n"], storm_groups=storm["groups"], storm_seed=STORM_SEED,
+            storm_incidents_per_s=round(storm["rate"], 1), storm_jobs=storm["jobs"],
+            storm_jobs_match_groups=storm["jobs"] == storm["groups"], storm_ratio_vs_raw=round(storm_ratio, 3),
+            storm_outcomes={k: int(v) for k, v in sorted(storm["by_outcome"].items())},
         )
         self.say(f"\n2. Sustained dispatch, {n} distinct incidents pre-published (prefetch {settings.amqp.prefetch})")
         self.say(f"   {rate:8.1f} incidents/s dispatched (service start → last `dispatched` confirmed and counted,"
                  f" {elapsed:.2f} s); Job creates {create_rate:.1f}/s first → last")
         self.say("   CPU per incident: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cpu_ms.items())
                  + f" (of {os.cpu_count()} cores, all shared)")
+        outcomes = ", ".join(f"{k} {int(v)}" for k, v in sorted(storm["by_outcome"].items()))
+        self.say(f"\n2b. Alert storm (context: realistic alert-storm mix, not the target), {storm['n']} notifications "
+                 f"over {storm['groups']} groups pre-published (re-sends, joining alerts, CloudEvent-wrapped, "
+                 f"shuffled; seed {STORM_SEED})")
+        self.say(f"   {storm['rate']:8.1f} incidents/s handled (service start → incidents_consumed_total, all outcomes,"
+                 f" reaches {storm['n']}, {storm['elapsed']:.2f} s); ratio handled/raw {storm_ratio:.3f}"
+                 f" (raw ceiling of phase 3)")
+        self.say(f"   Jobs created {storm['jobs']} for {storm['groups']} groups "
+                 f"[check Jobs == groups: {'OK' if storm['jobs'] == storm['groups'] else 'WRONG'}]; outcomes: {outcomes}")
         self.say(f"\n3. Raw ceiling: aio-pika consume + decode + ack, same {n} bodies, quorum queue, "
                  f"prefetch {settings.amqp.prefetch}")
         runs = ", ".join(f"{r:.0f}" for r in raws)
         self.say(f"   {raw:8.1f} messages/s (median of {runs})   ratio dispatched/raw {ratio:.3f}"
                  f"   [target ≥ {TARGET_RATIO:.2f}: {verdict(ratio >= TARGET_RATIO)}]"
                  f"   (dispatcher RSS after {n}: {status['rss_mb']:.1f} MB)")
+
+    # -- 2b. a realistic alert storm, same set-up as phase 2 --------------------------------
+    async def storm(self) -> dict[str, Any]:
+        """Pre-published ``storm()`` bodies; incidents/s until every delivery is handled, and Jobs made."""
+        from dispatcher.topology import INCIDENTS
+        from schemas import decode_incident, identify
+        from tests.support.payloads import storm as storm_bodies
+
+        groups, n = (100, 1000) if self.quick else (500, 5000)
+        bodies = storm_bodies(groups=groups, notifications=n, seed=STORM_SEED)
+        if len({identify(decode_incident(b)).job_name for b in bodies}) != groups:
+            raise RuntimeError("storm bodies do not map to one Job per group")
+        await self.fresh_cluster()
+        child = await self.dispatcher("storm")
+        try:
+            await publish_all(self.amqp_url, bodies, exchange=INCIDENTS, routing_key=ROUTING_KEY)
+            started = await self.start_dispatcher(child)
+            done = await child.call("wait_consumed", timeout=310, n=n, within=300)
+            # Every Job create precedes its delivery's count; wait briefly in case of fewer.
+            jobs = await self.emulator.call("wait_jobs", timeout=20, n=groups, within=5, times=False)
+        finally:
+            await child.close()
+        if done["consumed"] < n:
+            raise RuntimeError(f"storm phase: only {done['consumed']:.0f} of {n} deliveries handled")
+        elapsed = done["t_done"] - started["t_start"]
+        return {"n": n, "groups": groups, "rate": n / elapsed, "elapsed": elapsed, "jobs": jobs["count"],
+                "by_outcome": done["by_outcome"]}
 
     # -- 4. memory with 10,000 active investigations -----------------------------------------
     async def memory(self) -> None:
