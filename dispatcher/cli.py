@@ -120,6 +120,27 @@ def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
     sys.exit(tasks.run(run()))
 
 
+@app.command("up")
+@click.option("--demo", is_flag=True, help="Also publish a realistic alert storm and show what happens to it.")
+@click.option("--exit", "exit_after", is_flag=True, help="With --demo: stop once the storm's investigations ended.")
+@click.option("--json-logs", is_flag=True, help="JSON log lines (for machines) instead of the console format.")
+@click.pass_context
+def up_cmd(ctx: click.Context, demo: bool, exit_after: bool, json_logs: bool) -> None:
+    """Run everything on this machine: OpenBao, the dispatcher with local Jobs, metrics (until Ctrl-C)."""
+    import msgspec
+
+    from . import logs, tasks
+    from .up import run_up
+
+    settings = settings_from(ctx)
+    if json_logs:
+        settings = msgspec.structs.replace(
+            settings, logging=msgspec.structs.replace(settings.logging, format="json")
+        )
+    logs.configure(settings.logging)
+    sys.exit(tasks.run(run_up(settings, demo=demo, exit_after_demo=exit_after, echo=click.echo)))
+
+
 @app.command("agent")
 def agent_cmd() -> None:
     """Run one investigation inside its Job (AGENTJOBS_* environment, input files).
