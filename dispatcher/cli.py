@@ -133,12 +133,27 @@ def up_cmd(ctx: click.Context, demo: bool, exit_after: bool, json_logs: bool) ->
     from .up import run_up
 
     settings = settings_from(ctx)
-    if json_logs:
-        settings = msgspec.structs.replace(
-            settings, logging=msgspec.structs.replace(settings.logging, format="json")
-        )
-    logs.configure(settings.logging)
+    # Readable by default: the status lines tell the story, log lines only warnings and errors.
+    logging_settings = (
+        msgspec.structs.replace(settings.logging, format="json") if json_logs
+        else msgspec.structs.replace(settings.logging, level="warning")
+    )
+    logs.configure(logging_settings)
     sys.exit(tasks.run(run_up(settings, demo=demo, exit_after_demo=exit_after, echo=click.echo)))
+
+
+@app.command("bridge")
+@click.option("--host", default=None, help="Listen address (default: bridge.host).")
+@click.option("--port", type=int, default=None, help="Listen port, 0 for any free one (default: bridge.port).")
+@click.pass_context
+def bridge_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Receive Alertmanager webhooks on POST /alerts and publish them with confirms (until SIGTERM)."""
+    from . import logs, tasks
+    from .bridge import BridgeService
+
+    settings = settings_from(ctx)
+    logs.configure(settings.logging)
+    sys.exit(tasks.run(BridgeService(settings, host=host, port=port).run()))
 
 
 @app.command("agent")
