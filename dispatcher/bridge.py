@@ -1,0 +1,260 @@
+"""The Alertmanager webhook bridge: HTTP in, confirmed AMQP out.
+
+Prometheus Alertmanager can only call webhooks, so ``agentjobs bridge``
+receives ``POST /alerts`` (webhook v4; CloudEvents and our ``IncidentEvent``
+are accepted too, because ``decode_incident`` accepts them), validates the
+body and publishes the *original bytes* to ``agentjobs.incidents`` with a
+publisher confirm. It answers 200 only after the broker confirmed; anything
+short of a confirm is a 503, so Alertmanager retries and nothing is lost.
+
+Order of checks, cheapest first: auth (401) → size (413, never reading more
+than the limit) → decode (400) → broker (503) → 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import math
+import re
+import time
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aiohttp import web
+
+from schemas import DecodeError, decode_incident
+from schemas.errors import TemporaryError
+from schemas.incident import IncidentEvent
+
+from .amqp import Publisher, connect
+from .logs import get_logger
+from .settings import BridgeSettings, Settings
+from .topology import INCIDENTS, declare, dispatcher_topology
+
+log = get_logger(__name__)
+
+REALM = "agentjobs"
+_READ_CHUNK = 64 * 1024  # bytes per read from the request stream
+_UNSAFE = re.compile(r"[^a-z0-9_-]+")
+
+
+def routing_key(event: IncidentEvent) -> str:
+    """``alertmanager.<receiver>`` (one topic word, [a-z0-9_-]); ``alertmanager.default`` without one."""
+    word = _UNSAFE.sub("_", event.receiver.lower()).strip("_")[:200] or "default"
+    return f"alertmanager.{word}"
+
+
+def _error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": reason, "message": message}, status=status, headers=headers)
+
+
+class _Auth:
+    """Bearer and/or basic credentials as Alertmanager's ``http_config`` sends them."""
+
+    def __init__(self, bridge: BridgeSettings) -> None:
+        self._bearer = bridge.bearer_token.encode() if bridge.bearer_token else None
+        self._basic = (
+            f"{bridge.basic_username}:{bridge.basic_password}".encode() if bridge.basic_username else None
+        )
+
+    @property
+    def required(self) -> bool:
+        return self._bearer is not None or self._basic is not None
+
+    def challenge(self) -> list[str]:
+        out = []
+        if self._bearer is not None:
+            out.append(f'Bearer realm="{REALM}"')
+        if self._basic is not None:
+            out.append(f'Basic realm="{REALM}", charset="UTF-8"')
+        return out
+
+    def check(self, header: str | None) -> bool:
+        """True when the Authorization header matches a configured credential (constant time)."""
+        if not self.required:
+            return True
+        scheme, _, value = (header or "").strip().partition(" ")
+        value = value.strip()
+        scheme = scheme.lower()
+        if scheme == "bearer" and self._bearer is not None:
+            return hmac.compare_digest(value.encode(), self._bearer)
+        if scheme == "basic" and self._basic is not None:
+            try:
+                given = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(given, self._basic)
+        return False
+
+
+class BridgeService:
+    """The bridge's HTTP server and broker connection; ``start()`` returns the bound port."""
+
+    name = "agentjobs-bridge"
+
+    def __init__(self, settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+        self.settings = settings
+        self.host = settings.bridge.host if host is None else host
+        self.port = settings.bridge.port if port is None else port
+        self.bound_port: int | None = None
+        self._auth = _Auth(settings.bridge)
+        self._max = settings.bridge.max_body_bytes
+        self._retry_after = str(max(1, math.ceil(settings.amqp.reconnect_interval)))
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: Publisher | None = None
+        self._channel: AbstractChannel | None = None  # the publisher's confirming channel
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True while the broker connection (and the publishing channel) is open."""
+        conn, channel = self._connection, self._channel
+        return (
+            conn is not None and channel is not None and conn.connected.is_set()
+            and not conn.is_closed and not channel.is_closed
+        )
+
+    def app(self) -> web.Application:
+        # client_max_size is a backstop only: the handler enforces the limit while streaming.
+        app = web.Application(client_max_size=self._max + 1)
+        app.router.add_post("/alerts", self._alerts)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def start(self) -> int:
+        """Connect to the broker, declare the topology, bind; raises ``TemporaryError`` if the broker is down."""
+        amqp = self.settings.amqp
+        self._connection = await connect(amqp, name=self.name)
+        try:
+            channel = await self._connection.channel()
+            await declare(channel, dispatcher_topology(amqp))
+            await channel.close()
+            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._publisher = Publisher(self._channel, timeout=amqp.publish_timeout)
+        except TemporaryError:
+            raise
+        except Exception as exc:  # broker errors during declare: same meaning as a failed connect
+            await self._close_connection()
+            raise TemporaryError(f"cannot prepare RabbitMQ topology: {exc!r}") from exc
+        # In-flight requests wait for their confirm on stop, at most one publish timeout.
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=amqp.publish_timeout + 1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # aiohttp's only way to the bound port
+        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        log.info("bridge_started", host=self.host, port=self.bound_port, auth=self._auth.required,
+                 max_body_bytes=self._max)
+        return self.bound_port
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (their confirms), then close the connection."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self._close_connection()
+        log.info("bridge_stopped")
+
+    async def _close_connection(self) -> None:
+        if self._connection is not None:
+            try:
+                await self._connection.close()
+            except Exception as exc:  # noqa: BLE001 - closing a broken connection must not fail stop()
+                log.warning("bridge_close_failed", error=repr(exc))
+            self._connection = None
+            self._publisher = None
+            self._channel = None
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; exit 2 when the broker is unreachable at start."""
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+        except TemporaryError as exc:
+            log.error("bridge_start_failed", error=exc.message,
+                      hint="start RabbitMQ (Debian package rabbitmq-server, or "
+                           "`docker run -p 5672:5672 rabbitmq:3-management`) or set amqp.url")
+            await self.stop()
+            return 2
+        except OSError as exc:
+            log.error("bridge_start_failed", error=f"cannot listen on {self.host}:{self.port}: {exc}",
+                      hint="choose another bridge.port (AGENTJOBS_BRIDGE__PORT)")
+            await self.stop()
+            return 2
+        await stop.wait()
+        await self.stop()
+        return 0
+
+    # ------------------------------------------------------------------ handlers
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ready = self.ready
+        return web.json_response({"ready": ready, "checks": {"broker": ready}}, status=200 if ready else 503)
+
+    async def _read_limited(self, request: web.Request) -> bytes | None:
+        """The body, or None as soon as it exceeds the limit (never buffers more than limit + a chunk)."""
+        if request.content_length is not None and request.content_length > self._max:
+            return None
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(_READ_CHUNK):
+            size += len(chunk)
+            if size > self._max:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _alerts(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
+        response, fields = await self._handle(request)
+        log.info(
+            "alert_forwarded" if response.status == 200 else "alert_rejected",
+            status=response.status, remote=request.remote, duration_ms=round((time.monotonic() - started) * 1000, 1),
+            **fields,
+        )
+        return response
+
+    async def _handle(self, request: web.Request) -> tuple[web.Response, dict[str, Any]]:
+        if not self._auth.check(request.headers.get("Authorization")):
+            response = _error(401, "unauthorized", "missing or wrong credentials")
+            for challenge in self._auth.challenge():
+                response.headers.add("WWW-Authenticate", challenge)
+            return response, {"reason": "unauthorized"}
+        body = await self._read_limited(request)
+        if body is None:
+            # Closing is cheaper than draining an oversized body we will not use.
+            response = _error(413, "too_large", f"request body exceeds {self._max} bytes",
+                              headers={"Connection": "close"})
+            return response, {"reason": "too_large"}
+        try:
+            event = decode_incident(body, max_bytes=self._max)
+        except DecodeError as exc:
+            status = 413 if exc.reason == "too_large" else 400
+            return _error(status, exc.reason, exc.message), {"reason": exc.reason, "bytes": len(body)}
+        key = routing_key(event)
+        fields: dict[str, Any] = {"routing_key": key, "event_id": event.event_id, "group_key": event.group_key,
+                                  "alerts": len(event.alerts), "bytes": len(body)}
+        publisher = self._publisher
+        if publisher is None or not self.ready:
+            return self._unavailable("RabbitMQ connection is down; retry later"), {**fields, "reason": "broker_down"}
+        try:
+            await publisher.publish(INCIDENTS, key, body, message_id=event.event_id,
+                                    headers={"x-agentjobs-received-by": "bridge"})
+        except TemporaryError as exc:
+            return self._unavailable(exc.message), {**fields, "reason": "not_confirmed", "error": exc.message}
+        return web.json_response({"status": "accepted", "event_id": event.event_id, "routing_key": key}), fields
+
+    def _unavailable(self, message: str) -> web.Response:
+        return _error(503, "broker_unavailable", message, headers={"Retry-After": self._retry_after})
