@@ -2,8 +2,8 @@
 
 Starts an OpenBao dev server (bundled ``bao``) and configures it with
 ``vault bootstrap``, then the dispatcher with the embedded ``LocalRuntime``
-(each investigation a local process running ``agentjobs agent``) and its
-metrics endpoints. RabbitMQ comes from settings (default: local); PostgreSQL
+(each investigation a local process running ``agentjobs agent``), its
+metrics endpoints and the Alertmanager webhook bridge. RabbitMQ comes from settings (default: local); PostgreSQL
 is used when configured. Ctrl-C / SIGTERM drains the dispatcher, stops running
 investigations, revokes every credential issued, and stops OpenBao.
 ``--demo`` publishes a realistic alert storm and prints what happened to it.
@@ -26,6 +26,7 @@ from schemas import Finding, LifecycleEvent, decode
 from schemas.errors import DecodeError
 
 from . import vault_layout
+from .bridge import BridgeService
 from .embedded_vault import EmbeddedOpenBao, EmbeddedVaultError
 from .logs import get_logger
 from .runtime_local import LocalRuntime
@@ -118,6 +119,7 @@ async def run_up(settings: Settings, *, demo: bool, exit_after_demo: bool, echo:
         echo(f"error: {exc}")
         return 2
     service: DispatcherService | None = None
+    bridge: BridgeService | None = None
     dispatcher_token = ""
     try:
         root = hvac.Client(url=bao.addr, token=bao.root_token)
@@ -133,6 +135,9 @@ async def run_up(settings: Settings, *, demo: bool, exit_after_demo: bool, echo:
         embedded = embedded_settings(settings, vault_token=dispatcher_token)
         service = DispatcherService(embedded, LocalRuntime(state / "local"))
         await service.start()
+        bridge = BridgeService(embedded)
+        bridge_port = await bridge.start()
+        echo(f"bridge: Alertmanager webhook at http://{settings.bridge.host}:{bridge_port}/alerts")
         echo(f"dispatcher: consuming {INCIDENTS} on {settings.amqp.url.rpartition('@')[2]}, local runtime in "
              f"{state / 'local'}, metrics on http://{settings.metrics.host}:{settings.metrics.port}/metrics")
         stop = asyncio.Event()
@@ -150,6 +155,8 @@ async def run_up(settings: Settings, *, demo: bool, exit_after_demo: bool, echo:
         return 1 if service.crashed.is_set() else 0
     finally:
         echo("stopping: draining the dispatcher, stopping investigations, revoking credentials")
+        if bridge is not None:
+            await bridge.stop()
         if service is not None:
             await service.stop()
         if dispatcher_token:

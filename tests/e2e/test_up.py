@@ -19,7 +19,7 @@ AGENTJOBS = str(Path(sys.executable).with_name("agentjobs"))
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state"),
             "AGENTJOBS_VAULT__ADDR": f"http://127.0.0.1:{free_port()}",
-            "AGENTJOBS_METRICS__PORT": str(free_port()), **extra}
+            "AGENTJOBS_METRICS__PORT": str(free_port()), "AGENTJOBS_BRIDGE__PORT": str(free_port()), **extra}
 
 
 async def test_up_demo_exit_runs_the_storm_and_leaves_nothing_behind(amqp_vhost, rabbitmq_management, tmp_path):
@@ -31,6 +31,7 @@ async def test_up_demo_exit_runs_the_storm_and_leaves_nothing_behind(amqp_vhost,
     assert proc.returncode == 0, text[-3000:]
     assert "demo: 5 investigations for 301 notifications" in text
     assert "findings published to exchange agentjobs.results" in text
+    assert "bridge: Alertmanager webhook at http://127.0.0.1:" in text
     assert "Traceback" not in text
     # no OpenBao, agent or dispatcher process outlives `up`, and no Vault-issued broker user survives
     vault_listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
