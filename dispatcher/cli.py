@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -154,6 +155,54 @@ def bridge_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
     settings = settings_from(ctx)
     logs.configure(settings.logging)
     sys.exit(tasks.run(BridgeService(settings, host=host, port=port).run()))
+
+
+@app.group()
+def publish() -> None:
+    """Publish messages into agentjobs (with broker confirms)."""
+
+
+@publish.command("incident")
+@click.argument("file", type=click.File("rb"))
+@click.pass_context
+def publish_incident_cmd(ctx: click.Context, file: Any) -> None:
+    """Publish an incident from FILE (or - for stdin): Alertmanager v4, CloudEvents or our event."""
+    from . import tasks
+    from .ops import OpsError, publish_incident
+
+    settings = settings_from(ctx)
+    try:
+        published = tasks.run(publish_incident(settings, file.read()))
+    except OpsError as exc:
+        _fail(str(exc))
+        return
+    click.echo(json.dumps(published))
+
+
+@app.command("tail")
+@click.argument("stream", type=click.Choice(["findings", "lifecycle", "dead", "all"]), default="all")
+@click.option("--follow", "-f", is_flag=True, help="Keep listening (default: stop after 2 s without messages).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines for scripts.")
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="e.g. --filter domain=database")
+@click.pass_context
+def tail_cmd(ctx: click.Context, stream: str, follow: bool, as_json: bool, filters: tuple[str, ...]) -> None:
+    """Show results, lifecycle events or dead letters as they arrive (never takes them from consumers)."""
+    from . import tasks
+    from .ops import OpsError, tail
+
+    parsed: dict[str, str] = {}
+    for item in filters:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--filter {item!r}: expected KEY=VALUE")
+        parsed[key] = value
+    settings = settings_from(ctx)
+    try:
+        tasks.run(tail(settings, stream, follow=follow, as_json=as_json, filters=parsed, echo=click.echo))
+    except OpsError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command("agent")

@@ -1,0 +1,118 @@
+"""Operator commands against the running system: publish an incident, tail the result streams.
+
+``tail`` listens through its own exclusive, auto-deleted queue bound to the
+exchange — it sees copies and never takes a message from a real consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aio_pika
+import msgspec
+
+from schemas import DecodeError, decode, decode_incident, identify
+
+from .deadletters import HEADER_REASON, HEADER_MESSAGE
+from .redaction import redact
+from .settings import Settings
+from .topology import DEAD, INCIDENTS, RESULTS, declare, dispatcher_topology
+
+STREAMS: dict[str, tuple[str, str]] = {  # name → (exchange, binding)
+    "findings": (RESULTS, "finding.#"),
+    "lifecycle": (RESULTS, "lifecycle.#"),
+    "dead": (DEAD, "#"),
+    "all": (RESULTS, "#"),
+}
+
+
+class OpsError(Exception):
+    """A clear, user-facing failure (exit 2)."""
+
+
+async def _connect(settings: Settings) -> aio_pika.abc.AbstractConnection:
+    try:
+        return await aio_pika.connect(settings.amqp.url, timeout=10)
+    except Exception as exc:
+        raise OpsError(f"cannot reach RabbitMQ ({type(exc).__name__}); is it running? (see `agentjobs up`)") from None
+
+
+async def publish_incident(settings: Settings, body: bytes, *, routing_key: str = "cli") -> dict[str, str]:
+    """Validate and publish one incident (any accepted format) with a broker confirm."""
+    try:
+        event = decode_incident(body, max_bytes=settings.bridge.max_body_bytes)
+    except DecodeError as exc:
+        raise OpsError(f"not an incident: {exc.reason}: {exc.message}") from None
+    ident = identify(event)
+    connection = await _connect(settings)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await declare(channel, dispatcher_topology(settings.amqp))
+        exchange = await channel.get_exchange(INCIDENTS)
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event.event_id,
+                                   content_type="application/json")
+        await exchange.publish(message, routing_key, timeout=settings.amqp.publish_timeout)
+    return {"event_id": event.event_id, "investigation_id": ident.investigation_id, "job_name": ident.job_name}
+
+
+def matches(record: Mapping[str, Any], filters: Mapping[str, str]) -> bool:
+    """True if every ``key=value`` filter equals the record's top-level field (pure)."""
+    return all(str(record.get(k, "")) == v for k, v in filters.items())
+
+
+def render(stream: str, routing_key: str, record: Mapping[str, Any], headers: Mapping[str, Any]) -> str:
+    """One readable line for a message (pure)."""
+    kind = record.get("kind", "")
+    if stream == "dead":
+        return (f"dead  {headers.get(HEADER_REASON, record.get('reason', 'broker'))}: "
+                f"{str(headers.get(HEADER_MESSAGE, ''))[:120]}  (from {routing_key})")
+    if kind == "finding":
+        return (f"finding  {routing_key}  {record.get('job_name', record.get('investigation_id', ''))[:40]}  "
+                f"{record.get('conclusion', '')}  {record.get('confidence', 0):.2f}  {record.get('summary', '')[:100]}")
+    if kind == "lifecycle":
+        reason = f" ({record['reason']})" if record.get("reason") else ""
+        return f"{record.get('state', ''):<10} {record.get('job_name', '')}{reason}"
+    return f"{routing_key}  {json.dumps(record)[:160]}"
+
+
+async def tail(
+    settings: Settings, stream: str, *, follow: bool, as_json: bool, filters: Mapping[str, str],
+    echo: Callable[[str], None], idle_seconds: float = 2.0,
+) -> int:
+    """Print messages of ``stream`` as they arrive; returns how many were shown."""
+    exchange_name, binding = STREAMS[stream]
+    shown = 0
+    arrived = asyncio.Event()
+    connection = await _connect(settings)
+    async with connection:
+        channel = await connection.channel()
+        await declare(channel, dispatcher_topology(settings.amqp))
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange_name, binding)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal shown
+            try:
+                record: dict[str, Any] = msgspec.to_builtins(decode(message.body))
+            except DecodeError:
+                record = {"body": message.body[:1024].decode("utf-8", "replace")}
+            headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in (message.headers or {}).items()}
+            if not matches(record, filters):
+                return
+            shown += 1
+            if as_json:
+                echo(json.dumps(redact({"routing_key": message.routing_key, "headers": headers, **record})))
+            else:
+                echo(render(stream, message.routing_key or "", record, headers))
+            arrived.set()
+
+        await queue.consume(on_message, no_ack=True)
+        while True:
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), None if follow else idle_seconds)
+            except TimeoutError:
+                return shown

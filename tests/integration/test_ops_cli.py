@@ -1,0 +1,70 @@
+"""`agentjobs publish incident` and `agentjobs tail`, against real RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from dispatcher.ops import tail
+from dispatcher.settings import load_settings
+from dispatcher.topology import DEAD, INCIDENTS, declare, dispatcher_topology
+from tests.support.payloads import SAMPLE_WEBHOOK, dumps
+
+pytestmark = pytest.mark.integration
+AGENTJOBS = str(Path(sys.executable).with_name("agentjobs"))
+
+
+def _run(args: list[str], url: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([AGENTJOBS, *args], input=stdin, capture_output=True, timeout=60,
+                          env={**os.environ, "AGENTJOBS_AMQP__URL": url})
+
+
+async def _ready(url: str, queue: str) -> int:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        return (await channel.declare_queue(queue, passive=True)).declaration_result.message_count
+
+
+async def test_publish_incident_from_stdin_is_confirmed_and_queued(amqp_vhost):
+    done = await asyncio.to_thread(_run, ["publish", "incident", "-"], amqp_vhost.amqp_url, dumps(SAMPLE_WEBHOOK))
+    assert done.returncode == 0, done.stderr
+    published = json.loads(done.stdout)
+    assert published["job_name"].startswith("aj-postgrestoomanyconnections-")
+    assert await _ready(amqp_vhost.amqp_url, INCIDENTS) == 1
+
+
+async def test_publish_rejects_what_is_not_an_incident_with_the_reason(amqp_vhost):
+    done = await asyncio.to_thread(_run, ["publish", "incident", "-"], amqp_vhost.amqp_url, b'{"version": "3"}')
+    assert done.returncode == 2
+    assert b"not an incident: unsupported_version" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+async def test_tail_sees_dead_letters_without_taking_them_from_the_real_queue(amqp_vhost, rabbitmq_management):
+    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url})
+    connection = await aio_pika.connect(amqp_vhost.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare(channel, dispatcher_topology(settings.amqp))
+        lines: list[str] = []
+        tailing = asyncio.create_task(tail(settings, "dead", follow=False, as_json=True, filters={},
+                                           echo=lines.append, idle_seconds=3))
+        async with asyncio.timeout(10):  # wait until tail's own queue is bound
+            while not [q for q in await rabbitmq_management.list_queues(amqp_vhost.name)
+                       if q.name.startswith("amq.gen")]:
+                await asyncio.sleep(0.05)
+        exchange = await channel.get_exchange(DEAD)
+        await exchange.publish(aio_pika.Message(b"{broken", headers={"x-agentjobs-reason": "invalid_json",
+                                                                      "x-agentjobs-message": "JSON is malformed"}),
+                               "alertmanager")
+        shown = await tailing
+    assert shown == 1 and json.loads(lines[0])["headers"]["x-agentjobs-reason"] == "invalid_json"
+    assert await _ready(amqp_vhost.amqp_url, DEAD) == 1  # still there for the real consumer
