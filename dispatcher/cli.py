@@ -205,6 +205,43 @@ def tail_cmd(ctx: click.Context, stream: str, follow: bool, as_json: bool, filte
         pass
 
 
+@app.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Active investigations, phases per scope and queue depths."""
+    from schemas import utcnow
+
+    from . import tasks
+    from .ops import OpsError, active_investigations, queue_depths
+
+    settings = settings_from(ctx)
+
+    async def gather() -> dict[str, Any]:
+        return {
+            "investigations": await active_investigations(settings, utcnow()),
+            # Static until the trust consumer (issue 8) publishes phases per scope.
+            "phases": {"*": settings.trust.initial_phase.value},
+            "queues": await queue_depths(settings),
+        }
+
+    try:
+        status = tasks.run(gather())
+    except OpsError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(status))
+        return
+    click.echo(f"{len(status['investigations'])} active investigation(s)")
+    for inv in status["investigations"]:
+        click.echo(f"  {inv['job_name']:<48} {inv['state']:<8} class={inv['class']} phase={inv['phase']} "
+                   f"domain={inv['domain']} age={inv['age_s']}s")
+    click.echo("phases: " + ", ".join(f"{k}={v}" for k, v in status["phases"].items()))
+    for name, depth in status["queues"].items():
+        click.echo(f"queue {name:<24} ready={depth['ready']} consumers={depth['consumers']}")
+
+
 @app.command("agent")
 def agent_cmd() -> None:
     """Run one investigation inside its Job (AGENTJOBS_* environment, input files).

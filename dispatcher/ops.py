@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,6 +58,57 @@ async def publish_incident(settings: Settings, body: bytes, *, routing_key: str 
                                    content_type="application/json")
         await exchange.publish(message, routing_key, timeout=settings.amqp.publish_timeout)
     return {"event_id": event.event_id, "investigation_id": ident.investigation_id, "job_name": ident.job_name}
+
+
+async def queue_depths(settings: Settings) -> dict[str, dict[str, int]]:
+    """Ready messages and consumers of the dispatcher's queues."""
+    depths: dict[str, dict[str, int]] = {}
+    connection = await _connect(settings)
+    async with connection:
+        for name in (q.name for q in dispatcher_topology(settings.amqp).queues):
+            channel = await connection.channel()
+            try:
+                declared = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                continue  # not declared yet: nothing ever ran here
+            result = declared.declaration_result
+            depths[name] = {"ready": result.message_count, "consumers": result.consumer_count}
+            await channel.close()
+    return depths
+
+
+async def active_investigations(settings: Settings, now: datetime) -> list[dict[str, Any]]:
+    """Investigations whose Job has not ended, from the runtime's own records (read only)."""
+    from . import jobspec
+
+    if settings.runtime.kind == "local":
+        from .runtime_local import is_live, read_records
+
+        records = read_records(Path(settings.runtime.state_dir) / "local")
+        return [
+            {"job_name": r.name, "investigation_id": r.investigation_id, "state": r.state,
+             "class": r.labels.get(jobspec.LABEL_CLASS, ""), "phase": r.labels.get(jobspec.LABEL_PHASE, ""),
+             "domain": r.labels.get(jobspec.LABEL_DOMAIN, ""), "age_s": int((now - r.created_at).total_seconds())}
+            for r in records if is_live(r)
+        ]
+    from .runtime_k8s import KubernetesRuntime, ending_of
+
+    runtime = await KubernetesRuntime.from_settings(settings.k8s)
+    try:
+        listing = await runtime._list()
+    finally:
+        await runtime.close()
+    out = []
+    for job in listing.get("items", []):
+        if ending_of(job) is not None:
+            continue
+        meta, labels = job["metadata"], job["metadata"].get("labels") or {}
+        created = datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
+        out.append({"job_name": meta["name"], "investigation_id": labels.get(jobspec.LABEL_INVESTIGATION, ""),
+                    "state": "active" if (job.get("status") or {}).get("active") else "pending",
+                    "class": labels.get(jobspec.LABEL_CLASS, ""), "phase": labels.get(jobspec.LABEL_PHASE, ""),
+                    "domain": labels.get(jobspec.LABEL_DOMAIN, ""), "age_s": int((now - created).total_seconds())})
+    return out
 
 
 def matches(record: Mapping[str, Any], filters: Mapping[str, str]) -> bool:

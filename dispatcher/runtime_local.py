@@ -158,6 +158,19 @@ def _read_record(job_dir: Path) -> JobRecord | None:
         return None
 
 
+def read_records(state_dir: Path) -> list[JobRecord]:
+    """Every Job record under ``state_dir`` — read only, for ``agentjobs status``."""
+    jobs = state_dir / "jobs"
+    if not jobs.is_dir():
+        return []
+    return [r for d in sorted(jobs.iterdir()) if d.is_dir() and (r := _read_record(d)) is not None]
+
+
+def is_live(record: JobRecord) -> bool:
+    """True while the record's Job has not ended."""
+    return record.state in _LIVE_STATES
+
+
 # --- manifest → plan (pure) -----------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import pytest
 from dispatcher.ops import tail
 from dispatcher.settings import load_settings
 from dispatcher.topology import DEAD, INCIDENTS, declare, dispatcher_topology
+from schemas import decode_incident, identify
 from tests.support.payloads import SAMPLE_WEBHOOK, dumps
 
 pytestmark = pytest.mark.integration
@@ -68,3 +69,34 @@ async def test_tail_sees_dead_letters_without_taking_them_from_the_real_queue(am
         shown = await tailing
     assert shown == 1 and json.loads(lines[0])["headers"]["x-agentjobs-reason"] == "invalid_json"
     assert await _ready(amqp_vhost.amqp_url, DEAD) == 1  # still there for the real consumer
+
+
+async def test_status_lists_running_investigations_and_queue_depths(amqp_vhost, tmp_path):
+    from dispatcher.runtime_local import LocalRuntime
+    from dispatcher.service import DispatcherService
+    from tests.integration.dispatcher_harness import Results, publish
+
+    env = {"AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url, "AGENTJOBS_VAULT__AUTH_MODE": "none",
+           "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path),
+           "AGENTJOBS_CLASSES__DATABASE__COMMAND": json.dumps([sys.executable, "-c", "import time; time.sleep(60)"])}
+    settings = load_settings(None, env)
+    service = DispatcherService(settings, LocalRuntime(tmp_path / "local"), health_port=0)
+    await service.start()
+    try:
+        body = dumps({**SAMPLE_WEBHOOK, "groupKey": "status-test"})
+        job_name = identify(decode_incident(body)).job_name
+        async with Results(amqp_vhost.amqp_url, binding="lifecycle.started") as started:
+            await publish(amqp_vhost.amqp_url, [body])
+            await started.wait_for(lambda: any(m[2].job_name == job_name for m in started.messages))
+        done = await asyncio.to_thread(
+            subprocess.run, [AGENTJOBS, "status", "--json"], capture_output=True, timeout=60,
+            env={**os.environ, **env},
+        )
+    finally:
+        await service.stop(drain_timeout=5)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    (inv,) = [i for i in status["investigations"] if i["job_name"] == job_name]
+    assert inv["phase"] == "shadow" and inv["class"] == "database" and inv["age_s"] >= 0
+    assert status["queues"][INCIDENTS]["consumers"] == 1
+    assert status["phases"] == {"*": "shadow"}
