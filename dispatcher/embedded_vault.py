@@ -90,6 +90,15 @@ class EmbeddedOpenBao:
                 if r.status not in (200, 204):
                     log.error("revoke_failed", status=r.status, body=(await r.text())[:200])
 
+    async def revoke_leases(self, mounts: tuple[str, ...]) -> None:
+        """Revoke every lease under ``mounts`` synchronously (the backends drop their users first)."""
+        async with aiohttp.ClientSession() as http:
+            for mount in mounts:
+                async with http.post(f"{self.addr}/v1/sys/leases/revoke-prefix/{mount}", json={"sync": True},
+                                     headers={"X-Vault-Token": self.root_token}) as r:
+                    if r.status not in (200, 204):
+                        log.error("lease_sweep_failed", mount=mount, status=r.status, body=(await r.text())[:200])
+
     def stop_now(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGTERM)

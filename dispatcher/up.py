@@ -161,6 +161,9 @@ async def run_up(settings: Settings, *, demo: bool, exit_after_demo: bool, echo:
             await service.stop()
         if dispatcher_token:
             await bao.revoke_tree(dispatcher_token)  # every agent token is its child
+            # Token revocation drops leases asynchronously; a dev server stopped now would leave
+            # their database and broker users behind. Sweep them synchronously first.
+            await bao.revoke_leases((vault_layout.DATABASE_MOUNT, vault_layout.RABBITMQ_MOUNT))
         bao.stop_now()
         echo("stopped")
 
