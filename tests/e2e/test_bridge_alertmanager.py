@@ -1,0 +1,328 @@
+"""Debian's real ``prometheus-alertmanager`` sending its webhook to the bridge.
+
+The hand-made requests in ``tests/integration/test_bridge.py`` pin the wire
+format; here the sender is Alertmanager itself (grouping, ``http_config``
+bearer auth, its retry on non-2xx), and the proof is what lands in the real
+``agentjobs.incidents`` queue of a fresh vhost.
+
+Skipped when no Alertmanager binary is installed (``.ci/run`` installs the
+Debian package ``prometheus-alertmanager``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from dispatcher.bridge import BridgeService
+from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
+from dispatcher.topology import INCIDENTS
+from schemas import decode_incident
+from schemas.incident import IncidentEvent
+from tests.support.services import ManagementClient, Vhost, free_port, wait_until
+
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        ALERTMANAGER is None,
+        reason="Alertmanager binary not found (install the Debian package prometheus-alertmanager; .ci/run does)",
+    ),
+]
+
+TOKEN = "am-bridge-token"
+RECEIVER = "agentjobs"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Alertmanager:
+    """A private Alertmanager process: own config, storage, port; clustering off."""
+
+    def __init__(self, workdir: Path, bridge_port: int) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "alertmanager.log"
+        self.config_path = workdir / "alertmanager.yml"
+        # JSON is YAML: no PyYAML needed, and quoting is exact.
+        config = {
+            "route": {
+                "receiver": RECEIVER,
+                "group_by": ["alertname"],
+                "group_wait": "1s",
+                "group_interval": "2s",
+                "repeat_interval": "1h",
+            },
+            "receivers": [{
+                "name": RECEIVER,
+                "webhook_configs": [{
+                    "url": f"http://127.0.0.1:{bridge_port}/alerts",
+                    "send_resolved": True,
+                    "http_config": {"authorization": {"type": "Bearer", "credentials": TOKEN}},
+                }],
+            }],
+        }
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self) -> None:
+        storage = self.workdir / "data"
+        storage.mkdir(exist_ok=True)
+        argv = [
+            str(ALERTMANAGER),
+            f"--config.file={self.config_path}",
+            f"--storage.path={storage}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--cluster.listen-address=",  # no gossip: no port 9094, ready at once
+            "--log.level=debug",
+        ]
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          cwd=self.workdir, start_new_session=True)
+
+    async def start(self, timeout: float = 15.0) -> None:
+        await asyncio.to_thread(self._spawn)
+
+        async def ready() -> bool:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise AssertionError(f"alertmanager exited early:\n{self.log_tail()}")
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
+                    http.get(f"{self.url}/-/ready") as resp,
+                ):
+                    return resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+
+        await wait_until(ready, timeout=timeout, what=f"Alertmanager /-/ready at {self.url}")
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._proc = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def post_alerts(self, alerts: list[dict[str, Any]]) -> None:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+            http.post(f"{self.url}/api/v2/alerts", json=alerts) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+
+    async def metric(self, name: str) -> float:
+        """Sum of `name` over the webhook integration's series (0 when absent)."""
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+            http.get(f"{self.url}/metrics") as resp,
+        ):
+            text = await resp.text()
+        total = 0.0
+        for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
+            if 'integration="webhook"' in match.group(1):
+                total += float(match.group(2))
+        return total
+
+
+def _settings(vhost: Vhost) -> Settings:
+    return Settings(
+        amqp=AmqpSettings(url=vhost.amqp_url, reconnect_interval=1.0, publish_timeout=3.0),
+        bridge=BridgeSettings(port=0, bearer_token=TOKEN),
+    )
+
+
+def _alerts(alertname: str) -> list[dict[str, Any]]:
+    """Two alerts of one group (same alertname, different instances)."""
+    return [
+        {
+            "labels": {"alertname": alertname, "instance": f"db-{i}:9187", "severity": "critical",
+                       "service": "payments-db"},
+            "annotations": {"summary": f"{alertname} on db-{i}"},
+            "generatorURL": f"http://prometheus.example/graph?g0.expr=up%7Binstance%3D%22db-{i}%22%7D",
+        }
+        for i in (1, 2)
+    ]
+
+
+async def _count(amqp_url: str) -> int:
+    """Exact number of ready messages in the intake queue (a passive declare)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(INCIDENTS, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def _wait_count(amqp_url: str, expected: int, *, timeout: float, am: Alertmanager) -> None:
+    async def probe() -> bool:
+        return await _count(amqp_url) >= expected
+
+    try:
+        await wait_until(probe, timeout=timeout, what=f"{expected} message(s) in {INCIDENTS}")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; alertmanager log:\n{am.log_tail()}") from None
+
+
+async def _drain(amqp_url: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(amqp_url)
+    out = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(INCIDENTS, passive=True)
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            out.append(message)
+    return out
+
+
+def _check_incident(body: bytes, alertname: str) -> IncidentEvent:
+    event = decode_incident(body)
+    assert isinstance(event, IncidentEvent)
+    # Alertmanager's groupKey for the root route grouped by alertname
+    assert event.group_key == f'{{}}:{{alertname="{alertname}"}}', event.group_key
+    assert event.receiver == RECEIVER
+    assert event.status.value == "firing"
+    assert event.group_labels == {"alertname": alertname}
+    assert sorted(a.labels["instance"] for a in event.alerts) == ["db-1:9187", "db-2:9187"]
+    assert all(a.fingerprint for a in event.alerts)
+    assert event.common_labels["service"] == "payments-db"
+    assert event.severity.value == "critical"
+    return event
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@contextlib.asynccontextmanager
+async def _alertmanager(tmp_path: Path, bridge_port: int) -> AsyncIterator[Alertmanager]:
+    am = Alertmanager(tmp_path, bridge_port)
+    try:
+        await am.start()
+        yield am
+    finally:
+        await asyncio.to_thread(am.stop)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def bridge(amqp_vhost: Vhost) -> AsyncIterator[BridgeService]:
+    service = BridgeService(_settings(amqp_vhost), host="127.0.0.1")
+    await service.start()
+    try:
+        assert not await _drain(amqp_vhost.amqp_url)  # fresh vhost: the queue starts empty
+        yield service
+    finally:
+        await _drain(amqp_vhost.amqp_url)
+        await service.stop()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_alertmanager_group_arrives_once_as_an_incident(bridge, amqp_vhost, tmp_path) -> None:
+    # Given real Alertmanager routing to the bridge with bearer auth
+    async with _alertmanager(tmp_path, bridge.bound_port) as am:
+        # When two alerts of one group are posted to its API v2
+        await am.post_alerts(_alerts("PostgresDown"))
+
+        # Then after group_wait exactly one notification is in the intake queue
+        await _wait_count(amqp_vhost.amqp_url, 1, timeout=15, am=am)
+        assert await am.metric("alertmanager_notifications_total") == 1
+        assert await am.metric("alertmanager_notifications_failed_total") == 0
+        assert await am.metric("alertmanager_notification_requests_failed_total") == 0
+        assert await _count(amqp_vhost.amqp_url) == 1
+
+    messages = await _drain(amqp_vhost.amqp_url)
+    assert len(messages) == 1
+    message = messages[0]
+    assert message.routing_key == f"alertmanager.{RECEIVER}"
+    event = _check_incident(message.body, "PostgresDown")
+    assert message.message_id == event.event_id
+    assert json.loads(message.body)["version"] == "4"  # the original Alertmanager bytes
+
+
+async def test_alertmanager_retries_after_503_and_lands_exactly_one_incident(
+    bridge, amqp_vhost, tmp_path, rabbitmq_management: ManagementClient
+) -> None:
+    # Given the bridge has lost its broker connection and cannot get it back (permissions revoked)
+    user = rabbitmq_management.rabbitmq.user
+    found: list[str] = []
+
+    async def bridge_connection() -> bool:
+        found[:] = [c["name"] for c in await rabbitmq_management.list_connections(amqp_vhost.name)
+                    if (c.get("client_properties") or {}).get("connection_name") == BridgeService.name
+                    and c.get("state", "running") == "running"]
+        return len(found) == 1
+
+    await wait_until(bridge_connection, timeout=15, what="the bridge's connection in the management API")
+    await rabbitmq_management._request(
+        "DELETE", f"/api/permissions/{ManagementClient._q(amqp_vhost.name)}/{ManagementClient._q(user)}"
+    )
+    restored = False
+    try:
+        await rabbitmq_management.close_connection(found[0], reason="test: broker went away")
+
+        async def not_ready() -> bool:
+            return not bridge.ready
+
+        await wait_until(not_ready, timeout=15, what="bridge not ready")
+
+        async with _alertmanager(tmp_path, bridge.bound_port) as am:
+            # When Alertmanager notifies, the bridge answers 503 (at least one failed request)
+            await am.post_alerts(_alerts("ReplicationLag"))
+
+            async def failed_with_503() -> bool:
+                return ("unexpected status code 503" in am.log_tail(200)
+                        and await am.metric("alertmanager_notification_requests_failed_total") >= 1)
+
+            await wait_until(failed_with_503, timeout=15, what="Alertmanager's webhook request failing with 503")
+            assert "broker_unavailable" in am.log_tail(200)
+            # (the queue cannot be counted here: the test shares the broker user the permissions were taken from)
+
+            # And the broker comes back
+            await rabbitmq_management.set_permissions(amqp_vhost.name, user)
+            restored = True
+
+            # Then Alertmanager's retry succeeds: exactly one incident in the queue
+            await _wait_count(amqp_vhost.amqp_url, 1, timeout=20, am=am)
+
+            async def notified() -> bool:
+                total = await am.metric("alertmanager_notifications_total")
+                failed = await am.metric("alertmanager_notifications_failed_total")
+                return total - failed >= 1
+
+            await wait_until(notified, timeout=10, what="Alertmanager counting the notification as sent")
+            assert await _count(amqp_vhost.amqp_url) == 1
+    finally:
+        if not restored:
+            await rabbitmq_management.set_permissions(amqp_vhost.name, user)
+
+    messages = await _drain(amqp_vhost.amqp_url)
+    assert len(messages) == 1
+    _check_incident(messages[0].body, "ReplicationLag")
