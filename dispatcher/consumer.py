@@ -97,8 +97,8 @@ class Consumer:
         """Stop taking new messages, then wait for in-flight ones (unacked ones are redelivered)."""
         self.consuming = False
         if self._queue is not None and self._tag is not None:
-            with contextlib.suppress(Exception):
-                await self._queue.cancel(self._tag)
+            with contextlib.suppress(Exception):  # bounded: the broker may be unreachable
+                await asyncio.wait_for(self._queue.cancel(self._tag), timeout=5)
         if self._inflight:
             log.info("draining", queue=self.queue_name, in_flight=len(self._inflight))
             _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)
@@ -106,4 +106,4 @@ class Consumer:
                 task.cancel()
         if self._channel is not None:
             with contextlib.suppress(Exception):
-                await self._channel.close()
+                await asyncio.wait_for(self._channel.close(), timeout=5)

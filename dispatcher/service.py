@@ -146,8 +146,8 @@ class DispatcherService:
         with contextlib.suppress(Exception):
             await self.credentials.close()
         if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
+            with contextlib.suppress(Exception):  # a broker that is away must not hold up the exit
+                await asyncio.wait_for(self._connection.close(), timeout=5)
         if self._health is not None:
             await self._health.stop()
         log.info("dispatcher_stopped")
@@ -158,8 +158,18 @@ class DispatcherService:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.create_task(self.start(), name="start")
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # SIGTERM while still starting (e.g. the broker is away): just go
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+            await self.stop(drain_timeout=1)
+            return 0
+        stopping.cancel()
         try:
-            await self.start()
+            starting.result()
         except TemporaryError as exc:
             log.error("dispatcher_start_failed", error=exc.message)
             await self.stop(drain_timeout=1)

@@ -140,3 +140,24 @@ async def test_two_dispatchers_one_killed_and_restarted_make_exactly_one_job_per
     assert len(creates) >= 50
     assert await _ready_messages(url, INCIDENTS) == 0
     assert await _ready_messages(url, DEAD) == 0
+
+
+async def test_sigterm_stops_a_dispatcher_whose_broker_went_away(k8s_emulator, amqp_vhost, rabbitmq_management,
+                                                                  tmp_path):
+    # Given a running dispatcher whose vhost disappears (it keeps trying to reconnect)
+    handle = k8s_emulator
+    prepare_cluster(handle)
+    await declare_topology(amqp_vhost.amqp_url, settings_for(handle.namespace))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(handle.kubeconfig))
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url,
+           "AGENTJOBS_RUNTIME__KIND": "kubernetes", "AGENTJOBS_K8S__KUBECONFIG": str(kubeconfig),
+           "AGENTJOBS_K8S__NAMESPACE": handle.namespace, "AGENTJOBS_VAULT__AUTH_MODE": "none"}
+    process = DispatcherProcess(env, tmp_path / "d.log")
+    async with _killed_on_exit([process]):
+        await process.start()
+        await rabbitmq_management.delete_vhost(amqp_vhost.name)
+        # When it is asked to stop, Then it exits promptly and cleanly instead of hanging
+        assert await process.stop() == 0
+    await rabbitmq_management.create_vhost(amqp_vhost.name)  # the module's fixture deletes it afterwards
+    await rabbitmq_management.set_permissions(amqp_vhost.name, "guest")
