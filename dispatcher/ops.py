@@ -95,11 +95,11 @@ async def active_investigations(settings: Settings, now: datetime) -> list[dict[
 
     runtime = await KubernetesRuntime.from_settings(settings.k8s)
     try:
-        listing = await runtime._list()
+        jobs = await runtime.jobs()
     finally:
         await runtime.close()
     out = []
-    for job in listing.get("items", []):
+    for job in jobs:
         if ending_of(job) is not None:
             continue
         meta, labels = job["metadata"], job["metadata"].get("labels") or {}

@@ -225,8 +225,7 @@ class KubernetesRuntime:
         return True
 
     async def active(self) -> list[str]:
-        listing = await self._list()
-        return [j["metadata"]["name"] for j in listing.get("items", [])
+        return [j["metadata"]["name"] for j in await self.jobs()
                 if ending_of(j) is None and jobspec.ANN_REPORTED not in _annotations(j)]
 
     async def close(self) -> None:
@@ -241,6 +240,10 @@ class KubernetesRuntime:
             await self.api.close()
 
     # -- observation -------------------------------------------------------------------------
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        """Every Job agentjobs manages in the namespace, as the API server returns them (read only)."""
+        return (await self._list()).get("items", [])
 
     async def _list(self) -> dict[str, Any]:
         return await self._read_json("list jobs", self.batch.list_namespaced_job, self.namespace,

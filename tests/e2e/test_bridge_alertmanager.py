@@ -281,9 +281,7 @@ async def test_alertmanager_retries_after_503_and_lands_exactly_one_incident(
         return len(found) == 1
 
     await wait_until(bridge_connection, timeout=15, what="the bridge's connection in the management API")
-    await rabbitmq_management._request(
-        "DELETE", f"/api/permissions/{ManagementClient._q(amqp_vhost.name)}/{ManagementClient._q(user)}"
-    )
+    await rabbitmq_management.delete_permissions(amqp_vhost.name, user)
     restored = False
     try:
         await rabbitmq_management.close_connection(found[0], reason="test: broker went away")

@@ -249,9 +249,7 @@ async def test_broker_closed_before_request_is_503_then_retry_succeeds_once(
     # (robust connections retry at once, so without the refusal the outage would last milliseconds)
     user = rabbitmq_management.rabbitmq.user
     name = await _bridge_connection(rabbitmq_management, amqp_vhost.name)
-    await rabbitmq_management._request(
-        "DELETE", f"/api/permissions/{ManagementClient._q(amqp_vhost.name)}/{ManagementClient._q(user)}"
-    )
+    await rabbitmq_management.delete_permissions(amqp_vhost.name, user)
     try:
         await rabbitmq_management.close_connection(name, reason="test: broker went away")
         await _wait_ready(service, False)

