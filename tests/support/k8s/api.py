@@ -8,16 +8,26 @@ and admission as pods a client creates).
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import admission, defaults, patch as patching, status, validation
-from .resources import (CONFIGMAPS, EVENTS, JOBS, NAMESPACES, PODS, RESOURCEQUOTAS, SECRETS,
-                        SERVICEACCOUNTS, ResourceType)
+from . import admission, defaults, status, validation
+from . import patch as patching
+from .jsoncopy import clone
+from .resources import (
+    CONFIGMAPS,
+    EVENTS,
+    JOBS,
+    NAMESPACES,
+    PODS,
+    RESOURCEQUOTAS,
+    SECRETS,
+    SERVICEACCOUNTS,
+    ResourceType,
+)
 from .selectors import FieldSelector, LabelSelector, labels_of
 
 if TYPE_CHECKING:
@@ -49,7 +59,7 @@ class Api:
                 if obj.get("apiVersion") != rt.api_version else
                 f"the kind in the data ({obj.get('kind')}) does not match the expected kind "
                 f"({rt.kind})")
-        return copy.deepcopy(obj)
+        return clone(obj)
 
     def require_namespace(self, namespace: str) -> None:
         if self.store.get(NAMESPACES, None, namespace) is None:
@@ -186,9 +196,9 @@ class Api:
     def save(self, rt: ResourceType, current: dict, new: dict, subresource: str | None = None,
              expect_rv: str | None = None) -> dict:
         """Write `new` over `current`, honouring the status subresource split."""
-        new = copy.deepcopy(new)
+        new = clone(new)
         if subresource == "status":
-            merged = copy.deepcopy(current)
+            merged = clone(current)
             merged["status"] = new.get("status") or {}
         else:
             merged = new

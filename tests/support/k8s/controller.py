@@ -14,12 +14,12 @@ advances the clock instead of sleeping.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from typing import TYPE_CHECKING
 
 from . import status as st_
 from .clock import parse_rfc3339, rfc3339
+from .jsoncopy import clone
 from .resources import JOBS, PODS, SERVICEACCOUNTS
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class JobController:
             return
         uid = job["metadata"]["uid"]
         spec = job["spec"]
-        status = copy.deepcopy(job.get("status") or {})
+        status = clone(job.get("status") or {})
         conds: list[dict] = status.setdefault("conditions", [])
         now = self.clock.time()
 
@@ -230,7 +230,7 @@ class JobController:
         self.cluster.recorder.record(job, type_, reason, message, COMPONENT)
 
     def _create_pod(self, job: dict) -> None:
-        meta, template = job["metadata"], copy.deepcopy(job["spec"]["template"])
+        meta, template = job["metadata"], clone(job["spec"]["template"])
         tmeta = template.get("metadata") or {}
         pod = {"metadata": {"generateName": f"{meta['name']}-", "namespace": meta["namespace"],
                             "labels": tmeta.get("labels") or {},

@@ -7,11 +7,11 @@ kube-api-access volume …), so code that reads Jobs and Pods sees real shapes.
 
 from __future__ import annotations
 
-import copy
 import secrets as _secrets
 from typing import Any
 
 from .clock import rfc3339
+from .jsoncopy import clone
 
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # apimachinery's utilrand alphabet
 
@@ -185,6 +185,6 @@ def event(obj: dict, now: float) -> None:
 
 def strip_status_for_create(obj: dict) -> dict[str, Any]:
     """Create ignores a client-supplied status (PrepareForCreate)."""
-    obj = copy.deepcopy(obj)
+    obj = clone(obj)
     obj.pop("status", None)
     return obj

@@ -8,10 +8,10 @@ directives; server-side apply is treated as a merge without field ownership.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from . import status
+from .jsoncopy import clone
 
 MERGE_KEYS = {
     "containers": "name", "initContainers": "name", "ephemeralContainers": "name",
@@ -25,8 +25,8 @@ PRIMITIVE_SETS = {"finalizers"}
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+        return clone(patch)
+    result = clone(target) if isinstance(target, dict) else {}
     for k, v in patch.items():
         if v is None:
             result.pop(k, None)
@@ -37,10 +37,10 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 def strategic_merge(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return clone(patch)
     if patch.get("$patch") == "replace":
-        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+        return {k: clone(v) for k, v in patch.items() if k != "$patch"}
+    result = clone(target) if isinstance(target, dict) else {}
     for k, v in patch.items():
         if k.startswith("$deleteFromPrimitiveList/"):
             fld = k.split("/", 1)[1]
@@ -62,10 +62,10 @@ def strategic_merge(target: Any, patch: Any) -> Any:
 
 
 def _merge_list(current: list, patch: list, key: str) -> list:
-    out = copy.deepcopy(current)
+    out = clone(current)
     for item in patch:
         if not isinstance(item, dict) or key not in item:
-            return copy.deepcopy(patch)
+            return clone(patch)
         idx = next((i for i, x in enumerate(out) if isinstance(x, dict)
                     and x.get(key) == item[key]), None)
         if item.get("$patch") == "delete":
@@ -96,7 +96,7 @@ def _parent(doc: Any, parts: list[str]) -> tuple[Any, str]:
 
 def json_patch(doc: Any, ops: list[dict]) -> Any:
     """RFC 6902 add/remove/replace/move/copy/test."""
-    doc = copy.deepcopy(doc)
+    doc = clone(doc)
     try:
         for op in ops:
             kind, parts = op["op"], _pointer(op["path"])
@@ -118,7 +118,7 @@ def json_patch(doc: Any, ops: list[dict]) -> Any:
                         src_parent.pop(int(src_key))
                     else:
                         del src_parent[src_key]
-                op = {"op": "add", "path": op["path"], "value": copy.deepcopy(value)}
+                op = {"op": "add", "path": op["path"], "value": clone(value)}
                 kind = "add"
             parent, key = _parent(doc, parts)
             if kind == "add":

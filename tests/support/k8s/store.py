@@ -10,7 +10,6 @@ are never mutated in place: readers get deep copies.
 from __future__ import annotations
 
 import asyncio
-import copy
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Callable, Iterable
 
 from . import status
 from .clock import Clock, rfc3339
+from .jsoncopy import clone
 from .resources import ResourceType
 from .selectors import FieldSelector, LabelSelector, labels_of
 
@@ -104,10 +104,10 @@ class Store:
 
     def get(self, rt: ResourceType, namespace: str | None, name: str) -> dict | None:
         obj = self._objects.get(key_of(rt, namespace, name))
-        return copy.deepcopy(obj) if obj is not None else None
+        return clone(obj) if obj is not None else None
 
     def list(self, rt: ResourceType, namespace: str | None = None) -> list[dict]:
-        out = [copy.deepcopy(o) for (plural, ns, _), o in self._objects.items()
+        out = [clone(o) for (plural, ns, _), o in self._objects.items()
                if plural == rt.plural and (namespace is None or ns == namespace)]
         out.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         return out
@@ -116,7 +116,7 @@ class Store:
         for obj in self._objects.values():
             if obj["metadata"].get("uid") == uid:
                 from .resources import BY_KIND
-                return BY_KIND[(obj["apiVersion"], obj["kind"])], copy.deepcopy(obj)
+                return BY_KIND[(obj["apiVersion"], obj["kind"])], clone(obj)
         return None
 
     # -- writing -------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class Store:
         key = key_of(rt, meta.get("namespace"), meta["name"])
         if key in self._objects:
             raise status.already_exists(rt, meta["name"])
-        obj = copy.deepcopy(obj)
+        obj = clone(obj)
         obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
         meta = obj["metadata"]
         meta.setdefault("uid", str(uuid.uuid4()))
@@ -146,8 +146,8 @@ class Store:
         rv = self._bump()
         meta["resourceVersion"] = str(rv)
         self._objects[key] = obj
-        self._emit(Event(rv, "ADDED", rt, copy.deepcopy(obj), None))
-        return copy.deepcopy(obj)
+        self._emit(Event(rv, "ADDED", rt, clone(obj), None))
+        return clone(obj)
 
     def update(self, rt: ResourceType, obj: dict, *, expect_rv: str | None = None) -> dict:
         """Replace an existing object; `expect_rv` enables optimistic concurrency (409 Conflict)."""
@@ -158,7 +158,7 @@ class Store:
             raise status.not_found(rt, meta["name"])
         if expect_rv and expect_rv != current["metadata"]["resourceVersion"]:
             raise status.conflict(rt, meta["name"])
-        obj = copy.deepcopy(obj)
+        obj = clone(obj)
         obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
         for immutable in ("uid", "creationTimestamp", "namespace", "name"):
             if immutable in current["metadata"]:
@@ -166,8 +166,8 @@ class Store:
         rv = self._bump()
         obj["metadata"]["resourceVersion"] = str(rv)
         self._objects[key] = obj
-        self._emit(Event(rv, "MODIFIED", rt, copy.deepcopy(obj), copy.deepcopy(current)))
-        return copy.deepcopy(obj)
+        self._emit(Event(rv, "MODIFIED", rt, clone(obj), clone(current)))
+        return clone(obj)
 
     def remove(self, rt: ResourceType, namespace: str | None, name: str) -> dict:
         key = key_of(rt, namespace, name)
@@ -175,9 +175,9 @@ class Store:
         if current is None:
             raise status.not_found(rt, name)
         rv = self._bump()
-        final = copy.deepcopy(current)
+        final = clone(current)
         final["metadata"]["resourceVersion"] = str(rv)
-        self._emit(Event(rv, "DELETED", rt, copy.deepcopy(final), copy.deepcopy(current)))
+        self._emit(Event(rv, "DELETED", rt, clone(final), clone(current)))
         return final
 
     # -- watching ------------------------------------------------------------------------
