@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import click
+
+from schemas import OperatorFeedback, Phase, ShadowComparison, Verdict, encode, utcnow
 
 from . import redaction
 from .settings import ENV_CONFIG_FILE, Settings, SettingsError, load_settings
@@ -179,8 +182,59 @@ def publish_incident_cmd(ctx: click.Context, file: Any) -> None:
     click.echo(json.dumps(published))
 
 
+@publish.command("feedback")
+@click.argument("file", type=click.File("rb"), required=False)
+@click.option("--investigation", "investigation_id", help="The investigation the finding came from.")
+@click.option("--scope", help="Trust scope (by default the incident's domain).")
+@click.option("--phase", type=click.Choice([p.value for p in Phase]), help="Phase the finding was produced in.")
+@click.option("--verdict", type=click.Choice([v.value for v in Verdict]))
+@click.option("--changed", "changed_fields", multiple=True, metavar="FIELD", help="For `modified`: e.g. cause.")
+@click.option("--harmful", is_flag=True, help="An executed or proposed action would have hurt.")
+@click.option("--shadow-agreed/--shadow-disagreed", "shadow_agreed", default=None,
+              help="Shadow phase: did your own resolution agree with the agent's finding?")
+@click.option("--operator", default="", help="Who gives this feedback.")
+@click.option("--comment", default="")
+@click.option("--feedback-id", default=None, help="Idempotency key (default: a new one); repeats count once.")
+@click.pass_context
+def publish_feedback_cmd(ctx: click.Context, file: Any, **fields: Any) -> None:
+    """Publish an operator's verdict on a finding: from FILE (JSON, - for stdin) or from the options."""
+    from . import tasks
+    from .ops import OpsError, publish_feedback
+
+    settings = settings_from(ctx)
+    if file is not None:
+        body = file.read()
+    else:
+        required = {"investigation_id": "--investigation", "scope": "--scope", "phase": "--phase",
+                    "verdict": "--verdict"}
+        missing = [option for name, option in required.items() if not fields[name]]
+        if missing:
+            _fail(f"publish feedback: give FILE, or {', '.join(missing)} (see --help)")
+        body = encode(feedback_from_options(**fields))
+    try:
+        published = tasks.run(publish_feedback(settings, body))
+    except OpsError as exc:
+        _fail(str(exc))
+        return
+    click.echo(json.dumps(published))
+
+
+def feedback_from_options(
+    *, investigation_id: str, scope: str, phase: str, verdict: str, changed_fields: tuple[str, ...], harmful: bool,
+    shadow_agreed: bool | None, operator: str, comment: str, feedback_id: str | None,
+) -> OperatorFeedback:
+    """The feedback the ``publish feedback`` options describe, stamped now."""
+    return OperatorFeedback(
+        feedback_id=feedback_id or uuid.uuid4().hex, investigation_id=investigation_id, scope=scope,
+        phase=Phase(phase), verdict=Verdict(verdict), at=utcnow(), operator=operator,
+        changed_fields=tuple(changed_fields), harmful=harmful, comment=comment,
+        shadow=None if shadow_agreed is None else ShadowComparison(agreed=shadow_agreed),
+    )
+
+
 @app.command("tail")
-@click.argument("stream", type=click.Choice(["findings", "lifecycle", "dead", "all"]), default="all")
+@click.argument("stream", type=click.Choice(["findings", "lifecycle", "dead", "phases", "feedback", "all"]),
+                default="all")
 @click.option("--follow", "-f", is_flag=True, help="Keep listening (default: stop after 2 s without messages).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines for scripts.")
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="e.g. --filter domain=database")

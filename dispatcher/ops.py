@@ -8,25 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import aio_pika
 import msgspec
 
-from schemas import DecodeError, decode, decode_incident, identify
+from schemas import DecodeError, OperatorFeedback, decode, decode_incident, identify
 
-from .deadletters import HEADER_REASON, HEADER_MESSAGE
+from .deadletters import HEADER_MESSAGE, HEADER_REASON
 from .redaction import redact
+from .reporting import routing_word
 from .settings import Settings
-from .topology import DEAD, INCIDENTS, RESULTS, declare, dispatcher_topology
+from .topology import DEAD, FEEDBACK, INCIDENTS, PHASES, RESULTS, declare, dispatcher_topology
 
 STREAMS: dict[str, tuple[str, str]] = {  # name → (exchange, binding)
     "findings": (RESULTS, "finding.#"),
     "lifecycle": (RESULTS, "lifecycle.#"),
     "dead": (DEAD, "#"),
+    "phases": (PHASES, "#"),
+    "feedback": (FEEDBACK, "#"),
     "all": (RESULTS, "#"),
 }
 
@@ -58,6 +61,31 @@ async def publish_incident(settings: Settings, body: bytes, *, routing_key: str 
                                    content_type="application/json")
         await exchange.publish(message, routing_key, timeout=settings.amqp.publish_timeout)
     return {"event_id": event.event_id, "investigation_id": ident.investigation_id, "job_name": ident.job_name}
+
+
+def feedback_routing_key(feedback: OperatorFeedback) -> str:
+    """``feedback.<verdict>.<scope>`` (pure; the scope made safe for a routing key)."""
+    return f"feedback.{feedback.verdict.value}.{routing_word(feedback.scope)}"
+
+
+async def publish_feedback(settings: Settings, body: bytes) -> dict[str, str]:
+    """Validate and publish one operator feedback with a broker confirm (unroutable is an error)."""
+    try:
+        feedback = decode(body, OperatorFeedback)
+    except DecodeError as exc:
+        raise OpsError(f"not an operator feedback: {exc.reason}: {exc.message}") from None
+    connection = await _connect(settings)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await declare(channel, dispatcher_topology(settings.amqp))
+        exchange = await channel.get_exchange(FEEDBACK)
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                   message_id=feedback.feedback_id, content_type="application/json",
+                                   type="feedback")
+        key = feedback_routing_key(feedback)
+        await exchange.publish(message, key, mandatory=True, timeout=settings.amqp.publish_timeout)
+    return {"feedback_id": feedback.feedback_id, "scope": feedback.scope, "verdict": feedback.verdict.value,
+            "routing_key": key}
 
 
 async def queue_depths(settings: Settings) -> dict[str, dict[str, int]]:
@@ -125,6 +153,17 @@ def render(stream: str, routing_key: str, record: Mapping[str, Any], headers: Ma
     if kind == "finding":
         return (f"finding  {routing_key}  {record.get('job_name', record.get('investigation_id', ''))[:40]}  "
                 f"{record.get('conclusion', '')}  {record.get('confidence', 0):.2f}  {record.get('summary', '')[:100]}")
+    if kind == "phase_changed":
+        numbers = ""
+        if record.get("samples"):
+            numbers = f", n={record['samples']}, rate={record.get('modification_rate') or 0:.2f}"
+        return (f"phase    {record.get('scope', '')}  {record.get('from_phase') or '-'} → {record.get('to_phase', '')}"
+                f"  ({record.get('reason', '')}{numbers})")
+    if kind == "feedback":
+        changed = f" changed {','.join(record['changed_fields'])}" if record.get("changed_fields") else ""
+        harmful = "  HARMFUL" if record.get("harmful") else ""
+        return (f"feedback {record.get('scope', '')}  {record.get('verdict', '')}{changed}{harmful}  "
+                f"{record.get('investigation_id', '')[:16]}  by {record.get('operator') or '-'}")
     if kind == "lifecycle":
         reason = f" ({record['reason']})" if record.get("reason") else ""
         return f"{record.get('state', ''):<10} {record.get('job_name', '')}{reason}"

@@ -27,6 +27,12 @@ DEAD_LOG = "agentjobs.dead.log"  # a copy of every dead letter, for the recorder
 CONTROL = "agentjobs.control"  # exchange and queue: commands such as cancel
 CREDENTIALS = "agentjobs.credentials"  # queue: agents' login-token accessors (kubernetes auth)
 CREDENTIALS_KEY = "credentials.issued"  # routing key on agentjobs.results
+FEEDBACK = "agentjobs.feedback"  # exchange and queue (single active consumer): operators' verdicts
+FEEDBACK_LOG = "agentjobs.feedback-log"  # stream: every trust input, in the order it was applied
+PHASES = "agentjobs.phases"  # exchange: PhaseChanged
+PHASE_LOG = "agentjobs.phase-log"  # stream bound to agentjobs.phases, replayed by dispatchers
+# Streams keep everything up to this size: replay from the first offset must see the whole history.
+STREAM_MAX_BYTES = 10 * 1024**3
 DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "k8s" / "rabbitmq" / "definitions.json"
 
 
@@ -64,16 +70,24 @@ def _quorum(dead_letter: bool, delivery_limit: int) -> dict[str, Any]:
     return args
 
 
+def _stream() -> dict[str, Any]:
+    return {"x-queue-type": "stream", "x-max-length-bytes": STREAM_MAX_BYTES}
+
+
 def dispatcher_topology(amqp: AmqpSettings) -> Topology:
-    """What the dispatcher needs (pure)."""
+    """The product's topology (pure): every component declares all of it, so start order is free."""
     return Topology(
-        exchanges=(Exchange(INCIDENTS), Exchange(RESULTS), Exchange(DEAD), Exchange(CONTROL)),
+        exchanges=(Exchange(INCIDENTS), Exchange(RESULTS), Exchange(DEAD), Exchange(CONTROL),
+                   Exchange(FEEDBACK), Exchange(PHASES)),
         queues=(
             Queue(INCIDENTS, _quorum(True, amqp.delivery_limit)),
             Queue(DEAD, _quorum(False, amqp.delivery_limit)),
             Queue(DEAD_LOG, _quorum(False, amqp.delivery_limit)),
             Queue(CONTROL, _quorum(True, amqp.delivery_limit)),
             Queue(CREDENTIALS, _quorum(True, amqp.delivery_limit)),
+            Queue(FEEDBACK, _quorum(True, amqp.delivery_limit) | {"x-single-active-consumer": True}),
+            Queue(FEEDBACK_LOG, _stream()),
+            Queue(PHASE_LOG, _stream()),
         ),
         bindings=(
             Binding(INCIDENTS, INCIDENTS),
@@ -81,6 +95,8 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Binding(DEAD, DEAD_LOG),
             Binding(CONTROL, CONTROL),
             Binding(RESULTS, CREDENTIALS, CREDENTIALS_KEY),
+            Binding(FEEDBACK, FEEDBACK),
+            Binding(PHASES, PHASE_LOG),
         ),
     )
 

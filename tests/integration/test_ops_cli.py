@@ -1,4 +1,4 @@
-"""`agentjobs publish incident` and `agentjobs tail`, against real RabbitMQ."""
+"""`agentjobs publish incident|feedback` and `agentjobs tail`, against real RabbitMQ."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 
 from dispatcher.ops import tail
 from dispatcher.settings import load_settings
-from dispatcher.topology import DEAD, INCIDENTS, declare, dispatcher_topology
-from schemas import decode_incident, identify
+from dispatcher.topology import DEAD, FEEDBACK, INCIDENTS, PHASES, declare, dispatcher_topology
+from schemas import OperatorFeedback, Phase, PhaseChanged, Verdict, decode, decode_incident, encode, identify, utcnow
 from tests.support.payloads import SAMPLE_WEBHOOK, dumps
 
 pytestmark = pytest.mark.integration
@@ -100,3 +100,56 @@ async def test_status_lists_running_investigations_and_queue_depths(amqp_vhost, 
     assert inv["phase"] == "shadow" and inv["class"] == "database" and inv["age_s"] >= 0
     assert status["queues"][INCIDENTS]["consumers"] == 1
     assert status["phases"] == {"*": "shadow"}
+
+
+async def test_publish_feedback_from_options_lands_once_in_the_trust_queue(amqp_vhost):
+    args = ["publish", "feedback", "--investigation", "inv-1", "--scope", "database", "--phase", "shadow",
+            "--verdict", "modified", "--changed", "cause", "--operator", "alice", "--feedback-id", "fb-1"]
+    done = await asyncio.to_thread(_run, args, amqp_vhost.amqp_url, b"")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"feedback_id": "fb-1", "scope": "database", "verdict": "modified",
+                                       "routing_key": "feedback.modified.database"}
+    connection = await aio_pika.connect(amqp_vhost.amqp_url)
+    async with connection:
+        queue = await (await connection.channel()).declare_queue(FEEDBACK, passive=True)
+        async with queue.iterator() as messages:  # single-active-consumer queues allow no basic.get
+            async for message in messages:
+                await message.ack()
+                break
+        feedback = decode(message.body, OperatorFeedback)
+    assert (feedback.verdict, feedback.changed_fields, feedback.operator) == (Verdict.MODIFIED, ("cause",), "alice")
+    assert message.message_id == "fb-1"
+
+
+async def test_publish_feedback_says_what_is_missing_or_wrong(amqp_vhost):
+    connection = await aio_pika.connect(amqp_vhost.amqp_url)
+    async with connection:
+        await declare(await connection.channel(), dispatcher_topology(load_settings(None, {}).amqp))
+    before = await _ready(amqp_vhost.amqp_url, FEEDBACK)
+    done = await asyncio.to_thread(_run, ["publish", "feedback", "--scope", "db"], amqp_vhost.amqp_url, b"")
+    assert done.returncode == 2
+    assert b"--investigation, --phase, --verdict" in done.stderr
+    done = await asyncio.to_thread(_run, ["publish", "feedback", "-"], amqp_vhost.amqp_url, b'{"kind": "feedback"}')
+    assert done.returncode == 2
+    assert b"not an operator feedback: missing_field" in done.stderr
+    assert await _ready(amqp_vhost.amqp_url, FEEDBACK) == before  # nothing published
+
+
+async def test_tail_phases_renders_phase_changes_readably(amqp_vhost, rabbitmq_management):
+    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url})
+    change = PhaseChanged(scope="database", from_phase=Phase.SHADOW, to_phase=Phase.READ_ONLY, at=utcnow(),
+                          reason="promoted", samples=20, modification_rate=0.0)
+    connection = await aio_pika.connect(amqp_vhost.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare(channel, dispatcher_topology(settings.amqp))
+        lines: list[str] = []
+        tailing = asyncio.create_task(tail(settings, "phases", follow=False, as_json=False, filters={},
+                                           echo=lines.append, idle_seconds=3))
+        async with asyncio.timeout(10):
+            while not [q for q in await rabbitmq_management.list_queues(amqp_vhost.name)
+                       if q.name.startswith("amq.gen")]:
+                await asyncio.sleep(0.05)
+        await (await channel.get_exchange(PHASES)).publish(aio_pika.Message(encode(change)), "phase.database")
+        assert await tailing == 1
+    assert lines == ["phase    database  shadow → read-only  (promoted, n=20, rate=0.00)"]
