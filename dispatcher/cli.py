@@ -143,7 +143,8 @@ def up_cmd(ctx: click.Context, demo: bool, exit_after: bool, json_logs: bool) ->
         else msgspec.structs.replace(settings.logging, level="warning")
     )
     logs.configure(logging_settings)
-    sys.exit(tasks.run(run_up(settings, demo=demo, exit_after_demo=exit_after, echo=click.echo)))
+    live = sys.stdout.isatty() and not json_logs  # a table redrawn in place; else one line per event
+    sys.exit(tasks.run(run_up(settings, demo=demo, exit_after_demo=exit_after, echo=click.echo, live=live)))
 
 
 @app.command("bridge")

@@ -22,17 +22,18 @@ import aio_pika
 import hvac
 import msgspec
 
-from schemas import Finding, LifecycleEvent, decode
+from schemas import decode, utcnow
 from schemas.errors import DecodeError
 
 from . import vault_layout
+from .board import Board
 from .bridge import BridgeService
 from .embedded_vault import EmbeddedOpenBao, EmbeddedVaultError
 from .logs import get_logger
 from .runtime_local import LocalRuntime
 from .service import DispatcherService
 from .settings import Settings
-from .topology import INCIDENTS, RESULTS, declare, dispatcher_topology
+from .topology import INCIDENTS, PHASES, RESULTS, declare, dispatcher_topology
 from .vault_bootstrap import BootstrapError, bootstrap
 
 log = get_logger("agentjobs.up")
@@ -70,41 +71,59 @@ async def _rabbitmq_reachable(url: str) -> str | None:
     return None
 
 
-class DemoWatch:
-    """Prints investigations as their lifecycle events and findings arrive on agentjobs.results."""
+class ResultsWatch:
+    """Feeds a ``Board`` from copies of ``agentjobs.results`` and ``agentjobs.phases`` (exclusive queue)."""
 
-    def __init__(self, echo: Callable[[str], None]) -> None:
-        self.echo = echo
-        self.dispatched: set[str] = set()
-        self.ended: dict[str, str] = {}
-        self.findings: dict[str, Finding] = {}
+    def __init__(self, board: Board, echo: Callable[[str], None] | None) -> None:
+        self.board = board
+        self.echo = echo  # None while a live table shows the board instead
         self.changed = asyncio.Event()
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
 
-    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def start(self, settings: Settings) -> None:
+        self._connection = await aio_pika.connect_robust(settings.amqp.url)
+        channel = await self._connection.channel()
+        await declare(channel, dispatcher_topology(settings.amqp))
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(RESULTS, "#")
+        await queue.bind(PHASES, "#")
+        await queue.consume(self._on_message, no_ack=True)
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
             body = decode(message.body)
         except DecodeError:
             return
-        key = message.routing_key or ""
-        if isinstance(body, LifecycleEvent):
-            if body.state.value == "dispatched" and body.investigation_id not in self.dispatched:
-                self.dispatched.add(body.investigation_id)
-                self.echo(f"  dispatched  {body.job_name}  (phase {body.phase.value if body.phase else '-'})")
-            elif body.state.terminal and body.investigation_id not in self.ended:
-                self.ended[body.investigation_id] = body.state.value
-                why = f" ({body.reason.value})" if body.reason else ""
-                self.echo(f"  {body.state.value:<10}  {body.job_name}{why}")
-        elif isinstance(body, Finding) and body.reasoner != "dispatcher":
-            self.findings[body.investigation_id] = body
-            self.echo(f"  finding     {key}: {body.summary[:90]} (confidence {body.confidence:.2f})")
+        line = self.board.observe(body, message.routing_key or "")
+        if line and self.echo is not None:
+            self.echo(line)
         self.changed.set()
 
-    def done(self, expected: int) -> bool:
-        return len(self.ended) >= expected and self.ended.keys() >= self.dispatched
+    async def stop(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), timeout=5)
 
 
-async def run_up(settings: Settings, *, demo: bool, exit_after_demo: bool, echo: Callable[[str], None]) -> int:
-    """Run everything until stopped; returns the process exit code."""
+async def _show_live(board: Board, stop: asyncio.Event) -> None:
+    """Redraw the board twice a second in place until ``stop`` (terminals only)."""
+    from rich.live import Live
+
+    with Live(board.table(utcnow()), refresh_per_second=2, transient=False) as live:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
+            live.update(board.table(utcnow()))
+
+
+async def run_up(
+    settings: Settings, *, demo: bool, exit_after_demo: bool, echo: Callable[[str], None], live: bool = False,
+) -> int:
+    """Run everything until stopped; returns the process exit code.
+
+    ``live``: show a table redrawn in place (a terminal) instead of one line per event.
+    """
     problem = await _rabbitmq_reachable(settings.amqp.url)
     if problem is not None:
         from .redaction import mask_text
@@ -120,6 +139,8 @@ async def run_up(settings: Settings, *, demo: bool, exit_after_demo: bool, echo:
         return 2
     service: DispatcherService | None = None
     bridge: BridgeService | None = None
+    watch: ResultsWatch | None = None
+    board = Board(settings.trust.initial_phase)
     dispatcher_token = ""
     try:
         root = hvac.Client(url=bao.addr, token=bao.root_token)
@@ -144,17 +165,25 @@ async def run_up(settings: Settings, *, demo: bool, exit_after_demo: bool, echo:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        watch = ResultsWatch(board, None if live else echo)
+        await watch.start(embedded)
+        echo("running — Ctrl-C stops everything and revokes every credential")
+        shown = asyncio.create_task(_show_live(board, stop)) if live else None
         if demo:
-            await _demo(embedded, echo, stop, exit_after_demo)
+            await _demo(embedded, echo, stop, exit_after_demo, watch)
         if not stop.is_set():
-            echo("running — Ctrl-C stops everything and revokes every credential")
             waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(service.crashed.wait())]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
                 w.cancel()
+        stop.set()
+        if shown is not None:
+            await shown
         return 1 if service.crashed.is_set() else 0
     finally:
         echo("stopping: draining the dispatcher, stopping investigations, revoking credentials")
+        if watch is not None:
+            await watch.stop()
         if bridge is not None:
             await bridge.stop()
         if service is not None:
@@ -168,31 +197,27 @@ async def run_up(settings: Settings, *, demo: bool, exit_after_demo: bool, echo:
         echo("stopped")
 
 
-async def _demo(settings: Settings, echo: Callable[[str], None], stop: asyncio.Event, exit_after: bool) -> None:
+async def _demo(
+    settings: Settings, echo: Callable[[str], None], stop: asyncio.Event, exit_after: bool, watch: ResultsWatch,
+) -> None:
     from .demo import storm_bodies
 
     bodies, groups = storm_bodies()
-    watch = DemoWatch(echo)
+    board = watch.board
     connection = await aio_pika.connect(settings.amqp.url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare(channel, dispatcher_topology(settings.amqp))
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(RESULTS, "#")
-        await queue.consume(watch.on_message, no_ack=True)
         exchange = await channel.get_exchange(INCIDENTS)
         echo(f"demo: publishing an alert storm: {len(bodies)} Alertmanager notifications in {groups} groups")
         await asyncio.gather(*(exchange.publish(aio_pika.Message(b), "alertmanager.demo", timeout=30) for b in bodies))
         echo("demo: published (confirmed); investigations:")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(180):
-                while not (watch.done(groups) or stop.is_set()):
-                    watch.changed.clear()
-                    await watch.changed.wait()
-        outcomes: dict[str, int] = {}
-        for state in watch.ended.values():
-            outcomes[state] = outcomes.get(state, 0) + 1
-        echo(f"demo: {len(watch.dispatched)} investigations for {len(bodies)} notifications; outcomes {outcomes}; "
-             f"{len(watch.findings)} findings published to exchange {RESULTS} (routing keys finding.<severity>.<domain>)")
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(180):
+            while not (board.done(groups) or stop.is_set()):
+                watch.changed.clear()
+                await watch.changed.wait()
+    echo(f"demo: {len(board.dispatched)} investigations for {len(bodies)} notifications; outcomes {board.outcomes()}; "
+         f"{len(board.findings)} findings published to exchange {RESULTS} (routing keys "
+         f"{', '.join(sorted(board.finding_keys)) or 'finding.<severity>.<domain>'})")
     if exit_after:
         stop.set()

@@ -1,0 +1,120 @@
+"""What ``agentjobs up`` shows: investigations, recent outcomes, findings and phases.
+
+``Board`` is fed the messages that appear on ``agentjobs.results`` and
+``agentjobs.phases`` (through an exclusive copy queue, never a real consumer's)
+and keeps a small picture of them: the investigations still running, the last
+outcomes, where findings went and the phase per scope. ``observe`` returns the
+readable line for a message (for logs and non-terminal output); ``table``
+renders the picture for a rich live view. Both are pure over the board's state.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from datetime import datetime
+
+from rich.table import Table
+
+from schemas import Finding, LifecycleEvent, LifecycleState, Phase, PhaseChanged
+
+RECENT = 8  # outcomes kept for the table
+RUNNING_SHOWN = 12  # running investigations listed (the rest are counted)
+
+
+@dataclass
+class Row:
+    job_name: str
+    phase: str
+    state: str
+    since: datetime
+    finding: str = ""
+
+
+class Board:
+    def __init__(self, default_phase: Phase) -> None:
+        self.default_phase = default_phase
+        self.running: OrderedDict[str, Row] = OrderedDict()  # investigation id → row
+        self.recent: deque[Row] = deque(maxlen=RECENT)
+        self.dispatched: set[str] = set()
+        self.ended: dict[str, str] = {}  # investigation id → terminal state
+        self.findings: dict[str, Finding] = {}
+        self.phases: dict[str, str] = {}  # scope → phase
+        self.finding_keys: set[str] = set()  # routing keys findings were published with
+
+    def observe(self, message: object, routing_key: str) -> str | None:
+        """Take one message into the picture; the line worth printing for it, if any."""
+        if isinstance(message, LifecycleEvent):
+            return self._lifecycle(message)
+        if isinstance(message, Finding) and message.reasoner != "dispatcher":
+            self.findings[message.investigation_id] = message
+            self.finding_keys.add(routing_key)
+            row = self.running.get(message.investigation_id)
+            if row is not None:
+                row.finding = message.summary
+            return f"  finding     {routing_key}: {message.summary[:90]} (confidence {message.confidence:.2f})"
+        if isinstance(message, PhaseChanged):
+            self.phases[message.scope] = message.to_phase.value
+            return f"  phase       {message.scope}: {message.from_phase or '-'} → {message.to_phase} ({message.reason})"
+        return None
+
+    def _lifecycle(self, event: LifecycleEvent) -> str | None:
+        key = event.investigation_id
+        phase = event.phase.value if event.phase else "-"
+        if event.state is LifecycleState.DISPATCHED and key not in self.dispatched:
+            self.dispatched.add(key)
+            self.running[key] = Row(event.job_name, phase, "dispatched", event.at)
+            return f"  dispatched  {event.job_name}  (phase {phase})"
+        if event.state is LifecycleState.STARTED and key in self.running:
+            self.running[key].state = "running"
+            return None
+        if event.state.terminal and key not in self.ended:
+            self.ended[key] = event.state.value
+            row = self.running.pop(key, None) or Row(event.job_name, phase, "", event.at)
+            row.state = event.state.value + (f" ({event.reason.value})" if event.reason else "")
+            row.since = event.at
+            finding = self.findings.get(key)
+            if finding is not None:
+                row.finding = finding.summary
+            self.recent.appendleft(row)
+            return f"  {row.state:<10}  {event.job_name}"
+        return None
+
+    def done(self, expected: int) -> bool:
+        """At least ``expected`` investigations ended, and every one dispatched has ended."""
+        return len(self.ended) >= expected and self.ended.keys() >= self.dispatched
+
+    def outcomes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for state in self.ended.values():
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    def table(self, now: datetime) -> Table:
+        """The live view: running investigations first, then recent outcomes, then phases."""
+        phases = ", ".join(f"{scope}={phase}" for scope, phase in sorted(self.phases.items()))
+        table = Table(
+            title=f"agentjobs — {len(self.running)} running, {len(self.ended)} ended",
+            caption=f"phases: {phases or f'all scopes {self.default_phase.value}'}"
+                    + (f" · findings → {', '.join(sorted(self.finding_keys))}" if self.finding_keys else ""),
+            expand=True,
+        )
+        table.add_column("investigation", no_wrap=True, overflow="ellipsis", max_width=32)
+        table.add_column("phase", no_wrap=True, min_width=6)
+        table.add_column("state", no_wrap=True, min_width=9)
+        table.add_column("age", no_wrap=True, justify="right", min_width=5)
+        table.add_column("finding", no_wrap=True, overflow="ellipsis", ratio=1)
+        rows = list(self.running.values())
+        for row in rows[:RUNNING_SHOWN]:
+            table.add_row(row.job_name, row.phase, f"[cyan]{row.state}[/]", _age(now, row.since), row.finding)
+        if len(rows) > RUNNING_SHOWN:
+            table.add_row(f"… {len(rows) - RUNNING_SHOWN} more running", "", "", "", "")
+        for row in self.recent:
+            colour = "green" if row.state.startswith("succeeded") else "red" if row.state.startswith("failed") else "yellow"
+            table.add_row(row.job_name, row.phase, f"[{colour}]{row.state}[/]", _age(now, row.since), row.finding)
+        return table
+
+
+def _age(now: datetime, since: datetime) -> str:
+    seconds = max(0, int((now - since).total_seconds()))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
