@@ -110,7 +110,7 @@ class Board:
         if len(rows) > RUNNING_SHOWN:
             table.add_row(f"… {len(rows) - RUNNING_SHOWN} more running", "", "", "", "")
         for row in self.recent:
-            colour = "green" if row.state.startswith("succeeded") else "red" if row.state.startswith("failed") else "yellow"
+            colour = {"succeeded": "green", "failed": "red"}.get(row.state.split(" ")[0], "yellow")
             table.add_row(row.job_name, row.phase, f"[{colour}]{row.state}[/]", _age(now, row.since), row.finding)
         return table
 
