@@ -252,8 +252,15 @@ def tail_cmd(ctx: click.Context, stream: str, follow: bool, as_json: bool, filte
             _fail(f"--filter {item!r}: expected KEY=VALUE")
         parsed[key] = value
     settings = settings_from(ctx)
+    echo = click.echo
+    if not as_json:  # readable: rich highlights states, numbers and ids on a terminal, plain text elsewhere
+        from rich.console import Console
+
+        console = Console(soft_wrap=True)
+        echo = lambda line: console.print(line, markup=False, highlight=True)  # noqa: E731
     try:
-        tasks.run(tail(settings, stream, follow=follow, as_json=as_json, filters=parsed, echo=click.echo))
+        tasks.run(tail(settings, stream, follow=follow, as_json=as_json, filters=parsed, echo=echo,
+                       status=lambda line: click.echo(line, err=True)))
     except OpsError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

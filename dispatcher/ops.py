@@ -172,9 +172,13 @@ def render(stream: str, routing_key: str, record: Mapping[str, Any], headers: Ma
 
 async def tail(
     settings: Settings, stream: str, *, follow: bool, as_json: bool, filters: Mapping[str, str],
-    echo: Callable[[str], None], idle_seconds: float = 2.0,
+    echo: Callable[[str], None], idle_seconds: float = 2.0, status: Callable[[str], None] | None = None,
 ) -> int:
-    """Print messages of ``stream`` as they arrive; returns how many were shown."""
+    """Print messages of ``stream`` as they arrive; returns how many were shown.
+
+    ``status`` (stderr in the CLI, so ``--json`` output stays clean) hears once the copy queue
+    is bound: from then on nothing published is missed.
+    """
     exchange_name, binding = STREAMS[stream]
     shown = 0
     arrived = asyncio.Event()
@@ -202,6 +206,9 @@ async def tail(
             arrived.set()
 
         await queue.consume(on_message, no_ack=True)
+        if status is not None:
+            until = "Ctrl-C stops" if follow else f"stops after {idle_seconds:g} s without messages"
+            status(f"tail: {stream} from exchange {exchange_name} ({binding}); {until}")
         while True:
             arrived.clear()
             try:
