@@ -11,19 +11,13 @@ Debian package ``prometheus-alertmanager``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import re
-import shutil
-import signal
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
-import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -32,15 +26,14 @@ from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
 from dispatcher.topology import INCIDENTS
 from schemas import decode_incident
 from schemas.incident import IncidentEvent
-from tests.support.services import ManagementClient, Vhost, free_port, wait_until
-
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+from tests.support.alertmanager import ALERTMANAGER, MISSING, Alertmanager, running_alertmanager
+from tests.support.services import ManagementClient, Vhost, wait_until
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
         ALERTMANAGER is None,
-        reason="Alertmanager binary not found (install the Debian package prometheus-alertmanager; .ci/run does)",
+        reason=MISSING,
     ),
 ]
 
@@ -49,107 +42,6 @@ RECEIVER = "agentjobs"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class Alertmanager:
-    """A private Alertmanager process: own config, storage, port; clustering off."""
-
-    def __init__(self, workdir: Path, bridge_port: int) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "alertmanager.log"
-        self.config_path = workdir / "alertmanager.yml"
-        # JSON is YAML: no PyYAML needed, and quoting is exact.
-        config = {
-            "route": {
-                "receiver": RECEIVER,
-                "group_by": ["alertname"],
-                "group_wait": "1s",
-                "group_interval": "2s",
-                "repeat_interval": "1h",
-            },
-            "receivers": [{
-                "name": RECEIVER,
-                "webhook_configs": [{
-                    "url": f"http://127.0.0.1:{bridge_port}/alerts",
-                    "send_resolved": True,
-                    "http_config": {"authorization": {"type": "Bearer", "credentials": TOKEN}},
-                }],
-            }],
-        }
-        self.config_path.write_text(json.dumps(config, indent=2))
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def _spawn(self) -> None:
-        storage = self.workdir / "data"
-        storage.mkdir(exist_ok=True)
-        argv = [
-            str(ALERTMANAGER),
-            f"--config.file={self.config_path}",
-            f"--storage.path={storage}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-            "--cluster.listen-address=",  # no gossip: no port 9094, ready at once
-            "--log.level=debug",
-        ]
-        with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=self.workdir, start_new_session=True)
-
-    async def start(self, timeout: float = 15.0) -> None:
-        await asyncio.to_thread(self._spawn)
-
-        async def ready() -> bool:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise AssertionError(f"alertmanager exited early:\n{self.log_tail()}")
-            try:
-                async with (
-                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
-                    http.get(f"{self.url}/-/ready") as resp,
-                ):
-                    return resp.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                return False
-
-        await wait_until(ready, timeout=timeout, what=f"Alertmanager /-/ready at {self.url}")
-
-    def stop(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._proc = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    async def post_alerts(self, alerts: list[dict[str, Any]]) -> None:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
-            http.post(f"{self.url}/api/v2/alerts", json=alerts) as resp,
-        ):
-            assert resp.status == 200, await resp.text()
-
-    async def metric(self, name: str) -> float:
-        """Sum of `name` over the webhook integration's series (0 when absent)."""
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
-            http.get(f"{self.url}/metrics") as resp,
-        ):
-            text = await resp.text()
-        total = 0.0
-        for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
-            if 'integration="webhook"' in match.group(1):
-                total += float(match.group(2))
-        return total
 
 
 def _settings(vhost: Vhost) -> Settings:
@@ -220,14 +112,8 @@ def _check_incident(body: bytes, alertname: str) -> IncidentEvent:
 # --------------------------------------------------------------------------- fixtures
 
 
-@contextlib.asynccontextmanager
-async def _alertmanager(tmp_path: Path, bridge_port: int) -> AsyncIterator[Alertmanager]:
-    am = Alertmanager(tmp_path, bridge_port)
-    try:
-        await am.start()
-        yield am
-    finally:
-        await asyncio.to_thread(am.stop)
+def _alertmanager(tmp_path: Path, bridge_port: int) -> contextlib.AbstractAsyncContextManager[Alertmanager]:
+    return running_alertmanager(tmp_path, bridge_port, token=TOKEN, receiver=RECEIVER)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.support.services import free_port
+from tests.support.alertmanager import ALERTMANAGER, MISSING, running_alertmanager
+from tests.support.services import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 AGENTJOBS = str(Path(sys.executable).with_name("agentjobs"))
+TOKEN = "up-bridge-token"
+ALERT = "UpEndToEndConnectionsExhausted"
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -47,3 +53,94 @@ def test_up_without_rabbitmq_says_how_to_get_one_and_exits_2(tmp_path):
     assert "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in done.stdout + done.stderr
     assert "apt-get install rabbitmq-server" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+class _Lines:
+    """Collects a subprocess stream line by line in the background; tests wait for a line."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.lines: list[str] = []
+        self._new = asyncio.Event()
+        self._task = asyncio.create_task(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._new.set()
+        self._new.set()
+
+    async def wait_for(self, predicate: Callable[[str], bool], timeout: float, what: str) -> str:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    for line in self.lines:
+                        if predicate(line):
+                            return line
+                    if self._task.done():
+                        raise AssertionError(f"stream ended before {what}:\n" + "\n".join(self.lines[-40:]))
+                    self._new.clear()
+                    await self._new.wait()
+        except TimeoutError:
+            raise AssertionError(f"no {what} within {timeout} s:\n" + "\n".join(self.lines[-40:])) from None
+
+    async def finished(self) -> str:
+        await self._task
+        return "\n".join(self.lines)
+
+
+@pytest.mark.skipif(ALERTMANAGER is None, reason=MISSING)
+async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_nothing_behind(
+    amqp_vhost, rabbitmq_management, tmp_path,
+):
+    # Given `agentjobs up` with its bridge behind a bearer token, and a `tail` of the findings
+    bridge_port = free_port()
+    env = _env(tmp_path, AGENTJOBS_AMQP__URL=amqp_vhost.amqp_url, AGENTJOBS_VAULT__RABBITMQ_VHOST=amqp_vhost.name,
+               AGENTJOBS_BRIDGE__PORT=str(bridge_port), AGENTJOBS_BRIDGE__BEARER_TOKEN=TOKEN)
+    up = await asyncio.create_subprocess_exec(AGENTJOBS, "up", env=env, stdout=asyncio.subprocess.PIPE,
+                                              stderr=asyncio.subprocess.STDOUT)
+    tail = None
+    try:
+        out = _Lines(up.stdout)
+        await out.wait_for(lambda line: line.startswith("running"), 90, "`running` from up")
+        tail = await asyncio.create_subprocess_exec(AGENTJOBS, "tail", "findings", "--json", "--follow", env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        findings, said = _Lines(tail.stdout), _Lines(tail.stderr)
+        await said.wait_for(lambda line: line.startswith("tail: findings"), 30, "tail's ready line")
+
+        # When real Alertmanager notifies the bridge of a two-alert group
+        async with running_alertmanager(tmp_path / "am", bridge_port, token=TOKEN) as am:
+            await am.post_alerts([
+                {"labels": {"alertname": ALERT, "instance": f"db-{i}:9187", "severity": "critical",
+                            "service": "payments-db", "domain": "database"},
+                 "annotations": {"summary": f"connections exhausted on db-{i}"}}
+                for i in (1, 2)
+            ])
+            # Then its finding reaches `tail --json`, and the investigation succeeded
+            line = await findings.wait_for(lambda line: ALERT in line, 120, f"a finding about {ALERT}")
+        finding = json.loads(line)
+        assert finding["kind"] == "finding" and finding["routing_key"] == "finding.critical.database"
+        assert finding["phase"] == "shadow" and finding["reasoner"] != "dispatcher"
+        ended = await out.wait_for(lambda line: line.strip().startswith(("succeeded", "failed")), 60, "its ending")
+        assert ended.split()[0] == "succeeded", ended
+        # and the agent's broker credentials did not outlive its Job (OpenBao still running)
+        await wait_until(lambda: _no_vault_users(rabbitmq_management), timeout=30,
+                         what="the agent's Vault-issued broker user revoked after its Job")
+    finally:
+        # When SIGTERM arrives
+        up.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(up.wait(), timeout=60)
+        if tail is not None:
+            tail.send_signal(signal.SIGINT)
+            await asyncio.wait_for(tail.wait(), timeout=30)
+    # Then up exits cleanly, leaving no process and no credential behind
+    text = await out.finished()
+    assert code == 0, text[-3000:]
+    assert "stopped" in text.splitlines()[-1] and "Traceback" not in text
+    vault_listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
+    for pattern in (f"dev-listen-address={vault_listen}", "agentjobs agent", f"{tmp_path}/state"):
+        assert subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 1, pattern
+    assert await _no_vault_users(rabbitmq_management)
+
+
+async def _no_vault_users(management) -> bool:
+    return not [u for u in await management.list_users() if u.startswith("token-")]
