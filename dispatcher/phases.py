@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from schemas import Phase
+from aio_pika.abc import AbstractIncomingMessage
+
+from schemas import DecodeError, Phase, PhaseChanged, decode
 
 
 class PhaseSource(Protocol):
@@ -28,3 +30,34 @@ class StaticPhases:
 
     def phase_for(self, scope: str) -> Phase:
         return self._per_scope.get(scope, self._default)
+
+
+class LoggedPhases:
+    """Phases from the phase log (``agentjobs.phase-log``): the newest ``PhaseChanged`` per scope wins.
+
+    Fed by a ``StreamFollower`` replaying the log from its first offset and then following it;
+    duplicates and late repeats of older changes are ignored (the newest ``at`` stands).
+    Until a scope has a change, it runs in ``default`` — the least-privileged phase by default.
+    """
+
+    def __init__(self, default: Phase) -> None:
+        self._default = default
+        self._changes: dict[str, PhaseChanged] = {}
+
+    def apply(self, change: PhaseChanged) -> None:
+        known = self._changes.get(change.scope)
+        if known is None or change.at >= known.at:
+            self._changes[change.scope] = change
+
+    def on_log_entry(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self.apply(decode(message.body, PhaseChanged))
+        except DecodeError:
+            pass  # markers and foreign messages are not phase changes
+
+    def phase_for(self, scope: str) -> Phase:
+        change = self._changes.get(scope)
+        return self._default if change is None else change.to_phase
+
+    def phases(self) -> dict[str, Phase]:
+        return {scope: c.to_phase for scope, c in sorted(self._changes.items())}

@@ -22,19 +22,28 @@ from schemas.errors import TemporaryError
 from .admission import AdmissionGate
 from .amqp import Publisher, connect
 from .consumer import Consumer
-from .credentials import Credentials, open_credentials
 from .control import ControlHandler, DeadLetterRecorder, LoginTokenRecorder
+from .credentials import Credentials, open_credentials
 from .health import HealthServer
 from .intake import Intake
 from .logs import get_logger
 from .metrics import Metrics
-from .phases import PhaseSource, StaticPhases
+from .phases import LoggedPhases, PhaseSource
 from .reporting import Reporter
 from .retry import Backoff
 from .runtime import JobRuntime
 from .settings import Settings
+from .streamlog import StreamFollower
 from .tasks import spawn
-from .topology import CONTROL, CREDENTIALS, DEAD_LOG, INCIDENTS, declare, dispatcher_topology
+from .topology import (
+    CONTROL,
+    CREDENTIALS,
+    DEAD_LOG,
+    INCIDENTS,
+    PHASE_LOG,
+    declare,
+    dispatcher_topology,
+)
 from .tracker import Tracker
 from .watcher import Watcher
 
@@ -55,7 +64,13 @@ class DispatcherService:
     ) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.phases = phases or StaticPhases(settings.trust.initial_phase)
+        # Phases come from the trust consumer's phase log unless a source is given (tests, tools).
+        self.phase_log: StreamFollower | None = None
+        if phases is None:
+            logged = LoggedPhases(settings.trust.initial_phase)
+            self.phase_log = StreamFollower(PHASE_LOG, logged.on_log_entry, name="phase-log")
+            phases = logged
+        self.phases = phases
         self.metrics = metrics or Metrics()
         self.credentials = credentials or open_credentials(settings.vault)
         self.name = name
@@ -87,6 +102,9 @@ class DispatcherService:
         channel = await self._connection.channel()
         await declare(channel, dispatcher_topology(s.amqp))
         await channel.close()
+        if self.phase_log is not None:  # replay every phase change before the first Job is built
+            await self.phase_log.start(self._connection)
+            await self.phase_log.catch_up(self._connection, timeout=60)
         publisher = await Publisher.open(self._connection, s.amqp)
         reporter = Reporter(publisher)
         self.intake = Intake(
@@ -136,6 +154,8 @@ class DispatcherService:
         log.info("dispatcher_stopping")
         for consumer in self._consumers:
             await consumer.stop(drain_timeout=drain_timeout)
+        if self.phase_log is not None:
+            await self.phase_log.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

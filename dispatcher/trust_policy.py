@@ -310,6 +310,11 @@ class TrustLedger:
         """Every known scope's phase, sorted by scope."""
         return {name: self._scopes[name].phase for name in sorted(self._scopes)}
 
+    def has_seen(self, scope: str, feedback_id: str) -> bool:
+        """True if this feedback id was already tallied in ``scope`` (within the dedup memory)."""
+        s = self._scopes.get(scope)
+        return s is not None and feedback_id in s.seen
+
     def is_pinned(self, scope: str) -> bool:
         s = self._scopes.get(scope)
         return s is not None and s.pinned

@@ -15,7 +15,7 @@ from .finding import Conclusion, Cost, Evidence, Finding, ProposedAction
 from .identity import Identity, identify
 from .incident import Alert, AlertStatus, IncidentEvent
 from .lifecycle import AgentExit, FailureReason, LifecycleEvent, LifecycleState
-from .phase import PhaseChanged
+from .phase import PhaseChanged, PhasePin
 
 __all__ = [
     "AgentExit",
@@ -44,6 +44,7 @@ __all__ = [
     "PermanentError",
     "Phase",
     "PhaseChanged",
+    "PhasePin",
     "ProposedAction",
     "RiskClass",
     "Severity",

@@ -24,13 +24,13 @@ from .feedback import OperatorFeedback
 from .finding import Finding
 from .incident import AlertStatus, IncidentEvent
 from .lifecycle import LifecycleEvent
-from .phase import PhaseChanged
+from .phase import PhaseChanged, PhasePin
 
 MAX_BODY_BYTES = 1024 * 1024  # 1 MiB; Alertmanager groups of thousands of alerts fit easily
 
 WireMessage = (
     IncidentEvent | LifecycleEvent | Finding | OperatorFeedback | PhaseChanged | DeadLetter | CancelInvestigation
-    | CredentialsIssued
+    | CredentialsIssued | PhasePin
 )
 WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     IncidentEvent,
@@ -41,6 +41,7 @@ WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     DeadLetter,
     CancelInvestigation,
     CredentialsIssued,
+    PhasePin,
 )
 KINDS = {t.__struct_config__.tag: t for t in WIRE_TYPES}
 

@@ -26,3 +26,18 @@ class PhaseChanged(Wire, tag="phase_changed", kw_only=True):
     wilson_lower: UnitInterval | None = None
     wilson_upper: UnitInterval | None = None
     operator: Short = ""  # who pinned/unpinned
+
+
+class PhasePin(Wire, tag="phase_pin", kw_only=True):
+    """An operator's command to hold a scope at a phase (``phase`` set) or to let it go (``None``).
+
+    Sent on ``agentjobs.feedback`` so it is ordered with the feedback it interrupts; the trust
+    consumer logs it and publishes the resulting ``PhaseChanged``.
+    """
+
+    command_id: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]  # repeats apply once
+    scope: Short
+    phase: Phase | None  # None: unpin
+    reason: Short = ""  # required to pin
+    operator: Short = ""
+    at: Timestamp
