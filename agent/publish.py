@@ -58,7 +58,7 @@ async def publish_finding(
     headers: Mapping[str, Any] | None = None,
 ) -> str:
     """Publish ``finding`` and wait for the confirm; returns the routing key used."""
-    routing_key = finding_key(finding.severity, finding.domain)
+    routing_key = finding_key(finding.severity, finding.domain, finding.phase)
     await publish_message(
         finding, routing_key=routing_key, message_id=finding.idempotency_key, amqp_url=amqp_url,
         username=username, password=password, timeout=timeout, connection_name=connection_name,

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 
-from schemas import OperatorFeedback, Phase, ShadowComparison, Verdict, encode, utcnow
+from schemas import OperatorFeedback, Phase, PhasePin, ShadowComparison, Verdict, encode, utcnow
 
 from . import redaction
 from .settings import ENV_CONFIG_FILE, Settings, SettingsError, load_settings
@@ -131,7 +132,6 @@ def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
 @click.pass_context
 def up_cmd(ctx: click.Context, demo: bool, exit_after: bool, json_logs: bool) -> None:
     """Run everything on this machine: OpenBao, the dispatcher with local Jobs, metrics (until Ctrl-C)."""
-    import msgspec
 
     from . import logs, tasks
     from .up import run_up
@@ -267,6 +267,127 @@ def tail_cmd(ctx: click.Context, stream: str, follow: bool, as_json: bool, filte
         pass
 
 
+@app.command("trust")
+@click.option("--health-port", type=int, default=None, help="Port for /healthz, /readyz, /metrics (default: metrics.port).")
+@click.pass_context
+def trust_cmd(ctx: click.Context, health_port: int | None) -> None:
+    """Tally operator feedback and move scopes between phases (single active consumer; until SIGTERM)."""
+    from . import logs, tasks
+    from .trust import TrustService
+
+    settings = settings_from(ctx)
+    logs.configure(settings.logging)
+    sys.exit(tasks.run(TrustService(settings, health_port=health_port).run()))
+
+
+@app.group()
+def phase() -> None:
+    """Autonomy phases per scope: show, explain, pin, unpin."""
+
+
+@phase.command("show")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+@click.pass_context
+def phase_show_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Every scope's phase, as replayed from the trust logs."""
+    from . import tasks
+    from .ops import OpsError, trust_state
+
+    settings = settings_from(ctx)
+    try:
+        state = tasks.run(trust_state(settings))
+    except OpsError as exc:
+        _fail(str(exc))
+        return
+    rows = [state.ledger.explain(scope) for scope in state.ledger.phases()]
+    if as_json:
+        click.echo(json.dumps({"default": settings.trust.initial_phase.value,
+                               "scopes": {e.scope: {"phase": e.phase.value, "pinned": e.pinned, "samples": e.samples,
+                                                    "modification_rate": e.modification_rate} for e in rows}}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="autonomy phases", caption=f"other scopes: {settings.trust.initial_phase.value}")
+    for column in ("scope", "phase", "pinned", "n", "modification rate"):
+        table.add_column(column)
+    for e in rows:
+        rate = "-" if e.modification_rate is None else f"{e.modification_rate:.2f}"
+        table.add_row(e.scope, e.phase.value, f"yes ({e.pin_reason})" if e.pinned else "", str(e.samples), rate)
+    Console().print(table)
+
+
+@phase.command("explain")
+@click.argument("scope")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+@click.pass_context
+def phase_explain_cmd(ctx: click.Context, scope: str, as_json: bool) -> None:
+    """SCOPE's phase, figures, thresholds, and what is still needed to promote or would demote."""
+    from . import tasks
+    from .ops import OpsError, trust_state
+
+    settings = settings_from(ctx)
+    try:
+        state = tasks.run(trust_state(settings))
+    except OpsError as exc:
+        _fail(str(exc))
+        return
+    explained = state.ledger.explain(scope)
+    if as_json:
+        click.echo(msgspec.json.encode(explained).decode())
+        return
+    rate = "-" if explained.modification_rate is None else f"{explained.modification_rate:.3f}"
+    click.echo(f"{scope}: {explained.phase.value}{' (pinned)' if explained.pinned else ''} "
+               f"[policy {explained.policy_version}]")
+    click.echo(f"  n={explained.samples} modified={explained.modifications} rate={rate} "
+               f"wilson=[{explained.wilson_lower:.3f}, {explained.wilson_upper:.3f}] "
+               f"promote<= {explained.promote_threshold} demote>= {explained.demote_threshold}")
+    for note in explained.notes:
+        click.echo(f"  - {note}")
+
+
+@phase.command("pin")
+@click.argument("scope")
+@click.argument("to_phase", metavar="PHASE", type=click.Choice([p.value for p in Phase]))
+@click.option("--reason", required=True, help="Why (kept in the phase log).")
+@click.option("--operator", default=lambda: os.environ.get("USER", ""), help="Who pins (default: $USER).")
+@click.option("--wait", type=float, default=10.0, help="Seconds to wait for the trust consumer to apply it.")
+@click.pass_context
+def phase_pin_cmd(ctx: click.Context, scope: str, to_phase: str, reason: str, operator: str, wait: float) -> None:
+    """Hold SCOPE at PHASE (no automatic changes until unpinned)."""
+    _send_pin(ctx, PhasePin(command_id=uuid.uuid4().hex, scope=scope, phase=Phase(to_phase), reason=reason,
+                            operator=operator or "operator", at=utcnow()), wait)
+
+
+@phase.command("unpin")
+@click.argument("scope")
+@click.option("--operator", default=lambda: os.environ.get("USER", ""), help="Who unpins (default: $USER).")
+@click.option("--wait", type=float, default=10.0, help="Seconds to wait for the trust consumer to apply it.")
+@click.pass_context
+def phase_unpin_cmd(ctx: click.Context, scope: str, operator: str, wait: float) -> None:
+    """Let SCOPE's phase follow the policy again."""
+    _send_pin(ctx, PhasePin(command_id=uuid.uuid4().hex, scope=scope, phase=None, operator=operator or "operator",
+                            at=utcnow()), wait)
+
+
+def _send_pin(ctx: click.Context, pin: PhasePin, wait: float) -> None:
+    from . import tasks
+    from .ops import OpsError, request_pin
+
+    settings = settings_from(ctx)
+    try:
+        change = tasks.run(request_pin(settings, pin, wait=wait))
+    except OpsError as exc:
+        _fail(str(exc))
+        return
+    verb = "unpin" if pin.phase is None else f"pin at {pin.phase.value}"
+    if change is None:
+        click.echo(f"{pin.scope}: {verb} queued (command {pin.command_id}); no trust consumer applied it within "
+                   f"{wait:g} s — is `agentjobs trust` running? (`agentjobs tail phases` shows when it lands)")
+        return
+    click.echo(f"{pin.scope}: {change.from_phase or '-'} → {change.to_phase.value} ({change.reason})")
+
+
 @app.command("status")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
 @click.pass_context
@@ -275,15 +396,15 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     from schemas import utcnow
 
     from . import tasks
-    from .ops import OpsError, active_investigations, queue_depths
+    from .ops import OpsError, active_investigations, queue_depths, trust_state
 
     settings = settings_from(ctx)
 
     async def gather() -> dict[str, Any]:
         return {
             "investigations": await active_investigations(settings, utcnow()),
-            # Static until the trust consumer (issue 8) publishes phases per scope.
-            "phases": {"*": settings.trust.initial_phase.value},
+            "phases": {"*": settings.trust.initial_phase.value,
+                       **{scope: p.value for scope, p in (await trust_state(settings)).ledger.phases().items()}},
             "queues": await queue_depths(settings),
         }
 

@@ -26,7 +26,16 @@ from typing import TypeVar
 
 import msgspec
 
-from schemas import FailureReason, IncidentEvent, LifecycleEvent, LifecycleState, decode_incident, encode, identify, utcnow
+from schemas import (
+    FailureReason,
+    IncidentEvent,
+    LifecycleEvent,
+    LifecycleState,
+    decode_incident,
+    encode,
+    identify,
+    utcnow,
+)
 from schemas.errors import DecodeError, PermanentError, TemporaryError
 from schemas.identity import Identity
 

@@ -19,6 +19,7 @@ import structlog
 from . import redaction
 from .settings import LoggingSettings
 
+
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: drop values of secret-looking keys, mask tokens and URL passwords."""
     for key, value in list(event_dict.items()):

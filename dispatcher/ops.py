@@ -7,22 +7,36 @@ exchange — it sees copies and never takes a message from a real consumer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import msgspec
 
-from schemas import DecodeError, OperatorFeedback, decode, decode_incident, identify
+from schemas import (
+    DecodeError,
+    OperatorFeedback,
+    PhaseChanged,
+    PhasePin,
+    decode,
+    decode_incident,
+    encode,
+    identify,
+)
+from schemas.errors import TemporaryError
 
 from .deadletters import HEADER_MESSAGE, HEADER_REASON
 from .redaction import redact
 from .reporting import routing_word
 from .settings import Settings
 from .topology import DEAD, FEEDBACK, INCIDENTS, PHASES, RESULTS, declare, dispatcher_topology
+
+if TYPE_CHECKING:
+    from .trust import TrustState
 
 STREAMS: dict[str, tuple[str, str]] = {  # name → (exchange, binding)
     "findings": (RESULTS, "finding.#"),
@@ -215,3 +229,51 @@ async def tail(
                 await asyncio.wait_for(arrived.wait(), None if follow else idle_seconds)
             except TimeoutError:
                 return shown
+
+
+async def trust_state(settings: Settings) -> TrustState:
+    """The trust state as the trust consumer has it: replayed from the feedback and phase logs (read only)."""
+    from .streamlog import StreamFollower
+    from .topology import FEEDBACK_LOG, PHASE_LOG
+    from .trust import TrustState
+
+    state = TrustState(settings)
+    connection = await _connect(settings)
+    async with connection:
+        channel = await connection.channel()
+        await declare(channel, dispatcher_topology(settings.amqp))
+        followers = [StreamFollower(FEEDBACK_LOG, state.on_log_entry, name="feedback-log"),
+                     StreamFollower(PHASE_LOG, state.on_phase_entry, name="phase-log")]
+        for follower in followers:
+            await follower.start(connection)
+            try:
+                await follower.catch_up(connection, timeout=60)
+            except TemporaryError as exc:
+                raise OpsError(f"could not read the trust logs: {exc.message}") from None
+    return state
+
+
+async def request_pin(settings: Settings, pin: PhasePin, *, wait: float) -> PhaseChanged | None:
+    """Send a pin/unpin command (confirmed) and wait up to ``wait`` s for the trust consumer's change."""
+    connection = await _connect(settings)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await declare(channel, dispatcher_topology(settings.amqp))
+        watch = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await watch.bind(PHASES, f"phase.{routing_word(pin.scope)}")
+        exchange = await channel.get_exchange(FEEDBACK)
+        await exchange.publish(aio_pika.Message(encode(pin), delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                                message_id=pin.command_id, content_type="application/json",
+                                                type="phase_pin"),
+                               f"pin.{routing_word(pin.scope)}", mandatory=True, timeout=settings.amqp.publish_timeout)
+        deadline = asyncio.get_running_loop().time() + wait
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            message = await watch.get(no_ack=True, fail=False)
+            if message is None:
+                await asyncio.sleep(min(0.1, left))
+                continue
+            with contextlib.suppress(DecodeError):
+                change = decode(message.body, PhaseChanged)
+                if change.operator == pin.operator and change.scope == pin.scope:
+                    return change
+    return None

@@ -51,8 +51,11 @@ def lifecycle_key(state: LifecycleState) -> str:
     return f"lifecycle.{state.value}"
 
 
-def finding_key(severity: Severity, domain: str) -> str:
-    return f"finding.{severity.value}.{routing_word(domain)}"
+def finding_key(severity: Severity, domain: str, phase: Phase | None = None) -> str:
+    """``finding.<severity>.<domain>``; shadow findings go to ``finding.shadow.<domain>`` instead,
+    so operators' queues (bound by severity) never receive what is only being scored."""
+    level = "shadow" if phase is Phase.SHADOW else severity.value
+    return f"finding.{level}.{routing_word(domain)}"
 
 
 def lifecycle_message_id(investigation_id: str, state: LifecycleState, suffix: str = "") -> str:
@@ -137,7 +140,7 @@ class Reporter:
 
     async def finding(self, finding: Finding) -> None:
         await self._publisher.publish_message(
-            RESULTS, finding_key(finding.severity, finding.domain), finding, message_id=finding.idempotency_key
+            RESULTS, finding_key(finding.severity, finding.domain, finding.phase), finding, message_id=finding.idempotency_key
         )
 
     async def dead_letter(self, record: DeadLetter, *, message_id: str) -> None:

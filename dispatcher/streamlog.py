@@ -66,7 +66,7 @@ class StreamFollower:
             raise TemporaryError(f"{self.stream}: not caught up within {timeout:g} s") from exc
         finally:
             self._markers.pop(marker, None)
-        log.info("stream_caught_up", stream=self.stream, entries=self.applied, offset=self.offset)
+        log.debug("stream_caught_up", stream=self.stream, entries=self.applied, offset=self.offset)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         offset = (message.headers or {}).get("x-stream-offset")

@@ -20,7 +20,7 @@ from .admission import AdmissionGate
 from .credentials import Credentials, NoCredentials
 from .logs import bound, get_logger
 from .metrics import Metrics
-from .reporting import Reporter, failure_result, lifecycle_key, lifecycle_for
+from .reporting import Reporter, failure_result, lifecycle_for, lifecycle_key
 from .retry import Backoff, retry
 from .runtime import JobRuntime, RuntimeEvent
 from .tracker import Tracked, Tracker

@@ -118,7 +118,7 @@ async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_
             # Then its finding reaches `tail --json`, and the investigation succeeded
             line = await findings.wait_for(lambda line: ALERT in line, 120, f"a finding about {ALERT}")
         finding = json.loads(line)
-        assert finding["kind"] == "finding" and finding["routing_key"] == "finding.critical.database"
+        assert finding["kind"] == "finding" and finding["routing_key"] == "finding.shadow.database"
         assert finding["phase"] == "shadow" and finding["reasoner"] != "dispatcher"
         ended = await out.wait_for(lambda line: line.strip().startswith(("succeeded", "failed")), 60, "its ending")
         assert ended.split()[0] == "succeeded", ended

@@ -262,7 +262,7 @@ async def test_agent_publishes_its_finding_with_its_own_users_and_refuses_a_repl
     assert finding.incident_key == ident.incident_key
     assert finding.idempotency_key == f"{ident.investigation_id}:finding"
     assert message.message_id == finding.idempotency_key
-    assert message.routing_key == "finding.critical.database"
+    assert message.routing_key == "finding.shadow.database"  # shadow: kept out of operators' queues
     assert finding.phase is PHASE and finding.domain == "database"
     assert finding.cost.tool_calls == 1 and finding.cost.wall_seconds > 0
     (pg_evidence,) = [e for e in finding.evidence if e.source == "postgres"]

@@ -48,7 +48,12 @@ def test_oom_becomes_a_failed_lifecycle_and_an_inconclusive_result() -> None:
     assert result.conclusion is Conclusion.INCONCLUSIVE and result.confidence == 0.0
     assert "oom_killed" in result.summary
     assert result.evidence[0].excerpt == "OOMKilled (exit 137)"
-    assert finding_key(result.severity, result.domain) == "finding.critical.database"
+    assert finding_key(result.severity, result.domain, Phase.READ_ONLY) == "finding.critical.database"
+
+
+def test_shadow_findings_are_routed_away_from_operators_severity_queues() -> None:
+    assert finding_key(Severity.CRITICAL, "database", Phase.SHADOW) == "finding.shadow.database"
+    assert finding_key(Severity.CRITICAL, "database", Phase.AUTONOMOUS) == "finding.critical.database"
 
 
 def test_a_vanished_job_is_reported_as_failed_job_lost() -> None:
