@@ -51,6 +51,12 @@ def settings_from(ctx: click.Context) -> Settings:
 @click.pass_context
 def app(ctx: click.Context, config: Path | None) -> None:
     """Run AI incident-investigation agents as Kubernetes Jobs, safely."""
+    from . import logs
+    from .settings import LoggingSettings
+
+    # One-shot commands log only warnings, to stderr (stdout is their output); services
+    # reconfigure from settings when they start.
+    logs.configure(LoggingSettings(level="warning"))
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
 

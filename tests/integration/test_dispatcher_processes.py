@@ -30,7 +30,10 @@ pytestmark = pytest.mark.integration
 
 
 class DispatcherProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    """An `agentjobs dispatcher` (or another service command) process, ready when /readyz says so."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, command: str = "dispatcher") -> None:
+        self.command = command
         self.env = env
         self.log_path = log_path
         self.port = free_port()
@@ -40,13 +43,13 @@ class DispatcherProcess:
         script = Path(sys.executable).with_name("agentjobs")
         self._log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
-            str(script), "dispatcher", "--health-port", str(self.port),
+            str(script), self.command, "--health-port", str(self.port),
             env=self.env, stdout=self._log, stderr=self._log,
         )
         async with asyncio.timeout(30), aiohttp.ClientSession() as http:
             while True:
                 if self.proc.returncode is not None:
-                    raise AssertionError(f"dispatcher exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+                    raise AssertionError(f"{self.command} exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
                 try:
                     async with http.get(f"http://127.0.0.1:{self.port}/readyz") as r:
                         if r.status == 200:
