@@ -455,14 +455,21 @@ def vault() -> None:
     envvar=["VAULT_TOKEN", "BAO_TOKEN"],
     help="Admin token (default: $VAULT_TOKEN, $BAO_TOKEN, vault.token, vault.token_file).",
 )
+@click.option(
+    "--policy-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Directory of the agentjobs-*.hcl policies (default: k8s/vault of this checkout; in a "
+    "container, mount the agentjobs-vault-policies ConfigMap and point here).",
+)
 @click.pass_context
-def vault_bootstrap_cmd(ctx: click.Context, addr: str | None, token: str | None) -> None:
+def vault_bootstrap_cmd(ctx: click.Context, addr: str | None, token: str | None, policy_dir: Path | None) -> None:
     """Idempotently create policies, token roles, auth and secrets engines; print changes."""
     import hvac
 
     from . import logs
     from .credentials import dispatcher_token
-    from .vault_bootstrap import BootstrapError, bootstrap
+    from .vault_bootstrap import POLICY_DIR, BootstrapError, bootstrap
 
     settings = settings_from(ctx)
     logs.configure(settings.logging)
@@ -477,7 +484,7 @@ def vault_bootstrap_cmd(ctx: click.Context, addr: str | None, token: str | None)
         url=addr or settings.vault.addr, token=token, timeout=settings.vault.request_timeout
     )
     try:
-        report = bootstrap(client, settings)
+        report = bootstrap(client, settings, policy_dir=policy_dir or POLICY_DIR)
     except BootstrapError as exc:
         _fail(str(exc))
         return

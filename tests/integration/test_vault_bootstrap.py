@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import pytest_asyncio
 from dispatcher import vault_layout as layout
 from dispatcher.settings import Settings, load_settings
 from dispatcher.vault_bootstrap import (
+    POLICY_DIR,
     BootstrapReport,
     bootstrap,
     database_connection,
@@ -250,6 +253,14 @@ async def test_bootstrap_on_fresh_openbao_then_no_changes(
     assert code == 0, err
     assert out.splitlines()[0] == "no changes"
     assert bao.root_token not in out + err
+
+    # And so does it reading the policies from elsewhere (a container mounts their ConfigMap)
+    with tempfile.TemporaryDirectory() as mounted:
+        for hcl in POLICY_DIR.glob("*.hcl"):
+            shutil.copy(hcl, mounted)
+        code, out, err = await run_cli("vault", "bootstrap", "--token", bao.root_token, "--policy-dir", mounted,
+                                       env=vault_env)
+    assert code == 0 and out.splitlines()[0] == "no changes", err
 
     # And the token role carries the limits the dispatcher relies on
     role = await asyncio.to_thread(
