@@ -3,8 +3,8 @@
 Starts an OpenBao dev server (bundled ``bao``) and configures it with
 ``vault bootstrap``, then the dispatcher with the embedded ``LocalRuntime``
 (each investigation a local process running ``agentjobs agent``), its
-metrics endpoints and the Alertmanager webhook bridge. RabbitMQ comes from settings (default: local); PostgreSQL
-is used when configured. Ctrl-C / SIGTERM drains the dispatcher, stops running
+metrics endpoints, the trust consumer and the Alertmanager webhook bridge.
+RabbitMQ comes from settings (default: local); PostgreSQL is used when configured. Ctrl-C / SIGTERM drains the dispatcher, stops running
 investigations, revokes every credential issued, and stops OpenBao.
 ``--demo`` publishes a realistic alert storm and prints what happened to it.
 """
@@ -33,7 +33,8 @@ from .logs import get_logger
 from .runtime_local import LocalRuntime
 from .service import DispatcherService
 from .settings import Settings
-from .topology import INCIDENTS, PHASES, RESULTS, declare, dispatcher_topology
+from .topology import FEEDBACK, INCIDENTS, PHASES, RESULTS, declare, dispatcher_topology
+from .trust import TrustService
 from .vault_bootstrap import BootstrapError, bootstrap
 
 log = get_logger("agentjobs.up")
@@ -138,6 +139,7 @@ async def run_up(
         echo(f"error: {exc}")
         return 2
     service: DispatcherService | None = None
+    trust: TrustService | None = None
     bridge: BridgeService | None = None
     watch: ResultsWatch | None = None
     board = Board(settings.trust.initial_phase)
@@ -156,9 +158,16 @@ async def run_up(
         embedded = embedded_settings(settings, vault_token=dispatcher_token)
         service = DispatcherService(embedded, LocalRuntime(state / "local"))
         await service.start()
+        # The trust consumer shares the dispatcher's metrics endpoint address: no server of its own here.
+        trust = TrustService(msgspec.structs.replace(
+            embedded, metrics=msgspec.structs.replace(embedded.metrics, port=0)))
+        await trust.start()
         bridge = BridgeService(embedded)
         bridge_port = await bridge.start()
         echo(f"bridge: Alertmanager webhook at http://{settings.bridge.host}:{bridge_port}/alerts")
+        phases = ", ".join(f"{k}={v.value}" for k, v in trust.state.ledger.phases().items())
+        echo(f"trust: tallying operator feedback from {FEEDBACK}; phases: "
+             f"{phases or 'all scopes ' + settings.trust.initial_phase.value}")
         echo(f"dispatcher: consuming {INCIDENTS} on {settings.amqp.url.rpartition('@')[2]}, local runtime in "
              f"{state / 'local'}, metrics on http://{settings.metrics.host}:{settings.metrics.port}/metrics")
         stop = asyncio.Event()
@@ -186,6 +195,8 @@ async def run_up(
             await watch.stop()
         if bridge is not None:
             await bridge.stop()
+        if trust is not None:
+            await trust.stop()
         if service is not None:
             await service.stop()
         if dispatcher_token:

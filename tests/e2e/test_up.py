@@ -122,6 +122,18 @@ async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_
         assert finding["phase"] == "shadow" and finding["reasoner"] != "dispatcher"
         ended = await out.wait_for(lambda line: line.strip().startswith(("succeeded", "failed")), 60, "its ending")
         assert ended.split()[0] == "succeeded", ended
+        # and an operator's verdict on it is tallied by the trust consumer that `up` runs
+        verdict = await asyncio.to_thread(subprocess.run, [
+            AGENTJOBS, "publish", "feedback", "--investigation", finding["investigation_id"], "--scope", "database",
+            "--phase", "shadow", "--verdict", "accepted"], env=env, capture_output=True, timeout=60)
+        assert verdict.returncode == 0, verdict.stderr
+
+        async def tallied() -> bool:
+            shown = await asyncio.to_thread(subprocess.run, [AGENTJOBS, "phase", "explain", "database", "--json"],
+                                            env=env, capture_output=True, timeout=60)
+            return shown.returncode == 0 and json.loads(shown.stdout)["samples"] == 1
+
+        await wait_until(tallied, timeout=30, what="the feedback tallied for scope database")
         # and the agent's broker credentials did not outlive its Job (OpenBao still running)
         await wait_until(lambda: _no_vault_users(rabbitmq_management), timeout=30,
                          what="the agent's Vault-issued broker user revoked after its Job")
