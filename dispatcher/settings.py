@@ -90,6 +90,10 @@ class VaultSettings(Section):
     kubernetes_host: str = "https://kubernetes.default.svc"  # for the kubernetes auth method
     kubernetes_ca_cert: str = ""  # PEM file; required by OpenBao even for http hosts
     kubernetes_namespace: str = "agentjobs-runs"  # where agent ServiceAccounts live
+    # JWT file of the ServiceAccount Vault reviews agent logins with (TokenReview; bound to
+    # system:auth-delegator, k8s/base/kubernetes-auth/). Empty: Vault runs in the cluster and
+    # reviews with its own pod's token. Agents' audience-bound tokens cannot review themselves.
+    kubernetes_reviewer_jwt_file: str = ""
 
 
 class InvestigationClass(Section):

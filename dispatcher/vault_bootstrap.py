@@ -426,6 +426,17 @@ class _Bootstrap:
         )
         self._changed(action, "fingerprints of write-only configs", self._bootstrap_path)
 
+    def _reviewer_jwt(self) -> str | None:
+        file = self.settings.vault.kubernetes_reviewer_jwt_file
+        if not file:
+            return None
+        try:
+            return Path(file).read_text().strip()
+        except OSError as exc:
+            raise BootstrapError(
+                f"vault.kubernetes_reviewer_jwt_file: cannot read {file}: {exc.strerror}"
+            ) from None
+
     def _kubernetes_auth(self) -> None:
         vault = self.settings.vault
         mount = layout.K8S_AUTH_MOUNT
@@ -447,10 +458,17 @@ class _Bootstrap:
                 "kubernetes_ca_placeholder_used",
                 kubernetes_host=vault.kubernetes_host,
             )
+        config = {"kubernetes_host": vault.kubernetes_host, "kubernetes_ca_cert": ca}
+        reviewer = self._reviewer_jwt()
+        path = f"auth/{mount}/config"
+        # token_reviewer_jwt is never read back: its fingerprint says whether it changed.
+        reviewer_changed = reviewer is not None and self._needs_secret_write(path, {"token_reviewer_jwt": reviewer})
         self._ensure(
             "kubernetes auth config",
-            f"auth/{mount}/config",
-            {"kubernetes_host": vault.kubernetes_host, "kubernetes_ca_cert": ca},
+            path,
+            config if reviewer is None else {**config, "token_reviewer_jwt": reviewer},
+            expect=config,
+            force=reviewer_changed,
         )
         prefix = self.settings.k8s.service_account_prefix
         for phase in Phase:

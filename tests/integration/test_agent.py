@@ -459,12 +459,19 @@ async def test_kubernetes_auth_logs_in_with_the_projected_service_account_token(
     bao, _, _ = vault
     namespace = k8s_emulator.namespace
     service_account = f"{Settings().k8s.service_account_prefix}{PHASE.value}"
-    # Given: OpenBao's kubernetes auth pointed at the emulated API server, and the phase's SA
+    # Given: OpenBao's kubernetes auth pointed at the emulated API server, reviewing logins with
+    # a reviewer ServiceAccount's token (the agent's own token is for Vault's audience only: the
+    # API server refuses it as a bearer token), and the phase's SA
+    core = CoreV1Api(k8s_emulator.api_client)
+    reviewer = await core.create_namespaced_service_account(namespace, {"metadata": {"name": "token-reviewer"}})
+    reviewer_jwt, _ = k8s_emulator.tokens.mint(namespace, "token-reviewer", reviewer.metadata.uid,
+                                                expiration_seconds=3600)
+    (tmp_path / "reviewer.jwt").write_text(reviewer_jwt)
     settings = _bootstrap_settings(bao, postgres, rabbitmq, amqp_vhost, VAULT__KUBERNETES_HOST=k8s_emulator.url,
-                                   VAULT__KUBERNETES_NAMESPACE=namespace)
+                                   VAULT__KUBERNETES_NAMESPACE=namespace,
+                                   VAULT__KUBERNETES_REVIEWER_JWT_FILE=str(tmp_path / "reviewer.jwt"))
     await asyncio.to_thread(bootstrap, bao.hvac_client(), settings)
-    sa = await CoreV1Api(k8s_emulator.api_client).create_namespaced_service_account(
-        namespace, {"metadata": {"name": service_account}})
+    sa = await core.create_namespaced_service_account(namespace, {"metadata": {"name": service_account}})
     jwt, _ = k8s_emulator.tokens.mint(namespace, service_account, sa.metadata.uid,
                                        audiences=[settings.k8s.token_audience], expiration_seconds=600)
     # ... and the pod's files where the kubelet puts them (absolute paths under the mount root)

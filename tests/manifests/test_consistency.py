@@ -181,13 +181,18 @@ def test_kubernetes_auth_rbac_is_present_exactly_when_the_auth_mode_needs_it(ove
     assert bool(delegating) == (deployed.vault.auth_mode == "kubernetes")
 
 
-def test_kubernetes_auth_component_delegates_only_for_agent_accounts() -> None:
-    (binding,) = render.render(render.K8S / "base" / "kubernetes-auth")
+def test_kubernetes_auth_component_delegates_only_to_the_token_reviewer_not_to_agents() -> None:
+    objects = render.render(render.K8S / "base" / "kubernetes-auth")
+    (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
     settings = Settings()
 
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator",
     }
-    assert {(s["namespace"], s["name"]) for s in binding["subjects"]} == {
-        (settings.vault.kubernetes_namespace, jobspec.service_account(p, settings)) for p in Phase
-    }
+    assert [(s["namespace"], s["name"]) for s in binding["subjects"]] == [
+        ("agentjobs-system", "agentjobs-token-reviewer")]
+    agent_accounts = {jobspec.service_account(p, settings) for p in Phase}
+    assert not agent_accounts & {s["name"] for s in binding["subjects"]}
+    (secret,) = [o for o in objects if o["kind"] == "Secret"]
+    assert secret["type"] == "kubernetes.io/service-account-token"
+    assert secret["metadata"]["annotations"]["kubernetes.io/service-account.name"] == "agentjobs-token-reviewer"

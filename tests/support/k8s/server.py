@@ -97,6 +97,11 @@ class Server:
                                         dict(request.headers)))
         fault = c.faults.take(request.method, request.path)
         try:
+            if token and ident is None:
+                # A bearer token that does not authenticate (unknown, expired, or meant for another
+                # audience such as Vault) is refused, as a real API server refuses it; only requests
+                # without credentials fall back to anonymous.
+                raise status.unauthorized()
             if fault is not None:
                 early = await self._apply_fault(request, fault)
                 if early is not None:
