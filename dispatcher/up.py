@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -146,6 +147,8 @@ async def run_up(
     dispatcher_token = ""
     try:
         root = hvac.Client(url=bao.addr, token=bao.root_token)
+        # Its warnings are summarised in the line below; as log lines they would only repeat it.
+        logging.getLogger("dispatcher.vault_bootstrap").setLevel(logging.ERROR)
         try:
             report = await asyncio.to_thread(bootstrap, root, settings)
         except BootstrapError as exc:
@@ -219,9 +222,10 @@ async def _demo(
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(INCIDENTS)
-        echo(f"demo: publishing an alert storm: {len(bodies)} Alertmanager notifications in {groups} groups")
+        echo(f"demo: publishing an alert storm: {len(bodies)} Alertmanager notifications in {groups} groups "
+             "(investigations show up below as they happen)")
         await asyncio.gather(*(exchange.publish(aio_pika.Message(b), "alertmanager.demo", timeout=30) for b in bodies))
-        echo("demo: published (confirmed); investigations:")
+        echo(f"demo: all {len(bodies)} notifications confirmed by the broker")
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(180):
             while not (board.done(groups) or stop.is_set()):
