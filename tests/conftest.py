@@ -10,6 +10,7 @@ skips when no engine answers.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -100,3 +101,14 @@ def docker_engine() -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="fuzz every target with 100,000 payloads instead of 10,000 (nightly-style)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read by tests/fuzz at import (hypothesis settings are fixed when a test is decorated).
+    if config.getoption("--fuzz-long", default=False):
+        os.environ["AGENTJOBS_FUZZ_EXAMPLES"] = "100000"
