@@ -9,8 +9,8 @@ the inputs most likely to reach deep into the decoders.
 from __future__ import annotations
 
 import base64
-import random
 import json
+import random
 from typing import Any
 
 from hypothesis import strategies as st
