@@ -16,6 +16,7 @@ skip markers; they are a few bytes each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 
@@ -28,7 +29,8 @@ from .logs import get_logger
 
 log = get_logger("agentjobs.streamlog")
 MARKER_TYPE = "agentjobs.marker"
-PREFETCH = 500  # stream consumers must set one; credit for the replay
+PREFETCH = 2000  # stream consumers must set one; credit for the replay
+ACK_EVERY = 500  # stream acks only return credit: one cumulative ack per this many entries
 
 
 class StreamFollower:
@@ -42,6 +44,7 @@ class StreamFollower:
         self.applied = 0
         self._channel: AbstractChannel | None = None
         self._markers: dict[str, asyncio.Event] = {}
+        self._unacked = 0
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         self._channel = await connection.channel()
@@ -50,7 +53,11 @@ class StreamFollower:
         await queue.consume(self._on_message, arguments={"x-stream-offset": "first"})
 
     async def catch_up(self, connection: AbstractRobustConnection, *, timeout: float) -> None:
-        """Return once every entry appended before this call has been applied."""
+        """Return once every entry appended before this call has been applied.
+
+        ``timeout`` bounds a stall, not the whole replay: a long log keeps going as long as
+        entries keep arriving.
+        """
         marker = uuid.uuid4().hex
         seen = self._markers[marker] = asyncio.Event()
         try:
@@ -60,10 +67,16 @@ class StreamFollower:
                     aio_pika.Message(b"", type=MARKER_TYPE, message_id=marker), self.stream, timeout=timeout)
             finally:
                 await channel.close()
-            async with asyncio.timeout(timeout):
-                await seen.wait()
+            progress = -1
+            while not seen.is_set():
+                if self.applied == progress:
+                    raise TimeoutError
+                progress = self.applied
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await seen.wait()
         except TimeoutError as exc:
-            raise TemporaryError(f"{self.stream}: not caught up within {timeout:g} s") from exc
+            raise TemporaryError(f"{self.stream}: no progress for {timeout:g} s while catching up") from exc
         finally:
             self._markers.pop(marker, None)
         log.debug("stream_caught_up", stream=self.stream, entries=self.applied, offset=self.offset)
@@ -83,7 +96,10 @@ class StreamFollower:
             self.applied += 1
             self.on_entry(message)
         finally:
-            await message.ack()  # stream "acks" only return credit
+            self._unacked += 1
+            if self._unacked >= ACK_EVERY or message.type == MARKER_TYPE:
+                self._unacked = 0
+                await message.ack(multiple=True)  # stream "acks" only return credit
 
     async def stop(self) -> None:
         if self._channel is not None:
