@@ -47,8 +47,14 @@ NAMESPACES = ResourceType("", "v1", "namespaces", "Namespace", False,
 TOKENREVIEWS = ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False,
                             verbs=("create",))
 
+# Stored and served (read by the agent's kubernetes tool); no controller rolls them out.
+DEPLOYMENTS = ResourceType("apps", "v1", "deployments", "Deployment", True, subresources=("status",),
+                           short_names=("deploy",))
+REPLICASETS = ResourceType("apps", "v1", "replicasets", "ReplicaSet", True, subresources=("status",),
+                           short_names=("rs",))
+
 ALL = (JOBS, PODS, SECRETS, CONFIGMAPS, EVENTS, SERVICEACCOUNTS, RESOURCEQUOTAS, NAMESPACES,
-       TOKENREVIEWS)
+       TOKENREVIEWS, DEPLOYMENTS, REPLICASETS)
 BY_PATH = {(rt.group, rt.version, rt.plural): rt for rt in ALL}
 BY_KIND = {(rt.api_version, rt.kind): rt for rt in ALL}
 

@@ -1,0 +1,365 @@
+"""The ``postgres`` tool: PostgreSQL diagnostics through the agent's dynamic read-only user.
+
+What a DBA looks at first during a connection or locking incident, from
+``pg_stat_activity``, ``pg_locks`` and ``pg_blocking_pids``: connections by
+state / application / client address against ``max_connections``, sessions
+idle in transaction, long-running queries and blocking lock chains. Every
+query works for a role that has only ``LOGIN`` and ``pg_read_all_stats`` (the
+dynamic user Vault issues, see ``dispatcher/vault_bootstrap.py``).
+
+Bounds: the session is read-only (``default_transaction_read_only``) with a
+``statement_timeout``; connecting and querying together are bounded by
+``Limits.timeout``; rows by ``LIMIT max_rows`` and query texts by
+``query_chars``. One connection is opened lazily and kept for the
+investigation (an exhausted server should not have to find a new slot for every
+call) and dropped after any failure. The password never appears in an
+observation, and password literals in other sessions' query texts are masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from schemas import utcnow
+
+from .base import Limits, Observation, OperationSpec, bounded
+from .toolbox import ParamError, describe_error, failure, parse_duration, redact, unknown_operation
+
+QUERY_CHARS = 200  # characters of each session's query text kept
+
+CONNECTIONS_SQL = """\
+WITH a AS (
+  SELECT coalesce(state, 'unknown') AS state,
+         coalesce(nullif(application_name, ''), '(none)') AS app,
+         coalesce(host(client_addr), 'local') AS client,
+         coalesce(datname, '') AS db,
+         extract(epoch FROM now() - xact_start)::float AS xact_age,
+         coalesce(state IN ('idle in transaction', 'idle in transaction (aborted)'), false) AS idle_tx
+  FROM pg_stat_activity WHERE backend_type = 'client backend')
+SELECT current_setting('max_connections')::int,
+       current_setting('superuser_reserved_connections')::int,
+       (SELECT count(*) FROM a)::int,
+       (SELECT coalesce(json_object_agg(state, n), '{}') FROM (SELECT state, count(*) AS n FROM a GROUP BY state) s),
+       (SELECT coalesce(json_agg(x ORDER BY x.total DESC, x.application_name), '[]') FROM (
+          SELECT app AS application_name, count(*) AS total,
+                 count(*) FILTER (WHERE state = 'active') AS active,
+                 count(*) FILTER (WHERE state = 'idle') AS idle,
+                 count(*) FILTER (WHERE idle_tx) AS idle_in_transaction,
+                 round(coalesce(max(xact_age) FILTER (WHERE idle_tx), 0)::numeric, 3)::float
+                   AS oldest_idle_in_transaction_s
+          FROM a GROUP BY app ORDER BY count(*) DESC, app LIMIT %(rows)s) x),
+       (SELECT count(DISTINCT app) FROM a)::int,
+       (SELECT coalesce(json_agg(x ORDER BY x.total DESC, x.client_addr), '[]') FROM (
+          SELECT client AS client_addr, count(*) AS total,
+                 count(*) FILTER (WHERE idle_tx) AS idle_in_transaction
+          FROM a GROUP BY client ORDER BY count(*) DESC, client LIMIT %(rows)s) x),
+       (SELECT count(DISTINCT client) FROM a)::int,
+       (SELECT coalesce(json_agg(x ORDER BY x.total DESC, x.datname), '[]') FROM (
+          SELECT db AS datname, count(*) AS total
+          FROM a GROUP BY db ORDER BY count(*) DESC, db LIMIT %(rows)s) x),
+       (SELECT count(DISTINCT db) FROM a)::int,
+       (SELECT round(coalesce(max(xact_age) FILTER (WHERE idle_tx), 0)::numeric, 3)::float FROM a)"""
+
+_SESSION_COLUMNS = """\
+a.pid, a.usename::text, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'),
+coalesce(a.datname::text, ''), coalesce(a.state, ''),
+round(coalesce(extract(epoch FROM now() - a.xact_start), 0)::numeric, 3)::float,
+round(coalesce(extract(epoch FROM now() - a.state_change), 0)::numeric, 3)::float,
+round(coalesce(extract(epoch FROM now() - a.query_start), 0)::numeric, 3)::float,
+a.wait_event_type, a.wait_event, a.backend_xid IS NOT NULL, left(a.query, %(chars)s)"""
+_SESSION_KEYS = ("pid", "usename", "application_name", "client_addr", "datname", "state", "xact_age_s",
+                 "idle_s", "running_s", "wait_event_type", "wait_event", "wrote", "query")
+
+IDLE_IN_TRANSACTION_SQL = f"""\
+SELECT count(*) OVER ()::int, {_SESSION_COLUMNS}
+FROM pg_stat_activity a
+WHERE a.backend_type = 'client backend'
+  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+  AND now() - a.state_change >= make_interval(secs => %(min_s)s)
+ORDER BY a.xact_start, a.pid
+LIMIT %(rows)s"""
+
+IDLE_BY_APPLICATION_SQL = """\
+SELECT coalesce(nullif(application_name, ''), '(none)'), count(*)::int
+FROM pg_stat_activity
+WHERE backend_type = 'client backend'
+  AND state IN ('idle in transaction', 'idle in transaction (aborted)')
+  AND now() - state_change >= make_interval(secs => %(min_s)s)
+GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT %(rows)s"""
+
+LONG_RUNNING_SQL = f"""\
+SELECT count(*) OVER ()::int, {_SESSION_COLUMNS}
+FROM pg_stat_activity a
+WHERE a.backend_type = 'client backend' AND a.state = 'active' AND a.pid <> pg_backend_pid()
+  AND now() - a.query_start >= make_interval(secs => %(min_s)s)
+ORDER BY a.query_start, a.pid
+LIMIT %(rows)s"""
+
+# pg_blocking_pids is costly (it takes the lock manager's partition locks), so it is
+# only asked about sessions that are waiting for a lock at all.
+BLOCKED_SQL = f"""\
+SELECT count(*) OVER ()::int, w.blocked_by, w.lock_wait_s, {_SESSION_COLUMNS}
+FROM pg_stat_activity a
+CROSS JOIN LATERAL (
+  SELECT pg_blocking_pids(a.pid) AS blocked_by,
+         round(coalesce((SELECT extract(epoch FROM now() - min(l.waitstart)) FROM pg_locks l
+                         WHERE l.pid = a.pid AND NOT l.granted), 0)::numeric, 3)::float AS lock_wait_s) w
+WHERE a.wait_event_type = 'Lock' AND cardinality(w.blocked_by) > 0
+ORDER BY w.lock_wait_s DESC, a.pid
+LIMIT %(rows)s"""
+
+BLOCKERS_SQL = f"""\
+SELECT a.backend_type, {_SESSION_COLUMNS}
+FROM pg_stat_activity a WHERE a.pid = ANY(%(pids)s::int[]) ORDER BY a.xact_start NULLS LAST, a.pid"""
+
+_MIN_S = {"type": "number", "minimum": 0}
+OPERATIONS: dict[str, OperationSpec] = {
+    "connections": OperationSpec(
+        name="connections",
+        description="Client connections against max_connections: counts by state, by application_name "
+                    "(with idle-in-transaction counts), by client address and by database.",
+        parameters={"type": "object", "properties": {}, "additionalProperties": False},
+    ),
+    "idle_in_transaction": OperationSpec(
+        name="idle_in_transaction",
+        description="Sessions idle inside an open transaction for at least min_age_s seconds, oldest "
+                    "transaction first, with application, client address, ages and last query.",
+        parameters={"type": "object", "additionalProperties": False,
+                    "properties": {"min_age_s": {**_MIN_S, "description": "idle at least this long (default 0)"}}},
+    ),
+    "long_running": OperationSpec(
+        name="long_running",
+        description="Queries active for at least min_s seconds, longest first, with what they wait on.",
+        parameters={"type": "object", "additionalProperties": False,
+                    "properties": {"min_s": {**_MIN_S, "description": "running at least this long (default 30)"}}},
+    ),
+    "blocking_chains": OperationSpec(
+        name="blocking_chains",
+        description="Lock waits: each blocked session with the pids blocking it (pg_blocking_pids), how long "
+                    "it has waited, and the blocking sessions (root blockers first).",
+        parameters={"type": "object", "properties": {}, "additionalProperties": False},
+    ),
+}
+
+_PASSWORD_LITERAL = re.compile(r"(?i)(password\s*=?\s*)('(?:[^']|'')*'|\"[^\"]*\")")
+
+
+def mask_query(text: str | None) -> str:
+    """A session's query text with password literals masked (it may be someone's ALTER ROLE)."""
+    return _PASSWORD_LITERAL.sub(r"\1'******'", text or "")
+
+
+class PostgresTool:
+    """Read-only diagnostics on one PostgreSQL server as ``user`` (the dynamic Vault user)."""
+
+    name: ClassVar[str] = "postgres"
+    credential_domain: ClassVar[str | None] = "database"
+
+    def __init__(self, dsn: str, *, user: str | None = None, password: str | None = None,
+                 limits: Limits | None = None, application_name: str = "agentjobs-agent",
+                 query_chars: int = QUERY_CHARS) -> None:
+        self.dsn = dsn
+        self.limits = limits or Limits()
+        self.query_chars = query_chars
+        self._user, self._password = user, password
+        self._application_name = application_name[:63]
+        self._secrets = [s for s in (password, _dsn_password(dsn)) if s]
+        self._conn: Any = None  # psycopg.AsyncConnection, opened on first use
+        self._lock = asyncio.Lock()
+
+    def operations(self) -> Mapping[str, OperationSpec]:
+        return OPERATIONS
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._discard()
+
+    async def run(self, operation: str, params: Mapping[str, Any]) -> Observation:
+        if operation not in OPERATIONS:
+            return unknown_operation(self.name, operation, OPERATIONS)
+        try:
+            args = {"rows": self.limits.max_rows, "chars": self.query_chars}
+            if operation == "idle_in_transaction":
+                args["min_s"] = parse_duration(params.get("min_age_s") or 0)
+            elif operation == "long_running":
+                args["min_s"] = parse_duration(30 if params.get("min_s") is None else params["min_s"])
+        except ParamError as exc:
+            return failure(self.name, operation, "", f"invalid parameters: {exc}")
+        sql = {"connections": CONNECTIONS_SQL, "idle_in_transaction": IDLE_IN_TRANSACTION_SQL,
+               "long_running": LONG_RUNNING_SQL, "blocking_chains": BLOCKED_SQL}[operation]
+        import psycopg  # an agent without PostgreSQL configured never needs it
+
+        try:
+            # the bound covers waiting for the connection (calls on one tool are serialised) too
+            async with asyncio.timeout(self.limits.timeout), self._lock:
+                try:
+                    conn = await self._connection()
+                    data, excerpt, truncated = await getattr(self, f"_{operation}")(conn, args)
+                except BaseException:
+                    await self._discard()  # its state is unknown after a failure or a cancellation
+                    raise
+        except (TimeoutError, psycopg.Error, OSError) as exc:
+            return failure(self.name, operation, sql, describe_error(exc, self.limits.timeout), secrets=self._secrets)
+        return Observation(tool=self.name, operation=operation, query=sql, ok=True, at=utcnow(), data=data,
+                           excerpt=bounded(redact(excerpt, self._secrets)), truncated=truncated)
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def _connection(self) -> Any:
+        import psycopg
+
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        kwargs: dict[str, Any] = {
+            "connect_timeout": max(2, int(self.limits.timeout + 0.999)),
+            "application_name": self._application_name,
+            "options": f"-c statement_timeout={max(1, int(self.limits.timeout * 1000))} "
+                       "-c default_transaction_read_only=on -c lock_timeout=1000",
+            "autocommit": True,
+        }
+        if self._user is not None:
+            kwargs["user"] = self._user
+        if self._password is not None:
+            kwargs["password"] = self._password
+        self._conn = await psycopg.AsyncConnection.connect(self.dsn, **kwargs)
+        return self._conn
+
+    async def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2)
+            except Exception:  # the connection is being thrown away; nothing left to do
+                pass
+
+    # -- operations: each returns (data, excerpt, truncated) ------------------------------
+
+    async def _connections(self, conn: Any, args: dict[str, Any]) -> tuple[Any, str, bool]:
+        cur = await conn.execute(CONNECTIONS_SQL, args)
+        row = await cur.fetchone()
+        (max_conn, reserved, total, by_state, by_app, n_apps, by_client, n_clients, by_db, n_dbs,
+         oldest) = row
+        data = {
+            "max_connections": max_conn, "superuser_reserved_connections": reserved, "total": total,
+            "usage_ratio": round(total / max(1, max_conn), 4),
+            "by_state": {str(k): int(v) for k, v in sorted((by_state or {}).items(), key=lambda kv: -kv[1])},
+            "by_application": by_app, "by_client": by_client, "by_database": by_db,
+            "oldest_idle_in_transaction_s": oldest,
+        }
+        truncated = n_apps > len(by_app) or n_clients > len(by_client) or n_dbs > len(by_db)
+        idle_tx = sum(v for k, v in data["by_state"].items() if k.startswith("idle in transaction"))
+        lines = [
+            f"client connections {total}/{max_conn} ({data['usage_ratio']:.0%} of max_connections, "
+            f"{reserved} reserved for superusers); idle in transaction {idle_tx}, oldest {oldest:.0f} s",
+            "by state: " + ", ".join(f"{k}={v}" for k, v in data["by_state"].items()),
+            "by application_name: " + "; ".join(
+                f"{a['application_name']} {a['total']} (active {a['active']}, idle {a['idle']}, "
+                f"idle in transaction {a['idle_in_transaction']})" for a in by_app[:10]),
+            "by client_addr: " + "; ".join(f"{c['client_addr']} {c['total']}" for c in by_client[:10]),
+            "by database: " + "; ".join(f"{d['datname'] or '-'} {d['total']}" for d in by_db[:10]),
+        ]
+        return data, "\n".join(lines), truncated
+
+    async def _idle_in_transaction(self, conn: Any, args: dict[str, Any]) -> tuple[Any, str, bool]:
+        cur = await conn.execute(IDLE_IN_TRANSACTION_SQL, args)
+        rows = await cur.fetchall()
+        cur = await conn.execute(IDLE_BY_APPLICATION_SQL, args)
+        by_app = {app: n for app, n in await cur.fetchall()}
+        total = rows[0][0] if rows else 0
+        sessions = [self._session(r[1:]) for r in rows]
+        data = {"total": total, "min_age_s": args["min_s"], "by_application": by_app, "sessions": sessions}
+        lines = [f"{total} sessions idle in transaction for >= {args['min_s']:g} s; by application_name: "
+                 + (", ".join(f"{k}={v}" for k, v in by_app.items()) or "none")]
+        lines += [f"pid {s['pid']} {s['application_name'] or '-'} from {s['client_addr']} db {s['datname']}: "
+                  f"transaction {s['xact_age_s']:.0f} s, idle {s['idle_s']:.0f} s"
+                  f"{', wrote' if s['wrote'] else ''}; last query: {s['query']!r}" for s in sessions[:20]]
+        return data, "\n".join(lines), total > len(sessions)
+
+    async def _long_running(self, conn: Any, args: dict[str, Any]) -> tuple[Any, str, bool]:
+        cur = await conn.execute(LONG_RUNNING_SQL, args)
+        rows = await cur.fetchall()
+        total = rows[0][0] if rows else 0
+        sessions = [self._session(r[1:]) for r in rows]
+        data = {"total": total, "min_s": args["min_s"], "sessions": sessions}
+        lines = [f"{total} queries active for >= {args['min_s']:g} s"]
+        lines += [f"pid {s['pid']} {s['application_name'] or '-'} from {s['client_addr']}: running "
+                  f"{s['running_s']:.0f} s" + (f", waiting on {s['wait_event_type']}/{s['wait_event']}"
+                                               if s["wait_event_type"] else "")
+                  + f": {s['query']!r}" for s in sessions[:20]]
+        return data, "\n".join(lines), total > len(sessions)
+
+    async def _blocking_chains(self, conn: Any, args: dict[str, Any]) -> tuple[Any, str, bool]:
+        async with conn.transaction():  # one statistics snapshot for both queries
+            cur = await conn.execute(BLOCKED_SQL, args)
+            rows = await cur.fetchall()
+            blocked = []
+            for r in rows:
+                entry = self._session(r[3:])
+                entry["blocked_by"] = sorted(int(p) for p in r[1])
+                entry["lock_wait_s"] = r[2]
+                blocked.append(entry)
+            blocker_pids = sorted({p for b in blocked for p in b["blocked_by"]})[: self.limits.max_rows]
+            blocker_rows = []
+            if blocker_pids:
+                cur = await conn.execute(BLOCKERS_SQL, {**args, "pids": blocker_pids})
+                blocker_rows = await cur.fetchall()
+        waiting = {b["pid"] for b in blocked}
+        edges: dict[int, set[int]] = {}  # blocker -> sessions it blocks directly
+        for b in blocked:
+            for p in b["blocked_by"]:
+                edges.setdefault(p, set()).add(b["pid"])
+        blockers = []
+        for r in blocker_rows:
+            entry = self._session(r[1:])
+            entry["backend_type"] = r[0]
+            entry["blocks"] = sorted(edges.get(entry["pid"], ()))
+            entry["blocks_total"] = len(_reachable(entry["pid"], edges))
+            entry["waiting"] = entry["pid"] in waiting
+            blockers.append(entry)
+        blockers.sort(key=lambda e: (e["waiting"], -e["blocks_total"], e["pid"]))
+        total = rows[0][0] if rows else 0
+        roots = [e["pid"] for e in blockers if not e["waiting"]]
+        data = {"blocked_total": total, "blocked": blocked, "blockers": blockers, "roots": roots}
+        if not total:
+            return data, "no session is waiting for a lock held by another", False
+        lines = [f"{total} sessions blocked; root blockers: "
+                 + (", ".join(str(p) for p in roots) or "none (a cycle, or they finished)")]
+        lines += [f"blocker pid {e['pid']} {e['application_name'] or '-'} from {e['client_addr']} ({e['state']}, "
+                  f"transaction {e['xact_age_s']:.0f} s) blocks {e['blocks_total']}: {e['query']!r}"
+                  for e in blockers[:10]]
+        lines += [f"blocked pid {b['pid']} {b['application_name'] or '-'} waits {b['lock_wait_s']:.1f} s on "
+                  f"{b['blocked_by']}: {b['query']!r}" for b in blocked[:20]]
+        return data, "\n".join(lines), total > len(blocked)
+
+    def _session(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        entry = dict(zip(_SESSION_KEYS, row, strict=True))
+        entry["query"] = redact(mask_query(entry["query"]), self._secrets)
+        return entry
+
+
+def _reachable(start: int, edges: Mapping[int, set[int]]) -> set[int]:
+    seen: set[int] = set()
+    todo = list(edges.get(start, ()))
+    while todo:
+        pid = todo.pop()
+        if pid not in seen and pid != start:
+            seen.add(pid)
+            todo.extend(edges.get(pid, ()))
+    return seen
+
+
+def _dsn_password(dsn: str) -> str | None:
+    """The password embedded in a DSN (URL or key=value), so it can be redacted."""
+    from urllib.parse import unquote, urlsplit
+
+    if "://" in dsn:
+        try:
+            password = urlsplit(dsn).password
+        except ValueError:
+            return None
+        return unquote(password) if password else None
+    match = re.search(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn)
+    return match.group(1).strip("'") if match else None
