@@ -136,15 +136,18 @@ class AdmissionSettings(Section):
 
 
 class TrustSettings(Section):
-    policy_version: str = "2026-11-1"  # bump when thresholds change
+    policy_version: str = "2026-11-2"  # bump when thresholds change
     initial_phase: Phase = Phase.SHADOW
     scope_label: str = "domain"  # feedback is tallied per value of this label
-    window: Positive = 50  # feedbacks in the sliding window
+    window: Positive = 100  # feedbacks in the sliding window
     max_age: Seconds = 30 * 86400.0  # seconds; older feedback leaves the window
     min_samples: Positive = 20  # feedbacks before any promotion
     promote_threshold: Fraction = 0.10  # upper Wilson bound of modification rate to promote
     demote_threshold: Fraction = 0.30  # lower Wilson bound of modification rate to demote
-    confidence_z: Annotated[float, msgspec.Meta(gt=0)] = 1.96  # Wilson interval z (95 %)
+    # Wilson interval z. 99 %, not 95 %: the bound is re-tested after every feedback for weeks,
+    # and at 95 % an agent slightly worse than the threshold was promoted 12 % of the time
+    # (benchmarks/trust.py: 1.3 % at 99 % with window 100; a good agent still ~7 days).
+    confidence_z: Annotated[float, msgspec.Meta(gt=0)] = 2.576
     min_dwell: NonNegative = 7 * 86400  # seconds in a phase before promotion
     cooldown: NonNegative = 86400  # seconds after any change without promotion
     harmful_demotes_to: Phase = Phase.READ_ONLY

@@ -224,11 +224,11 @@ def test_promotions_never_skip_a_phase() -> None:
     assert all(c.samples >= POLICY.min_samples for c in changes)
 
 
-def test_at_default_thresholds_a_clean_record_needs_thirty_five_samples() -> None:
-    # 0.10 as an upper Wilson bound at z=1.96 needs n >= 35 even with no modification at all
+def test_at_default_thresholds_a_clean_record_needs_sixty_samples() -> None:
+    # 0.10 as an upper Wilson bound at z=2.576 (99 %) needs n >= 60 even with no modification at all
     ledger = TrustLedger(TrustSettings())
-    assert feed(ledger, [fb(i * 6 * 60) for i in range(34)]) == []
-    assert [c.samples for c in feed(ledger, [fb(34 * 6 * 60)])] == [35]
+    assert feed(ledger, [fb(i * 6 * 60) for i in range(59)]) == []
+    assert [c.samples for c in feed(ledger, [fb(59 * 6 * 60)])] == [60]
 
 
 # --- demotion and harm ----------------------------------------------------------------
