@@ -11,8 +11,9 @@ emulator's kubelet) absolute mount paths are found under it. Nothing else in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal, cast
 
@@ -28,6 +29,31 @@ WRAPPED_TOKEN_FILE = "wrapped-token"  # == dispatcher.jobspec.WRAPPED_TOKEN_FILE
 
 class ConfigError(Exception):
     """The Job's environment is incomplete or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolEnv:
+    """Which data sources the Job may consult (addresses only)."""
+
+    prometheus_url: str = ""
+    loki_url: str = ""
+    kubernetes: bool = False  # read-only API tool with the pod's ServiceAccount (or ``kubeconfig``)
+    kubeconfig: Path | None = None
+    timeout: float = 5.0  # seconds per call
+    max_rows: int = 200
+    max_tool_calls: int = 40
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmEnv:
+    """An OpenAI-compatible endpoint for the llm reasoner (its key comes from Vault KV)."""
+
+    base_url: str
+    model: str
+    max_steps: int = 8
+    max_tokens: int = 40000
+    wall_seconds: float = 90.0
+    prices: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +76,9 @@ class AgentEnv:
     publish_timeout: float = 10.0  # seconds to wait for the broker's confirm
     query_timeout: float = 5.0  # seconds: PostgreSQL statement_timeout and connect timeout
     log_level: str = "info"
+    deadline_seconds: float = 600.0  # the Job's activeDeadlineSeconds: conclude well before it
+    tools: ToolEnv = field(default_factory=ToolEnv)
+    llm: LlmEnv | None = None  # None: the rules reasoner
 
     @property
     def incident_file(self) -> Path:
@@ -85,6 +114,48 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive")
     return value
+
+
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ConfigError(f"{name}={raw!r} is not a positive whole number")
+    return int(raw)
+
+
+def _tools(environ: Mapping[str, str], mount_root: Path | None) -> ToolEnv:
+    kubeconfig = environ.get("AGENTJOBS_TOOLS__KUBECONFIG", "").strip()
+    return ToolEnv(
+        prometheus_url=environ.get("AGENTJOBS_TOOLS__PROMETHEUS_URL", "").strip(),
+        loki_url=environ.get("AGENTJOBS_TOOLS__LOKI_URL", "").strip(),
+        kubernetes=environ.get("AGENTJOBS_TOOLS__KUBERNETES", "").strip().lower() in ("1", "true", "yes"),
+        kubeconfig=remap(kubeconfig, mount_root) if kubeconfig else None,
+        timeout=_seconds(environ, "AGENTJOBS_TOOLS__TIMEOUT", 5.0),
+        max_rows=_count(environ, "AGENTJOBS_TOOLS__MAX_ROWS", 200),
+        max_tool_calls=_count(environ, "AGENTJOBS_TOOLS__MAX_TOOL_CALLS", 40),
+    )
+
+
+def _llm(environ: Mapping[str, str]) -> LlmEnv | None:
+    base_url = environ.get("AGENTJOBS_LLM__BASE_URL", "").strip()
+    if not base_url:
+        return None
+    raw_prices = environ.get("AGENTJOBS_LLM__PRICES", "").strip() or "{}"
+    try:
+        prices = json.loads(raw_prices)
+        assert isinstance(prices, dict)
+    except (ValueError, AssertionError):
+        raise ConfigError(f"AGENTJOBS_LLM__PRICES={raw_prices[:80]!r} is not a JSON object") from None
+    return LlmEnv(
+        base_url=base_url,
+        model=_required(environ, "AGENTJOBS_LLM__MODEL"),
+        max_steps=_count(environ, "AGENTJOBS_LLM__MAX_STEPS", 8),
+        max_tokens=_count(environ, "AGENTJOBS_LLM__MAX_TOKENS", 40000),
+        wall_seconds=_seconds(environ, "AGENTJOBS_LLM__WALL_SECONDS", 90.0),
+        prices=prices,
+    )
 
 
 def load(environ: Mapping[str, str]) -> AgentEnv:
@@ -126,4 +197,7 @@ def load(environ: Mapping[str, str]) -> AgentEnv:
         vault_timeout=_seconds(environ, "AGENTJOBS_VAULT__REQUEST_TIMEOUT", 10.0),
         publish_timeout=_seconds(environ, "AGENTJOBS_AMQP__PUBLISH_TIMEOUT", 10.0),
         log_level=log_level,
+        deadline_seconds=_seconds(environ, "AGENTJOBS_DEADLINE_SECONDS", 600.0),
+        tools=_tools(environ, mount_root),
+        llm=_llm(environ),
     )

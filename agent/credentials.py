@@ -207,6 +207,18 @@ class VaultSession:
     async def database(self) -> DynamicSecret | Denied:
         return await self.read_secret(vault_layout.database_creds_path())
 
+    async def llm_api_key(self) -> str | Denied:
+        """The LLM endpoint's API key from KV (``agentjobs-kv/llm``, field ``api_key``)."""
+        path = vault_layout.kv_llm_path()
+        try:
+            response = await self._call(lambda: self._client.read(path))
+        except (hvac.exceptions.VaultError, *_TRANSPORT_ERRORS) as exc:
+            return Denied(path=path, reason=_describe(exc))
+        key = (((response or {}).get("data") or {}).get("data") or {}).get("api_key")
+        if not isinstance(key, str):
+            return Denied(path=path, reason="no api_key stored")
+        return key
+
     async def rabbitmq(self) -> DynamicSecret:
         """The RabbitMQ user for publishing results; without it there is nothing to do."""
         got = await self.read_secret(vault_layout.rabbitmq_creds_path())

@@ -1,6 +1,7 @@
 """``agentjobs agent``: one investigation, start to end, inside its Job.
 
-bootstrap (unwrap or log in, dynamic credentials) → investigate → publish the
+bootstrap (unwrap or log in, dynamic credentials) → investigate (``engine``: tools,
+reasoner, phase gate) → publish the
 finding with confirms → revoke-self. The exit code tells the dispatcher how it
 ended — it maps them to lifecycle reasons:
 
@@ -31,11 +32,20 @@ import msgspec
 from dispatcher import logs
 from dispatcher.settings import LoggingSettings
 from dispatcher.topology import CREDENTIALS_KEY
-from schemas import AgentExit, CredentialsIssued, DecodeError, Evidence, IncidentEvent, decode, utcnow
+from schemas import (
+    AgentExit,
+    CredentialsIssued,
+    DecodeError,
+    Evidence,
+    IncidentEvent,
+    decode,
+    utcnow,
+)
 
-from . import config, credentials, investigate, publish
+from . import config, credentials, engine, publish
 from .config import AgentEnv, ConfigError
 from .credentials import CredentialsUnavailable, Denied, VaultSession
+from .reasoning.base import Tally
 
 log = logs.get_logger("agentjobs.agent")
 
@@ -106,7 +116,7 @@ async def _database_access(
 
 async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> None:
     """One investigation; raises what ``exit_code_for`` maps (returns on success)."""
-    tally = investigate.Tally()
+    tally = Tally()
     session: VaultSession | None = None
     stop = asyncio.Event()
     renewer: asyncio.Task[None] | None = None
@@ -129,12 +139,26 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
                     timeout=env.publish_timeout, connection_name=f"agentjobs-agent {env.job_name}",
                 )
         db_user, db_password, prior, db_unavailable = await _database_access(env, session)
+        api_key = ""
+        if env.llm is not None and session is not None:
+            got = await session.llm_api_key()
+            if isinstance(got, Denied):
+                prior.append(Evidence(source="vault", query=f"read {got.path}", excerpt=got.reason, at=utcnow(),
+                                      ok=False))
+            else:
+                api_key = got
         if session is not None:  # every lease is known now
             renewer = asyncio.create_task(session.renew_until(stop), name="agentjobs-lease-renewer")
-        finding = await investigate.investigate(
-            incident, env, db_user=db_user, db_password=db_password, prior_evidence=prior,
-            db_unavailable=db_unavailable, tally=tally,
-        )
+        if not env.postgres_dsn:
+            prior.append(Evidence(source="postgres", excerpt="PostgreSQL is not configured "
+                                  "(AGENTJOBS_POSTGRES__DSN is empty)", at=utcnow(), ok=False))
+        tools = await engine.open_tools(env, db_user=db_user, db_password=db_password,
+                                        postgres_available=db_unavailable is None)
+        try:
+            finding = await engine.investigate(incident, env, tools=tools, tally=tally, prior_evidence=prior,
+                                               api_key=api_key)
+        finally:
+            await engine.close_tools(tools)
         finding = msgspec.structs.replace(finding, cost=tally.cost())
         headers = {"investigation_id": env.investigation_id, "job_name": env.job_name}
         if session is not None and session.identity is not None:

@@ -115,7 +115,8 @@ class LogWriter:
     the phase its scope was in), so replaying the log must end in exactly this ledger's phases.
     """
 
-    def __init__(self, trust: TrustSettings, *, scopes: int, seed: int) -> None:
+    def __init__(self, trust: TrustSettings, *, scopes: int, seed: int, epoch: datetime = EPOCH) -> None:
+        self.epoch = epoch
         self.rng = random.Random(seed)
         self.ledger = TrustLedger(trust)
         self.scopes = [f"domain-{i:02d}" for i in range(scopes)]
@@ -149,7 +150,7 @@ class LogWriter:
         fid = f"fb-{self.n:08d}"
         fb = OperatorFeedback(
             feedback_id=fid, investigation_id=f"inv-{self.n:08d}", scope=scope, phase=phase, verdict=verdict_,
-            at=EPOCH + timedelta(seconds=self.t), operator=f"oncall-{i % 7}",
+            at=self.epoch + timedelta(seconds=self.t), operator=f"oncall-{i % 7}",
             changed_fields=("cause", "severity") if verdict_ is Verdict.MODIFIED else (), harmful=harmful,
             shadow=shadow,
         )
@@ -423,8 +424,13 @@ class Bench:
 
     # -- 0. the log --------------------------------------------------------------------------
     def write_log(self) -> None:
-        writer = LogWriter(self.settings.trust, scopes=LOG_SCOPES, seed=LOG_SEED)
         live_from, live_to = self.stream_entries, self.stream_entries + self.live
+        # The live feedbacks must be recent: the trust consumer refuses feedback older than
+        # trust.max_age (or from the future) at intake. So the live part ends about two days ago
+        # (the arrival times' spread over 80k entries is ~7 h: far inside that margin).
+        span_s = live_to * 86400.0 / (LOG_FEEDBACK_PER_SCOPE_DAY * LOG_SCOPES)
+        epoch = datetime.now(UTC) - timedelta(seconds=span_s + 2 * 86400)
+        writer = LogWriter(self.settings.trust, scopes=LOG_SCOPES, seed=LOG_SEED, epoch=epoch)
         bodies: list[bytes] = []
         ids: list[str] = []
         t0 = time.perf_counter()

@@ -172,12 +172,43 @@ def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
         "TRACEPARENT": traceparent(plan.identity.investigation_id),
         "HOME": SCRATCH_DIR,
         "TMPDIR": SCRATCH_DIR,
+        # the agent's own time budget: it concludes (and publishes) before the Job's deadline
+        "AGENTJOBS_DEADLINE_SECONDS": str(settings.classes[plan.class_name].deadline),
+        **_tool_env(settings),
     }
     items: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
     items.append({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     if settings.vault.auth_mode == "kubernetes":
         items.append({"name": "AGENTJOBS_SA_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})
     return items
+
+
+def _tool_env(settings: Settings) -> dict[str, str]:
+    """Where the agent's tools and reasoner reach their data sources (only what is configured)."""
+    tools, llm = settings.tools, settings.llm
+    env = {
+        "AGENTJOBS_TOOLS__TIMEOUT": f"{tools.timeout:g}",
+        "AGENTJOBS_TOOLS__MAX_ROWS": str(tools.max_rows),
+        "AGENTJOBS_TOOLS__MAX_TOOL_CALLS": str(tools.max_tool_calls),
+    }
+    if tools.prometheus_url:
+        env["AGENTJOBS_TOOLS__PROMETHEUS_URL"] = tools.prometheus_url
+    if tools.loki_url:
+        env["AGENTJOBS_TOOLS__LOKI_URL"] = tools.loki_url
+    if tools.kubernetes:
+        env["AGENTJOBS_TOOLS__KUBERNETES"] = "true"
+        if tools.kubeconfig:
+            env["AGENTJOBS_TOOLS__KUBECONFIG"] = tools.kubeconfig
+    if llm.base_url:
+        env |= {
+            "AGENTJOBS_LLM__BASE_URL": llm.base_url,
+            "AGENTJOBS_LLM__MODEL": llm.model,
+            "AGENTJOBS_LLM__MAX_STEPS": str(llm.max_steps),
+            "AGENTJOBS_LLM__MAX_TOKENS": str(llm.max_tokens),
+            "AGENTJOBS_LLM__WALL_SECONDS": f"{llm.wall_seconds:g}",
+            "AGENTJOBS_LLM__PRICES": msgspec.json.encode(llm.prices).decode(),
+        }
+    return env
 
 
 def _resources(cls: InvestigationClass) -> dict[str, Any]:

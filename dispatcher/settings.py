@@ -175,10 +175,31 @@ class BridgeSettings(Section):
     max_body_bytes: Positive = 1024 * 1024  # bytes per webhook request
 
 
+class ToolsSettings(Section):
+    """The data sources agents investigate with (addresses only; credentials come from Vault)."""
+
+    prometheus_url: str = ""  # Prometheus HTTP API, e.g. http://prometheus.monitoring:9090; empty: no tool
+    loki_url: str = ""  # Loki HTTP API, e.g. http://loki.monitoring:3100; empty: no logs tool
+    kubernetes: bool = False  # read-only cluster tool with the Job's own ServiceAccount (in-cluster)
+    kubeconfig: str = ""  # instead of in-cluster config (tests, local runtime)
+    timeout: Seconds = 5.0  # seconds per tool call
+    max_rows: Positive = 200  # rows/series/lines/objects kept from one answer
+    max_tool_calls: Positive = 40  # per investigation
+
+
+class ModelPrice(Section):
+    prompt_per_mtok: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # USD per million prompt tokens
+    completion_per_mtok: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # USD per million completion tokens
+
+
 class LlmSettings(Section):
-    base_url: str = ""  # OpenAI-compatible endpoint; empty: rule-based reasoner only
+    base_url: str = ""  # OpenAI-compatible endpoint (…/v1); empty: the rules reasoner only
     model: str = ""
-    api_key: str = ""  # prefer Vault KV; here only for local experiments
+    api_key: str = ""  # prefer Vault KV (agentjobs-kv/llm); here only for local experiments
+    max_steps: Positive = 8  # model turns before falling back to rules
+    max_tokens: Positive = 40000  # prompt + completion tokens per investigation
+    wall_seconds: Seconds = 90.0  # seconds for the model's part
+    prices: dict[str, ModelPrice] = {}  # model name or prefix → price
 
 
 class LoggingSettings(Section):
@@ -201,6 +222,7 @@ class Settings(Section):
     vault: VaultSettings = VaultSettings()
     admission: AdmissionSettings = AdmissionSettings()
     classes: dict[str, InvestigationClass] = msgspec.field(default_factory=_default_classes)
+    tools: ToolsSettings = ToolsSettings()
     trust: TrustSettings = TrustSettings()
     postgres: PostgresSettings = PostgresSettings()
     bridge: BridgeSettings = BridgeSettings()

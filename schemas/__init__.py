@@ -11,7 +11,7 @@ from .codec import KINDS, MAX_BODY_BYTES, WIRE_TYPES, WireMessage, decode, decod
 from .deadletter import DeadLetter, ErrorKind, preview
 from .errors import AgentJobsError, DecodeError, PermanentError, TemporaryError
 from .feedback import OperatorFeedback, ShadowComparison, Verdict
-from .finding import Conclusion, Cost, Evidence, Finding, ProposedAction
+from .finding import Conclusion, Cost, Evidence, Finding, Hypothesis, ProposedAction
 from .identity import Identity, identify
 from .incident import Alert, AlertStatus, IncidentEvent
 from .lifecycle import AgentExit, FailureReason, LifecycleEvent, LifecycleState
@@ -36,6 +36,7 @@ __all__ = [
     "Evidence",
     "FailureReason",
     "Finding",
+    "Hypothesis",
     "Identity",
     "IncidentEvent",
     "LifecycleEvent",

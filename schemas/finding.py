@@ -39,6 +39,16 @@ class ProposedAction(msgspec.Struct, frozen=True, kw_only=True):
     executed: bool = False  # True only if the phase allowed it and it ran
 
 
+class Hypothesis(msgspec.Struct, frozen=True, kw_only=True):
+    """One candidate cause, scored from the evidence for and against it (ranked in the Finding)."""
+
+    cause: Short  # short code, e.g. connection_exhaustion
+    statement: Text = ""  # the cause in a sentence
+    score: UnitInterval = 0.0
+    evidence_for: tuple[Evidence, ...] = ()
+    evidence_against: tuple[Evidence, ...] = ()
+
+
 class Cost(msgspec.Struct, frozen=True, kw_only=True):
     """What the investigation consumed."""
 
@@ -47,6 +57,9 @@ class Cost(msgspec.Struct, frozen=True, kw_only=True):
     tool_calls: NonNegativeInt = 0
     cpu_seconds: NonNegativeFloat = 0.0
     wall_seconds: NonNegativeFloat = 0.0
+    llm_requests: NonNegativeInt = 0
+    llm_model: Short = ""
+    llm_price_usd: NonNegativeFloat = 0.0  # from the per-model price table in settings
 
 
 class Conclusion(enum.StrEnum):
@@ -68,6 +81,7 @@ class Finding(Wire, tag="finding", kw_only=True):
     domain: Short = ""
     conclusion: Conclusion = Conclusion.CONCLUSIVE
     evidence: tuple[Evidence, ...] = ()
+    hypotheses: tuple[Hypothesis, ...] = ()  # most probable first
     proposed_actions: tuple[ProposedAction, ...] = ()
     cost: Cost = Cost()
     supersedes: Id | None = None

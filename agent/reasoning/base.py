@@ -95,6 +95,9 @@ class Tally:
             tool_calls=self.tool_calls,
             cpu_seconds=round(max(0.0, time.process_time() - self.started_cpu), 6),
             wall_seconds=round(max(0.0, time.monotonic() - self.started_wall), 6),
+            llm_requests=self.llm_requests,
+            llm_model=self.llm_model[:512],
+            llm_price_usd=round(self.llm_price_usd, 8),
         )
 
 

@@ -61,7 +61,8 @@ SELECT current_setting('max_connections')::int,
           SELECT db AS datname, count(*) AS total
           FROM a GROUP BY db ORDER BY count(*) DESC, db LIMIT %(rows)s) x),
        (SELECT count(DISTINCT db) FROM a)::int,
-       (SELECT round(coalesce(max(xact_age) FILTER (WHERE idle_tx), 0)::numeric, 3)::float FROM a)"""
+       (SELECT round(coalesce(max(xact_age) FILTER (WHERE idle_tx), 0)::numeric, 3)::float FROM a),
+       current_user::text"""
 
 _SESSION_COLUMNS = """\
 a.pid, a.usename::text, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'),
@@ -241,13 +242,14 @@ class PostgresTool:
         cur = await conn.execute(CONNECTIONS_SQL, args)
         row = await cur.fetchone()
         (max_conn, reserved, total, by_state, by_app, n_apps, by_client, n_clients, by_db, n_dbs,
-         oldest) = row
+         oldest, queried_as) = row
         data = {
             "max_connections": max_conn, "superuser_reserved_connections": reserved, "total": total,
             "usage_ratio": round(total / max(1, max_conn), 4),
             "by_state": {str(k): int(v) for k, v in sorted((by_state or {}).items(), key=lambda kv: -kv[1])},
             "by_application": by_app, "by_client": by_client, "by_database": by_db,
             "oldest_idle_in_transaction_s": oldest,
+            "queried_as": queried_as,  # the (dynamic, Vault-issued) user this was observed as
         }
         truncated = n_apps > len(by_app) or n_clients > len(by_client) or n_dbs > len(by_db)
         idle_tx = sum(v for k, v in data["by_state"].items() if k.startswith("idle in transaction"))
@@ -260,6 +262,7 @@ class PostgresTool:
                 f"idle in transaction {a['idle_in_transaction']})" for a in by_app[:10]),
             "by client_addr: " + "; ".join(f"{c['client_addr']} {c['total']}" for c in by_client[:10]),
             "by database: " + "; ".join(f"{d['datname'] or '-'} {d['total']}" for d in by_db[:10]),
+            f"(observed as {queried_as})",
         ]
         return data, "\n".join(lines), truncated
 

@@ -264,10 +264,11 @@ async def test_agent_publishes_its_finding_with_its_own_users_and_refuses_a_repl
     assert message.message_id == finding.idempotency_key
     assert message.routing_key == "finding.shadow.database"  # shadow: kept out of operators' queues
     assert finding.phase is PHASE and finding.domain == "database"
-    assert finding.cost.tool_calls == 1 and finding.cost.wall_seconds > 0
-    (pg_evidence,) = [e for e in finding.evidence if e.source == "postgres"]
-    assert pg_evidence.ok, pg_evidence.excerpt
-    assert "pg_stat_activity" in pg_evidence.query
+    assert finding.cost.tool_calls >= 1 and finding.cost.wall_seconds > 0
+    assert finding.reasoner == "rules" and finding.hypotheses
+    pg_evidence = [e for e in finding.evidence if e.source == "postgres"]
+    assert pg_evidence and all(e.ok for e in pg_evidence), pg_evidence
+    assert any("pg_stat_activity" in e.query for e in pg_evidence)
     assert "DROP DATABASE" not in finding.summary + finding.probable_cause  # alert text stayed data
 
     # ... the dynamic users existed during the run: Vault issued them to this agent, the broker
@@ -275,7 +276,7 @@ async def test_agent_publishes_its_finding_with_its_own_users_and_refuses_a_repl
     secrets = _secrets_handed_out(_audit_entries(audit_log))
     assert {"agent_token", "db_password", "amqp_password"} <= secrets.keys(), secrets.keys()
     assert message.user_id == secrets["amqp_user"] != "guest"
-    assert json.loads(pg_evidence.excerpt)["agent_user"] == secrets["db_user"]
+    assert f"(observed as {secrets['db_user']})" in pg_evidence[0].excerpt  # PostgreSQL saw the dynamic user
 
     # ... and the agent revoked itself at the end: token and both users are gone
     lookup = bao.hvac_client().auth.token
@@ -399,8 +400,8 @@ async def test_auth_mode_none_uses_the_urls_as_given(
     assert message is not None
     await message.ack()
     finding = decode(message.body, Finding)
-    (pg_evidence,) = [e for e in finding.evidence if e.source == "postgres"]
-    assert pg_evidence.ok, pg_evidence.excerpt
+    pg_evidence = [e for e in finding.evidence if e.source == "postgres"]
+    assert pg_evidence and all(e.ok for e in pg_evidence), pg_evidence
 
 
 async def test_an_unconfirmed_finding_exits_4(postgres: Postgres, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""How an agent run ends: exit codes, the one stderr line, and rules over a sample."""
+"""How an agent run ends: exit codes, the one stderr line, quoting untrusted text."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 
 from agent.config import ConfigError
 from agent.credentials import INTERCEPTED, CredentialsUnavailable
-from agent.investigate import ConnectionSample, assess, quote_untrusted
 from agent.main import exit_code_for, stderr_line
 from agent.publish import PublishFailed, broker_url
-from schemas import Conclusion
+from agent.reasoning.base import quote_untrusted
 
 
 @pytest.mark.parametrize(
@@ -54,29 +53,6 @@ def test_bad_environment_exits_1_with_a_clear_line() -> None:
 def test_broker_url_inserts_the_dynamic_user_quoted() -> None:
     assert broker_url("amqp://rabbit:5672/%2F", "token-x", "p@ss/w:rd") == "amqp://token-x:p%40ss%2Fw%3Ard@rabbit:5672/%2F"
     assert broker_url("amqp://guest:guest@rabbit/", None, None) == "amqp://guest:guest@rabbit/"
-
-
-def sample(used: int, limit: int = 100, **states: int) -> ConnectionSample:
-    by_state = {k.replace("_", " "): v for k, v in states.items()} or {"active": used}
-    return ConnectionSample(agent_user="v-x", max_connections=limit, client_connections=used,
-                            by_state=by_state, oldest_idle_in_tx_s=42.0)
-
-
-def test_near_exhaustion_is_the_probable_cause() -> None:
-    summary, cause, confidence, conclusion = assess(sample(95, idle_in_transaction=30, active=65))
-    assert "95 of 100" in summary and "30 of them idle in transaction" in cause
-    assert conclusion is Conclusion.CONCLUSIVE and confidence >= 0.7
-
-
-def test_many_idle_in_transaction_sessions_are_called_out() -> None:
-    _, cause, _, conclusion = assess(sample(20, idle_in_transaction=8, active=12))
-    assert "holding transactions open" in cause and conclusion is Conclusion.CONCLUSIVE
-
-
-def test_healthy_connections_are_honestly_inconclusive() -> None:
-    summary, _, confidence, conclusion = assess(sample(5))
-    assert "within limits" in summary
-    assert conclusion is Conclusion.INCONCLUSIVE and confidence < 0.5
 
 
 def test_alert_text_is_quoted_bounded_and_single_line() -> None:

@@ -152,3 +152,28 @@ def test_untrusted_label_text_never_produces_an_invalid_manifest(alertname, doma
     job = jobspec.build_job(_plan(event, s), s)
     _validate(job)
     assert all(is_label_value(v) for v in job["metadata"]["labels"].values())
+
+
+def _env_of(job: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_the_job_learns_where_its_tools_and_model_are_but_never_a_secret() -> None:
+    s = load_settings(None, {"AGENTJOBS_TOOLS__PROMETHEUS_URL": "http://prometheus.monitoring:9090",
+                             "AGENTJOBS_TOOLS__LOKI_URL": "http://loki.monitoring:3100",
+                             "AGENTJOBS_LLM__BASE_URL": "http://vllm.ai:8000/v1", "AGENTJOBS_LLM__MODEL": "qwen",
+                             "AGENTJOBS_LLM__API_KEY": "sk-never-in-a-job"})
+    job = jobspec.build_job(_plan(SAMPLE, s), s)
+    env = _env_of(job)
+    assert env["AGENTJOBS_TOOLS__PROMETHEUS_URL"] == "http://prometheus.monitoring:9090"
+    assert env["AGENTJOBS_TOOLS__LOKI_URL"] == "http://loki.monitoring:3100"
+    assert (env["AGENTJOBS_LLM__BASE_URL"], env["AGENTJOBS_LLM__MODEL"]) == ("http://vllm.ai:8000/v1", "qwen")
+    assert env["AGENTJOBS_DEADLINE_SECONDS"] == str(s.classes[_plan(SAMPLE, s).class_name].deadline)
+    assert "sk-never-in-a-job" not in str(job)  # the key comes from Vault KV inside the Job
+    assert "AGENTJOBS_TOOLS__KUBERNETES" not in env  # not configured: not offered
+
+
+def test_unconfigured_tools_are_not_offered() -> None:
+    s = load_settings(None, {})
+    env = _env_of(jobspec.build_job(_plan(SAMPLE, s), s))
+    assert not [k for k in env if k.endswith(("_URL", "__KUBERNETES")) and k != "AGENTJOBS_AMQP__URL"]

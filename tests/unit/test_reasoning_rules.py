@@ -567,9 +567,10 @@ async def test_the_finding_carries_ranked_hypotheses_with_evidence_for_and_again
     assert finding.reasoner == "rules" and finding.phase is Phase.READ_ONLY
     assert finding.summary.startswith('alert "PostgresTooManyConnections": database connection exhaustion')
     assert "Hypotheses, most probable first:\n1. (0." in finding.summary
-    hyps = [e for e in finding.evidence if e.source == "hypothesis"]
-    assert hyps[0].query == "#1 connection_exhaustion_idle_in_transaction"
-    assert "evidence for:" in hyps[0].excerpt and "evidence against:" in hyps[0].excerpt
+    first = finding.hypotheses[0]
+    assert first.cause == "connection_exhaustion_idle_in_transaction"
+    assert [h.score for h in finding.hypotheses] == sorted((h.score for h in finding.hypotheses), reverse=True)
+    assert first.evidence_for and all(e.source and e.at for e in first.evidence_for)
     assert any(e.source == "postgres" and e.query.startswith("connections(") for e in finding.evidence)
     assert any(e.source == "prometheus" for e in finding.evidence)
     [action] = finding.proposed_actions

@@ -1,0 +1,102 @@
+"""From an incident and the Job's environment to a ``Finding``: tools, reasoner, phase gate.
+
+The tools are the ones the Job was given addresses (and credentials) for; the
+reasoner is ``rules`` unless an OpenAI-compatible endpoint is configured, in
+which case ``llm`` runs with ``rules`` as its fallback. The agent's time budget
+ends well before the Job's deadline, so a finding — conclusive or honestly
+inconclusive — is always published. Whatever the phase does not allow is
+proposed, never executed (no executor is wired in this release).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+
+from schemas import Evidence, Finding, IncidentEvent
+
+from .config import AgentEnv
+from .reasoning.base import Budget, Investigation, Price, Reasoner, Tally
+from .reasoning.finding import conclude
+from .reasoning.llm import LlmConfig, LlmReasoner
+from .reasoning.rules import RulesReasoner
+from .tools.base import Limits, Tool
+from .tools.kubernetes import KubernetesTool
+from .tools.logs import LogsTool
+from .tools.postgres import PostgresTool
+from .tools.prometheus import PrometheusTool
+from .tools.toolbox import Toolbox
+
+PUBLISH_RESERVE = 15.0  # seconds of the Job's deadline kept for publishing and revoking
+
+
+def budget_for(env: AgentEnv) -> Budget:
+    """The reasoning budget: the deadline minus what publishing needs, at most 10 minutes (pure)."""
+    wall = max(5.0, min(600.0, env.deadline_seconds - PUBLISH_RESERVE))
+    return Budget(max_tool_calls=env.tools.max_tool_calls, wall_seconds=wall)
+
+
+async def open_tools(env: AgentEnv, *, db_user: str | None, db_password: str | None,
+                     postgres_available: bool) -> list[Tool]:
+    """The tools this Job may use (only the configured ones)."""
+    limits = Limits(timeout=env.tools.timeout, max_rows=env.tools.max_rows)
+    tools: list[Tool] = []
+    if env.postgres_dsn and postgres_available:
+        tools.append(PostgresTool(env.postgres_dsn, user=db_user, password=db_password, limits=limits,
+                                  application_name=f"agentjobs-agent {env.investigation_id[:16]}"))
+    if env.tools.prometheus_url:
+        tools.append(PrometheusTool(env.tools.prometheus_url, limits=limits))
+    if env.tools.loki_url:
+        tools.append(LogsTool(env.tools.loki_url, limits=limits))
+    if env.tools.kubernetes:
+        cfg = k8s_client.Configuration()
+        if env.tools.kubeconfig is not None:
+            await k8s_config.load_kube_config(config_file=str(env.tools.kubeconfig), client_configuration=cfg)
+        else:
+            k8s_config.load_incluster_config(client_configuration=cfg)
+        tools.append(KubernetesTool(k8s_client.ApiClient(cfg), limits=limits))
+    return tools
+
+
+def reasoner_for(env: AgentEnv, *, api_key: str) -> Reasoner:
+    if env.llm is None:
+        return RulesReasoner()
+    prices = {model: Price(prompt_per_mtok=float(p.get("prompt_per_mtok", 0.0)),
+                           completion_per_mtok=float(p.get("completion_per_mtok", 0.0)))
+              for model, p in env.llm.prices.items()}
+    config = LlmConfig(base_url=env.llm.base_url, model=env.llm.model, api_key=api_key,
+                       max_steps=env.llm.max_steps, max_tokens=env.llm.max_tokens,
+                       wall_seconds=env.llm.wall_seconds, prices=prices)
+    return LlmReasoner(config, fallback=RulesReasoner())
+
+
+async def investigate(
+    incident: IncidentEvent,
+    env: AgentEnv,
+    *,
+    tools: Sequence[Tool],
+    tally: Tally,
+    prior_evidence: Sequence[Evidence] = (),
+    api_key: str = "",
+) -> Finding:
+    """Reason over the tools and conclude; never raises for a tool failure (that is evidence)."""
+    toolbox = Toolbox(tools)
+    inv = Investigation(incident=incident, tools=toolbox.tools, phase=env.phase, budget=budget_for(env),
+                        tally=tally, run_tool=toolbox.run)
+    assessment = await reasoner_for(env, api_key=api_key).investigate(inv)
+    finding = await conclude(inv, assessment, investigation_id=env.investigation_id,
+                             domain_label=env.domain_label)
+    if prior_evidence:  # e.g. Vault refusing a credential the phase does not grant
+        finding = msgspec.structs.replace(finding, evidence=(*prior_evidence, *finding.evidence))
+    return finding
+
+
+async def close_tools(tools: Sequence[Tool]) -> None:
+    for tool in tools:
+        try:
+            await tool.close()
+        except Exception:  # noqa: BLE001 - closing must never hide the finding
+            pass

@@ -1,0 +1,66 @@
+"""What the agent builds from its Job's environment: tools, reasoner, time budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import config, engine
+from agent.reasoning.llm import LlmReasoner
+from agent.reasoning.rules import RulesReasoner
+
+BASE = {"AGENTJOBS_INVESTIGATION_ID": "inv", "AGENTJOBS_PHASE": "read-only", "AGENTJOBS_INPUT_DIR": "/in",
+        "AGENTJOBS_AMQP__URL": "amqp://broker/", "AGENTJOBS_VAULT__AUTH_MODE": "none"}
+
+
+def test_only_configured_tools_are_opened() -> None:
+    env = config.load(BASE)
+    assert env.llm is None and not env.tools.prometheus_url
+
+    async def opened(e: config.AgentEnv) -> list[str]:
+        tools = await engine.open_tools(e, db_user=None, db_password=None, postgres_available=True)
+        await engine.close_tools(tools)
+        return [t.name for t in tools]
+
+    import asyncio
+
+    assert asyncio.run(opened(env)) == []
+    full = config.load({**BASE, "AGENTJOBS_POSTGRES__DSN": "postgresql://db:5432/app",
+                        "AGENTJOBS_TOOLS__PROMETHEUS_URL": "http://prom:9090",
+                        "AGENTJOBS_TOOLS__LOKI_URL": "http://loki:3100"})
+    assert asyncio.run(opened(full)) == ["postgres", "prometheus", "logs"]
+
+
+def test_refused_database_credentials_mean_no_postgres_tool() -> None:
+    import asyncio
+
+    env = config.load({**BASE, "AGENTJOBS_POSTGRES__DSN": "postgresql://db:5432/app"})
+    tools = asyncio.run(engine.open_tools(env, db_user=None, db_password=None, postgres_available=False))
+    assert tools == []
+
+
+def test_the_reasoner_is_rules_unless_a_model_endpoint_is_configured() -> None:
+    assert isinstance(engine.reasoner_for(config.load(BASE), api_key=""), RulesReasoner)
+    env = config.load({**BASE, "AGENTJOBS_LLM__BASE_URL": "http://vllm:8000/v1", "AGENTJOBS_LLM__MODEL": "qwen",
+                       "AGENTJOBS_LLM__PRICES": '{"qwen": {"prompt_per_mtok": 0.5}}'})
+    reasoner = engine.reasoner_for(env, api_key="sk-x")
+    assert isinstance(reasoner, LlmReasoner)
+    assert env.llm is not None and env.llm.prices == {"qwen": {"prompt_per_mtok": 0.5}}
+
+
+def test_the_reasoning_budget_ends_before_the_jobs_deadline() -> None:
+    assert engine.budget_for(config.load({**BASE, "AGENTJOBS_DEADLINE_SECONDS": "120"})).wall_seconds == 105
+    assert engine.budget_for(config.load({**BASE, "AGENTJOBS_DEADLINE_SECONDS": "3600"})).wall_seconds == 600
+    assert engine.budget_for(config.load({**BASE, "AGENTJOBS_TOOLS__MAX_TOOL_CALLS": "7"})).max_tool_calls == 7
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("AGENTJOBS_TOOLS__MAX_ROWS", "lots", "AGENTJOBS_TOOLS__MAX_ROWS='lots' is not a positive whole number"),
+    ("AGENTJOBS_TOOLS__TIMEOUT", "-1", "AGENTJOBS_TOOLS__TIMEOUT must be positive"),
+    ("AGENTJOBS_LLM__PRICES", "[1]", "is not a JSON object"),
+])
+def test_bad_tool_settings_name_the_variable(name: str, value: str, says: str) -> None:
+    env = {**BASE, name: value}
+    if name.startswith("AGENTJOBS_LLM"):
+        env |= {"AGENTJOBS_LLM__BASE_URL": "http://vllm/v1", "AGENTJOBS_LLM__MODEL": "m"}
+    with pytest.raises(config.ConfigError, match=says.replace("[", r"\[").replace("(", r"\(")):
+        config.load(env)
