@@ -557,15 +557,13 @@ class Bench:
                 return
             took = time.perf_counter() - t0
             rate = n / took
-            timeout_s = 120.0  # TrustService.start: catch_up(timeout=120)
             self.f.update(service_start_s=round(took, 2), service_replay_events_per_s=round(rate),
-                          service_replay_1m_s=round(MILLION / rate, 1), service_catch_up_timeout_s=timeout_s,
-                          service_replay_max_entries_in_timeout=int(rate * timeout_s))
+                          service_replay_1m_s=round(MILLION / rate, 1))
             say(f"   TrustService.start() (connect, declare, replay with metrics, consume): {took:.2f} s = "
                 f"{rate:,.0f} events/s → 1M in {MILLION / rate:.1f} s (extrapolated)   "
                 f"[target < {TARGET_REPLAY_1M_S:.0f} s: {verdict(MILLION / rate < TARGET_REPLAY_1M_S)}]")
-            say(f"   its feedback-log catch-up gives up after {timeout_s:.0f} s: at this rate it cannot start with "
-                f"more than ~{int(rate * timeout_s):,} entries in the log")
+            say("   (its catch-up only gives up when the log stops coming, so a long log delays readiness; it never "
+                "fails start-up)")
 
             # 2. Live tally: K new feedbacks to agentjobs.feedback, tallied one by one.
             try:
