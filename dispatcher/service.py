@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import signal
 from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
-
-from schemas.errors import TemporaryError
 
 from .admission import AdmissionGate
 from .amqp import Publisher, connect
@@ -34,7 +31,7 @@ from .retry import Backoff
 from .runtime import JobRuntime
 from .settings import Settings
 from .streamlog import StreamFollower
-from .tasks import spawn
+from .tasks import run_until_signalled, spawn
 from .topology import (
     CONTROL,
     CREDENTIALS,
@@ -173,30 +170,6 @@ class DispatcherService:
         log.info("dispatcher_stopped")
 
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT (exit 0) or a crashed task (exit 1)."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        starting = asyncio.create_task(self.start(), name="start")
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():  # SIGTERM while still starting (e.g. the broker is away): just go
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await starting
-            await self.stop(drain_timeout=1)
-            return 0
-        stopping.cancel()
-        try:
-            starting.result()
-        except TemporaryError as exc:
-            log.error("dispatcher_start_failed", error=exc.message)
-            await self.stop(drain_timeout=1)
-            return 2
-        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.crashed.wait())]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
-        await self.stop()
-        return 1 if self.crashed.is_set() else 0
+        """Run until SIGTERM/SIGINT (exit 0), a crashed task (1), or a failed start (2)."""
+        return await run_until_signalled(start=self.start, stop=lambda drain: self.stop(drain_timeout=drain),
+                                         crashed=self.crashed, name="dispatcher")

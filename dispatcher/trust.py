@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import signal
 from collections import OrderedDict
 from datetime import timedelta
 from typing import Any
@@ -48,6 +47,7 @@ from .reporting import routing_word
 from .retry import Backoff, RetriesExhausted, retry
 from .settings import Settings
 from .streamlog import StreamFollower
+from .tasks import run_until_signalled
 from .topology import FEEDBACK, FEEDBACK_LOG, PHASE_LOG, PHASES, declare, dispatcher_topology
 from .trust_policy import TrustLedger
 
@@ -324,27 +324,4 @@ class TrustService:
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (exit 0); 2 if it cannot start."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        starting = asyncio.create_task(self.start(), name="start")
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await starting
-            await self.stop()
-            return 0
-        stopping.cancel()
-        try:
-            starting.result()
-        except TemporaryError as exc:
-            log.error("trust_start_failed", error=exc.message)
-            await self.stop()
-            return 2
-        log.info("trust_started")
-        await stop.wait()
-        await self.stop()
-        return 0
+        return await run_until_signalled(start=self.start, stop=lambda _drain: self.stop(), name="trust")

@@ -156,6 +156,14 @@ def database_role(settings: Settings) -> dict[str, Any]:
                 "VALID UNTIL '{{expiration}}';"
             ),
             'GRANT pg_read_all_stats TO "{{name}}";',
+            # At connection exhaustion — the incident it is sent to diagnose — the agent must still
+            # get in: PostgreSQL 16+ lets non-superusers use reserved_connections slots through
+            # this role (set reserved_connections >= the agents that may run at once). PostgreSQL
+            # 15 and older have no such role: there the agent competes for ordinary slots.
+            (
+                "DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'pg_use_reserved_connections') "
+                "THEN EXECUTE format('GRANT pg_use_reserved_connections TO %I', '{{name}}'); END IF; END $$;"
+            ),
             # No per-user GRANT CONNECT ON DATABASE: it rewrites the database's ACL row, and
             # agents taking credentials at once during a storm then fail with "tuple
             # concurrently updated". Connecting relies on PUBLIC's default CONNECT (where an

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.support.alertmanager import ALERTMANAGER, MISSING, running_alertmanager
+from tests.support.lines import Lines
 from tests.support.services import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -55,39 +55,6 @@ def test_up_without_rabbitmq_says_how_to_get_one_and_exits_2(tmp_path):
     assert "Traceback" not in done.stdout + done.stderr
 
 
-class _Lines:
-    """Collects a subprocess stream line by line in the background; tests wait for a line."""
-
-    def __init__(self, stream: asyncio.StreamReader) -> None:
-        self.lines: list[str] = []
-        self._new = asyncio.Event()
-        self._task = asyncio.create_task(self._read(stream))
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self._new.set()
-        self._new.set()
-
-    async def wait_for(self, predicate: Callable[[str], bool], timeout: float, what: str) -> str:
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    for line in self.lines:
-                        if predicate(line):
-                            return line
-                    if self._task.done():
-                        raise AssertionError(f"stream ended before {what}:\n" + "\n".join(self.lines[-40:]))
-                    self._new.clear()
-                    await self._new.wait()
-        except TimeoutError:
-            raise AssertionError(f"no {what} within {timeout} s:\n" + "\n".join(self.lines[-40:])) from None
-
-    async def finished(self) -> str:
-        await self._task
-        return "\n".join(self.lines)
-
-
 @pytest.mark.skipif(ALERTMANAGER is None, reason=MISSING)
 async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_nothing_behind(
     amqp_vhost, rabbitmq_management, tmp_path,
@@ -100,11 +67,11 @@ async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_
                                               stderr=asyncio.subprocess.STDOUT)
     tail = None
     try:
-        out = _Lines(up.stdout)
+        out = Lines(up.stdout)
         await out.wait_for(lambda line: line.startswith("running"), 90, "`running` from up")
         tail = await asyncio.create_subprocess_exec(AGENTJOBS, "tail", "findings", "--json", "--follow", env=env,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        findings, said = _Lines(tail.stdout), _Lines(tail.stderr)
+        findings, said = Lines(tail.stdout), Lines(tail.stderr)
         await said.wait_for(lambda line: line.startswith("tail: findings"), 30, "tail's ready line")
 
         # When real Alertmanager notifies the bridge of a two-alert group
