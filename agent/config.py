@@ -79,6 +79,7 @@ class AgentEnv:
     deadline_seconds: float = 600.0  # the Job's activeDeadlineSeconds: conclude well before it
     tools: ToolEnv = field(default_factory=ToolEnv)
     llm: LlmEnv | None = None  # None: the rules reasoner
+    traceparent: str = ""  # W3C trace context of the investigation (the Job's TRACEPARENT)
 
     @property
     def incident_file(self) -> Path:
@@ -200,4 +201,5 @@ def load(environ: Mapping[str, str]) -> AgentEnv:
         deadline_seconds=_seconds(environ, "AGENTJOBS_DEADLINE_SECONDS", 600.0),
         tools=_tools(environ, mount_root),
         llm=_llm(environ),
+        traceparent=environ.get("TRACEPARENT", "").strip(),
     )

@@ -18,6 +18,7 @@ from kubernetes_asyncio import config as k8s_config
 
 from schemas import Evidence, Finding, IncidentEvent
 
+from . import tracing
 from .config import AgentEnv
 from .reasoning.base import Budget, Investigation, Price, Reasoner, Tally
 from .reasoning.finding import conclude
@@ -82,13 +83,26 @@ async def investigate(
     prior_evidence: Sequence[Evidence] = (),
     api_key: str = "",
 ) -> Finding:
-    """Reason over the tools and conclude; never raises for a tool failure (that is evidence)."""
-    toolbox = Toolbox(tools)
-    inv = Investigation(incident=incident, tools=toolbox.tools, phase=env.phase, budget=budget_for(env),
-                        tally=tally, run_tool=toolbox.run)
-    assessment = await reasoner_for(env, api_key=api_key).investigate(inv)
-    finding = await conclude(inv, assessment, investigation_id=env.investigation_id,
-                             domain_label=env.domain_label)
+    """Reason over the tools and conclude; never raises for a tool failure (that is evidence).
+
+    One trace: the investigation span continues the Job's TRACEPARENT; the reasoner and every
+    tool call are spans below it; the Finding carries the trace id.
+    """
+    with tracing.investigation_span(env.traceparent, **{"agentjobs.investigation_id": env.investigation_id,
+                                                        "agentjobs.phase": env.phase.value}) as span:
+        toolbox = Toolbox(tools)
+        inv = Investigation(incident=incident, tools=toolbox.tools, phase=env.phase, budget=budget_for(env),
+                            tally=tally, run_tool=toolbox.run)
+        reasoner = reasoner_for(env, api_key=api_key)
+        with tracing.tracer.start_as_current_span(f"reason {reasoner.name}") as reasoning:
+            assessment = await reasoner.investigate(inv)
+            reasoning.set_attribute("agentjobs.conclusion", assessment.conclusion.value)
+            reasoning.set_attribute("agentjobs.reasoner", assessment.reasoner)
+        with tracing.tracer.start_as_current_span("conclude"):
+            finding = await conclude(inv, assessment, investigation_id=env.investigation_id,
+                                     domain_label=env.domain_label)
+        trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""
+    finding = msgspec.structs.replace(finding, trace_id=trace_id or tracing.trace_id_of(env.traceparent))
     if prior_evidence:  # e.g. Vault refusing a credential the phase does not grant
         finding = msgspec.structs.replace(finding, evidence=(*prior_evidence, *finding.evidence))
     return finding

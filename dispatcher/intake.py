@@ -62,6 +62,13 @@ def _fingerprints(event: IncidentEvent) -> frozenset[str]:
     return frozenset(a.fingerprint or a.name for a in event.firing_alerts)
 
 
+def _header(delivery: Delivery, name: str) -> str:
+    value = delivery.headers.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return value if isinstance(value, str) else ""
+
+
 class Outcome(enum.StrEnum):
     ACK = "ack"  # the outcome is durable
     REQUEUE = "requeue"  # hand back to the broker (it counts deliveries)
@@ -157,7 +164,7 @@ class Intake:
                 return Outcome.ACK, "coalesced"
             async with self._one_at_a_time(ident.investigation_id):
                 if event.firing_alerts:
-                    return await self._firing(event, ident)
+                    return await self._firing(event, ident, _header(delivery, "traceparent"))
                 return await self._resolved(event, ident)
 
     @contextlib.asynccontextmanager
@@ -172,7 +179,7 @@ class Intake:
 
     # -- firing ------------------------------------------------------------------------------
 
-    async def _firing(self, event: IncidentEvent, ident: Identity) -> tuple[Outcome, str]:
+    async def _firing(self, event: IncidentEvent, ident: Identity, traceparent: str = "") -> tuple[Outcome, str]:
         fingerprints = _fingerprints(event)
         known = self.tracker.get(ident.investigation_id)
         if known is not None and known.dispatch_reported:
@@ -184,7 +191,8 @@ class Intake:
         domain = jobspec.domain_of(event, self.settings)
         class_name = jobspec.choose_class(event, self.settings)
         phase = self.phases.phase_for(event.label(self.settings.trust.scope_label) or domain)
-        plan = jobspec.JobPlan(identity=ident, event=event, class_name=class_name, phase=phase, domain=domain)
+        plan = jobspec.JobPlan(identity=ident, event=event, class_name=class_name, phase=phase, domain=domain,
+                               traceparent=traceparent)
 
         self._pending[ident.investigation_id] = fingerprints
         try:

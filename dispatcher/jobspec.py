@@ -72,6 +72,7 @@ class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
     phase: Phase
     domain: str = ""
     token_accessor: str = ""  # per-investigation Vault identity, if any
+    traceparent: str = ""  # the trace context the incident arrived with, if any
 
 
 def domain_of(event: IncidentEvent, settings: Settings) -> str:
@@ -104,9 +105,16 @@ def secret_name(job_name: str) -> str:
     return f"{job_name}-input"
 
 
-def traceparent(investigation_id: str) -> str:
-    """W3C trace context derived from the investigation, so every replica agrees on it."""
-    return f"00-{investigation_id[:32]}-{investigation_id[-16:]}-01"
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def traceparent(investigation_id: str, incoming: str = "") -> str:
+    """The Job's W3C trace context (pure): the incoming incident's trace when it came with a
+    valid one (an AMQP ``traceparent`` header), else one derived from the investigation. The
+    parent span id is derived from the investigation either way, so every replica agrees."""
+    match = _TRACEPARENT.match(incoming.strip().lower())
+    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else investigation_id[:32]
+    return f"00-{trace_id}-{investigation_id[-16:]}-01"
 
 
 def service_account(phase: Phase, settings: Settings) -> str:
@@ -134,7 +142,7 @@ def _annotations(plan: JobPlan) -> dict[str, str]:
         ANN_SOURCE: plan.event.source,
         ANN_EVENT_ID: plan.event.event_id,
         ANN_STARTED_AT: plan.identity.started_at.isoformat(),
-        ANN_TRACEPARENT: traceparent(plan.identity.investigation_id),
+        ANN_TRACEPARENT: traceparent(plan.identity.investigation_id, plan.traceparent),
         **({ANN_TOKEN_ACCESSOR: plan.token_accessor} if plan.token_accessor else {}),
     }
 
@@ -169,7 +177,7 @@ def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
         # Addresses only: the agent inserts its own dynamic (Vault-issued) users.
         "AGENTJOBS_AMQP__URL": without_credentials(settings.amqp.url),
         "AGENTJOBS_POSTGRES__DSN": without_credentials(settings.postgres.dsn),
-        "TRACEPARENT": traceparent(plan.identity.investigation_id),
+        "TRACEPARENT": traceparent(plan.identity.investigation_id, plan.traceparent),
         "HOME": SCRATCH_DIR,
         "TMPDIR": SCRATCH_DIR,
         # the agent's own time budget: it concludes (and publishes) before the Job's deadline

@@ -87,3 +87,4 @@ class Finding(Wire, tag="finding", kw_only=True):
     supersedes: Id | None = None
     produced_at: Timestamp | None = None
     reasoner: Short = ""  # rules, openai, ...
+    trace_id: Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{32})?$")] = ""  # W3C trace of the investigation

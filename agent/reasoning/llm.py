@@ -31,6 +31,7 @@ from typing import Annotated, Any
 
 import aiohttp
 import msgspec
+from opentelemetry import trace as _otel_trace
 
 from agent.tools.base import Observation, Tool, bounded
 from dispatcher import logs
@@ -39,6 +40,8 @@ from schemas import Conclusion, Evidence, IncidentEvent, ProposedAction, RiskCla
 from .actions import REGISTRY, screen
 from .base import Assessment, Hypothesis, Investigation, Price, Reasoner
 from .rules import RulesReasoner
+
+_tracer = _otel_trace.get_tracer("agentjobs.agent.reasoning")
 
 log = logs.get_logger("agentjobs.agent.llm")
 
@@ -332,6 +335,15 @@ class LlmReasoner:
 
     async def _complete(self, session: aiohttp.ClientSession, messages: list[dict[str, Any]],
                         tools: list[dict[str, Any]], inv: Investigation, deadline: float) -> _Message:
+        """One reasoning step: a chat-completions round trip, as a span of the investigation's trace."""
+        with _tracer.start_as_current_span("llm step", attributes={"gen_ai.request.model": self.config.model,
+                                                                  "agentjobs.messages": len(messages)}) as span:
+            message = await self._complete_once(session, messages, tools, inv, deadline)
+            span.set_attribute("agentjobs.tool_calls", len(message.tool_calls or ()))
+            return message
+
+    async def _complete_once(self, session: aiohttp.ClientSession, messages: list[dict[str, Any]],
+                             tools: list[dict[str, Any]], inv: Investigation, deadline: float) -> _Message:
         """One chat-completions round trip (one retry on 429/5xx/connection errors); counts usage."""
         cfg = self.config
         body: dict[str, Any] = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
