@@ -39,7 +39,7 @@ from schemas import FailureReason, Phase
 from dispatcher.retry import Backoff, retry
 from tests.support.k8s.fixtures import running_emulator
 
-EVENT_TIMEOUT = 20.0  # seconds to wait for an expected event (generous for a loaded CI box)
+EVENT_TIMEOUT = 45.0  # seconds to wait for an expected event (generous: pods are real processes on a loaded box)
 NAMESPACE = "agentjobs-runs"  # where make_job's Jobs live (the emulator's namespace too)
 SERVICE_ACCOUNT = f"agentjobs-agent-{Phase.SHADOW.value}"  # as jobspec names it for shadow Jobs
 

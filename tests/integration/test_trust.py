@@ -39,6 +39,7 @@ from tests.support.payloads import am_alert, dumps, group
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 27, 2, 0, tzinfo=UTC)
 FAST_TRUST = {  # k=0 of n=5 gives a Wilson upper bound of 0.434 (z 1.96)
+    "AGENTJOBS_TRUST__CONFIDENCE_Z": "1.96",
     "AGENTJOBS_TRUST__MIN_SAMPLES": "5",
     "AGENTJOBS_TRUST__WINDOW": "200",
     "AGENTJOBS_TRUST__PROMOTE_THRESHOLD": "0.45",
