@@ -34,3 +34,22 @@ class Metrics:
         self.dead_lettered = Counter(
             "agentjobs_dead_lettered_total", "Messages dead-lettered, by reason", ["reason"], registry=r
         )
+        # What investigations cost (from findings; see dispatcher/costs.py)
+        self.investigations_costed = Counter(
+            "agentjobs_investigations_costed_total", "Findings whose cost was recorded, by domain and reasoner",
+            ["domain", "reasoner"], registry=r)
+        self.tool_calls = Counter(
+            "agentjobs_investigation_tool_calls_total", "Tool calls agents made, by domain and reasoner",
+            ["domain", "reasoner"], registry=r)
+        self.llm_tokens = Counter(
+            "agentjobs_investigation_llm_tokens_total", "LLM tokens agents used, by domain and kind",
+            ["domain", "kind"], registry=r)
+        self.llm_cost = Counter(
+            "agentjobs_investigation_llm_cost_usd_total", "LLM price of investigations (per-model table), by domain",
+            ["domain"], registry=r)
+        self.agent_cpu = Counter(
+            "agentjobs_investigation_cpu_seconds_total", "CPU seconds of agents' reasoning, by domain",
+            ["domain"], registry=r)
+        self.agent_wall = Histogram(
+            "agentjobs_investigation_wall_seconds", "Wall time of agents' reasoning, by domain", ["domain"],
+            buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r)

@@ -20,6 +20,7 @@ from .admission import AdmissionGate
 from .amqp import Publisher, connect
 from .consumer import Consumer
 from .control import ControlHandler, DeadLetterRecorder, LoginTokenRecorder
+from .costs import CostRecorder
 from .credentials import Credentials, open_credentials
 from .health import HealthServer
 from .intake import Intake
@@ -34,6 +35,7 @@ from .streamlog import StreamFollower
 from .tasks import run_until_signalled, spawn
 from .topology import (
     CONTROL,
+    COSTS,
     CREDENTIALS,
     DEAD_LOG,
     INCIDENTS,
@@ -119,6 +121,8 @@ class DispatcherService:
             Consumer(INCIDENTS, self.intake.handle, prefetch=s.amqp.prefetch, name="incidents"),
             Consumer(CONTROL, control.handle, prefetch=16, name="control"),
             Consumer(DEAD_LOG, recorder.handle, prefetch=64, name="dead-letter-recorder"),
+            Consumer(COSTS, CostRecorder(metrics=self.metrics, publisher=publisher, backoff=backoff).handle,
+                     prefetch=64, name="cost-recorder"),
         ]
         if s.vault.auth_mode == "kubernetes":
             logins = LoginTokenRecorder(runtime=self.runtime, credentials=self.credentials, publisher=publisher,

@@ -27,6 +27,7 @@ DEAD_LOG = "agentjobs.dead.log"  # a copy of every dead letter, for the recorder
 CONTROL = "agentjobs.control"  # exchange and queue: commands such as cancel
 CREDENTIALS = "agentjobs.credentials"  # queue: agents' login-token accessors (kubernetes auth)
 CREDENTIALS_KEY = "credentials.issued"  # routing key on agentjobs.results
+COSTS = "agentjobs.costs"  # queue: a copy of every finding, for the cost metrics
 FEEDBACK = "agentjobs.feedback"  # exchange and queue (single active consumer): operators' verdicts
 FEEDBACK_LOG = "agentjobs.feedback-log"  # stream: every trust input, in the order it was applied
 PHASES = "agentjobs.phases"  # exchange: PhaseChanged
@@ -85,6 +86,7 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Queue(DEAD_LOG, _quorum(False, amqp.delivery_limit)),
             Queue(CONTROL, _quorum(True, amqp.delivery_limit)),
             Queue(CREDENTIALS, _quorum(True, amqp.delivery_limit)),
+            Queue(COSTS, _quorum(True, amqp.delivery_limit)),
             Queue(FEEDBACK, _quorum(True, amqp.delivery_limit) | {"x-single-active-consumer": True}),
             Queue(FEEDBACK_LOG, _stream()),
             Queue(PHASE_LOG, _stream()),
@@ -95,6 +97,7 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Binding(DEAD, DEAD_LOG),
             Binding(CONTROL, CONTROL),
             Binding(RESULTS, CREDENTIALS, CREDENTIALS_KEY),
+            Binding(RESULTS, COSTS, "finding.#"),
             Binding(FEEDBACK, FEEDBACK),
             Binding(PHASES, PHASE_LOG),
         ),

@@ -8,14 +8,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import aio_pika
 import pytest
 
 from dispatcher.metrics import Metrics
 from dispatcher.runtime_k8s import KubernetesRuntime
 from dispatcher.service import DispatcherService
-from dispatcher.topology import DEAD
-from schemas import Conclusion, DeadLetter, FailureReason, Finding, identify, decode_incident
-from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, lifecycle_ids, publish
+from dispatcher.topology import DEAD, RESULTS
+from schemas import Conclusion, DeadLetter, FailureReason, Finding, decode_incident, identify
+from tests.integration.dispatcher_harness import (
+    PodDriver,
+    Results,
+    declare_topology,
+    lifecycle_ids,
+    publish,
+)
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.support.k8s.resources import JOBS
 from tests.support.payloads import am_alert, dumps, group, storm
@@ -208,3 +215,28 @@ async def test_kubernetes_api_faults_lose_nothing_and_duplicate_nothing(env):
     assert len(succeeded) == len(set(succeeded)) == 20
     assert set(lifecycle_ids(results, "dispatched")) == {identify(decode_incident(b)).investigation_id for b in bodies}
     assert not results.keys("deadletter.")
+
+
+async def test_findings_published_by_agents_become_cost_metrics_by_domain(env):
+    from schemas import Cost, Finding, Phase, encode
+
+    handle, url = env
+    finding = Finding(investigation_id="cost-1", incident_key="k", idempotency_key="cost-1:finding", summary="s",
+                      probable_cause="c", confidence=0.5, phase=Phase.SHADOW, domain="payments", reasoner="rules",
+                      cost=Cost(tool_calls=5, cpu_seconds=0.25, wall_seconds=1.5))
+    async with Results(url, exchange=DEAD) as dead, running_dispatcher(handle, url) as service:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            results = await channel.get_exchange(RESULTS)
+            await results.publish(aio_pika.Message(encode(finding)), "finding.shadow.payments")
+            await results.publish(aio_pika.Message(b"{not a finding"), "finding.shadow.payments")
+
+        def tool_calls() -> float:
+            return service.metrics.registry.get_sample_value(
+                "agentjobs_investigation_tool_calls_total", {"domain": "payments", "reasoner": "rules"}) or 0
+
+        await _until(lambda: tool_calls() == 5)
+        await dead.wait_for(lambda: dead.messages)
+    ((routing_key, _, _, headers),) = dead.messages
+    assert routing_key == "finding.shadow.payments" and headers["x-agentjobs-reason"] == "invalid_json"
