@@ -132,7 +132,8 @@ def _tools(environ: Mapping[str, str], mount_root: Path | None) -> ToolEnv:
         prometheus_url=environ.get("AGENTJOBS_TOOLS__PROMETHEUS_URL", "").strip(),
         loki_url=environ.get("AGENTJOBS_TOOLS__LOKI_URL", "").strip(),
         kubernetes=environ.get("AGENTJOBS_TOOLS__KUBERNETES", "").strip().lower() in ("1", "true", "yes"),
-        kubeconfig=remap(kubeconfig, mount_root) if kubeconfig else None,
+        # a path on the node running the agent (local runtime, tests), not a file mounted into a pod
+        kubeconfig=Path(kubeconfig) if kubeconfig else None,
         timeout=_seconds(environ, "AGENTJOBS_TOOLS__TIMEOUT", 5.0),
         max_rows=_count(environ, "AGENTJOBS_TOOLS__MAX_ROWS", 200),
         max_tool_calls=_count(environ, "AGENTJOBS_TOOLS__MAX_TOOL_CALLS", 40),

@@ -13,22 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio import config as k8s_config
 
-from schemas import Evidence, Finding, IncidentEvent
+from schemas import Evidence, Finding, IncidentEvent, utcnow
 
 from . import tracing
 from .config import AgentEnv
 from .reasoning.base import Budget, Investigation, Price, Reasoner, Tally
 from .reasoning.finding import conclude
-from .reasoning.llm import LlmConfig, LlmReasoner
 from .reasoning.rules import RulesReasoner
 from .tools.base import Limits, Tool
-from .tools.kubernetes import KubernetesTool
-from .tools.logs import LogsTool
-from .tools.postgres import PostgresTool
-from .tools.prometheus import PrometheusTool
 from .tools.toolbox import Toolbox
 
 PUBLISH_RESERVE = 15.0  # seconds of the Job's deadline kept for publishing and revoking
@@ -41,30 +34,52 @@ def budget_for(env: AgentEnv) -> Budget:
 
 
 async def open_tools(env: AgentEnv, *, db_user: str | None, db_password: str | None,
-                     postgres_available: bool) -> list[Tool]:
-    """The tools this Job may use (only the configured ones)."""
+                     postgres_available: bool) -> tuple[list[Tool], list[Evidence]]:
+    """The tools this Job may use (only the configured ones), and why any configured one is not there."""
     limits = Limits(timeout=env.tools.timeout, max_rows=env.tools.max_rows)
     tools: list[Tool] = []
+    unavailable: list[Evidence] = []
+    # Each tool's module (and its client library) is imported only when the Job has that tool.
     if env.postgres_dsn and postgres_available:
+        from .tools.postgres import PostgresTool
+
         tools.append(PostgresTool(env.postgres_dsn, user=db_user, password=db_password, limits=limits,
                                   application_name=f"agentjobs-agent {env.investigation_id[:16]}"))
     if env.tools.prometheus_url:
+        from .tools.prometheus import PrometheusTool
+
         tools.append(PrometheusTool(env.tools.prometheus_url, limits=limits))
     if env.tools.loki_url:
+        from .tools.logs import LogsTool
+
         tools.append(LogsTool(env.tools.loki_url, limits=limits))
     if env.tools.kubernetes:
+        # Imported only here: kubernetes_asyncio is ~0.7 s of a Job's start-up on its own.
+        from kubernetes_asyncio import client as k8s_client
+        from kubernetes_asyncio import config as k8s_config
+
+        from .tools.kubernetes import KubernetesTool
+
         cfg = k8s_client.Configuration()
-        if env.tools.kubeconfig is not None:
-            await k8s_config.load_kube_config(config_file=str(env.tools.kubeconfig), client_configuration=cfg)
+        where = f"kubeconfig {env.tools.kubeconfig}" if env.tools.kubeconfig is not None else "in-cluster config"
+        try:
+            if env.tools.kubeconfig is not None:
+                await k8s_config.load_kube_config(config_file=str(env.tools.kubeconfig), client_configuration=cfg)
+            else:
+                k8s_config.load_incluster_config(client_configuration=cfg)
+        except Exception as exc:  # noqa: BLE001 - unreadable or invalid config (YAML, keys, files): evidence
+            unavailable.append(Evidence(source="kubernetes", query=f"load {where}", at=utcnow(), ok=False,
+                                        excerpt=f"kubernetes tool unavailable: {type(exc).__name__}: {exc}"[:2000]))
         else:
-            k8s_config.load_incluster_config(client_configuration=cfg)
-        tools.append(KubernetesTool(k8s_client.ApiClient(cfg), limits=limits))
-    return tools
+            tools.append(KubernetesTool(k8s_client.ApiClient(cfg), limits=limits, owns_client=True))
+    return tools, unavailable
 
 
 def reasoner_for(env: AgentEnv, *, api_key: str) -> Reasoner:
     if env.llm is None:
         return RulesReasoner()
+    from .reasoning.llm import LlmConfig, LlmReasoner
+
     prices = {model: Price(prompt_per_mtok=float(p.get("prompt_per_mtok", 0.0)),
                            completion_per_mtok=float(p.get("completion_per_mtok", 0.0)))
               for model, p in env.llm.prices.items()}

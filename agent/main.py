@@ -42,7 +42,7 @@ from schemas import (
     utcnow,
 )
 
-from . import config, credentials, engine, publish
+from . import config, credentials, engine, publish, tracing
 from .config import AgentEnv, ConfigError
 from .credentials import CredentialsUnavailable, Denied, VaultSession
 from .reasoning.base import Tally
@@ -152,8 +152,9 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
         if not env.postgres_dsn:
             prior.append(Evidence(source="postgres", excerpt="PostgreSQL is not configured "
                                   "(AGENTJOBS_POSTGRES__DSN is empty)", at=utcnow(), ok=False))
-        tools = await engine.open_tools(env, db_user=db_user, db_password=db_password,
-                                        postgres_available=db_unavailable is None)
+        tools, unavailable = await engine.open_tools(env, db_user=db_user, db_password=db_password,
+                                                     postgres_available=db_unavailable is None)
+        prior.extend(unavailable)
         try:
             finding = await engine.investigate(incident, env, tools=tools, tally=tally, prior_evidence=prior,
                                                api_key=api_key)
@@ -213,6 +214,7 @@ def main(environ: Mapping[str, str], *, stderr: TextIO | None = None) -> int:
         return EXIT_ERROR
     logs.configure(LoggingSettings(format="json", level=env.log_level), stream=stderr)  # type: ignore[arg-type]
     failure: BaseException | None = None
+    flush_spans = tracing.configure_export(environ)
     with logs.bound(investigation_id=env.investigation_id, job_name=env.job_name, phase=env.phase.value):
         log.info("agent_started", auth_mode=env.auth_mode, job_class=env.class_name)
         try:
@@ -225,6 +227,7 @@ def main(environ: Mapping[str, str], *, stderr: TextIO | None = None) -> int:
             log.exception("agent_failed", outcome="error")
         code = exit_code_for(failure)
         log.info("agent_finished", exit_code=code)
+    flush_spans()
     if failure is not None:
         print(stderr_line(failure), file=stderr, flush=True)
     return code

@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-import msgspec
-
 import aio_pika
 import aiormq
+import msgspec
 from aio_pika.abc import DeliveryMode
 from yarl import URL
 

@@ -12,6 +12,7 @@ Job owns, so it is deleted with the Job.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -205,8 +206,8 @@ def _tool_env(settings: Settings) -> dict[str, str]:
         env["AGENTJOBS_TOOLS__LOKI_URL"] = tools.loki_url
     if tools.kubernetes:
         env["AGENTJOBS_TOOLS__KUBERNETES"] = "true"
-        if tools.kubeconfig:
-            env["AGENTJOBS_TOOLS__KUBECONFIG"] = tools.kubeconfig
+        if tools.kubeconfig:  # absolute: the agent runs in its own working directory
+            env["AGENTJOBS_TOOLS__KUBECONFIG"] = str(Path(tools.kubeconfig).expanduser().resolve())
     if llm.base_url:
         env |= {
             "AGENTJOBS_LLM__BASE_URL": llm.base_url,

@@ -8,10 +8,28 @@ falls back to ``rules``. ``actions``: the action registry and the phase gate.
 """
 
 from .actions import REGISTRY, Decision, Execution, Executor, allowed_risks, decide, gate, screen
-from .base import Assessment, Budget, Hypothesis, Investigation, Price, Reasoner, Tally, quote_untrusted
+from .base import (
+    Assessment,
+    Budget,
+    Hypothesis,
+    Investigation,
+    Price,
+    Reasoner,
+    Tally,
+    quote_untrusted,
+)
 from .finding import assemble, conclude
-from .llm import LlmConfig, LlmReasoner
 from .rules import RulesReasoner
+
+
+def __getattr__(name: str) -> object:
+    # ``llm`` (and aiohttp with it) is imported only when asked for: a Job with the rules
+    # reasoner does not pay for it at start-up.
+    if name in ("LlmConfig", "LlmReasoner"):
+        from . import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "REGISTRY",

@@ -29,7 +29,15 @@ from kubernetes_asyncio.client import ApiClient, AppsV1Api, CoreV1Api
 from schemas import utcnow
 
 from .base import Limits, Observation, OperationSpec, bounded
-from .toolbox import BodyTooLarge, ParamError, describe_error, failure, read_capped, require, unknown_operation
+from .toolbox import (
+    BodyTooLarge,
+    ParamError,
+    describe_error,
+    failure,
+    read_capped,
+    require,
+    unknown_operation,
+)
 
 LIST_LIMIT = 500  # objects asked for per list request when the tool filters or sorts them itself
 MESSAGE_CHARS = 300  # characters of an event/termination message kept
@@ -152,9 +160,12 @@ class KubernetesTool:
     name: ClassVar[str] = "kubernetes"
     credential_domain: ClassVar[str | None] = None
 
-    def __init__(self, api_client: ApiClient, *, limits: Limits | None = None, namespace: str = "default") -> None:
+    def __init__(self, api_client: ApiClient, *, limits: Limits | None = None, namespace: str = "default",
+                 owns_client: bool = False) -> None:
         self.limits = limits or Limits()
         self.namespace = namespace
+        self._client = api_client
+        self._owns_client = owns_client
         self._core = CoreV1Api(api_client)
         self._apps = AppsV1Api(api_client)
 
@@ -162,7 +173,9 @@ class KubernetesTool:
         return OPERATIONS
 
     async def close(self) -> None:
-        """The ApiClient belongs to the caller, who closes it."""
+        """Close the ApiClient if this tool was given it to own (else its owner closes it)."""
+        if self._owns_client:
+            await self._client.close()
 
     async def run(self, operation: str, params: Mapping[str, Any]) -> Observation:
         if operation not in OPERATIONS:

@@ -17,8 +17,9 @@ def test_only_configured_tools_are_opened() -> None:
     assert env.llm is None and not env.tools.prometheus_url
 
     async def opened(e: config.AgentEnv) -> list[str]:
-        tools = await engine.open_tools(e, db_user=None, db_password=None, postgres_available=True)
+        tools, unavailable = await engine.open_tools(e, db_user=None, db_password=None, postgres_available=True)
         await engine.close_tools(tools)
+        assert unavailable == []
         return [t.name for t in tools]
 
     import asyncio
@@ -34,8 +35,22 @@ def test_refused_database_credentials_mean_no_postgres_tool() -> None:
     import asyncio
 
     env = config.load({**BASE, "AGENTJOBS_POSTGRES__DSN": "postgresql://db:5432/app"})
-    tools = asyncio.run(engine.open_tools(env, db_user=None, db_password=None, postgres_available=False))
+    tools, _ = asyncio.run(engine.open_tools(env, db_user=None, db_password=None, postgres_available=False))
     assert tools == []
+
+
+def test_a_kubeconfig_that_cannot_be_loaded_is_evidence_not_a_crash(tmp_path) -> None:
+    import asyncio
+
+    (tmp_path / "kubeconfig").write_text("not: [a kubeconfig")
+    env = config.load({**BASE, "AGENTJOBS_TOOLS__KUBERNETES": "true",
+                       "AGENTJOBS_TOOLS__KUBECONFIG": str(tmp_path / "kubeconfig"),
+                       "AGENTJOBS_MOUNT_ROOT": str(tmp_path / "mounts")})
+    assert env.tools.kubeconfig == tmp_path / "kubeconfig"  # a node path, never re-rooted under mounts
+    tools, unavailable = asyncio.run(engine.open_tools(env, db_user=None, db_password=None, postgres_available=True))
+    assert tools == []
+    (why,) = unavailable
+    assert why.source == "kubernetes" and not why.ok and "kubernetes tool unavailable" in why.excerpt
 
 
 def test_the_reasoner_is_rules_unless_a_model_endpoint_is_configured() -> None:
