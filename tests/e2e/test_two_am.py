@@ -49,6 +49,7 @@ from tests.support.observability import (
     idle_in_transaction,
     running,
 )
+from tests.support.pipelines import agents_under, no_vault_users
 from tests.support.services import free_port, wait_until
 from tests.support.two_am import POSTGRES_BIN, POSTGRES_MISSING, running_cluster
 
@@ -196,7 +197,7 @@ async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_
         # and the agent's credentials did not outlive its Job (OpenBao still running)
         await wait_until(lambda: _no_new_roles(pg, roles_before), timeout=30,
                          what="the agent's Vault-issued PostgreSQL user dropped after its Job")
-        await wait_until(lambda: _no_vault_users(rabbitmq_management), timeout=30,
+        await wait_until(lambda: no_vault_users(rabbitmq_management, amqp_vhost.name), timeout=30,
                          what="the agent's Vault-issued broker user revoked after its Job")
 
         # When SIGTERM arrives
@@ -207,10 +208,11 @@ async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_
         assert "stopped" in text.splitlines()[-1] and "Traceback" not in text, text[-3000:]
         assert len([line for line in text.splitlines() if line.strip().startswith("dispatched")]) == 1, text
         vault_listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
-        for pattern in (f"dev-listen-address={vault_listen}", "agentjobs agent", f"{tmp_path}/state"):
+        for pattern in (f"dev-listen-address={vault_listen}", f"{tmp_path}/state"):
             assert _no_process(pattern), pattern
+        assert not agents_under(tmp_path)
         assert await pg.roles() == roles_before
-        assert await _no_vault_users(rabbitmq_management)
+        assert await no_vault_users(rabbitmq_management, amqp_vhost.name)
     # and every service the test started is gone too
     for pattern in (str(tmp_path), str(pg.root)):
         assert _no_process(pattern), pattern
@@ -219,6 +221,3 @@ async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_
 async def _no_new_roles(pg: Any, before: set[str]) -> bool:
     return await pg.roles() <= before
 
-
-async def _no_vault_users(management: Any) -> bool:
-    return not [u for u in await management.list_users() if u.startswith("token-")]

@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.alertmanager import ALERTMANAGER, MISSING, running_alertmanager
 from tests.support.lines import Lines
+from tests.support.pipelines import agents_under, no_vault_users
 from tests.support.services import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -41,9 +42,10 @@ async def test_up_demo_exit_runs_the_storm_and_leaves_nothing_behind(amqp_vhost,
     assert "Traceback" not in text
     # no OpenBao, agent or dispatcher process outlives `up`, and no Vault-issued broker user survives
     vault_listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
-    for pattern in (f"dev-listen-address={vault_listen}", "agentjobs agent", f"{tmp_path}"):
+    for pattern in (f"dev-listen-address={vault_listen}", f"{tmp_path}"):
         assert subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 1, pattern
-    assert not [u for u in await rabbitmq_management.list_users() if u.startswith("token-")]
+    assert not agents_under(tmp_path)
+    assert await no_vault_users(rabbitmq_management, amqp_vhost.name)
 
 
 def test_up_without_rabbitmq_says_how_to_get_one_and_exits_2(tmp_path):
@@ -102,7 +104,7 @@ async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_
 
         await wait_until(tallied, timeout=30, what="the feedback tallied for scope database")
         # and the agent's broker credentials did not outlive its Job (OpenBao still running)
-        await wait_until(lambda: _no_vault_users(rabbitmq_management), timeout=30,
+        await wait_until(lambda: no_vault_users(rabbitmq_management, amqp_vhost.name), timeout=30,
                          what="the agent's Vault-issued broker user revoked after its Job")
     finally:
         # When SIGTERM arrives
@@ -116,10 +118,8 @@ async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_
     assert code == 0, text[-3000:]
     assert "stopped" in text.splitlines()[-1] and "Traceback" not in text
     vault_listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
-    for pattern in (f"dev-listen-address={vault_listen}", "agentjobs agent", f"{tmp_path}/state"):
+    for pattern in (f"dev-listen-address={vault_listen}", f"{tmp_path}/state"):
         assert subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 1, pattern
-    assert await _no_vault_users(rabbitmq_management)
+    assert not agents_under(tmp_path)
+    assert await no_vault_users(rabbitmq_management, amqp_vhost.name)
 
-
-async def _no_vault_users(management) -> bool:
-    return not [u for u in await management.list_users() if u.startswith("token-")]

@@ -79,8 +79,7 @@ def agents_under(root: Path) -> list[int]:
 async def no_vault_users(management: Any, vhost: str) -> bool:
     """No Vault-issued RabbitMQ user (``token-…``) has permissions on ``vhost`` (ours: other test runs on
     the machine may hold Vault-issued users of their own meanwhile)."""
-    granted = await management._request("GET", f"/api/vhosts/{management._q(vhost)}/permissions",
-                                        ok=(200, 404)) or []
+    granted = await management.vhost_permissions(vhost)
     return not [p["user"] for p in granted if str(p.get("user", "")).startswith("token-")]
 
 

@@ -381,6 +381,10 @@ class ManagementClient:
             json={"configure": configure, "write": write, "read": read},
         )
 
+    async def vhost_permissions(self, vhost: str) -> list[dict[str, Any]]:
+        """Who has permissions on ``vhost`` (empty when the vhost is gone)."""
+        return await self._request("GET", f"/api/vhosts/{self._q(vhost)}/permissions", ok=(200, 404)) or []
+
     async def delete_permissions(self, vhost: str, user: str) -> None:
         """DELETE /api/permissions/{vhost}/{user}: the user can no longer connect to the vhost."""
         await self._request("DELETE", f"/api/permissions/{self._q(vhost)}/{self._q(user)}")
