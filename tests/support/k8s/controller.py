@@ -96,6 +96,7 @@ class JobController:
                 self.reconcile(*key)
             except Exception:  # a controller bug must not stop the cluster
                 log.exception("job_reconcile_failed", extra={"job": key})
+            await asyncio.sleep(0)  # Queue.get() does not yield while items wait: let the API server run
 
     def _wake_at(self, key: tuple[str, str], when: float) -> None:
         existing = self._timers.get(key)
@@ -132,8 +133,7 @@ class JobController:
             return
 
         status.setdefault("startTime", rfc3339(now))
-        pods = [p for p in self.store.list(PODS, ns)
-                if (_controller_ref(p) or {}).get("uid") == uid]
+        pods = self.store.list(PODS, ns, where=lambda p: (_controller_ref(p) or {}).get("uid") == uid)
         counted = self._counted.setdefault(uid, set())
         for p in pods:
             phase = p.get("status", {}).get("phase")

@@ -106,9 +106,11 @@ class Store:
         obj = self._objects.get(key_of(rt, namespace, name))
         return clone(obj) if obj is not None else None
 
-    def list(self, rt: ResourceType, namespace: str | None = None) -> list[dict]:
+    def list(self, rt: ResourceType, namespace: str | None = None,
+             where: Callable[[dict], bool] | None = None) -> list[dict]:
+        """Copies of the stored objects of ``rt`` (those ``where`` accepts: filtered before copying)."""
         out = [clone(o) for (plural, ns, _), o in self._objects.items()
-               if plural == rt.plural and (namespace is None or ns == namespace)]
+               if plural == rt.plural and (namespace is None or ns == namespace) and (where is None or where(o))]
         out.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         return out
 
