@@ -96,7 +96,6 @@ class JobController:
                 self.reconcile(*key)
             except Exception:  # a controller bug must not stop the cluster
                 log.exception("job_reconcile_failed", extra={"job": key})
-            await asyncio.sleep(0)  # Queue.get() does not yield while items wait: let the API server run
 
     def _wake_at(self, key: tuple[str, str], when: float) -> None:
         existing = self._timers.get(key)
