@@ -107,6 +107,14 @@ class ResultsWatch:
                 await asyncio.wait_for(self._connection.close(), timeout=5)
 
 
+def _quiet_if_broken(echo: Callable[[str], None]) -> Callable[[str], None]:
+    def safe(line: str) -> None:
+        with contextlib.suppress(OSError):  # BrokenPipeError and friends
+            echo(line)
+
+    return safe
+
+
 async def _show_live(board: Board, stop: asyncio.Event) -> None:
     """Redraw the board twice a second in place until ``stop`` (terminals only)."""
     from rich.live import Live
@@ -193,6 +201,9 @@ async def run_up(
             await shown
         return 1 if service.crashed.is_set() else 0
     finally:
+        # Stopping must finish even when the output is gone (`agentjobs up | head` closes the
+        # pipe): a failed progress line must not leave OpenBao or credentials behind.
+        echo = _quiet_if_broken(echo)
         echo("stopping: draining the dispatcher, stopping investigations, revoking credentials")
         if watch is not None:
             await watch.stop()

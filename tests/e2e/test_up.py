@@ -123,3 +123,17 @@ async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_
     assert not agents_under(tmp_path)
     assert await no_vault_users(rabbitmq_management, amqp_vhost.name)
 
+
+
+async def test_up_whose_output_pipe_closes_still_stops_everything(amqp_vhost, tmp_path):
+    # `agentjobs up --demo --exit | head -1`: the reader goes away after the first line
+    env = _env(tmp_path, AGENTJOBS_AMQP__URL=amqp_vhost.amqp_url, AGENTJOBS_VAULT__RABBITMQ_VHOST=amqp_vhost.name)
+    proc = await asyncio.create_subprocess_exec(AGENTJOBS, "up", "--demo", "--exit", env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+    proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]  # close our read end
+    await asyncio.wait_for(proc.wait(), timeout=120)
+    vault_listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
+    assert subprocess.run(["pgrep", "-f", f"dev-listen-address={vault_listen}"], capture_output=True).returncode == 1
+    assert not agents_under(tmp_path)
