@@ -34,6 +34,10 @@ log = get_logger("agentjobs.credentials")
 PERMISSION_RETRY_AFTER = 30.0  # seconds; a 403 means our own token or policy needs fixing
 
 
+class PermissionDenied(TemporaryError):
+    """Vault answered 403: our own token or policy needs fixing (retried slowly, never dropped)."""
+
+
 class WrappedToken(msgspec.Struct, frozen=True, kw_only=True):
     """What the Job gets (``wrapping_token``) and what we keep (``accessor``)."""
 
@@ -79,8 +83,9 @@ def dispatcher_token(settings: VaultSettings) -> str:
 class VaultCredentials:
     """Mints and revokes agent tokens through Vault's HTTP API."""
 
-    def __init__(self, settings: VaultSettings, *, token: str | None = None) -> None:
+    def __init__(self, settings: VaultSettings, *, token: str | None = None, scope: str = "") -> None:
         self.settings = settings
+        self.scope = scope  # where this installation's Jobs live: token metadata the sweeper matches
         self._token = token if token is not None else dispatcher_token(settings)
         self._session: aiohttp.ClientSession | None = None
 
@@ -94,9 +99,13 @@ class VaultCredentials:
 
     async def _post(self, path: str, body: dict[str, Any], *, doing: str,
                     headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        return await self._request("POST", path, body, doing=doing, headers=headers)
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None, *, doing: str,
+                       headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         try:
-            async with self._http().post(
-                f"v1/{path}", json=body, headers={"X-Vault-Token": self._token, **(headers or {})}
+            async with self._http().request(
+                method, f"v1/{path}", json=body, headers={"X-Vault-Token": self._token, **(headers or {})}
             ) as response:
                 text = await response.text()
                 status = response.status
@@ -109,7 +118,7 @@ class VaultCredentials:
             except msgspec.DecodeError:
                 data = {"errors": [text[:200]]}
         if status == 403:
-            raise TemporaryError(f"{doing}: permission denied — check the dispatcher's Vault token and "
+            raise PermissionDenied(f"{doing}: permission denied — check the dispatcher's Vault token and "
                                  f"policy {vault_layout.DISPATCHER_POLICY}", delay=PERMISSION_RETRY_AFTER)
         if status == 429 or status >= 500:
             raise TemporaryError(f"{doing}: Vault answered {status} {data.get('errors', '')}")
@@ -123,6 +132,7 @@ class VaultCredentials:
                 vault_layout.META_INVESTIGATION: investigation_id,
                 vault_layout.META_INCIDENT: incident_key,
                 vault_layout.META_PHASE: phase.value,
+                **({vault_layout.META_JOBS_IN: self.scope} if self.scope else {}),
             },
             "ttl": f"{ttl}s",
             "explicit_max_ttl": f"{ttl}s",
@@ -151,6 +161,29 @@ class VaultCredentials:
             return
         raise TemporaryError(f"revoke agent token: Vault answered {status} {errors}")
 
+    async def list_accessors(self) -> list[str] | None:
+        """Every token accessor in Vault (None: our policy does not grant it; see token_sweep)."""
+        try:
+            status, data = await self._request("LIST", "auth/token/accessors", None, doing="list token accessors")
+        except PermissionDenied:  # not granted: not a passing failure
+            return None
+        if status == 404:  # no tokens with accessors at all
+            return []
+        if status != 200:
+            raise TemporaryError(f"list token accessors: Vault answered {status} {data.get('errors', '')}")
+        return [str(k) for k in (data.get("data") or {}).get("keys") or []]
+
+    async def lookup_accessor(self, accessor: str) -> dict[str, Any] | None:
+        """What Vault knows about the token with ``accessor`` (None: it is gone)."""
+        status, data = await self._post("auth/token/lookup-accessor", {"accessor": accessor},
+                                        doing=f"look up token by accessor {accessor}")
+        if status == 200:
+            return dict(data.get("data") or {})
+        errors = " ".join(str(e) for e in data.get("errors", []))
+        if status == 400 and "invalid accessor" in errors:
+            return None
+        raise TemporaryError(f"look up token by accessor: Vault answered {status} {errors}")
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -163,10 +196,10 @@ class LoginRevoker(VaultCredentials):
         return None
 
 
-def open_credentials(settings: VaultSettings) -> Credentials:
-    """Credentials for the configured mode."""
+def open_credentials(settings: VaultSettings, *, scope: str = "") -> Credentials:
+    """Credentials for the configured mode (``scope``: stamped on minted tokens, see token_sweep)."""
     if settings.auth_mode == "per-investigation":
-        return VaultCredentials(settings)
+        return VaultCredentials(settings, scope=scope)
     if settings.auth_mode == "kubernetes":
         return LoginRevoker(settings)
     return NoCredentials()

@@ -104,6 +104,7 @@ class Intake:
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, frozenset[str]] = {}  # investigation id → alerts being launched
+        self._launching: set[str] = set()  # accessors of tokens minted for Jobs not created yet
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -219,6 +220,7 @@ class Intake:
         try:
             token = await self._durably(lambda: self._mint(plan, ident))
             if token is not None:
+                self._launching.add(token.accessor)
                 plan = msgspec.structs.replace(plan, token_accessor=token.accessor)
             manifest = jobspec.build_job(plan, self.settings)
             files = {jobspec.INCIDENT_FILE: encode(event)}
@@ -235,6 +237,8 @@ class Intake:
         finally:
             if token is not None and launched is not LaunchOutcome.CREATED:
                 await self._revoke_unused(token)  # the Job that exists has its own token
+            if token is not None:
+                self._launching.discard(token.accessor)
         if launched is LaunchOutcome.CREATED:
             slot.commit()
         else:
@@ -248,6 +252,10 @@ class Intake:
         log.info("job_dispatched", job_name=ident.job_name, launch=launched.value, job_class=plan.class_name,
                  phase=plan.phase.value)
         return Outcome.ACK, "dispatched" if launched is LaunchOutcome.CREATED else "already_dispatched"
+
+    def launching(self) -> frozenset[str]:
+        """Accessors of tokens minted for Jobs being created right now (the sweeper leaves them)."""
+        return frozenset(self._launching)
 
     async def _mint(self, plan: jobspec.JobPlan, ident: Identity) -> WrappedToken | None:
         cls = self.settings.classes[plan.class_name]

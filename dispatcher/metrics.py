@@ -30,6 +30,9 @@ class Metrics:
         self.outcomes = Counter(
             "agentjobs_job_outcomes_total", "Terminal Job outcomes, by state and reason", ["state", "reason"], registry=r
         )
+        self.orphan_tokens_revoked = Counter(
+            "agentjobs_orphan_agent_tokens_revoked_total", "Agent tokens no live Job held, revoked by the sweeper",
+            registry=r)
         self.retries = Counter("agentjobs_retries_total", "Temporary errors retried in place", registry=r)
         self.dead_lettered = Counter(
             "agentjobs_dead_lettered_total", "Messages dead-lettered, by reason", ["reason"], registry=r

@@ -55,6 +55,11 @@ class RuntimeEvent(msgspec.Struct, frozen=True, kw_only=True):
 class JobRuntime(Protocol):
     """Launch, cancel and observe investigation Jobs."""
 
+    @property
+    def where(self) -> str:
+        """Where this runtime's Jobs live ("kubernetes/<namespace>", "local/<state dir>")."""
+        ...
+
     async def launch(
         self, job: Mapping[str, Any], *, secret: Mapping[str, bytes] | None = None
     ) -> LaunchOutcome:
@@ -86,6 +91,10 @@ class JobRuntime(Protocol):
 
     async def active(self) -> list[str]:
         """Names of Jobs that have not reached a terminal state."""
+        ...
+
+    async def active_annotations(self) -> dict[str, dict[str, str]]:
+        """The annotations of every Job that has not reached a terminal state, by name."""
         ...
 
     async def close(self) -> None:

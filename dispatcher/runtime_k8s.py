@@ -250,9 +250,16 @@ class KubernetesRuntime:
             return False
         return True
 
+    @property
+    def where(self) -> str:
+        return f"kubernetes/{self.namespace}"
+
     async def active(self) -> list[str]:
-        return [j["metadata"]["name"] for j in await self.jobs()
-                if ending_of(j) is None and jobspec.ANN_REPORTED not in _annotations(j)]
+        return list(await self.active_annotations())
+
+    async def active_annotations(self) -> dict[str, dict[str, str]]:
+        return {j["metadata"]["name"]: _annotations(j) for j in await self.jobs()
+                if ending_of(j) is None and jobspec.ANN_REPORTED not in _annotations(j)}
 
     async def close(self) -> None:
         """End ``events()`` (cutting an open watch) and release the client if ours; Jobs keep running."""

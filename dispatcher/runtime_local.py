@@ -496,6 +496,10 @@ class LocalRuntime:
 
     # -- JobRuntime ----------------------------------------------------------------------------
 
+    @property
+    def where(self) -> str:
+        return f"local/{self.state_dir}"
+
     async def launch(
         self, job: Mapping[str, Any], *, secret: Mapping[str, bytes] | None = None
     ) -> LaunchOutcome:
@@ -618,20 +622,24 @@ class LocalRuntime:
 
     async def active(self) -> list[str]:
         """Non-terminal Jobs in ``state_dir`` (any runtime's); also recovers crash leftovers."""
+        return sorted(await self.active_annotations())
+
+    async def active_annotations(self) -> dict[str, dict[str, str]]:
+        """Annotations of the non-terminal Jobs in ``state_dir``, by name; recovers crash leftovers."""
         self._ensure_started()
-        names = []
+        live: dict[str, dict[str, str]] = {}
         for job_dir in self._job_dirs():
             if job_dir.name not in self._supervised and not self._closed:
                 self._recover(job_dir)
             sup = self._supervised.get(job_dir.name)
             if sup is not None:
                 if not sup.finished:
-                    names.append(job_dir.name)
+                    live[job_dir.name] = dict(sup.record.annotations)
                 continue
             record = _read_record(job_dir)
             if record is not None and record.state in _LIVE_STATES:
-                names.append(job_dir.name)
-        return sorted(names)
+                live[job_dir.name] = dict(record.annotations)
+        return live
 
     async def close(self) -> None:
         """Stop every process this instance supervises (reported CANCELLED); end events()."""

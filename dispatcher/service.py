@@ -21,7 +21,7 @@ from .amqp import Publisher, connect
 from .consumer import Consumer
 from .control import ControlHandler, DeadLetterRecorder, LoginTokenRecorder
 from .costs import CostRecorder
-from .credentials import Credentials, open_credentials
+from .credentials import Credentials, VaultCredentials, open_credentials
 from .health import HealthServer
 from .intake import Intake
 from .logs import get_logger
@@ -33,6 +33,7 @@ from .runtime import JobRuntime
 from .settings import Settings
 from .streamlog import StreamFollower
 from .tasks import run_until_signalled, spawn
+from .token_sweep import TokenSweeper
 from .topology import (
     CONTROL,
     COSTS,
@@ -71,7 +72,7 @@ class DispatcherService:
             phases = logged
         self.phases = phases
         self.metrics = metrics or Metrics()
-        self.credentials = credentials or open_credentials(settings.vault)
+        self.credentials = credentials or open_credentials(settings.vault, scope=runtime.where)
         self.name = name
         # An explicit port (0: any free one) always serves; from settings, port 0 disables.
         self.health_port = settings.metrics.port if health_port is None else health_port
@@ -87,6 +88,7 @@ class DispatcherService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._health: HealthServer | None = None
         self.intake: Intake | None = None
+        self.sweeper: TokenSweeper | None = None
 
     @property
     def ready(self) -> bool:
@@ -114,6 +116,9 @@ class DispatcherService:
                           metrics=self.metrics, credentials=self.credentials)
         self._tasks.append(spawn(watcher.run(), name="watcher", on_crash=self._on_crash))
         self._tasks.append(spawn(self._gauges(), name="gauges", on_crash=self._on_crash))
+        self.sweeper = self._sweeper(self.intake)
+        if self.sweeper is not None:
+            self._tasks.append(spawn(self.sweeper.run(), name="token-sweeper", on_crash=self._on_crash))
         backoff = Backoff.of(s.retry)
         control = ControlHandler(runtime=self.runtime, publisher=publisher, backoff=backoff)
         recorder = DeadLetterRecorder(reporter=reporter, metrics=self.metrics, backoff=backoff)
@@ -142,6 +147,17 @@ class DispatcherService:
         gc.freeze()
         log.info("dispatcher_started", runtime=type(self.runtime).__name__, prefetch=s.amqp.prefetch,
                  max_active=s.admission.max_active)
+
+    def _sweeper(self, intake: Intake) -> TokenSweeper | None:
+        """Revokes agent tokens no live Job holds — when tokens are minted here and sweeping is on."""
+        vault = self.settings.vault
+        credentials = self.credentials
+        if (vault.auth_mode != "per-investigation" or not vault.sweep_interval
+                or not isinstance(credentials, VaultCredentials) or not credentials.scope):
+            return None
+        return TokenSweeper(credentials=credentials, runtime=self.runtime, scope=credentials.scope,
+                            grace=vault.sweep_grace, interval=vault.sweep_interval, launching=intake.launching,
+                            metrics=self.metrics)
 
     async def _gauges(self) -> None:
         while True:

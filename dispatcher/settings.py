@@ -29,6 +29,7 @@ ENV_CONFIG_FILE = "AGENTJOBS_CONFIG"  # path of the TOML file when --config is n
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]  # 0: off
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
@@ -84,6 +85,12 @@ class VaultSettings(Section):
     wrap_ttl: Positive = 60  # seconds a wrapped agent token may wait to be unwrapped
     grace: NonNegative = 120  # seconds added to the Job deadline for the agent token TTL
     request_timeout: Seconds = 10.0  # seconds per Vault request
+    # Revoke agent tokens no live Job holds (a mint Vault executed after we gave up on it, a
+    # dispatcher killed between mint and Job): every sweep_interval seconds (0: never; needs
+    # list+sudo on auth/token/accessors), tokens older than sweep_grace seconds — longer than any
+    # mint-to-Job-created window of another replica (retry.max_elapsed of the launch).
+    sweep_interval: SecondsOrOff = 60.0
+    sweep_grace: Seconds = 300.0
     database_ttl: Positive = 900  # seconds a dynamic PostgreSQL user lives by default
     database_max_ttl: Positive = 3600  # seconds at most (renewals stop there)
     rabbitmq_vhost: str = "/"  # vhost where the agent's dynamic user may publish results

@@ -27,6 +27,7 @@ KV_LLM = "llm"  # agentjobs-kv/data/llm: {"api_key": ...}
 META_INVESTIGATION = "investigation_id"
 META_INCIDENT = "incident_key"
 META_PHASE = "phase"
+META_JOBS_IN = "jobs_in"  # where the Job runs ("kubernetes/<ns>", "local/<dir>"): the sweeper's scope
 
 
 def token_role(phase: Phase) -> str:

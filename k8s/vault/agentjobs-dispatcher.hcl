@@ -14,6 +14,13 @@
 #
 # Looking up and renewing the dispatcher's own token comes from the `default`
 # policy; nothing else is granted here.
+#
+# Listing token accessors (below) is the one broad grant: the sweeper finds
+# agent tokens that no Job holds (a mint Vault executed after the dispatcher
+# gave up waiting, a dispatcher killed between mint and Job) and revokes them
+# instead of letting them live out their TTL. It reveals accessors and, through
+# lookup-accessor, their metadata — never a token. Remove it and set
+# vault.sweep_interval = 0 to trade that for TTL-bounded leftovers.
 
 path "auth/token/create/agentjobs-agent-shadow" {
   capabilities = ["update"]
@@ -39,7 +46,12 @@ path "auth/token/create/agentjobs-agent-autonomous" {
   max_wrapping_ttl = "300s"
 }
 
-# Is the agent token still alive? (revocation is retried until lookup fails)
+# The sweeper: every token accessor (Vault makes this endpoint sudo-only)
+path "auth/token/accessors" {
+  capabilities = ["list", "sudo"]
+}
+
+# Is the agent token still alive? What is a listed token (the sweeper)? (revocation is retried until lookup fails)
 path "auth/token/lookup-accessor" {
   capabilities = ["update"]
 }
