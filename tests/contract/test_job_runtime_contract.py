@@ -360,3 +360,25 @@ async def _first_terminal(name: str, *harnesses: Harness) -> RuntimeEvent:
     finally:
         for wait in waits:
             wait.cancel()
+
+
+async def test_a_running_jobs_annotations_are_reported_until_it_ends(
+    runtime_harness: Harness, runtime: JobRuntime
+) -> None:
+    # Given a running Job that carries a token accessor annotation (what the token sweeper reads)
+    release = runtime_harness.scratch / "release-ann"
+    job = make_job("ann-1", "import pathlib, sys, time\n"
+                            "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.02)\n", str(release))
+    job["metadata"].setdefault("annotations", {})["agentjobs.dev/token-accessor"] = "acc-ann-1"
+    assert await runtime.launch(job) is LaunchOutcome.CREATED
+    await runtime_harness.wait_for("ann-1", lambda e: e.state is JobState.RUNNING)
+
+    # Then it is listed with its annotations, and where its Jobs live is named
+    active = await runtime.active_annotations()
+    assert active["ann-1"]["agentjobs.dev/token-accessor"] == "acc-ann-1"
+    assert runtime.where.split("/", 1)[0] in ("kubernetes", "local") and runtime.where.split("/", 1)[1]
+
+    # When it ends, it is no longer listed
+    release.touch()
+    await runtime_harness.terminal("ann-1")
+    assert "ann-1" not in await runtime.active_annotations()
