@@ -15,10 +15,8 @@ on the incident path:
   arrive, and Alertmanager's retry adds a copy), so copies of an accepted
   webhook are allowed; a lost 200 is not.
 
-Not here: a full ``rabbitmqctl stop_app``/``start_app`` cycle. The broker on
-our machines is shared with every other test tier running concurrently, and
-the test would own the whole node, not just its vhost; that part of the issue
-needs a private broker node.
+The full ``rabbitmqctl stop_app``/``start_app`` cycle needs a broker node of the
+test's own (this one is shared with every other test): ``test_broker_restart.py``.
 
 Cadence: a connection is closed 1-2 s after the management API lists it. The
 API learns of new connections from the broker's statistics, every 5 s by
