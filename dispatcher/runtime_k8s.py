@@ -12,7 +12,10 @@ and re-listed on 410 Expired. Replicas all watch; the one whose claim (an
 annotation patched with a resourceVersion precondition) succeeds reports.
 A claim left by a crashed replica expires after ``claim_timeout`` seconds.
 Every call passes ``_request_timeout`` (and watches ``timeout_seconds``):
-kubernetes_asyncio has no read timeout otherwise.
+kubernetes_asyncio has no read timeout otherwise. A watch also has an idle
+read timeout (``watch_idle_timeout``): a stream that stays silent — no event,
+no bookmark — is dropped and resumed instead of hiding Job endings until it
+would have been renewed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 import msgspec
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client import ApiClient
@@ -136,6 +140,7 @@ class KubernetesRuntime:
         namespace: str,
         request_timeout: float = 10.0,
         watch_timeout: int = 300,
+        watch_idle_timeout: float = 90.0,
         replica: str | None = None,
         claim_timeout: float = 60.0,
         clock: Callable[[], datetime] = utcnow,
@@ -148,6 +153,7 @@ class KubernetesRuntime:
         self.namespace = namespace
         self.request_timeout = request_timeout  # seconds per call
         self.watch_timeout = watch_timeout  # seconds a watch stays open
+        self.watch_idle_timeout = watch_idle_timeout  # seconds a watch may stay silent
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_timeout = claim_timeout  # seconds before another replica may take over a claim
         self.clock = clock
@@ -176,7 +182,8 @@ class KubernetesRuntime:
                 await config.load_kube_config(context=k8s.context or None, client_configuration=cfg)
         cfg.proxy = cfg.proxy or env_proxy_for(cfg.host)
         return cls(ApiClient(cfg), namespace=k8s.namespace, request_timeout=k8s.request_timeout,
-                   watch_timeout=k8s.watch_timeout, owns_client=True)
+                   watch_timeout=k8s.watch_timeout, watch_idle_timeout=k8s.watch_idle_timeout,
+                   owns_client=True)
 
     async def _call(self, doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -329,7 +336,9 @@ class KubernetesRuntime:
             stream = w.stream(self.batch.list_namespaced_job, self.namespace, label_selector=jobspec.SELECTOR,
                               resource_version=resource_version, timeout_seconds=seconds,
                               allow_watch_bookmarks=True,
-                              _request_timeout=seconds + self.request_timeout)
+                              _request_timeout=aiohttp.ClientTimeout(
+                                  total=seconds + self.request_timeout, sock_connect=self.request_timeout,
+                                  sock_read=self.watch_idle_timeout))
             async for item in stream:
                 kind = item.get("type", "")
                 rv = (item.get("raw_object") or {}).get("metadata", {}).get("resourceVersion")
@@ -337,6 +346,9 @@ class KubernetesRuntime:
                     self._rv = rv  # bookmarks too: resume from the newest point we saw
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     yield kind, item["raw_object"]
+        except aiohttp.ServerTimeoutError as exc:  # silent for watch_idle_timeout: drop it, resume
+            raise TemporaryError(f"watch jobs: nothing received for {self.watch_idle_timeout:g} s "
+                                 "(no event, no bookmark); resuming") from exc
         except Exception as exc:
             if _is_expired(exc):
                 raise _Expired() from exc

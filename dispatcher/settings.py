@@ -67,6 +67,10 @@ class KubernetesSettings(Section):
     token_expiration: Annotated[int, msgspec.Meta(ge=600)] = 600  # seconds (API minimum 600)
     request_timeout: Seconds = 10.0  # seconds per API request
     watch_timeout: Positive = 300  # seconds a watch stays open before it is renewed
+    # seconds a watch may stay silent — no event, no bookmark — before it is dropped and resumed
+    # (a half-open connection would hide every Job ending until watch_timeout; the API server
+    # sends a bookmark about every minute to watches that ask for them, as ours do)
+    watch_idle_timeout: Seconds = 90.0
 
 
 class RuntimeSettings(Section):

@@ -84,3 +84,18 @@ async def test_drop_on_plain_request_is_a_connection_error(k8s_emulator):
     with pytest.raises(aiohttp.ClientError):
         await core.create_namespaced_secret(k8s_emulator.namespace, {"metadata": {"name": "x"}})
     assert (await core.list_namespaced_secret(k8s_emulator.namespace)).items == []
+
+
+async def test_silent_stream_makes_a_watch_go_quiet_without_ending(k8s_emulator):
+    ns = k8s_emulator.namespace
+    core = client.CoreV1Api(k8s_emulator.api_client)
+    await core.create_namespaced_secret(ns, {"metadata": {"name": "a"}})
+    k8s_emulator.faults.inject("GET", r"/secrets$", silent_stream=True)
+    seen = []
+    # the stream neither sends the existing object nor ends: only the client's read timeout ends it
+    with pytest.raises(aiohttp.ServerTimeoutError):
+        async with asyncio.timeout(10), watch.Watch() as w:
+            async for ev in w.stream(core.list_namespaced_secret, ns, timeout_seconds=60,
+                                     _request_timeout=aiohttp.ClientTimeout(total=30, sock_read=0.5)):
+                seen.append(ev)
+    assert seen == []

@@ -239,3 +239,28 @@ async def test_forbidden_by_rbac_is_permanent(k8s_emulator, s):
         assert caught.value.reason == "forbidden" and "cannot create resource" in caught.value.message
     finally:
         await api.close()
+
+
+async def test_a_silent_watch_is_dropped_and_resumed_so_endings_are_not_hidden(k8s_emulator, s):
+    # Given a watch that would stay open for 5 minutes, and a stream that goes quiet at once
+    # (no event, no bookmark, no end: a half-open connection behind a proxy)
+    prepare_cluster(k8s_emulator)
+    runtime = KubernetesRuntime(k8s_emulator.api_client, namespace=k8s_emulator.namespace, request_timeout=5,
+                                watch_timeout=300, watch_idle_timeout=1.0, replica="replica-a", claim_timeout=2)
+    ns = k8s_emulator.namespace
+    job = manifest(incident(40), s)
+    name = job["metadata"]["name"]
+    async with EventLog(runtime).running() as log:
+        await k8s_emulator.cluster.watch_opened(JOBS)
+        silent = k8s_emulator.faults.inject("GET", r"/jobs$", silent_stream=True, times=1)
+        k8s_emulator.cluster.store.close_watches()
+        await asyncio.wait_for(silent.fired.wait(), 5)
+        # When a Job is launched and ends while that stream is silent
+        await runtime.launch(job)
+        pod = await k8s_emulator.cluster.wait_for_pod(ns, name)
+        k8s_emulator.kubelet.start(ns, pod["metadata"]["name"])
+        k8s_emulator.kubelet.finish(ns, pod["metadata"]["name"], 0)
+        # Then its ending is reported long before the silent watch would have been renewed
+        await log.wait_for(lambda ev: log.terminal(name), timeout=30)
+    assert [e.state for e in log.terminal(name)] == [JobState.SUCCEEDED]
+    assert silent.hits == 1

@@ -10,8 +10,8 @@ kubelet + podfiles + logs (running pods), tokens + jwt (ServiceAccount
 tokens, TokenReview), faults, server (HTTP), cluster (the handle).
 """
 
-from .cluster import Cluster
 from .clock import Clock
+from .cluster import Cluster
 from .server import Server
 
 __all__ = ["Cluster", "Clock", "Server"]

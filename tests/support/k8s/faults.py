@@ -5,7 +5,9 @@ probability=p)`
 matches requests by HTTP method and a regex searched in the URL path. A
 status fault answers a real Status body (429 carries Retry-After), `timeout`
 hangs until the client gives up, `drop_stream` cuts the connection — after
-`after_events` watch events for a watch, at once otherwise. Each fault
+`after_events` watch events for a watch, at once otherwise — and `silent_stream`
+makes a watch go quiet after `after_events` events (no event, no bookmark, no
+end: a half-open connection behind a proxy) until its timeout. Each fault
 counts its hits and exposes an event so tests can await "the fault fired".
 """
 
@@ -28,6 +30,7 @@ class Fault:
     delay: float = 0.0
     retry_after: int | None = None
     after_events: int = 0
+    silent_stream: bool = False
     probability: float = 1.0  # share of matching requests that get the fault
     rng: random.Random = field(default_factory=lambda: random.Random(0))  # seeded: reproducible runs
     hits: int = 0
@@ -49,12 +52,13 @@ class Faults:
     def inject(self, method: str, path_regex: str, status: int | None = None, *,
                timeout: bool = False, drop_stream: bool = False, times: int | None = 1,
                delay: float = 0.0, retry_after: int | None = None,
-               after_events: int = 0, probability: float = 1.0, seed: int = 0) -> Fault:
+               after_events: int = 0, probability: float = 1.0, seed: int = 0,
+               silent_stream: bool = False) -> Fault:
         """Register a fault; with only `delay` it slows matching requests down."""
         if status == 429 and retry_after is None:
             retry_after = 1
         fault = Fault(method.upper(), re.compile(path_regex), status, timeout, drop_stream, times,
-                      delay, retry_after, after_events, probability, random.Random(seed))
+                      delay, retry_after, after_events, silent_stream, probability, random.Random(seed))
         self._faults.append(fault)
         return fault
 

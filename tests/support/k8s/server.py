@@ -289,6 +289,10 @@ class Server:
         sent = 0
         try:
             while (remaining := end - loop.time()) > 0:
+                if fault is not None and fault.silent_stream and sent >= fault.after_events:
+                    await asyncio.sleep(remaining)  # quiet until the timeout, then cut without an end
+                    request.transport.abort()  # type: ignore[union-attr]
+                    return resp
                 wait = min(remaining, c.bookmark_interval) if bookmarks else remaining
                 try:
                     item = await asyncio.wait_for(watcher.queue.get(), wait)
