@@ -11,10 +11,9 @@ from dispatcher import jobspec
 from dispatcher.credentials import VaultCredentials
 from dispatcher.settings import load_settings
 from schemas import Phase, decode_incident, identify
-from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, publish
-from tests.integration.k8s_helpers import prepare_cluster
+from tests.integration.dispatcher_harness import PodDriver, Results, publish
 from tests.integration.test_dispatcher import _consumed, _until, running_dispatcher
-from tests.integration.vault_helpers import bootstrapped_vault
+from tests.integration.vault_helpers import vault_world
 from tests.support.k8s.resources import JOBS, SECRETS
 from tests.support.payloads import am_alert, dumps, group
 
@@ -24,12 +23,7 @@ GONE_WITHIN = 10.0  # seconds (issue 5)
 
 @pytest.fixture
 async def world(k8s_emulator, amqp_vhost, rabbitmq_management, postgres, rabbitmq):
-    prepare_cluster(k8s_emulator)
-    await rabbitmq_management.delete_vhost(amqp_vhost.name)
-    await rabbitmq_management.create_vhost(amqp_vhost.name)
-    await rabbitmq_management.set_permissions(amqp_vhost.name, "guest")
-    async with bootstrapped_vault(postgres, rabbitmq, amqp_vhost.name) as vault:
-        await declare_topology(amqp_vhost.amqp_url, load_settings(None, {}))
+    async with vault_world(k8s_emulator, amqp_vhost, rabbitmq_management, postgres, rabbitmq) as vault:
         yield k8s_emulator, amqp_vhost.amqp_url, vault
 
 

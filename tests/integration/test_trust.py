@@ -29,10 +29,9 @@ from schemas import (
     encode,
     identify,
 )
-from tests.integration.dispatcher_harness import Results, declare_topology, publish
-from tests.integration.k8s_helpers import prepare_cluster
+from tests.integration.dispatcher_harness import Results, publish
 from tests.integration.test_dispatcher import _until, running_dispatcher
-from tests.integration.vault_helpers import bootstrapped_vault
+from tests.integration.vault_helpers import vault_world
 from tests.support.k8s.resources import SECRETS
 from tests.support.payloads import am_alert, dumps, group
 
@@ -84,12 +83,7 @@ def _incident(name: str) -> bytes:
 
 @pytest.fixture
 async def world(k8s_emulator, amqp_vhost, rabbitmq_management, postgres, rabbitmq):
-    prepare_cluster(k8s_emulator)
-    await rabbitmq_management.delete_vhost(amqp_vhost.name)
-    await rabbitmq_management.create_vhost(amqp_vhost.name)
-    await rabbitmq_management.set_permissions(amqp_vhost.name, "guest")
-    async with bootstrapped_vault(postgres, rabbitmq, amqp_vhost.name) as vault:
-        await declare_topology(amqp_vhost.amqp_url, load_settings(None, {}))
+    async with vault_world(k8s_emulator, amqp_vhost, rabbitmq_management, postgres, rabbitmq) as vault:
         env = {**{k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}, **FAST_TRUST}
         yield k8s_emulator, amqp_vhost.amqp_url, vault, env
 

@@ -15,6 +15,9 @@ from dispatcher.settings import load_settings
 from dispatcher.vault_bootstrap import bootstrap
 from tests.support.services import OpenBaoServer, Postgres, RabbitMQ
 
+from .dispatcher_harness import declare_topology
+from .k8s_helpers import prepare_cluster
+
 
 @dataclass(frozen=True)
 class Vault:
@@ -63,3 +66,17 @@ async def bootstrapped_vault(postgres: Postgres, rabbitmq: RabbitMQ, vhost: str)
         yield Vault(server=server, env={**env, "AGENTJOBS_VAULT__TOKEN": token}, dispatcher_token=token)
     finally:
         await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def vault_world(k8s_emulator, amqp_vhost, rabbitmq_management, postgres: Postgres,
+                      rabbitmq: RabbitMQ) -> AsyncIterator[Vault]:
+    """What a dispatcher that mints tokens needs: the emulated cluster's ServiceAccounts, an emptied
+    vhost with the topology declared, and a freshly bootstrapped OpenBao (stopped afterwards)."""
+    prepare_cluster(k8s_emulator)
+    await rabbitmq_management.delete_vhost(amqp_vhost.name)
+    await rabbitmq_management.create_vhost(amqp_vhost.name)
+    await rabbitmq_management.set_permissions(amqp_vhost.name, "guest")
+    async with bootstrapped_vault(postgres, rabbitmq, amqp_vhost.name) as vault:
+        await declare_topology(amqp_vhost.amqp_url, load_settings(None, {}))
+        yield vault
