@@ -29,17 +29,16 @@ import aiohttp
 from schemas import utcnow
 
 from .base import Limits, Observation, OperationSpec, bounded
+from .http import HttpTool, number
 from .toolbox import (
     BodyTooLarge,
     ParamError,
-    clock_or_default,
     describe_error,
     failure,
     format_duration,
     int_param,
     parse_duration,
     parse_time,
-    read_capped,
     redact,
     require,
     rfc3339,
@@ -99,41 +98,21 @@ def _ts_from_ns(value: Any) -> str:
     return rfc3339(seconds).replace("Z", f".{rest:09d}Z") if rest else rfc3339(seconds)
 
 
-def _number(text: Any) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _labels(metric: Mapping[str, str]) -> str:
     return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(metric.items())) + "}"
 
 
-class LogsTool:
+class LogsTool(HttpTool):
     """LogQL against one Loki (``base_url``); ``tenant`` sets ``X-Scope-OrgID`` for multi-tenant Lokis."""
 
     name: ClassVar[str] = "logs"
-    credential_domain: ClassVar[str | None] = None
+    OPERATIONS = OPERATIONS
 
     def __init__(self, base_url: str, *, limits: Limits | None = None, tenant: str | None = None,
                  headers: Mapping[str, str] | None = None, now: Callable[[], float] | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.limits = limits or Limits()
-        self._headers = dict(headers or {})
+        super().__init__(base_url, limits=limits, headers=headers, now=now)
         if tenant:
             self._headers["X-Scope-OrgID"] = tenant
-        self._secrets = [v.split(" ", 1)[-1] for k, v in self._headers.items() if k.lower() == "authorization"]
-        self._now = clock_or_default(now)
-        self._session: aiohttp.ClientSession | None = None
-
-    def operations(self) -> Mapping[str, OperationSpec]:
-        return OPERATIONS
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def run(self, operation: str, params: Mapping[str, Any]) -> Observation:
         if operation not in OPERATIONS:
@@ -156,12 +135,7 @@ class LogsTool:
     # -- HTTP ------------------------------------------------------------------------------
 
     async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers)
-        async with self._session.get(self.base_url + path, params=params,
-                                     timeout=aiohttp.ClientTimeout(total=self.limits.timeout)) as resp:
-            raw = await read_capped(resp, self.limits.max_bytes)
-            status = resp.status
+        status, raw = await self._fetch("GET", path, params=params)
         try:
             body = json.loads(raw)
         except ValueError:
@@ -198,7 +172,7 @@ class LogsTool:
             excerpt += [f"{ln['ts']} {_labels(ln['labels'])} {ln['line']}" for ln in kept[:50]]
             return query, kept, "\n".join(excerpt), len(lines) >= limit
         series = [{"metric": dict(s.get("metric") or {}),
-                   "values": [[float(t), _number(v)] for t, v in s.get("values") or []]}
+                   "values": [[float(t), number(v)] for t, v in s.get("values") or []]}
                   for s in data.get("result") or []]
         kept = series[: self.limits.max_rows]
         excerpt = [f"{len(series)} series ({data.get('resultType')}, {window})"]
@@ -240,11 +214,11 @@ class LogsTool:
                 "query": matching, "start": _ns(end - window), "end": _ns(end), "limit": str(samples),
                 "direction": "backward"}))
         answers = await asyncio.gather(*jobs)
-        groups = [{"labels": dict(s.get("metric") or {}), "count": int(_number((s.get("value") or [0, 0])[1]))}
+        groups = [{"labels": dict(s.get("metric") or {}), "count": int(number((s.get("value") or [0, 0])[1]))}
                   for s in answers[0].get("result") or []]
         groups.sort(key=lambda g: -g["count"])
         total = sum(g["count"] for g in groups)
-        lines_total = sum(int(_number((s.get("value") or [0, 0])[1])) for s in answers[1].get("result") or [])
+        lines_total = sum(int(number((s.get("value") or [0, 0])[1])) for s in answers[1].get("result") or [])
         sample_lines = self._lines(answers[2].get("result") or [], "backward")[:samples] if samples else []
         kept = groups[: self.limits.max_rows]
         data = {"selector": selector, "pattern": pattern, "window_s": window, "end": rfc3339(end),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,17 +25,16 @@ import aiohttp
 
 from schemas import utcnow
 
-from .base import Limits, Observation, OperationSpec, bounded
+from .base import Observation, OperationSpec, bounded
+from .http import HttpTool, number
 from .toolbox import (
     BodyTooLarge,
     ParamError,
-    clock_or_default,
     describe_error,
     failure,
     format_duration,
     parse_duration,
     parse_time,
-    read_capped,
     redact,
     require,
     rfc3339,
@@ -89,13 +88,6 @@ def expression_from_generator_url(url: str) -> str:
     return exprs[0].strip()
 
 
-def _number(text: Any) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _labels(metric: Mapping[str, str]) -> str:
     name = metric.get("__name__", "")
     rest = ",".join(f'{k}="{v}"' for k, v in sorted(metric.items()) if k != "__name__")
@@ -106,28 +98,11 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
-class PrometheusTool:
+class PrometheusTool(HttpTool):
     """PromQL over one Prometheus (``base_url``), optionally with extra headers (e.g. auth)."""
 
     name: ClassVar[str] = "prometheus"
-    credential_domain: ClassVar[str | None] = None
-
-    def __init__(self, base_url: str, *, limits: Limits | None = None,
-                 headers: Mapping[str, str] | None = None, now: Callable[[], float] | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.limits = limits or Limits()
-        self._headers = dict(headers or {})
-        self._secrets = [v.split(" ", 1)[-1] for k, v in self._headers.items() if k.lower() == "authorization"]
-        self._now = clock_or_default(now)
-        self._session: aiohttp.ClientSession | None = None
-
-    def operations(self) -> Mapping[str, OperationSpec]:
-        return OPERATIONS
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    OPERATIONS = OPERATIONS
 
     async def run(self, operation: str, params: Mapping[str, Any]) -> Observation:
         if operation not in OPERATIONS:
@@ -179,17 +154,13 @@ class PrometheusTool:
         return self._observation(operation, query, when, payload.get("data") or {})
 
     async def _post(self, path: str, form: dict[str, str]) -> tuple[int, Any]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers)
         # form-encoded POST: long expressions do not hit URL length limits
-        async with self._session.post(self.base_url + path, data=form,
-                                      timeout=aiohttp.ClientTimeout(total=self.limits.timeout)) as resp:
-            raw = await read_capped(resp, self.limits.max_bytes)
-            try:
-                return resp.status, json.loads(raw)
-            except ValueError:
-                snippet = raw[:200].decode("utf-8", "replace")
-                raise ValueError(f"HTTP {resp.status}, not JSON: {snippet}") from None
+        status, raw = await self._fetch("POST", path, data=form)
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            snippet = raw[:200].decode("utf-8", "replace")
+            raise ValueError(f"HTTP {status}, not JSON: {snippet}") from None
 
     def _observation(self, operation: str, query: str, when: str, data: Mapping[str, Any]) -> Observation:
         kind = data.get("resultType")
@@ -197,15 +168,15 @@ class PrometheusTool:
         series: list[dict[str, Any]] = []
         if kind in ("scalar", "string"):
             at, value = result if isinstance(result, list) and len(result) == 2 else (None, None)
-            series.append({"metric": {}, "value": _number(value) if kind == "scalar" else value, "at": at})
+            series.append({"metric": {}, "value": number(value) if kind == "scalar" else value, "at": at})
         else:
             for item in result or []:
                 entry: dict[str, Any] = {"metric": dict(item.get("metric") or {})}
                 if "values" in item:
-                    entry["values"] = [[float(t), _number(v)] for t, v in item["values"]]
+                    entry["values"] = [[float(t), number(v)] for t, v in item["values"]]
                 else:
                     at, value = item.get("value") or (None, None)
-                    entry["value"], entry["at"] = _number(value), at
+                    entry["value"], entry["at"] = number(value), at
                 series.append(entry)
         truncated = len(series) > self.limits.max_rows
         kept = series[: self.limits.max_rows]
