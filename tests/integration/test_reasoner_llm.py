@@ -18,9 +18,9 @@ from agent.reasoning import Investigation, LlmConfig, LlmReasoner, Price, conclu
 from agent.reasoning.llm import parse_answer
 from dispatcher.settings import LlmSettings
 from schemas import Conclusion, Finding, Phase, RiskClass, decode, encode
+from tests.support.fake_tools import connection_alert, postgres, prometheus
 from tests.support.openai_server import ScriptedOpenAI, answer, error, tool_calls
 from tests.unit.test_actions import RecordingExecutor
-from tests.unit.test_reasoning_rules import connection_alert, postgres, prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

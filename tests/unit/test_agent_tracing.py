@@ -5,8 +5,8 @@ from __future__ import annotations
 from agent import config, engine
 from agent.reasoning.base import Tally
 from dispatcher import jobspec
+from tests.support.fake_tools import connection_alert, postgres, prometheus
 from tests.support.tracing import recorded_spans
-from tests.unit.test_reasoning_rules import connection_alert, postgres, prometheus
 
 INCOMING = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 INVESTIGATION = "a" * 24 + "b" * 16
