@@ -21,13 +21,9 @@ import aiohttp
 import psycopg
 import pytest
 
-from tests.support.alertmanager import ALERTMANAGER, Alertmanager
-from tests.support.alertmanager import MISSING as ALERTMANAGER_MISSING
+from tests.e2e.stack import NEEDS_OBSERVABILITY_STACK
+from tests.support.alertmanager import Alertmanager
 from tests.support.observability import (
-    EXPORTER_MISSING,
-    POSTGRES_EXPORTER,
-    PROMETHEUS,
-    PROMETHEUS_MISSING,
     PostgresExporter,
     Prometheus,
     blocking_chain,
@@ -35,15 +31,9 @@ from tests.support.observability import (
 )
 from tests.support.pipelines import UpRun, no_process, no_vault_users, up_env
 from tests.support.services import free_port, wait_until
-from tests.support.two_am import POSTGRES_BIN, POSTGRES_MISSING, running_cluster
+from tests.support.two_am import running_cluster
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(POSTGRES_BIN is None, reason=POSTGRES_MISSING),
-    pytest.mark.skipif(PROMETHEUS is None, reason=PROMETHEUS_MISSING),
-    pytest.mark.skipif(POSTGRES_EXPORTER is None, reason=EXPORTER_MISSING),
-    pytest.mark.skipif(ALERTMANAGER is None, reason=ALERTMANAGER_MISSING),
-]
+pytestmark = [pytest.mark.e2e, *NEEDS_OBSERVABILITY_STACK]
 
 TOKEN = "lock-contention-bridge-token"
 ALERT = "PostgresLockContention"

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,30 +35,20 @@ import aiohttp
 import psycopg
 import pytest
 
-from tests.support.alertmanager import ALERTMANAGER, Alertmanager
-from tests.support.alertmanager import MISSING as ALERTMANAGER_MISSING
+from tests.e2e.stack import NEEDS_OBSERVABILITY_STACK
+from tests.support.alertmanager import Alertmanager
 from tests.support.lines import Lines
 from tests.support.observability import (
-    EXPORTER_MISSING,
-    POSTGRES_EXPORTER,
-    PROMETHEUS,
-    PROMETHEUS_MISSING,
     PostgresExporter,
     Prometheus,
     idle_in_transaction,
     running,
 )
-from tests.support.pipelines import agents_under, no_vault_users
+from tests.support.pipelines import agents_under, no_process, no_vault_users, stop
 from tests.support.services import free_port, wait_until
-from tests.support.two_am import POSTGRES_BIN, POSTGRES_MISSING, running_cluster
+from tests.support.two_am import running_cluster
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(POSTGRES_BIN is None, reason=POSTGRES_MISSING),
-    pytest.mark.skipif(PROMETHEUS is None, reason=PROMETHEUS_MISSING),
-    pytest.mark.skipif(POSTGRES_EXPORTER is None, reason=EXPORTER_MISSING),
-    pytest.mark.skipif(ALERTMANAGER is None, reason=ALERTMANAGER_MISSING),
-]
+pytestmark = [pytest.mark.e2e, *NEEDS_OBSERVABILITY_STACK]
 
 AGENTJOBS = str(Path(sys.executable).with_name("agentjobs"))
 TOKEN = "two-am-bridge-token"
@@ -82,10 +71,6 @@ RULES = [{
 }]
 
 
-def _no_process(pattern: str) -> bool:
-    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, check=False).returncode == 1
-
-
 async def _firing(prometheus: Prometheus) -> bool:
     """Whether Prometheus has the alert firing (and so hands it to Alertmanager)."""
     async with (
@@ -94,20 +79,6 @@ async def _firing(prometheus: Prometheus) -> bool:
     ):
         body = await resp.json()
     return any(a["labels"].get("alertname") == ALERT and a["state"] == "firing" for a in body["data"]["alerts"])
-
-
-async def _stop(proc: asyncio.subprocess.Process, sig: int, timeout: float) -> int:
-    """Signal ``proc`` (if still running) and wait for it; killed when it does not end in time."""
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout=timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    return proc.returncode  # type: ignore[return-value]
 
 
 async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_the_culprit(
@@ -147,12 +118,12 @@ async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_
         }
         up = await asyncio.create_subprocess_exec(AGENTJOBS, "up", env=env, stdout=asyncio.subprocess.PIPE,
                                                   stderr=asyncio.subprocess.STDOUT)
-        stack.push_async_callback(_stop, up, signal.SIGTERM, 60)  # on failure; normally stopped below
+        stack.push_async_callback(stop, up, signal.SIGTERM, 60)  # on failure; normally stopped below
         out = Lines(up.stdout)  # type: ignore[arg-type]
         await out.wait_for(lambda line: line.startswith("running"), 90, "`running` from up")
         tail = await asyncio.create_subprocess_exec(AGENTJOBS, "tail", "findings", "--json", "--follow", env=env,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        stack.push_async_callback(_stop, tail, signal.SIGINT, 30)
+        stack.push_async_callback(stop, tail, signal.SIGINT, 30)
         findings, said = Lines(tail.stdout), Lines(tail.stderr)  # type: ignore[arg-type]
         await said.wait_for(lambda line: line.startswith("tail: findings"), 30, "tail's ready line")
 
@@ -201,7 +172,7 @@ async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_
                          what="the agent's Vault-issued broker user revoked after its Job")
 
         # When SIGTERM arrives
-        code = await _stop(up, signal.SIGTERM, 60)
+        code = await stop(up, signal.SIGTERM, 60)
         text = await out.finished()
         # Then up exits cleanly, still with one Job only, and leaves no process and no credential behind
         assert code == 0, text[-3000:]
@@ -209,13 +180,13 @@ async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_
         assert len([line for line in text.splitlines() if line.strip().startswith("dispatched")]) == 1, text
         vault_listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
         for pattern in (f"dev-listen-address={vault_listen}", f"{tmp_path}/state"):
-            assert _no_process(pattern), pattern
+            assert no_process(pattern), pattern
         assert not agents_under(tmp_path)
         assert await pg.roles() == roles_before
         assert await no_vault_users(rabbitmq_management, amqp_vhost.name)
     # and every service the test started is gone too
     for pattern in (str(tmp_path), str(pg.root)):
-        assert _no_process(pattern), pattern
+        assert no_process(pattern), pattern
 
 
 async def _no_new_roles(pg: Any, before: set[str]) -> bool:
