@@ -37,7 +37,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aio_pika
 import aiohttp
 import pytest
 
@@ -46,7 +45,14 @@ from dispatcher.reporting import lifecycle_message_id
 from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
 from dispatcher.topology import DEAD, INCIDENTS
 from schemas import LifecycleState, decode_incident, identify
-from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, publish
+from tests.integration.dispatcher_harness import (
+    PodDriver,
+    Results,
+    declare_topology,
+    drain,
+    publish,
+    ready_messages,
+)
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.integration.test_dispatcher import running_dispatcher
 from tests.support import payloads
@@ -74,27 +80,6 @@ async def vhost(amqp_vhost, rabbitmq_management):
     await rabbitmq_management.create_vhost(amqp_vhost.name)
     await rabbitmq_management.set_permissions(amqp_vhost.name, rabbitmq_management.rabbitmq.user)
     return amqp_vhost
-
-
-async def _ready(url: str, queue_name: str) -> int:
-    """Exact number of ready messages (a passive declare; management stats lag)."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue_name, passive=True)
-        return declared.declaration_result.message_count or 0
-
-
-async def _drain(url: str, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Take every message off a queue (nothing else consumes it)."""
-    out = []
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        while (message := await queue.get(no_ack=True, fail=False, timeout=5)) is not None:
-            out.append(message)
-    return out
 
 
 class Closer:
@@ -176,7 +161,7 @@ async def test_dispatcher_recovers_from_repeated_forced_connection_closes(
 
         async def storm_through() -> bool:
             return published.is_set() and len(dispatched()) == len(by_investigation) and \
-                await _ready(url, INCIDENTS) == 0
+                await ready_messages(url, INCIDENTS) == 0
 
         # When its connection is force-closed every 1-2 s (as soon as it is back) while the storm arrives
         await asyncio.gather(publisher(), closer.run(at_least=MIN_CLOSES, done=storm_through,
@@ -204,8 +189,8 @@ async def test_dispatcher_recovers_from_repeated_forced_connection_closes(
     jobs = sorted(j["metadata"]["name"] for j in handle.cluster.store.list(JOBS, handle.namespace))
     assert jobs == sorted(by_investigation.values())
     # Nothing lost: the queue is empty with no consumer left, nothing was dead-lettered
-    assert await _ready(url, INCIDENTS) == 0
-    assert await _drain(url, DEAD) == []
+    assert await ready_messages(url, INCIDENTS) == 0
+    assert await drain(url, DEAD) == []
     # Every group's `dispatched` (one message id per investigation), every ending reported once
     dispatched_ids = {m[1] for m in results.keys("lifecycle.dispatched")}
     assert dispatched_ids == {lifecycle_message_id(i, LifecycleState.DISPATCHED) for i in by_investigation}
@@ -304,7 +289,7 @@ async def test_bridge_answers_200_only_for_confirmed_webhooks_while_its_connecti
         await bridge.stop()
 
     # Then every webhook that got a 200 is in the intake queue: no 200 was given for an unconfirmed message
-    queued = await _drain(vhost.amqp_url, INCIDENTS)
+    queued = await drain(vhost.amqp_url, INCIDENTS)
     copies = collections.Counter(m.message_id for m in queued)
     assert accepted == set(sent)  # every webhook was retried until accepted
     assert accepted - set(copies) == set(), "a 200 was given for a message that is not in the queue"

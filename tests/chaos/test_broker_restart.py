@@ -37,7 +37,7 @@ from dispatcher.reporting import lifecycle_message_id
 from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
 from dispatcher.topology import DEAD, INCIDENTS, RESULTS
 from schemas import LifecycleState, decode, decode_incident, identify
-from tests.integration.dispatcher_harness import PodDriver, declare_topology
+from tests.integration.dispatcher_harness import PodDriver, declare_topology, ready_messages
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.integration.test_dispatcher import running_dispatcher
 from tests.support import payloads, private_rabbitmq
@@ -60,15 +60,6 @@ TERMINAL = {f"lifecycle.{s.value}" for s in (LifecycleState.SUCCEEDED, Lifecycle
 def _webhook(n: int) -> bytes:
     alert = payloads.am_alert(starts_at="2026-11-26T02:00:00Z", alertname="BrokerRestart", instance=f"i-{n}")
     return payloads.dumps(payloads.group([alert], group_key=f'{{}}:{{alertname="BrokerRestart", n="{n}"}}'))
-
-
-async def _queue_counts(url: str, name: str) -> tuple[int, int]:
-    """(ready messages, consumers) of a queue, exactly (a passive declare)."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(name, passive=True)
-        return declared.declaration_result.message_count or 0, declared.declaration_result.consumer_count or 0
 
 
 async def _copy_of_results(url: str) -> None:
@@ -189,7 +180,7 @@ async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing
                 await wait_until(all_ended, timeout=90, max_delay=1.0, what="every group's ending reported")
 
                 async def intake_drained() -> bool:
-                    return (await _queue_counts(url, INCIDENTS))[0] == 0
+                    return await ready_messages(url, INCIDENTS) == 0
 
                 await wait_until(intake_drained, timeout=30, what="an empty intake queue")
                 assert not service.crashed.is_set()
@@ -197,7 +188,7 @@ async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing
         finally:
             await bridge.stop()
         results = await _read_copy(url)
-        dead, _ = await _queue_counts(url, DEAD)
+        dead = await ready_messages(url, DEAD)
 
     # Every webhook was accepted in the end, the outages met requests, and no 200 was given while down
     assert accepted == set(sent)

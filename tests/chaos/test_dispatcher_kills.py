@@ -31,13 +31,19 @@ import time
 import zlib
 from pathlib import Path
 
-import aio_pika
 import pytest
 
 from dispatcher.reporting import lifecycle_message_id
 from dispatcher.topology import DEAD, INCIDENTS
 from schemas import LifecycleState, decode_incident, identify
-from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, publish
+from tests.integration.dispatcher_harness import (
+    PodDriver,
+    Results,
+    declare_topology,
+    drain,
+    publish,
+    ready_messages,
+)
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.integration.test_dispatcher_processes import DispatcherProcess, _killed_on_exit
 from tests.support.k8s.resources import JOBS
@@ -66,26 +72,6 @@ def _ending(job_name: str) -> int | str:
     """How the kubelet ends a Job's pod: a deterministic tenth crash, a tenth are OOM-killed."""
     bucket = zlib.crc32(job_name.encode()) % 10
     return 2 if bucket == 0 else "oom" if bucket == 1 else 0
-
-
-async def _intake_ready(url: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(INCIDENTS, passive=True)
-        return declared.declaration_result.message_count or 0
-
-
-async def _drain(url: str, queue_name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Take every message off a queue (this test owns the vhost)."""
-    out = []
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        while (message := await queue.get(no_ack=True, fail=False, timeout=5)) is not None:
-            out.append(message)
-    return out
 
 
 def _log_lines(paths: list[Path]) -> list[dict]:
@@ -154,7 +140,7 @@ async def test_two_dispatchers_sigkilled_twenty_times_lose_nothing_and_duplicate
         published.set()
 
     async def storm_consumed() -> bool:
-        return published.is_set() and len(dispatched()) == GROUPS and await _intake_ready(url) == 0
+        return published.is_set() and len(dispatched()) == GROUPS and await ready_messages(url, INCIDENTS) == 0
 
     async def killer() -> None:
         nonlocal kills
@@ -203,9 +189,9 @@ async def test_two_dispatchers_sigkilled_twenty_times_lose_nothing_and_duplicate
     jobs = sorted(j["metadata"]["name"] for j in handle.cluster.store.list(JOBS, handle.namespace))
     assert jobs == sorted(by_investigation.values())
     # With no consumer left, anything unacked would be ready again: the intake queue is empty
-    assert await _intake_ready(url) == 0
+    assert await ready_messages(url, INCIDENTS) == 0
     # Only the deliberately undecodable notifications were dead-lettered, each with its reason
-    dead = await _drain(url, DEAD)
+    dead = await drain(url, DEAD)
     assert {m.body for m in dead} == set(INVALID)
     for message in dead:
         assert message.headers["x-agentjobs-reason"] == INVALID[message.body], message.headers

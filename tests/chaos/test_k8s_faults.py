@@ -36,13 +36,18 @@ import re
 import time
 import zlib
 
-import aio_pika
 import pytest
 
 from dispatcher.reporting import lifecycle_message_id
 from dispatcher.topology import DEAD, INCIDENTS
 from schemas import LifecycleState, decode_incident, identify
-from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, publish
+from tests.integration.dispatcher_harness import (
+    PodDriver,
+    Results,
+    declare_topology,
+    publish,
+    ready_messages,
+)
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.integration.test_dispatcher import running_dispatcher
 from tests.support.k8s.resources import JOBS, PODS
@@ -69,22 +74,6 @@ def _ending(job_name: str) -> int | str:
     """How the kubelet ends a Job's pod: a deterministic tenth crash, a tenth are OOM-killed."""
     bucket = zlib.crc32(job_name.encode()) % 10
     return 2 if bucket == 0 else "oom" if bucket == 1 else 0
-
-
-async def _intake_ready(url: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(INCIDENTS, passive=True)
-        return declared.declaration_result.message_count or 0
-
-
-async def _dead_count(url: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(DEAD, passive=True)
-        return declared.declaration_result.message_count or 0
 
 
 def _count_expired_watches(handle) -> list[int]:
@@ -227,8 +216,8 @@ async def test_kubernetes_api_faults_at_twenty_percent_lose_nothing_and_duplicat
     jobs = sorted(j["metadata"]["name"] for j in handle.cluster.store.list(JOBS, handle.namespace))
     assert jobs == sorted(by_investigation.values())
     # With the dispatcher gone anything unacked would be ready again: the intake queue is empty
-    assert await _intake_ready(url) == 0
-    assert await _dead_count(url) == 0 and not results.keys("deadletter.")
+    assert await ready_messages(url, INCIDENTS) == 0
+    assert await ready_messages(url, DEAD) == 0 and not results.keys("deadletter.")
     # Every Job's `dispatched` was published (deterministic message id: one per investigation)
     dispatched_ids = {m[1] for m in results.keys("lifecycle.dispatched")}
     assert dispatched_ids == {lifecycle_message_id(inv, LifecycleState.DISPATCHED) for inv in by_investigation}

@@ -34,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import aio_pika
 import hvac
 import pytest
 
@@ -48,6 +47,7 @@ from tests.integration.dispatcher_harness import (
     Results,
     lifecycle_ids,
     publish,
+    ready_messages,
 )
 from tests.integration.test_dispatcher import running_dispatcher
 from tests.integration.vault_helpers import vault_world
@@ -136,14 +136,6 @@ async def _until(predicate, timeout: float, interval: float = 0.1, what: str = "
     except TimeoutError:
         raise AssertionError(f"not within {timeout:g} s: {what}") from None
     return result
-
-
-async def _dead_count(url: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(DEAD, passive=True)
-        return declared.declaration_result.message_count or 0
 
 
 @pytest.fixture
@@ -262,7 +254,7 @@ async def test_openbao_stopped_for_thirty_seconds_makes_incidents_wait_and_agent
             swept = service.metrics.orphan_tokens_revoked._value.get()
     finally:
         await creds.close()
-    assert await _dead_count(url) == 0 and not results.keys("deadletter.")
+    assert await ready_messages(url, DEAD) == 0 and not results.keys("deadletter.")
     succeeded = [m[1] for m in results.keys("lifecycle.succeeded")]
     assert len(set(succeeded)) == BEFORE + DURING
 

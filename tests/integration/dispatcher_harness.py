@@ -21,6 +21,27 @@ from schemas import DecodeError, decode
 from tests.support.k8s.resources import PODS
 
 
+async def ready_messages(amqp_url: str, queue: str) -> int:
+    """Exactly how many messages are ready in ``queue`` (a passive declare; management stats lag)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def drain(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Take every message off ``queue`` (the test owns the vhost: nothing else consumes it)."""
+    out = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        while (message := await declared.get(no_ack=True, fail=False, timeout=5)) is not None:
+            out.append(message)
+    return out
+
+
 async def declare_topology(amqp_url: str, settings: Settings) -> None:
     connection = await aio_pika.connect(amqp_url)
     async with connection:

@@ -14,13 +14,18 @@ import signal
 import sys
 from pathlib import Path
 
-import aio_pika
 import aiohttp
 import pytest
 
 from dispatcher.topology import DEAD, INCIDENTS
 from schemas import decode_incident, identify
-from tests.integration.dispatcher_harness import Results, declare_topology, lifecycle_ids, publish
+from tests.integration.dispatcher_harness import (
+    Results,
+    declare_topology,
+    lifecycle_ids,
+    publish,
+    ready_messages,
+)
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.support.k8s.resources import JOBS
 from tests.support.payloads import storm
@@ -81,14 +86,6 @@ async def _killed_on_exit(processes: list[DispatcherProcess]):
                 await p.kill()
 
 
-async def _ready_messages(url: str, queue: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count
-
-
 async def test_two_dispatchers_one_killed_and_restarted_make_exactly_one_job_per_group(
     k8s_emulator, amqp_vhost, tmp_path
 ):
@@ -141,8 +138,8 @@ async def test_two_dispatchers_one_killed_and_restarted_make_exactly_one_job_per
     assert jobs == expected
     creates = [r for r in handle.cluster.requests if r.method == "POST" and r.path.endswith("/jobs")]
     assert len(creates) >= 50
-    assert await _ready_messages(url, INCIDENTS) == 0
-    assert await _ready_messages(url, DEAD) == 0
+    assert await ready_messages(url, INCIDENTS) == 0
+    assert await ready_messages(url, DEAD) == 0
 
 
 async def test_sigterm_stops_a_dispatcher_whose_broker_went_away(k8s_emulator, amqp_vhost, rabbitmq_management,

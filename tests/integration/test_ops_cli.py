@@ -15,7 +15,18 @@ import pytest
 from dispatcher.ops import tail
 from dispatcher.settings import load_settings
 from dispatcher.topology import DEAD, FEEDBACK, INCIDENTS, PHASES, declare, dispatcher_topology
-from schemas import OperatorFeedback, Phase, PhaseChanged, Verdict, decode, decode_incident, encode, identify, utcnow
+from schemas import (
+    OperatorFeedback,
+    Phase,
+    PhaseChanged,
+    Verdict,
+    decode,
+    decode_incident,
+    encode,
+    identify,
+    utcnow,
+)
+from tests.integration.dispatcher_harness import ready_messages
 from tests.support.payloads import SAMPLE_WEBHOOK, dumps
 
 pytestmark = pytest.mark.integration
@@ -27,19 +38,12 @@ def _run(args: list[str], url: str, stdin: bytes) -> subprocess.CompletedProcess
                           env={**os.environ, "AGENTJOBS_AMQP__URL": url})
 
 
-async def _ready(url: str, queue: str) -> int:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        return (await channel.declare_queue(queue, passive=True)).declaration_result.message_count
-
-
 async def test_publish_incident_from_stdin_is_confirmed_and_queued(amqp_vhost):
     done = await asyncio.to_thread(_run, ["publish", "incident", "-"], amqp_vhost.amqp_url, dumps(SAMPLE_WEBHOOK))
     assert done.returncode == 0, done.stderr
     published = json.loads(done.stdout)
     assert published["job_name"].startswith("aj-postgrestoomanyconnections-")
-    assert await _ready(amqp_vhost.amqp_url, INCIDENTS) == 1
+    assert await ready_messages(amqp_vhost.amqp_url, INCIDENTS) == 1
 
 
 async def test_publish_rejects_what_is_not_an_incident_with_the_reason(amqp_vhost):
@@ -68,7 +72,7 @@ async def test_tail_sees_dead_letters_without_taking_them_from_the_real_queue(am
                                "alertmanager")
         shown = await tailing
     assert shown == 1 and json.loads(lines[0])["headers"]["x-agentjobs-reason"] == "invalid_json"
-    assert await _ready(amqp_vhost.amqp_url, DEAD) == 1  # still there for the real consumer
+    assert await ready_messages(amqp_vhost.amqp_url, DEAD) == 1  # still there for the real consumer
 
 
 async def test_status_lists_running_investigations_and_queue_depths(amqp_vhost, tmp_path):
@@ -125,14 +129,14 @@ async def test_publish_feedback_says_what_is_missing_or_wrong(amqp_vhost):
     connection = await aio_pika.connect(amqp_vhost.amqp_url)
     async with connection:
         await declare(await connection.channel(), dispatcher_topology(load_settings(None, {}).amqp))
-    before = await _ready(amqp_vhost.amqp_url, FEEDBACK)
+    before = await ready_messages(amqp_vhost.amqp_url, FEEDBACK)
     done = await asyncio.to_thread(_run, ["publish", "feedback", "--scope", "db"], amqp_vhost.amqp_url, b"")
     assert done.returncode == 2
     assert b"--investigation, --phase, --verdict" in done.stderr
     done = await asyncio.to_thread(_run, ["publish", "feedback", "-"], amqp_vhost.amqp_url, b'{"kind": "feedback"}')
     assert done.returncode == 2
     assert b"not an operator feedback: missing_field" in done.stderr
-    assert await _ready(amqp_vhost.amqp_url, FEEDBACK) == before  # nothing published
+    assert await ready_messages(amqp_vhost.amqp_url, FEEDBACK) == before  # nothing published
 
 
 async def test_tail_phases_renders_phase_changes_readably(amqp_vhost, rabbitmq_management):
