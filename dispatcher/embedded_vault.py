@@ -48,21 +48,26 @@ class EmbeddedOpenBao:
     def __init__(self, state_dir: Path, addr: str) -> None:
         self.state_dir = state_dir
         self.addr = addr.rstrip("/")
-        self.root_token = f"root-{secrets.token_hex(16)}"  # only in this process's memory
+        self.root_token = f"root-{secrets.token_hex(16)}"  # here, in bao's environment and its 0600 log
         self._proc: subprocess.Popen[bytes] | None = None
 
     async def start(self, *, timeout: float = 30.0) -> None:
         parts = urlsplit(self.addr)
         if parts.hostname not in ("127.0.0.1", "localhost"):
             raise EmbeddedVaultError(f"vault.addr {self.addr} is not local: `up` starts its own OpenBao on loopback")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self.state_dir / "openbao.log"
-        with open(log_path, "ab") as out:
+        # The root token goes through the environment, not argv (any local user can read a
+        # command line in ps); the dev server prints it in its log, so the log is ours alone.
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a log left by an earlier version may be world-readable
+        with os.fdopen(fd, "ab") as out:
             self._proc = subprocess.Popen(
-                [bao_binary(), "server", "-dev", f"-dev-root-token-id={self.root_token}",
+                [bao_binary(), "server", "-dev",
                  f"-dev-listen-address={parts.hostname}:{parts.port or 8200}", "-dev-no-store-token"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={"HOME": str(self.state_dir), "PATH": os.environ.get("PATH", "")},
+                env={"HOME": str(self.state_dir), "PATH": os.environ.get("PATH", ""),
+                     "BAO_DEV_ROOT_TOKEN_ID": self.root_token},
             )
         try:
             async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
