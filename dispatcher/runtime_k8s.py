@@ -183,7 +183,7 @@ class KubernetesRuntime:
         cfg.proxy = cfg.proxy or env_proxy_for(cfg.host)
         return cls(ApiClient(cfg), namespace=k8s.namespace, request_timeout=k8s.request_timeout,
                    watch_timeout=k8s.watch_timeout, watch_idle_timeout=k8s.watch_idle_timeout,
-                   owns_client=True)
+                   claim_timeout=k8s.claim_timeout, owns_client=True)
 
     async def _call(self, doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:

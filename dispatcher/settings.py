@@ -71,6 +71,9 @@ class KubernetesSettings(Section):
     # (a half-open connection would hide every Job ending until watch_timeout; the API server
     # sends a bookmark about every minute to watches that ask for them, as ours do)
     watch_idle_timeout: Seconds = 90.0
+    # seconds before another replica may report a Job ending that a replica claimed but did not
+    # report (it died): the longest an ending waits when its claimer is gone
+    claim_timeout: Seconds = 60.0
 
 
 class RuntimeSettings(Section):

@@ -59,8 +59,8 @@ BATCHES = 40  # the storm arrives in this many confirmed batches ...
 BATCH_PAUSE = (0.8, 1.8)  # ... this many seconds apart, so kills land while work is in flight
 KILL_PAUSE = (1.0, 3.0)  # seconds a restarted dispatcher runs before the next kill
 KILL_PHASE_BOUND = 150.0  # seconds for the storm to be consumed under kills
-# A replica's claim on a Job's ending is taken over after 60 s (KubernetesRuntime.claim_timeout,
-# not configurable): an ending claimed by a killed replica is reported that much later.
+# A replica's claim on a Job's ending is taken over after 60 s (k8s.claim_timeout, left at its
+# default here): an ending claimed by a killed replica is reported that much later.
 ENDINGS_BOUND = 100.0  # seconds after the kill phase for every ending to be reported
 TERMINAL = (LifecycleState.SUCCEEDED, LifecycleState.FAILED, LifecycleState.CANCELLED)
 # Deliberately undecodable notifications and the reason each must be dead-lettered with.

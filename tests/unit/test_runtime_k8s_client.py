@@ -30,3 +30,24 @@ def test_no_proxy_variables_means_no_proxy(monkeypatch: pytest.MonkeyPatch) -> N
     for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     assert env_proxy_for("https://k8s.example:6443") is None
+
+
+async def test_the_runtime_takes_its_timeouts_from_settings(tmp_path) -> None:
+    import json
+
+    from dispatcher.runtime_k8s import KubernetesRuntime
+    from dispatcher.settings import load_settings
+    from tests.support.k8s.fixtures import kubeconfig
+
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(kubeconfig("http://127.0.0.1:1")))
+    settings = load_settings(None, {"AGENTJOBS_K8S__KUBECONFIG": str(path), "AGENTJOBS_K8S__NAMESPACE": "ns-a",
+                                    "AGENTJOBS_K8S__CLAIM_TIMEOUT": "15", "AGENTJOBS_K8S__WATCH_IDLE_TIMEOUT": "45",
+                                    "AGENTJOBS_K8S__WATCH_TIMEOUT": "120", "AGENTJOBS_K8S__REQUEST_TIMEOUT": "3"})
+    runtime = await KubernetesRuntime.from_settings(settings.k8s)
+    try:
+        assert (runtime.namespace, runtime.where) == ("ns-a", "kubernetes/ns-a")
+        assert (runtime.claim_timeout, runtime.watch_idle_timeout, runtime.watch_timeout,
+                runtime.request_timeout) == (15, 45, 120, 3)
+    finally:
+        await runtime.close()
