@@ -165,6 +165,9 @@ class TrustSettings(Section):
     min_dwell: NonNegative = 7 * 86400  # seconds in a phase before promotion
     cooldown: NonNegative = 86400  # seconds after any change without promotion
     harmful_demotes_to: Phase = Phase.READ_ONLY
+    # Write the ledger to agentjobs.trust-snapshots after this many feedback-log entries (0:
+    # never): a restart reads the newest snapshot and replays only the log after it.
+    snapshot_every: NonNegative = 10_000
 
     def __post_init__(self) -> None:
         if self.promote_threshold >= self.demote_threshold:

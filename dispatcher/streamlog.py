@@ -41,16 +41,22 @@ class StreamFollower:
         self.on_entry = on_entry
         self.name = name
         self.offset = -1  # last applied offset
+        self.last_id = ""  # message id of the entry at ``offset``
         self.applied = 0
         self._channel: AbstractChannel | None = None
         self._markers: dict[str, asyncio.Event] = {}
         self._unacked = 0
 
+    def resume_after(self, offset: int) -> None:
+        """Start after ``offset`` (everything up to it is already applied, e.g. from a snapshot)."""
+        self.offset = offset
+
     async def start(self, connection: AbstractRobustConnection) -> None:
         self._channel = await connection.channel()
         await self._channel.set_qos(prefetch_count=PREFETCH)
         queue = await self._channel.get_queue(self.stream, ensure=True)
-        await queue.consume(self._on_message, arguments={"x-stream-offset": "first"})
+        start: int | str = self.offset + 1 if self.offset >= 0 else "first"
+        await queue.consume(self._on_message, arguments={"x-stream-offset": start})
 
     async def catch_up(self, connection: AbstractRobustConnection, *, timeout: float) -> None:
         """Return once every entry appended before this call has been applied.
@@ -83,23 +89,25 @@ class StreamFollower:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         offset = (message.headers or {}).get("x-stream-offset")
-        try:
-            if isinstance(offset, int):
-                if offset <= self.offset:
-                    return  # re-delivered after a reconnect: applied already
+        fresh = True
+        if isinstance(offset, int):
+            if offset <= self.offset:
+                fresh = False  # re-delivered after a reconnect: applied already
+            else:
                 self.offset = offset
-            if message.type == MARKER_TYPE:
-                seen = self._markers.get(message.message_id or "")
-                if seen is not None:
-                    seen.set()
-                return
+                self.last_id = message.message_id or ""
+        marker = message.type == MARKER_TYPE
+        if fresh and not marker:
             self.applied += 1
             self.on_entry(message)
-        finally:
-            self._unacked += 1
-            if self._unacked >= ACK_EVERY or message.type == MARKER_TYPE:
-                self._unacked = 0
-                await message.ack(multiple=True)  # stream "acks" only return credit
+        self._unacked += 1
+        if self._unacked >= ACK_EVERY or marker:
+            self._unacked = 0
+            await message.ack(multiple=True)  # stream "acks" only return credit
+        # Caught up only once the marker's ack is sent: a follower stopped right after
+        # catch_up() must not have an ack in flight on a closing channel.
+        if fresh and marker and (seen := self._markers.get(message.message_id or "")) is not None:
+            seen.set()
 
     async def stop(self) -> None:
         if self._channel is not None:
@@ -107,3 +115,28 @@ class StreamFollower:
                 await asyncio.wait_for(self._channel.close(), timeout=5)
             except Exception as exc:  # the broker may be gone; the connection closes anyway
                 log.debug("stream_channel_close_failed", stream=self.stream, error=repr(exc))
+
+
+async def entry_id_at(connection: AbstractRobustConnection, stream: str, offset: int, *,
+                      timeout: float = 10.0) -> str | None:
+    """The message id of the entry at ``offset`` of ``stream`` (None: not there any more, or never)."""
+    channel = await connection.channel()
+    found: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+    async def first(message: AbstractIncomingMessage) -> None:  # never acked: the channel closes after one
+        at = (message.headers or {}).get("x-stream-offset")
+        if not found.done():
+            found.set_result((message.message_id or "") if at == offset else None)
+
+    try:
+        await channel.set_qos(prefetch_count=1)
+        queue = await channel.get_queue(stream, ensure=True)
+        await queue.consume(first, arguments={"x-stream-offset": offset})
+        try:
+            async with asyncio.timeout(timeout):
+                return await found
+        except TimeoutError:
+            return None
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), timeout=5)

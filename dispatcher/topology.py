@@ -32,8 +32,12 @@ FEEDBACK = "agentjobs.feedback"  # exchange and queue (single active consumer): 
 FEEDBACK_LOG = "agentjobs.feedback-log"  # stream: every trust input, in the order it was applied
 PHASES = "agentjobs.phases"  # exchange: PhaseChanged
 PHASE_LOG = "agentjobs.phase-log"  # stream bound to agentjobs.phases, replayed by dispatchers
+TRUST_SNAPSHOTS = "agentjobs.trust-snapshots"  # stream: the trust ledger now and then, for fast starts
 # Streams keep everything up to this size: replay from the first offset must see the whole history.
 STREAM_MAX_BYTES = 10 * 1024**3
+# Only the newest snapshot is ever read: keep a few segments' worth.
+SNAPSHOT_STREAM_MAX_BYTES = 256 * 1024**2
+SNAPSHOT_SEGMENT_BYTES = 16 * 1024**2
 DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "k8s" / "rabbitmq" / "definitions.json"
 
 
@@ -90,6 +94,8 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Queue(FEEDBACK, _quorum(True, amqp.delivery_limit) | {"x-single-active-consumer": True}),
             Queue(FEEDBACK_LOG, _stream()),
             Queue(PHASE_LOG, _stream()),
+            Queue(TRUST_SNAPSHOTS, {"x-queue-type": "stream", "x-max-length-bytes": SNAPSHOT_STREAM_MAX_BYTES,
+                                    "x-stream-max-segment-size-bytes": SNAPSHOT_SEGMENT_BYTES}),
         ),
         bindings=(
             Binding(INCIDENTS, INCIDENTS),

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from schemas import OperatorFeedback, PhaseChanged, PhasePin, decode, encode, utcnow
 from schemas.errors import DecodeError, PermanentError, TemporaryError
 
+from . import trust_snapshots as snapshots
 from .amqp import Publisher, connect
 from .consumer import Consumer
 from .deadletters import Delivery, dead_letter, from_error
@@ -46,10 +47,19 @@ from .logs import bound, get_logger
 from .reporting import routing_word
 from .retry import Backoff, RetriesExhausted, retry
 from .settings import Settings
-from .streamlog import StreamFollower
+from .streamlog import StreamFollower, entry_id_at
 from .tasks import run_until_signalled
-from .topology import FEEDBACK, FEEDBACK_LOG, PHASE_LOG, PHASES, declare, dispatcher_topology
+from .topology import (
+    FEEDBACK,
+    FEEDBACK_LOG,
+    PHASE_LOG,
+    PHASES,
+    TRUST_SNAPSHOTS,
+    declare,
+    dispatcher_topology,
+)
 from .trust_policy import TrustLedger
+from .trust_snapshots import TrustSnapshot
 
 log = get_logger("agentjobs.trust")
 COMPONENT = "trust"
@@ -158,6 +168,20 @@ class TrustState:
     def forget(self, message_id: str) -> None:
         self._applied.pop(message_id, None)
 
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def snapshot(self, *, log_offset: int, log_entry_id: str, applied: int) -> TrustSnapshot:
+        return TrustSnapshot(format=snapshots.FORMAT, policy=snapshots.policy_fingerprint(self.settings.trust),
+                             log_offset=log_offset, log_entry_id=log_entry_id, applied=applied, taken_at=utcnow(),
+                             ledger=self.ledger.snapshot(), decided=dict(self.decided),
+                             commands=list(self._commands))
+
+    def restore(self, snapshot: TrustSnapshot) -> None:
+        """The state ``snapshot`` was taken in (the caller checked it belongs to this log)."""
+        self.ledger = TrustLedger.restore(self.settings.trust, snapshot.ledger)
+        self.decided = dict(snapshot.decided)
+        self._commands = OrderedDict.fromkeys(snapshot.commands)
+
     # -- the phase log -----------------------------------------------------------------------
 
     def on_phase_entry(self, message: AbstractIncomingMessage) -> None:
@@ -198,6 +222,8 @@ class TrustService:
         self._consumer = Consumer(FEEDBACK, self.handle, prefetch=1, name="feedback")
         self._health: HealthServer | None = None
         self._lock = asyncio.Lock()  # one delivery at a time (prefetch 1 too): log order is decision order
+        self._applied_at_snapshot = 0  # feedback-log entries applied when the last snapshot was taken
+        self._base_applied = 0  # entries the restored snapshot stood for
 
     @property
     def ready(self) -> bool:
@@ -210,6 +236,7 @@ class TrustService:
         await declare(channel, dispatcher_topology(s.amqp))
         await channel.close()
         self._publisher = await Publisher.open(self._connection, s.amqp)
+        restored = await self._restore_snapshot() if s.trust.snapshot_every else None
         await self._feedback_log.start(self._connection)
         await self._phase_log.start(self._connection)
         await self._feedback_log.catch_up(self._connection, timeout=120)
@@ -217,7 +244,10 @@ class TrustService:
         self.caught_up = True
         self.state.export_all()
         log.info("trust_replayed", feedback_entries=self._feedback_log.applied,
+                 from_snapshot_at_offset=restored.log_offset if restored else None,
                  phase_entries=self._phase_log.applied, scopes=len(self.state.ledger.phases()))
+        if s.trust.snapshot_every and self._feedback_log.applied >= s.trust.snapshot_every:
+            await self._save_snapshot()  # the next start skips what this one replayed
         await self._consumer.start(self._connection)
         if self._serve_health:
             self._health = HealthServer(host=s.metrics.host, port=self.health_port, registry=self.metrics.registry,
@@ -241,6 +271,9 @@ class TrustService:
                 except RetriesExhausted as exc:
                     log.warning("feedback_requeued", error=exc.last.message)
                     return Outcome.REQUEUE
+                every = self.settings.trust.snapshot_every
+                if every and self._feedback_log.applied - self._applied_at_snapshot >= every:
+                    await self._save_snapshot()
                 return Outcome.ACK
 
     def _validate(self, delivery: Delivery) -> OperatorFeedback | PhasePin:
@@ -266,6 +299,46 @@ class TrustService:
             raise PermanentError("stale_feedback", f"at={entry.at.isoformat()} is older than trust.max_age "
                                  f"({self.settings.trust.max_age:g} s): it could never count")
         return entry
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    async def _restore_snapshot(self) -> TrustSnapshot | None:
+        """Start from the newest usable snapshot (None: replay the whole log; says why)."""
+        assert self._connection is not None
+        try:
+            snapshot = await snapshots.newest(self._connection, timeout=60)
+            if snapshot is None:
+                return None
+            at_offset = await entry_id_at(self._connection, FEEDBACK_LOG, snapshot.log_offset)
+        except TemporaryError as exc:
+            log.warning("trust_snapshot_not_read", error=exc.message)
+            return None
+        why = snapshots.unusable(snapshot, self.settings.trust, at_offset)
+        if why is not None:
+            log.warning("trust_snapshot_ignored", reason=why, log_offset=snapshot.log_offset)
+            return None
+        self.state.restore(snapshot)
+        self._feedback_log.resume_after(snapshot.log_offset)
+        self._base_applied = snapshot.applied
+        log.info("trust_snapshot_restored", log_offset=snapshot.log_offset, applied=snapshot.applied,
+                 taken_at=snapshot.taken_at.isoformat(), scopes=len(snapshot.ledger.scopes))
+        return snapshot
+
+    async def _save_snapshot(self) -> None:
+        """Append the state as it is now; a failure only means a slower next start."""
+        assert self._publisher is not None
+        follower = self._feedback_log
+        snapshot = self.state.snapshot(log_offset=follower.offset, log_entry_id=follower.last_id,
+                                       applied=self._base_applied + follower.applied)
+        try:
+            await self._publisher.publish("", TRUST_SNAPSHOTS, snapshots.encode_snapshot(snapshot),
+                                          content_type=snapshots.CONTENT_TYPE, type_=snapshots.SNAPSHOT_TYPE,
+                                          message_id=f"trust-snapshot-{follower.offset}")
+        except TemporaryError as exc:
+            log.warning("trust_snapshot_not_saved", error=exc.message)
+            return
+        self._applied_at_snapshot = follower.applied
+        log.info("trust_snapshot_saved", log_offset=snapshot.log_offset, applied=snapshot.applied)
 
     async def _append(self, entry: OperatorFeedback | PhasePin, entry_id: str) -> None:
         """Append to the feedback log and wait until the follower has applied it."""
