@@ -25,6 +25,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 INCIDENT_FILE = "incident.json"  # == dispatcher.jobspec.INCIDENT_FILE
 WRAPPED_TOKEN_FILE = "wrapped-token"  # == dispatcher.jobspec.WRAPPED_TOKEN_FILE
+VAULT_CA_FILE = "vault-ca.pem"  # == dispatcher.jobspec.VAULT_CA_FILE
 
 
 class ConfigError(Exception):
@@ -88,6 +89,12 @@ class AgentEnv:
     @property
     def wrapped_token_file(self) -> Path:
         return self.input_dir / WRAPPED_TOKEN_FILE
+
+    @property
+    def vault_verify(self) -> str | bool:
+        """How to check Vault's certificate: the private CA the dispatcher handed over, else the system's."""
+        ca = self.input_dir / VAULT_CA_FILE
+        return str(ca) if ca.is_file() else True
 
 
 def remap(path: str, mount_root: Path | None) -> Path:

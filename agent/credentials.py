@@ -97,11 +97,13 @@ _TRANSPORT_ERRORS = (requests.RequestException, OSError)
 class VaultSession:
     """One agent identity in Vault: created by ``unwrap`` or ``login_kubernetes``."""
 
-    def __init__(self, addr: str, *, timeout: float, clock: Clock = time.monotonic) -> None:
+    def __init__(self, addr: str, *, timeout: float, clock: Clock = time.monotonic,
+                 verify: str | bool = True) -> None:
         self._addr = addr
         self._timeout = timeout  # seconds per request
+        self._verify = verify  # a CA bundle path for a Vault behind a private CA, or the system's (True)
         # token="" (not None): hvac would otherwise pick up $VAULT_TOKEN or ~/.vault-token
-        self._client = hvac.Client(url=addr, token="", timeout=timeout)
+        self._client = hvac.Client(url=addr, token="", timeout=timeout, verify=verify)
         self._clock = clock
         self.identity: Identity | None = None
         self.leases: dict[str, LeaseState] = {}  # lease id -> state
@@ -124,7 +126,8 @@ class VaultSession:
             raise CredentialsUnavailable("wrapped_token_missing", "the wrapping token file is empty")
         try:
             # The wrapping token authenticates its own unwrap; it is never sent anywhere else.
-            unwrapper = hvac.Client(url=self._addr, token=wrapping_token, timeout=self._timeout)
+            unwrapper = hvac.Client(url=self._addr, token=wrapping_token, timeout=self._timeout,
+                                    verify=self._verify)
             response = await self._call(unwrapper.sys.unwrap)
         except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden, hvac.exceptions.InvalidPath):
             # Vault answers 400 "wrapping token is not valid or does not exist" (or 403 for
@@ -288,7 +291,7 @@ class VaultSession:
 
 async def start(env: AgentEnv, *, clock: Clock = time.monotonic) -> VaultSession:
     """A Vault session for the Job's auth mode (not for mode ``none``)."""
-    session = VaultSession(env.vault_addr, timeout=env.vault_timeout, clock=clock)
+    session = VaultSession(env.vault_addr, timeout=env.vault_timeout, clock=clock, verify=env.vault_verify)
     if env.auth_mode == "kubernetes":
         assert env.sa_token_file is not None  # config.load guarantees it
         identity = await session.login_kubernetes(vault_layout.kubernetes_role(env.phase), env.sa_token_file)

@@ -126,7 +126,13 @@ def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
 
     async def run() -> int:
         runtime = await open_runtime(settings)
-        return await DispatcherService(settings, runtime, health_port=health_port).run()
+        try:
+            service = DispatcherService(settings, runtime, health_port=health_port)
+        except SettingsError as exc:  # e.g. vault.ca_cert unreadable: say so, do not start
+            await runtime.close()
+            click.echo(f"error: {exc}", err=True)
+            return 2
+        return await service.run()
 
     sys.exit(tasks.run(run()))
 
@@ -490,7 +496,8 @@ def vault_bootstrap_cmd(ctx: click.Context, addr: str | None, token: str | None,
     if not token:
         _fail("no Vault token: pass --token or set VAULT_TOKEN / vault.token / vault.token_file")
     client = hvac.Client(
-        url=addr or settings.vault.addr, token=token, timeout=settings.vault.request_timeout
+        url=addr or settings.vault.addr, token=token, timeout=settings.vault.request_timeout,
+        verify=settings.vault.ca_cert or True,
     )
     try:
         report = bootstrap(client, settings, policy_dir=policy_dir or POLICY_DIR)

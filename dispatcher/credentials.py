@@ -17,6 +17,7 @@ an incident waits for Vault rather than launching without credentials.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +29,7 @@ from schemas.errors import TemporaryError
 
 from . import vault_layout
 from .logs import get_logger
-from .settings import VaultSettings
+from .settings import SettingsError, VaultSettings
 
 log = get_logger("agentjobs.credentials")
 PERMISSION_RETRY_AFTER = 30.0  # seconds; a 403 means our own token or policy needs fixing
@@ -73,6 +74,19 @@ class NoCredentials:
         return None
 
 
+def vault_ca(settings: VaultSettings) -> bytes | None:
+    """The PEM of ``vault.ca_cert`` (None: the system trust store); ``SettingsError`` if unusable."""
+    if not settings.ca_cert:
+        return None
+    try:
+        pem = Path(settings.ca_cert).read_bytes()
+    except OSError as exc:
+        raise SettingsError("settings", "vault.ca_cert", f"cannot read {settings.ca_cert}: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise SettingsError("settings", "vault.ca_cert", f"{settings.ca_cert} holds no PEM certificate")
+    return pem
+
+
 def dispatcher_token(settings: VaultSettings) -> str:
     """The dispatcher's own Vault token: from ``vault.token_file`` or ``vault.token``."""
     if settings.token_file:
@@ -86,6 +100,8 @@ class VaultCredentials:
     def __init__(self, settings: VaultSettings, *, token: str | None = None, scope: str = "") -> None:
         self.settings = settings
         self.scope = scope  # where this installation's Jobs live: token metadata the sweeper matches
+        ca = vault_ca(settings)
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context(cadata=ca.decode()) if ca else None
         self._token = token if token is not None else dispatcher_token(settings)
         self._session: aiohttp.ClientSession | None = None
 
@@ -94,6 +110,7 @@ class VaultCredentials:
             self._session = aiohttp.ClientSession(
                 base_url=self.settings.addr.rstrip("/") + "/",
                 timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout),
+                connector=aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None,
             )
         return self._session
 

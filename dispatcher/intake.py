@@ -42,7 +42,7 @@ from schemas.identity import Identity
 from . import jobspec
 from .admission import AdmissionGate
 from .amqp import Publisher
-from .credentials import Credentials, NoCredentials, WrappedToken
+from .credentials import Credentials, NoCredentials, WrappedToken, vault_ca
 from .deadletters import Delivery, dead_letter, from_error
 from .logs import bound, get_logger
 from .metrics import Metrics
@@ -105,6 +105,8 @@ class Intake:
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, frozenset[str]] = {}  # investigation id → alerts being launched
         self._launching: set[str] = set()  # accessors of tokens minted for Jobs not created yet
+        # Agents verify Vault with the same private CA as the dispatcher (an input file of the Job).
+        self._vault_ca = vault_ca(settings.vault) if settings.vault.auth_mode != "none" else None
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -226,6 +228,8 @@ class Intake:
             files = {jobspec.INCIDENT_FILE: encode(event)}
             if token is not None:
                 files[jobspec.WRAPPED_TOKEN_FILE] = token.wrapping_token.encode()
+            if self._vault_ca is not None:
+                files[jobspec.VAULT_CA_FILE] = self._vault_ca
             launched = await self._durably(lambda: self.runtime.launch(manifest, secret=files))
         except PermanentError as exc:
             slot.cancel()

@@ -61,6 +61,7 @@ SCRATCH_DIR = "/tmp"  # the only writable path (readOnlyRootFilesystem)
 TOKEN_DIR = "/var/run/secrets/agentjobs/serviceaccount"  # projected token, kubernetes auth only
 INCIDENT_FILE = "incident.json"
 WRAPPED_TOKEN_FILE = "wrapped-token"
+VAULT_CA_FILE = "vault-ca.pem"  # vault.ca_cert, when Vault's certificate comes from a private CA
 NONROOT_UID = 65532  # distroless "nonroot"
 
 

@@ -92,6 +92,9 @@ class VaultSettings(Section):
     wrap_ttl: Positive = 60  # seconds a wrapped agent token may wait to be unwrapped
     grace: NonNegative = 120  # seconds added to the Job deadline for the agent token TTL
     request_timeout: Seconds = 10.0  # seconds per Vault request
+    # PEM file of the CA that signed Vault's TLS certificate (a private CA); empty: the system
+    # trust store. The dispatcher also hands it to every Job (input file vault-ca.pem).
+    ca_cert: str = ""
     # Revoke agent tokens no live Job holds (a mint Vault executed after we gave up on it, a
     # dispatcher killed between mint and Job): every sweep_interval seconds (0: never; needs
     # list+sudo on auth/token/accessors), tokens older than sweep_grace seconds — longer than any

@@ -109,3 +109,10 @@ def test_jobs_get_broker_and_database_addresses_without_credentials() -> None:
     parsed = load({k: v for k, v in env.items() if v is not None})
     assert parsed.amqp_url == "amqp://rabbit:5672/prod"
     assert parsed.investigation_id == plan.identity.investigation_id
+
+
+def test_vault_is_verified_with_the_ca_the_dispatcher_handed_over_else_the_system_store(tmp_path: Path) -> None:
+    env = load(BASE | {"AGENTJOBS_INPUT_DIR": str(tmp_path)})
+    assert env.vault_verify is True
+    (tmp_path / jobspec.VAULT_CA_FILE).write_text("-----BEGIN CERTIFICATE-----\n")
+    assert env.vault_verify == str(tmp_path / jobspec.VAULT_CA_FILE)
