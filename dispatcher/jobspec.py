@@ -4,7 +4,9 @@ Everything a Job may do is decided here, outside the model: the phase picks
 the ServiceAccount (RBAC) and the grants the agent will ask Vault for; the
 class picks resources and deadline. Pods run under the ``restricted`` Pod
 Security profile, get no ServiceAccount token unless kubernetes auth needs
-one (then a projected, audience-bound, short-lived one), and receive their
+one (then a projected, audience-bound, short-lived one) or the in-cluster
+Kubernetes tool does (then the phase ServiceAccount's short-lived API token,
+so the phase's RBAC is what the agent may do in the cluster), and receive their
 input (the incident, the wrapped Vault token) as files from a Secret that the
 Job owns, so it is deleted with the Job.
 """
@@ -59,6 +61,9 @@ INPUT_VOLUME = "input"
 INPUT_DIR = "/var/run/agentjobs/input"  # incident.json, wrapped-token
 SCRATCH_DIR = "/tmp"  # the only writable path (readOnlyRootFilesystem)
 TOKEN_DIR = "/var/run/secrets/agentjobs/serviceaccount"  # projected token, kubernetes auth only
+# Where in-cluster clients look for the API token (tools.kubernetes without a kubeconfig): the
+# phase ServiceAccount's RBAC is what the agent may do in the cluster.
+API_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 INCIDENT_FILE = "incident.json"
 WRAPPED_TOKEN_FILE = "wrapped-token"
 VAULT_CA_FILE = "vault-ca.pem"  # vault.ca_cert, when Vault's certificate comes from a private CA
@@ -259,6 +264,16 @@ def _volumes(plan: JobPlan, settings: Settings) -> tuple[list[dict[str, Any]], l
             }
         )
         mounts.append({"name": "sa-token", "mountPath": TOKEN_DIR, "readOnly": True})
+    if settings.tools.kubernetes and not settings.tools.kubeconfig:
+        # What automountServiceAccountToken would mount, but only here, short-lived: the
+        # API-audience token of the phase's ServiceAccount, the cluster CA and the namespace.
+        volumes.append({"name": "kube-api-access", "projected": {"defaultMode": 0o444, "sources": [
+            {"serviceAccountToken": {"expirationSeconds": settings.k8s.token_expiration, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace",
+                                        "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]}})
+        mounts.append({"name": "kube-api-access", "mountPath": API_TOKEN_DIR, "readOnly": True})
     return volumes, mounts
 
 

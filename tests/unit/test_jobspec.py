@@ -177,3 +177,28 @@ def test_unconfigured_tools_are_not_offered() -> None:
     s = load_settings(None, {})
     env = _env_of(jobspec.build_job(_plan(SAMPLE, s), s))
     assert not [k for k in env if k.endswith(("_URL", "__KUBERNETES")) and k != "AGENTJOBS_AMQP__URL"]
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_the_in_cluster_kubernetes_tool_gets_the_phase_accounts_short_lived_api_token(phase) -> None:
+    s = load_settings(None, {"AGENTJOBS_RUNTIME__KIND": "kubernetes", "AGENTJOBS_TOOLS__KUBERNETES": "true"})
+    pod = jobspec.build_job(_plan(SAMPLE, s, phase), s)["spec"]["template"]["spec"]
+    (projected,) = [v["projected"] for v in pod["volumes"] if "projected" in v]
+    token, ca, namespace = projected["sources"]
+    # the API server's audience (none given), short-lived, beside the cluster CA and the namespace:
+    # exactly what in-cluster config reads, under the phase's own ServiceAccount and RBAC
+    assert token == {"serviceAccountToken": {"expirationSeconds": 600, "path": "token"}}
+    assert ca["configMap"]["name"] == "kube-root-ca.crt"
+    assert namespace["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    (container,) = pod["containers"]
+    assert {"name": "kube-api-access", "mountPath": jobspec.API_TOKEN_DIR, "readOnly": True} in \
+        container["volumeMounts"]
+    assert pod["serviceAccountName"] == f"agentjobs-agent-{phase.value}"
+    assert pod["automountServiceAccountToken"] is False  # nothing else is mounted
+    _validate(jobspec.build_job(_plan(SAMPLE, s, phase), s))
+
+
+def test_a_kubeconfig_for_the_tool_means_no_api_token_in_the_job() -> None:
+    s = load_settings(None, {"AGENTJOBS_TOOLS__KUBERNETES": "true", "AGENTJOBS_TOOLS__KUBECONFIG": "/etc/kube.yaml"})
+    pod = jobspec.build_job(_plan(SAMPLE, s), s)["spec"]["template"]["spec"]
+    assert not any("projected" in v for v in pod["volumes"])
