@@ -42,6 +42,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +75,16 @@ def say(text: str = "") -> None:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+async def paced(t0: float, until: float, rate: float) -> AsyncIterator[int]:
+    """Yield tick numbers at ``rate``/s from ``t0`` until ``until`` (monotonic), paced by the clock."""
+    i = 0
+    while (at := t0 + i / rate) < until:
+        if (delay := at - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+        yield i
+        i += 1
 
 
 def pct(values: list[float], q: float) -> float:
@@ -344,16 +355,9 @@ class Load:
 
     async def notifications(self, exchange: Any, t0: float, until: float) -> None:
         """``rate``/s notifications from t0 until ``until`` (monotonic)."""
-        rate, every = self.args.rate, self.args.new_group_every
-        next_new, i = t0, 0
-        while True:
-            at = t0 + i / rate
-            if at >= until:
-                return
-            delay = at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            i += 1
+        every = self.args.new_group_every
+        next_new = t0
+        async for _ in paced(t0, until, self.args.rate):
             now = time.monotonic()
             due = next((g for g in self.open if g.closes_at <= now), None)
             if now >= next_new or not self.open:
@@ -369,18 +373,9 @@ class Load:
                 self.publish(exchange, self.follow_up(), ROUTING_KEY, "follow_up")
 
     async def feedbacks(self, exchange: Any, t0: float, until: float) -> None:
-        rate = self.args.feedback_rate
-        if rate <= 0:
+        if self.args.feedback_rate <= 0:
             return
-        i = 0
-        while True:
-            at = t0 + i / rate
-            if at >= until:
-                return
-            delay = at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            i += 1
+        async for _ in paced(t0, until, self.args.feedback_rate):
             body, fid, key = self.feedback()
             self.publish(exchange, body, key, "feedback", message_id=fid)
 

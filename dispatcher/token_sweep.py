@@ -141,8 +141,8 @@ class TokenSweeper:
             if not token.is_agent or token.meta.get(vault_layout.META_JOBS_IN) != self.scope:
                 self._foreign.add(token.accessor)
         now = self._clock()
-        for token in orphans(tokens, scope=self.scope, held=held, launching=set(self.launching()), now=now,
-                             grace=self.grace):
+        # (a token minted after `launching` was read is younger than the grace: never an orphan yet)
+        for token in orphans(tokens, scope=self.scope, held=held, launching=launching, now=now, grace=self.grace):
             try:
                 await self.credentials.revoke(token.accessor)
             except TemporaryError as exc:
@@ -155,8 +155,9 @@ class TokenSweeper:
             log.warning("orphan_agent_token_revoked", token_accessor=token.accessor,
                         investigation_id=token.meta.get(vault_layout.META_INVESTIGATION, ""),
                         age_s=round((now - token.created_at).total_seconds()))
-        log.info("token_sweep_done", listed=report.listed, looked_up=report.looked_up,
-                 unreadable=report.unreadable, revoked=report.revoked, failed=report.failed)
+        (log.info if report.revoked or report.failed else log.debug)(
+            "token_sweep_done", listed=report.listed, looked_up=report.looked_up, unreadable=report.unreadable,
+            revoked=report.revoked, failed=report.failed)
         return report
 
     async def _lookup_all(self, accessors: list[str], report: SweepReport) -> list[AgentToken]:
