@@ -36,8 +36,8 @@ TRUST_SNAPSHOTS = "agentjobs.trust-snapshots"  # stream: the trust ledger now an
 # Streams keep everything up to this size: replay from the first offset must see the whole history.
 STREAM_MAX_BYTES = 10 * 1024**3
 # Only the newest snapshot is ever read: keep a few segments' worth.
-SNAPSHOT_STREAM_MAX_BYTES = 256 * 1024**2
-SNAPSHOT_SEGMENT_BYTES = 16 * 1024**2
+SNAPSHOT_STREAM_MAX_BYTES = 64 * 1024**2  # a start reads all of it: keep it small
+SNAPSHOT_SEGMENT_BYTES = 8 * 1024**2
 DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "k8s" / "rabbitmq" / "definitions.json"
 
 
