@@ -235,7 +235,7 @@ async def trust_state(settings: Settings) -> TrustState:
     """The trust state as the trust consumer has it: replayed from the feedback and phase logs (read only)."""
     from .streamlog import StreamFollower
     from .topology import FEEDBACK_LOG, PHASE_LOG
-    from .trust import TrustState
+    from .trust import TrustState, restore_newest_snapshot
 
     state = TrustState(settings)
     connection = await _connect(settings)
@@ -244,6 +244,8 @@ async def trust_state(settings: Settings) -> TrustState:
         await declare(channel, dispatcher_topology(settings.amqp))
         followers = [StreamFollower(FEEDBACK_LOG, state.on_log_entry, name="feedback-log"),
                      StreamFollower(PHASE_LOG, state.on_phase_entry, name="phase-log")]
+        if settings.trust.snapshot_every:  # as the consumer starts: from its newest snapshot
+            await restore_newest_snapshot(connection, state, followers[0])
         for follower in followers:
             await follower.start(connection)
             try:

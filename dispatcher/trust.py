@@ -203,6 +203,31 @@ class TrustState:
         return sorted(missing, key=lambda c: (c.at, c.scope))
 
 
+async def restore_newest_snapshot(connection: AbstractRobustConnection, state: TrustState,
+                                  feedback_log: StreamFollower) -> TrustSnapshot | None:
+    """Put ``state`` where the newest usable snapshot was and make ``feedback_log`` start after it.
+
+    None (and the reason logged): no snapshot fits, replay the whole log.
+    """
+    try:
+        snapshot = await snapshots.newest(connection, timeout=60)
+        if snapshot is None:
+            return None
+        at_offset = await entry_id_at(connection, FEEDBACK_LOG, snapshot.log_offset)
+    except TemporaryError as exc:
+        log.warning("trust_snapshot_not_read", error=exc.message)
+        return None
+    why = snapshots.unusable(snapshot, state.settings.trust, at_offset)
+    if why is not None:
+        log.warning("trust_snapshot_ignored", reason=why, log_offset=snapshot.log_offset)
+        return None
+    state.restore(snapshot)
+    feedback_log.resume_after(snapshot.log_offset)
+    log.info("trust_snapshot_restored", log_offset=snapshot.log_offset, applied=snapshot.applied,
+             taken_at=snapshot.taken_at.isoformat(), scopes=len(snapshot.ledger.scopes))
+    return snapshot
+
+
 class TrustService:
     name = "agentjobs-trust"
 
@@ -303,25 +328,10 @@ class TrustService:
     # -- snapshots ---------------------------------------------------------------------------
 
     async def _restore_snapshot(self) -> TrustSnapshot | None:
-        """Start from the newest usable snapshot (None: replay the whole log; says why)."""
         assert self._connection is not None
-        try:
-            snapshot = await snapshots.newest(self._connection, timeout=60)
-            if snapshot is None:
-                return None
-            at_offset = await entry_id_at(self._connection, FEEDBACK_LOG, snapshot.log_offset)
-        except TemporaryError as exc:
-            log.warning("trust_snapshot_not_read", error=exc.message)
-            return None
-        why = snapshots.unusable(snapshot, self.settings.trust, at_offset)
-        if why is not None:
-            log.warning("trust_snapshot_ignored", reason=why, log_offset=snapshot.log_offset)
-            return None
-        self.state.restore(snapshot)
-        self._feedback_log.resume_after(snapshot.log_offset)
-        self._base_applied = snapshot.applied
-        log.info("trust_snapshot_restored", log_offset=snapshot.log_offset, applied=snapshot.applied,
-                 taken_at=snapshot.taken_at.isoformat(), scopes=len(snapshot.ledger.scopes))
+        snapshot = await restore_newest_snapshot(self._connection, self.state, self._feedback_log)
+        if snapshot is not None:
+            self._base_applied = snapshot.applied
         return snapshot
 
     async def _save_snapshot(self) -> None:

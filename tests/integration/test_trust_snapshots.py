@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from dispatcher.ops import trust_state
 from dispatcher.settings import load_settings
 from dispatcher.topology import declare, dispatcher_topology
 from schemas import Verdict
@@ -58,6 +59,9 @@ async def test_a_restart_replays_only_what_came_after_the_snapshot_and_ends_in_t
     # Then it read the snapshot and replayed only the tail of the log, into the same state
     assert 0 < replayed < len(story) // 2, replayed
     assert after == before
+    # and `agentjobs phase show|explain` reads the same state the same way
+    shown = await trust_state(load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url}))
+    assert shown.ledger.snapshot() == before["ledger"] and shown.decided == before["decided"]
     # and a consumer without snapshots, replaying everything, agrees
     async with running_trust(url, {**FAST_TRUST, "AGENTJOBS_TRUST__SNAPSHOT_EVERY": "0"}) as full:
         assert full._feedback_log.applied >= len(story)
