@@ -155,6 +155,11 @@ class DispatcherService:
         if (vault.auth_mode != "per-investigation" or not vault.sweep_interval
                 or not isinstance(credentials, VaultCredentials) or not credentials.scope):
             return None
+        if vault.sweep_grace <= self.settings.retry.max_elapsed + vault.request_timeout:
+            log.warning("token_sweep_grace_short", sweep_grace_s=vault.sweep_grace,
+                        launch_window_s=self.settings.retry.max_elapsed + vault.request_timeout,
+                        hint="another replica may still be creating the Job of a token this young; "
+                             "raise vault.sweep_grace above retry.max_elapsed when running replicas")
         return TokenSweeper(credentials=credentials, runtime=self.runtime, scope=credentials.scope,
                             grace=vault.sweep_grace, interval=vault.sweep_interval, launching=intake.launching,
                             metrics=self.metrics)
