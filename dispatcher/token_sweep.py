@@ -108,6 +108,7 @@ class TokenSweeper:
         # Accessors that are not ours to judge (other tokens in a shared Vault): never looked up twice.
         self._foreign: set[str] = set()
         self._refused = False
+        self.sweeps = 0  # completed sweeps
 
     async def run(self) -> None:
         """Sweep every ``interval`` seconds until cancelled; a failed sweep is retried next time."""
@@ -155,6 +156,7 @@ class TokenSweeper:
             log.warning("orphan_agent_token_revoked", token_accessor=token.accessor,
                         investigation_id=token.meta.get(vault_layout.META_INVESTIGATION, ""),
                         age_s=round((now - token.created_at).total_seconds()))
+        self.sweeps += 1
         (log.info if report.revoked or report.failed else log.debug)(
             "token_sweep_done", listed=report.listed, looked_up=report.looked_up, unreadable=report.unreadable,
             revoked=report.revoked, failed=report.failed)

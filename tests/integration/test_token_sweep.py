@@ -63,7 +63,8 @@ async def test_the_sweeper_revokes_tokens_no_job_holds_and_nothing_else(world):
         await _until(lambda: not vault.token_alive(lost), timeout=15)
         # Then only the lost token was revoked, and the metric says so
         assert d.metrics.orphan_tokens_revoked._value.get() == 1
-        await asyncio.sleep(1.5)  # at least two more sweeps: still nothing else revoked
+        done = d.sweeper.sweeps
+        await _until(lambda: d.sweeper.sweeps >= done + 2, timeout=15)  # two more sweeps: nothing else revoked
         assert vault.token_alive(held) and vault.token_alive(elsewhere) and vault.token_alive(unrelated)
         # And when the Job ends, its own token goes with it as before
         driver.finish_oldest(0)
