@@ -9,7 +9,8 @@ retrying every refusal until it gets a 200. The application is stopped for
 ``DOWN`` seconds, twice.
 
 - While it is down the bridge refuses (503 ``broker_unavailable``) — never a 200
-  for a message the broker did not confirm;
+  for a message the broker did not confirm — and an agent that concludes then
+  exits 4 (``finding_unpublished``), never 0;
 - after it is back both reconnect by themselves, and every webhook that got a
   200 becomes exactly one Job, one ``dispatched`` and one ending report;
   nothing is dead-lettered and nothing is left in the intake queue.
@@ -24,19 +25,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
 import random
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aiohttp
 import pytest
 
+from dispatcher import jobspec
 from dispatcher.bridge import BridgeService
 from dispatcher.reporting import lifecycle_message_id
 from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
 from dispatcher.topology import DEAD, INCIDENTS, RESULTS
-from schemas import LifecycleState, decode, decode_incident, identify
+from schemas import LifecycleState, decode, decode_incident, encode, identify
 from tests.integration.dispatcher_harness import PodDriver, declare_topology, ready_messages
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.integration.test_dispatcher import running_dispatcher
@@ -53,6 +58,7 @@ DOWN = 5.0  # seconds the broker application stays stopped
 UP_BETWEEN = 6.0  # seconds of normal service between cycles and before the first
 SENDERS = 8
 COPY = "chaos.results-copy"  # the test's durable copy of agentjobs.results
+AGENTJOBS = str(Path(sys.executable).with_name("agentjobs"))
 TERMINAL = {f"lifecycle.{s.value}" for s in (LifecycleState.SUCCEEDED, LifecycleState.FAILED,
                                                LifecycleState.CANCELLED)}
 
@@ -86,7 +92,23 @@ async def _read_copy(url: str) -> list[tuple[str, str | None, Any]]:
     return out
 
 
-async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing(k8s_emulator):
+async def _agent(url: str, tmp_path: Path) -> tuple[int, str]:
+    """Run `agentjobs agent` (no Vault) on one incident against ``url``: (exit code, last stderr line)."""
+    incident = decode_incident(_webhook(-1))
+    work = tmp_path / f"agent-{time.monotonic_ns()}"
+    (work / "input").mkdir(parents=True)
+    (work / "input" / jobspec.INCIDENT_FILE).write_bytes(encode(incident))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work),
+           "AGENTJOBS_INVESTIGATION_ID": identify(incident).investigation_id, "AGENTJOBS_PHASE": "shadow",
+           "AGENTJOBS_INPUT_DIR": str(work / "input"), "AGENTJOBS_VAULT__AUTH_MODE": "none",
+           "AGENTJOBS_AMQP__URL": url, "AGENTJOBS_AMQP__PUBLISH_TIMEOUT": "3"}
+    proc = await asyncio.create_subprocess_exec(AGENTJOBS, "agent", env=env, cwd=work,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return proc.returncode, (err.decode().strip().splitlines() or [""])[-1]
+
+
+async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing(k8s_emulator, tmp_path):
     handle = k8s_emulator
     prepare_cluster(handle)
     rng = random.Random(50)
@@ -106,6 +128,7 @@ async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing
         accepted: set[str] = set()
         refused: collections.Counter[str] = collections.Counter()
         accepted_while_down: list[str] = []
+        agent_exits: list[tuple[int, str]] = []
         down = False
         numbers = iter(range(100_000))
         began = time.monotonic()
@@ -151,7 +174,8 @@ async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing
                         stopped = time.monotonic()
                         await node.stop_app()
                         down = True  # from stop_app's return until start_app is called: nothing can confirm
-                        await asyncio.sleep(DOWN)
+                        # ... and an agent that concludes now cannot publish its finding: exit 4, no success
+                        agent_exits.append((await asyncio.gather(asyncio.sleep(DOWN), _agent(url, tmp_path)))[1])
                         down = False
                         await node.start_app()
                         cycles.append({"down_s": round(time.monotonic() - stopped, 1),
@@ -194,6 +218,10 @@ async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing
     assert accepted == set(sent)
     assert refused, "the broker stops never met a webhook: the test did not test anything"
     assert accepted_while_down == [], "a 200 while the broker was stopped"
+    # The agent, the other publisher, reported no success either: exit 4, its finding unpublished
+    assert len(agent_exits) == CYCLES
+    for code, last in agent_exits:
+        assert code == 4 and last.startswith("finding_unpublished: "), (code, last)
     # Exactly one Job per group, one dispatched and one ending each, nothing dead-lettered
     jobs = sorted(j["metadata"]["name"] for j in handle.cluster.store.list(JOBS, handle.namespace))
     assert jobs == sorted(groups.values())
@@ -211,6 +239,7 @@ async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing
         "broker_cycles": CYCLES, "cycles": cycles, "webhooks": len(sent), "groups": len(groups), "jobs": len(jobs),
         "refused": dict(refused), "dispatched_messages": len(dispatched),
         "dispatched_duplicates_deduplicated_by_id": len(dispatched) - len(set(dispatched)),
+        "agent_exits_while_down": [c for c, _ in agent_exits],
         "dispatcher_retries": retries, "total_s": round(time.monotonic() - began, 1),
     }
     print("\nchaos broker restart:", json.dumps(figures, sort_keys=True))
