@@ -483,11 +483,15 @@ def vault_bootstrap_cmd(ctx: click.Context, addr: str | None, token: str | None,
     import hvac
 
     from . import logs
-    from .credentials import dispatcher_token
+    from .credentials import dispatcher_token, vault_ca
     from .vault_bootstrap import POLICY_DIR, BootstrapError, bootstrap
 
     settings = settings_from(ctx)
     logs.configure(settings.logging)
+    try:
+        vault_ca(settings.vault)  # a private CA that cannot be read: say so before connecting
+    except SettingsError as exc:
+        _fail(str(exc))
     if not token:
         try:
             token = dispatcher_token(settings.vault)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from dispatcher.cli import app
@@ -74,4 +75,15 @@ def test_config_check_reports_file_key_and_type_with_exit_code_2(tmp_path: Path)
     result = CliRunner().invoke(app, ["config", "check", str(path)])
     assert result.exit_code == 2
     assert f"error: {path}: amqp.prefetch: expected int, got str" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["vault", "bootstrap", "--addr", "https://127.0.0.1:1", "--token", "x"],
+                                     ["dispatcher"]])
+def test_an_unreadable_vault_ca_is_a_clear_error_with_exit_code_2(command: list[str], tmp_path: Path) -> None:
+    env = {"AGENTJOBS_VAULT__CA_CERT": str(tmp_path / "missing-ca.pem"),
+           "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state"), "AGENTJOBS_METRICS__PORT": "0"}
+    result = CliRunner().invoke(app, command, env=env)
+    assert result.exit_code == 2, result.output
+    assert "vault.ca_cert: cannot read" in result.output
     assert "Traceback" not in result.output
