@@ -8,6 +8,8 @@ Prints, then ends with one JSON line (see benchmarks/README.md for what each fig
 2. sustained incidents/s dispatched with a pre-published backlog;
 2b. context: incidents/s handled with a pre-published realistic alert storm (re-sends, joining
    alerts, CloudEvent-wrapped, shuffled; ``tests/support/payloads.storm``) and the Jobs it made;
+2c. the storm of the issue: 600 notifications in 6 groups → 6 Jobs, time to drain, against the
+   time phase 3's raw ceiling needs for as many messages;
 3. the raw ceiling: a plain aio-pika consume+decode+ack loop over the same bodies, same
    prefetch, same quorum queue arguments, and the ratio dispatched/s ÷ raw/s;
 4. the resident set of a process hosting only the dispatcher, before and with 10,000 active
@@ -723,7 +725,8 @@ class Bench:
         creates = sorted(jobs["created"].values())
         create_rate = (n - 1) / (creates[-1] - creates[0])
 
-        storm = await self.storm()  # 2b, right after phase 2, in a fresh dispatcher process
+        storm = await self.storm(*((100, 1000) if self.quick else (500, 5000)))  # 2b, a fresh dispatcher process
+        few = await self.storm(6, 600)  # 2c: the issue's storm — hundreds of alerts in a few groups
 
         # The same bodies through a plain consume + decode + ack loop, same prefetch and queue type.
         raws = []
@@ -741,6 +744,10 @@ class Bench:
             storm_incidents_per_s=round(storm["rate"], 1), storm_jobs=storm["jobs"],
             storm_jobs_match_groups=storm["jobs"] == storm["groups"], storm_ratio_vs_raw=round(storm_ratio, 3),
             storm_outcomes={k: int(v) for k, v in sorted(storm["by_outcome"].items())},
+            few_groups_storm_notifications=few["n"], few_groups_storm_groups=few["groups"],
+            few_groups_storm_jobs=few["jobs"], few_groups_storm_drain_s=round(few["elapsed"], 3),
+            few_groups_storm_raw_drain_s=round(few["n"] / raw, 3),
+            few_groups_storm_ratio_vs_raw=round((few["n"] / raw) / few["elapsed"], 3),
         )
         self.say(f"\n2. Sustained dispatch, {n} distinct incidents pre-published (prefetch {settings.amqp.prefetch})")
         self.say(f"   {rate:8.1f} incidents/s dispatched (service start → last `dispatched` confirmed and counted,"
@@ -756,6 +763,10 @@ class Bench:
                  f" (raw ceiling of phase 3)")
         self.say(f"   Jobs created {storm['jobs']} for {storm['groups']} groups "
                  f"[check Jobs == groups: {'OK' if storm['jobs'] == storm['groups'] else 'WRONG'}]; outcomes: {outcomes}")
+        self.say(f"\n2c. Alert storm in a few groups: {few['n']} notifications over {few['groups']} groups "
+                 f"pre-published → {few['jobs']} Jobs [check: {'OK' if few['jobs'] == few['groups'] else 'WRONG'}]; "
+                 f"drained (every delivery handled) in {few['elapsed']:.2f} s from service start; the raw ceiling "
+                 f"of phase 3 would take {few['n'] / raw:.2f} s → ratio {(few['n'] / raw) / few['elapsed']:.3f}")
         self.say(f"\n3. Raw ceiling: aio-pika consume + decode + ack, same {n} bodies, quorum queue, "
                  f"prefetch {settings.amqp.prefetch}")
         runs = ", ".join(f"{r:.0f}" for r in raws)
@@ -764,13 +775,12 @@ class Bench:
                  f"   (dispatcher RSS after {n}: {status['rss_mb']:.1f} MB)")
 
     # -- 2b. a realistic alert storm, same set-up as phase 2 --------------------------------
-    async def storm(self) -> dict[str, Any]:
+    async def storm(self, groups: int, n: int) -> dict[str, Any]:
         """Pre-published ``storm()`` bodies; incidents/s until every delivery is handled, and Jobs made."""
         from dispatcher.topology import INCIDENTS
         from schemas import decode_incident, identify
         from tests.support.payloads import storm as storm_bodies
 
-        groups, n = (100, 1000) if self.quick else (500, 5000)
         bodies = storm_bodies(groups=groups, notifications=n, seed=STORM_SEED)
         if len({identify(decode_incident(b)).job_name for b in bodies}) != groups:
             raise RuntimeError("storm bodies do not map to one Job per group")
