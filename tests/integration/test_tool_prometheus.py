@@ -60,7 +60,7 @@ async def observed(postgres) -> AsyncIterator[Observed]:
                 jobs.append({"job_name": "postgres", "static_configs": [{"targets": [exporter.target]}]})
             try:
                 async with running(Prometheus(wd, scrape_configs=jobs)) as prom:
-                    await prom.wait_for_series('up{job="app"} == 1')
+                    await prom.wait_for_targets()  # the tests read the app's, the exporter's and its own
                     yield Observed(prom, app, dbname, dsn, exporter is not None)
             finally:
                 if exporter is not None:

@@ -163,6 +163,13 @@ class Prometheus(ManagedProcess):
             config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [
                 a.removeprefix("http://") for a in alertmanagers]}]}]}
         self.config_path.write_text(json.dumps(config, indent=2))
+        self.jobs = [str(job["job_name"]) for job in jobs]
+
+    async def wait_for_targets(self, *, timeout: float = 30.0) -> None:
+        """Await the first successful scrape of every configured job (each has its own offset
+        within the scrape interval: one job's first sample says nothing about another's)."""
+        for job in self.jobs:
+            await self.wait_for_series(f'up{{job="{job}"}} == 1', timeout=timeout)
 
     def argv(self) -> list[str]:
         if PROMETHEUS is None:
