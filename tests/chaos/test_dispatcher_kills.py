@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from dispatcher import jobspec
 from dispatcher.reporting import lifecycle_message_id
 from dispatcher.topology import DEAD, INCIDENTS
 from schemas import LifecycleState, decode_incident, identify
@@ -174,6 +175,15 @@ async def test_two_dispatchers_sigkilled_twenty_times_lose_nothing_and_duplicate
 
         await results.wait_for(lambda: len({i.split(":")[0] for i in terminal_ids()}) == GROUPS,
                                timeout=ENDINGS_BOUND)
+
+        # ... and acknowledged, i.e. fully reported: a replica killed between a Job's lifecycle
+        # report and its failure result leaves the rest to the replica that takes the claim over
+        async def all_acknowledged() -> bool:
+            found = handle.cluster.store.list(JOBS, handle.namespace)
+            return len(found) == GROUPS and all(
+                jobspec.ANN_REPORTED in (j["metadata"].get("annotations") or {}) for j in found)
+
+        await wait_until(all_acknowledged, timeout=ENDINGS_BOUND, what="every Job's ending acknowledged")
 
         # and nothing is left in the intake queue, neither ready nor unacked (management stats lag ~5 s)
         async def intake_empty() -> bool:
