@@ -18,13 +18,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/agentjobs
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY schemas/ schemas/
 COPY dispatcher/ dispatcher/
 COPY agent/ agent/
-# A regular (not editable) install: the code lives in the venv, not in /src.
+# Every dependency from the lock (hash-checked), then a regular (not editable) install of
+# the project with the locked build tools: the code lives in the venv, not in /src.
 # pip and setuptools leave the venv afterwards; the runtime never installs.
-RUN /opt/agentjobs/bin/pip install . \
+RUN /opt/agentjobs/bin/pip install --require-hashes -r requirements.lock \
+ && /opt/agentjobs/bin/pip install --no-deps --no-build-isolation . \
  && /opt/agentjobs/bin/pip uninstall --yes pip setuptools wheel
 
 # --- runtime: what both images share -----------------------------------------

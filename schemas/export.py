@@ -6,8 +6,10 @@ committed files with what the code would write, so a stale schema fails CI.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -25,11 +27,25 @@ def _file_name(type_: type) -> str:
     return f"{tag or type_.__name__}.schema.json"
 
 
+def _normalised(node: Any) -> Any:
+    """Descriptions as ``inspect.cleandoc`` leaves them, whatever msgspec release exported them.
+
+    msgspec 0.23 started dedenting docstrings in schemas (0.19 kept their indentation): the
+    committed files are a contract, so a library's patch release must not change them.
+    """
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k in ("description", "title") and isinstance(v, str)
+                else _normalised(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_normalised(v) for v in node]
+    return node
+
+
 def render() -> dict[str, str]:
-    """File name → JSON text for every exported type (deterministic)."""
+    """File name → JSON text for every exported type (deterministic, msgspec-release independent)."""
     files = {}
     for type_ in (*WIRE_TYPES, *INTAKE_TYPES):
-        schema = msgspec.json.schema(type_)
+        schema = _normalised(msgspec.json.schema(type_))
         schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
         files[_file_name(type_)] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return files

@@ -152,7 +152,8 @@ def test_build_stage_installs_the_project_not_an_editable_checkout() -> None:
     final = {stage.name for target in TARGETS for stage in chain(target)}
     runs = " ".join(v for s in STAGES.values() if s.name not in final for v in s.values("RUN"))
 
-    assert re.search(r"pip install \.", runs)
+    assert re.search(r"pip install --require-hashes -r requirements\.lock", runs)
+    assert re.search(r"pip install (--\S+ )*\.(\s|$)", runs)
     assert "-e " not in runs and "--editable" not in runs
 
 
