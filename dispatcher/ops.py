@@ -158,8 +158,14 @@ def matches(record: Mapping[str, Any], filters: Mapping[str, str]) -> bool:
     return all(str(record.get(k, "")) == v for k, v in filters.items())
 
 
+def render_json(routing_key: str, record: Mapping[str, Any], headers: Mapping[str, Any]) -> str:
+    """One JSON line for a message, secrets masked (pure)."""
+    return json.dumps(redact({"routing_key": routing_key, "headers": dict(headers), **record}))
+
+
 def render(stream: str, routing_key: str, record: Mapping[str, Any], headers: Mapping[str, Any]) -> str:
-    """One readable line for a message (pure)."""
+    """One readable line for a message, secrets masked (pure)."""
+    record, headers = redact(dict(record)), redact(dict(headers))
     kind = record.get("kind", "")
     if stream == "dead":
         return (f"dead  {headers.get(HEADER_REASON, record.get('reason', 'broker'))}: "
@@ -214,7 +220,7 @@ async def tail(
                 return
             shown += 1
             if as_json:
-                echo(json.dumps(redact({"routing_key": message.routing_key, "headers": headers, **record})))
+                echo(render_json(message.routing_key or "", record, headers))
             else:
                 echo(render(stream, message.routing_key or "", record, headers))
             arrived.set()
