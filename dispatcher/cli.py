@@ -253,9 +253,13 @@ def feedback_from_options(
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE", help="e.g. --filter domain=database")
 @click.pass_context
 def tail_cmd(ctx: click.Context, stream: str, follow: bool, as_json: bool, filters: tuple[str, ...]) -> None:
-    """Show results, lifecycle events or dead letters as they arrive (never takes them from consumers)."""
+    """Show results, lifecycle events or dead letters as they arrive (never takes them from consumers).
+
+    Ctrl-C, SIGINT or SIGTERM stops it with exit 0, even when started with SIGINT ignored.
+    """
     from . import tasks
     from .ops import OpsError, tail
+    from .signals import stop_event, until_stopped
 
     parsed: dict[str, str] = {}
     for item in filters:
@@ -270,13 +274,16 @@ def tail_cmd(ctx: click.Context, stream: str, follow: bool, as_json: bool, filte
 
         console = Console(soft_wrap=True)
         echo = lambda line: console.print(line, markup=False, highlight=True)  # noqa: E731
+
+    async def run() -> None:
+        # Our own handlers, not KeyboardInterrupt: Python never raises it when SIGINT came in ignored.
+        await until_stopped(tail(settings, stream, follow=follow, as_json=as_json, filters=parsed, echo=echo,
+                                 status=lambda line: click.echo(line, err=True)), stop_event())
+
     try:
-        tasks.run(tail(settings, stream, follow=follow, as_json=as_json, filters=parsed, echo=echo,
-                       status=lambda line: click.echo(line, err=True)))
+        tasks.run(run())
     except OpsError as exc:
         _fail(str(exc))
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command("trust")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from .logs import get_logger
+from .signals import stop_event
 
 log = get_logger("agentjobs.tasks")
 T = TypeVar("T")
@@ -59,10 +59,7 @@ async def run_until_signalled(
     """
     from schemas.errors import TemporaryError
 
-    signalled = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signalled.set)
+    signalled = stop_event()  # before start: a signal while starting stops it too
     starting = asyncio.create_task(start(), name=f"{name}-start")
     stopping = asyncio.create_task(signalled.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)

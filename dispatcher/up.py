@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from .logs import get_logger
 from .runtime_local import LocalRuntime
 from .service import DispatcherService
 from .settings import Settings
+from .signals import cancel_on, stop_event
 from .topology import FEEDBACK, INCIDENTS, PHASES, RESULTS, declare, dispatcher_topology
 from .trust import TrustService
 from .vault_bootstrap import BootstrapError, bootstrap
@@ -133,7 +133,9 @@ async def run_up(
     """Run everything until stopped; returns the process exit code.
 
     ``live``: show a table redrawn in place (a terminal) instead of one line per event.
+    SIGINT/SIGTERM stop it with exit 0 at any point, also while it is still starting.
     """
+    stop = stop_event()  # first thing: a signal while starting is not lost
     problem = await _rabbitmq_reachable(settings.amqp.url)
     if problem is not None:
         from .redaction import mask_text
@@ -153,6 +155,9 @@ async def run_up(
     watch: ResultsWatch | None = None
     board = Board(settings.trust.initial_phase)
     dispatcher_token = ""
+    # A signal (also one that came during the steps above) cancels whatever starts below, the
+    # demo included (it waits on the board, not on `stop`); `finally` then stops what is up.
+    disarm = cancel_on(stop)
     try:
         root = hvac.Client(url=bao.addr, token=bao.root_token)
         # Its warnings are summarised in the line below; as log lines they would only repeat it.
@@ -181,16 +186,13 @@ async def run_up(
              f"{phases or 'all scopes ' + settings.trust.initial_phase.value}")
         echo(f"dispatcher: consuming {INCIDENTS} on {settings.amqp.url.rpartition('@')[2]}, local runtime in "
              f"{state / 'local'}, metrics on http://{settings.metrics.host}:{settings.metrics.port}/metrics")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         watch = ResultsWatch(board, None if live else echo)
         await watch.start(embedded)
         echo("running — Ctrl-C stops everything and revokes every credential")
         shown = asyncio.create_task(_show_live(board, stop)) if live else None
         if demo:
             await _demo(embedded, echo, stop, exit_after_demo, watch)
+        disarm()  # from here on `stop` ends the wait below
         if not stop.is_set():
             waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(service.crashed.wait())]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -200,7 +202,13 @@ async def run_up(
         if shown is not None:
             await shown
         return 1 if service.crashed.is_set() else 0
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]  # ours, taken as a stop
+        return 0  # stopped by a signal while starting
     finally:
+        disarm()  # a signal during the clean-up must not cut it short
         # Stopping must finish even when the output is gone (`agentjobs up | head` closes the
         # pipe): a failed progress line must not leave OpenBao or credentials behind.
         echo = _quiet_if_broken(echo)

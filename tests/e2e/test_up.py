@@ -23,6 +23,33 @@ TOKEN = "up-bridge-token"
 ALERT = "UpEndToEndConnectionsExhausted"
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+async def _stopped(proc: asyncio.subprocess.Process, sig: signal.Signals, timeout: float, what: str) -> int:
+    """Send ``sig`` and wait for the exit code; on timeout kill the process (no leak) and fail."""
+    if proc.returncode is None:
+        proc.send_signal(sig)
+    try:
+        async with asyncio.timeout(timeout):
+            return await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{what} still running {timeout} s after {sig.name}") from None
+
+
+def _kill_openbao_left_by(env: dict[str, str]) -> list[str]:
+    """Kill any OpenBao dev server still listening where ``up`` put its own; their pids (none, normally)."""
+    listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
+    found = subprocess.run(["pgrep", "-f", f"dev-listen-address={listen}"], capture_output=True, text=True)
+    pids = found.stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    return pids
+
+
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state"),
             "AGENTJOBS_VAULT__ADDR": f"http://127.0.0.1:{free_port()}",
@@ -107,15 +134,16 @@ async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_
         await wait_until(lambda: no_vault_users(rabbitmq_management, amqp_vhost.name), timeout=30,
                          what="the agent's Vault-issued broker user revoked after its Job")
     finally:
-        # When SIGTERM arrives
-        up.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(up.wait(), timeout=60)
-        if tail is not None:
-            tail.send_signal(signal.SIGINT)
-            await asyncio.wait_for(tail.wait(), timeout=30)
+        # When SIGTERM arrives (and Ctrl-C at the tail); whatever does not stop is killed, not leaked
+        try:
+            code = await _stopped(up, signal.SIGTERM, 60, "up")
+        finally:
+            if tail is not None:
+                tail_code = await _stopped(tail, signal.SIGINT, 30, "tail")
     # Then up exits cleanly, leaving no process and no credential behind
     text = await out.finished()
     assert code == 0, text[-3000:]
+    assert tail_code == 0
     assert "stopped" in text.splitlines()[-1] and "Traceback" not in text
     vault_listen = env["AGENTJOBS_VAULT__ADDR"].removeprefix("http://")
     for pattern in (f"dev-listen-address={vault_listen}", f"{tmp_path}/state"):
@@ -123,6 +151,33 @@ async def test_up_with_real_alertmanager_findings_reach_tail_and_sigterm_leaves_
     assert not agents_under(tmp_path)
     assert await no_vault_users(rabbitmq_management, amqp_vhost.name)
 
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+async def test_up_started_with_sigint_ignored_stops_on_a_signal_while_starting(
+    amqp_vhost, rabbitmq_management, tmp_path, sig,
+):
+    # Given `agentjobs up` started with SIGINT ignored (nohup, a shell without job control),
+    # part-way through its start: OpenBao configured, the services still to come
+    env = _env(tmp_path, AGENTJOBS_AMQP__URL=amqp_vhost.amqp_url, AGENTJOBS_VAULT__RABBITMQ_VHOST=amqp_vhost.name)
+    up = await asyncio.create_subprocess_exec(AGENTJOBS, "up", env=env, preexec_fn=_ignore_sigint,
+                                              stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out = Lines(up.stdout)
+        await out.wait_for(lambda line: line.startswith("OpenBao "), 90, "OpenBao configured")
+    finally:
+        # When SIGINT or SIGTERM arrives
+        try:
+            code = await _stopped(up, sig, 60, "up")
+        finally:
+            left = _kill_openbao_left_by(env)  # a hung or killed `up` leaves its OpenBao running
+    # Then up stops what it had started and exits 0, leaving no process and no credential behind
+    text = await out.finished()
+    assert code == 0, text[-3000:]
+    assert text.splitlines()[-1] == "stopped" and "Traceback" not in text, text[-3000:]
+    assert not left, f"OpenBao left running: {left}"
+    assert subprocess.run(["pgrep", "-f", f"{tmp_path}/state"], capture_output=True).returncode == 1
+    assert not agents_under(tmp_path)
+    assert await no_vault_users(rabbitmq_management, amqp_vhost.name)
 
 
 async def test_up_whose_output_pipe_closes_still_stops_everything(amqp_vhost, tmp_path):
