@@ -223,11 +223,32 @@ class VaultSession:
         return key
 
     async def rabbitmq(self) -> DynamicSecret:
-        """The RabbitMQ user for publishing results; without it there is nothing to do."""
+        """The RabbitMQ user for publishing results; without it there is nothing to do.
+
+        Its own dynamic user; only where the installation has no rabbitmq engine (``agentjobs up``
+        on a broker without the management API) the shared user from KV, with a warning.
+        """
         got = await self.read_secret(vault_layout.rabbitmq_creds_path())
         if isinstance(got, Denied):
-            raise CredentialsUnavailable("rabbitmq_credentials", f"no RabbitMQ user: {got.reason}")
+            shared = await self._shared_broker_user()
+            if shared is None:
+                raise CredentialsUnavailable("rabbitmq_credentials", f"no RabbitMQ user: {got.reason}")
+            log.warning("shared_broker_user", username=shared.username,
+                        reason=f"no per-investigation user: {got.reason}")
+            return shared
         return got
+
+    async def _shared_broker_user(self) -> DynamicSecret | None:
+        path = vault_layout.kv_rabbitmq_shared_path()
+        try:
+            response = await self._call(lambda: self._client.read(path))
+        except (hvac.exceptions.VaultError, *_TRANSPORT_ERRORS):
+            return None
+        data = (((response or {}).get("data") or {}).get("data") or {})
+        if not data.get("username"):
+            return None
+        no_lease = LeaseState(lease_id="", renewable=False, duration=0.0, expires_at=self._clock())
+        return DynamicSecret(username=str(data["username"]), password=str(data.get("password", "")), lease=no_lease)
 
     # -- renewal ----------------------------------------------------------------------
 

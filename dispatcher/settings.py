@@ -104,6 +104,8 @@ class VaultSettings(Section):
     database_ttl: Positive = 900  # seconds a dynamic PostgreSQL user lives by default
     database_max_ttl: Positive = 3600  # seconds at most (renewals stop there)
     rabbitmq_vhost: str = "/"  # vhost where the agent's dynamic user may publish results
+    # vhosts where that user may only connect: passive declares read queue depth and consumers
+    rabbitmq_inspect_vhosts: list[str] = msgspec.field(default_factory=list)
     kubernetes_host: str = "https://kubernetes.default.svc"  # for the kubernetes auth method
     kubernetes_ca_cert: str = ""  # PEM file; required by OpenBao even for http hosts
     kubernetes_namespace: str = "agentjobs-runs"  # where agent ServiceAccounts live

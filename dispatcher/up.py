@@ -25,11 +25,13 @@ import msgspec
 from schemas import decode, utcnow
 from schemas.errors import DecodeError
 
-from . import vault_layout
+from . import preflight, vault_layout
 from .board import Board
+from .demo import DemoProblems
 from .bridge import BridgeService
 from .embedded_vault import EmbeddedOpenBao, EmbeddedVaultError
 from .logs import get_logger
+from .redaction import mask_text
 from .runtime_local import LocalRuntime
 from .service import DispatcherService
 from .settings import Settings
@@ -39,12 +41,6 @@ from .trust import TrustService
 from .vault_bootstrap import BootstrapError, bootstrap
 
 log = get_logger("agentjobs.up")
-NO_RABBITMQ = """\
-error: cannot reach RabbitMQ at {url} ({error}).
-agentjobs needs a RabbitMQ broker. Get one with either:
-  sudo apt-get install rabbitmq-server && sudo rabbitmq-server -detached
-  docker run -d -p 5672:5672 -p 15672:15672 rabbitmq:3-management
-or point agentjobs at yours: AGENTJOBS_AMQP__URL=amqp://user:password@host:5672/vhost"""
 
 
 def _agent_command() -> list[str]:
@@ -62,15 +58,6 @@ def embedded_settings(settings: Settings, *, vault_token: str) -> Settings:
                                       auth_mode="per-investigation"),
         k8s=msgspec.structs.replace(settings.k8s, agent_command=_agent_command()),
     )
-
-
-async def _rabbitmq_reachable(url: str) -> str | None:
-    try:
-        connection = await aio_pika.connect(url, timeout=5)
-    except Exception as exc:  # any failure means "not usable"; the message names it
-        return f"{type(exc).__name__}: {exc}"[:200]
-    await connection.close()
-    return None
 
 
 class ResultsWatch:
@@ -136,12 +123,18 @@ async def run_up(
     SIGINT/SIGTERM stop it with exit 0 at any point, also while it is still starting.
     """
     stop = stop_event()  # first thing: a signal while starting is not lost
-    problem = await _rabbitmq_reachable(settings.amqp.url)
+    problem = await preflight.rabbitmq_problem(settings.amqp.url)
     if problem is not None:
-        from .redaction import mask_text
-
-        echo(NO_RABBITMQ.format(url=mask_text(settings.amqp.url), error=problem))
+        echo(preflight.NO_RABBITMQ.format(url=mask_text(settings.amqp.url), error=problem))
         return 2
+    settings, postgres_error, postgres_note = await preflight.postgres_settings(settings)
+    if postgres_error is not None:
+        echo(postgres_error)
+        return 2
+    broker = await preflight.broker_mode(settings)
+    for note in (broker.note, postgres_note):
+        if note:
+            echo(note)
     state = Path(settings.runtime.state_dir)
     bao = EmbeddedOpenBao(state / "openbao", settings.vault.addr)
     try:
@@ -158,12 +151,22 @@ async def run_up(
     # A signal (also one that came during the steps above) cancels whatever starts below, the
     # demo included (it waits on the board, not on `stop`); `finally` then stops what is up.
     disarm = cancel_on(stop)
+    problems: DemoProblems | None = None
     try:
+        if demo:  # before Vault: the agents' broker role must know the demo's vhost
+            problems = DemoProblems(settings)
+            await problems.open(management=broker.per_investigation_users)
+            echo("demo: created " + ", ".join(problems.created) + " — with a lock held, sessions waiting, "
+                 "connections hogged and a queue without consumer (all removed on exit)")
+            if problems.own_vhost:
+                settings = msgspec.structs.replace(settings, vault=msgspec.structs.replace(
+                    settings.vault, rabbitmq_inspect_vhosts=[*settings.vault.rabbitmq_inspect_vhosts, problems.vhost]))
         root = hvac.Client(url=bao.addr, token=bao.root_token)
         # Its warnings are summarised in the line below; as log lines they would only repeat it.
         logging.getLogger("dispatcher.vault_bootstrap").setLevel(logging.ERROR)
         try:
-            report = await asyncio.to_thread(bootstrap, root, settings)
+            report = await asyncio.to_thread(bootstrap, root, settings,
+                                             shared_broker_user=not broker.per_investigation_users)
         except BootstrapError as exc:
             echo(f"error: vault bootstrap failed: {exc}")
             return 2
@@ -190,8 +193,8 @@ async def run_up(
         await watch.start(embedded)
         echo("running — Ctrl-C stops everything and revokes every credential")
         shown = asyncio.create_task(_show_live(board, stop)) if live else None
-        if demo:
-            await _demo(embedded, echo, stop, exit_after_demo, watch)
+        if problems is not None:
+            await _demo(embedded, problems, echo, stop, exit_after_demo, watch)
         disarm()  # from here on `stop` ends the wait below
         if not stop.is_set():
             waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(service.crashed.wait())]
@@ -227,23 +230,26 @@ async def run_up(
             # their database and broker users behind. Sweep them synchronously first.
             await bao.revoke_leases((vault_layout.DATABASE_MOUNT, vault_layout.RABBITMQ_MOUNT))
         bao.stop_now()
+        if problems is not None:
+            await problems.close()
+            echo("demo: removed its database, role, sessions, queue and vhost")
         echo("stopped")
 
 
 async def _demo(
-    settings: Settings, echo: Callable[[str], None], stop: asyncio.Event, exit_after: bool, watch: ResultsWatch,
+    settings: Settings, problems: DemoProblems, echo: Callable[[str], None], stop: asyncio.Event, exit_after: bool,
+    watch: ResultsWatch,
 ) -> None:
-    from .demo import storm_bodies
-
-    bodies, groups = storm_bodies()
+    bodies, groups = problems.notifications()
     board = watch.board
     connection = await aio_pika.connect(settings.amqp.url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(INCIDENTS)
-        echo(f"demo: publishing an alert storm: {len(bodies)} Alertmanager notifications in {groups} groups "
+        echo(f"demo: publishing their alerts as Alertmanager would: {len(bodies)} notifications in {groups} groups "
              "(investigations show up below as they happen)")
-        await asyncio.gather(*(exchange.publish(aio_pika.Message(b), "alertmanager.demo", timeout=30) for b in bodies))
+        for body in bodies:  # in order: re-sends of a group after its first notification
+            await exchange.publish(aio_pika.Message(body), "alertmanager.demo", timeout=30)
         echo(f"demo: all {len(bodies)} notifications confirmed by the broker")
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(180):
@@ -253,5 +259,9 @@ async def _demo(
     echo(f"demo: {len(board.dispatched)} investigations for {len(bodies)} notifications; outcomes {board.outcomes()}; "
          f"{len(board.findings)} findings published to exchange {RESULTS} (routing keys "
          f"{', '.join(sorted(board.finding_keys)) or 'finding.<severity>.<domain>'})")
+    for finding in board.findings.values():
+        top = finding.hypotheses[0] if finding.hypotheses else None
+        echo(f"demo: {finding.summary.splitlines()[0][:240]}"
+             + (f" — evidence: {top.evidence_for[0].excerpt[:160]}" if top and top.evidence_for else ""))
     if exit_after:
         stop.set()

@@ -101,10 +101,17 @@ def token_ttl(settings: Settings) -> int:
 
 
 def bootstrap(
-    client: hvac.Client, settings: Settings, *, policy_dir: Path = POLICY_DIR
+    client: hvac.Client, settings: Settings, *, policy_dir: Path = POLICY_DIR,
+    shared_broker_user: bool = False,
 ) -> BootstrapReport:
-    """Create or update everything agentjobs needs in Vault; raises ``BootstrapError``."""
-    return _Bootstrap(client, settings, policy_dir).run()
+    """Create or update everything agentjobs needs in Vault; raises ``BootstrapError``.
+
+    ``shared_broker_user``: the reduced mode of ``agentjobs up`` on a broker without the
+    management API — no rabbitmq engine; ``amqp.url``'s user goes to KV
+    (``agentjobs-kv/rabbitmq-shared``) for every agent. Without it that KV secret is removed,
+    so per-investigation users are the only way a normal run hands out broker credentials.
+    """
+    return _Bootstrap(client, settings, policy_dir, shared_broker_user).run()
 
 
 # --------------------------------------------------------------------------- #
@@ -211,13 +218,19 @@ def rabbitmq_connection(settings: Settings) -> RabbitConnection:
 
 
 def rabbitmq_vhosts(settings: Settings) -> dict[str, dict[str, str]]:
-    """Permissions of the agent's dynamic RabbitMQ user: publish to the results exchange only."""
+    """Permissions of the agent's dynamic RabbitMQ user: publish to the results exchange only.
+
+    In ``vault.rabbitmq_inspect_vhosts`` it may connect and nothing else: enough for passive
+    declares, which report a queue's ready messages and consumers (the queue tool).
+    """
+    nothing = {"configure": "", "write": "", "read": ""}
     return {
+        **{vhost: dict(nothing) for vhost in settings.vault.rabbitmq_inspect_vhosts},
         settings.vault.rabbitmq_vhost: {
             "configure": "",  # declares nothing (passive declares need no permission)
             "write": "^" + RESULTS_EXCHANGE.replace(".", r"\.") + "$",
             "read": "",  # consumes nothing
-        }
+        },
     }
 
 
@@ -240,8 +253,10 @@ def _fingerprint(salt: str, value: Mapping[str, Any]) -> str:
 
 
 class _Bootstrap:
-    def __init__(self, client: hvac.Client, settings: Settings, policy_dir: Path) -> None:
+    def __init__(self, client: hvac.Client, settings: Settings, policy_dir: Path,
+                 shared_broker_user: bool = False) -> None:
         self.client = client
+        self.shared_broker_user = shared_broker_user
         self.settings = settings
         self.policy_dir = policy_dir
         self.report = BootstrapReport()
@@ -546,6 +561,21 @@ class _Bootstrap:
         )
 
     def _rabbitmq(self) -> None:
+        shared = layout.kv_rabbitmq_shared_path()
+        metadata = shared.replace("/data/", "/metadata/", 1)
+        if self.shared_broker_user:
+            parts = urlsplit(self.settings.amqp.url)
+            body = {"username": unquote(parts.username or ""), "password": unquote(parts.password or "")}
+            if self._needs_secret_write(shared, body):
+                self._write(shared, {"data": body})
+                self._changed("updated", "shared broker user (reduced mode)", shared)
+            log.warning("shared_broker_user", username=body["username"])
+            return
+        if self._read(metadata) is not None:  # left by a reduced-mode run: never hand it out again
+            self._call("DELETE", metadata, lambda: self.client.delete(metadata))
+            self._fingerprints.pop(shared, None)
+            self._fingerprints_dirty = True
+            self._changed("updated", "removed the shared broker user", metadata)
         conn = rabbitmq_connection(self.settings)
         mount = layout.RABBITMQ_MOUNT
         fresh = self._ensure_mount("secrets", mount, "rabbitmq")

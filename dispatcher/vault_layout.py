@@ -22,6 +22,9 @@ RABBITMQ_MOUNT = "rabbitmq"
 RABBITMQ_ROLE = "agentjobs-results"  # may only write to agentjobs.results
 KV_MOUNT = "agentjobs-kv"  # kv-v2
 KV_LLM = "llm"  # agentjobs-kv/data/llm: {"api_key": ...}
+# agentjobs-kv/data/rabbitmq-shared: {"username", "password"} — only in `up`'s reduced mode (no
+# management API, so no rabbitmq engine): the one broker user every agent then publishes as.
+KV_RABBITMQ_SHARED = "rabbitmq-shared"
 
 # Token metadata keys: they appear in the audit log of every request the agent makes.
 META_INVESTIGATION = "investigation_id"
@@ -52,3 +55,7 @@ def rabbitmq_creds_path() -> str:
 
 def kv_llm_path() -> str:
     return f"{KV_MOUNT}/data/{KV_LLM}"
+
+
+def kv_rabbitmq_shared_path() -> str:
+    return f"{KV_MOUNT}/data/{KV_RABBITMQ_SHARED}"

@@ -23,6 +23,12 @@ path "rabbitmq/creds/agentjobs-results" {
   capabilities = ["read"]
 }
 
+# Only in `agentjobs up`'s reduced mode (a broker without the management API, so no rabbitmq
+# engine): the one shared broker user. A normal bootstrap deletes this secret.
+path "agentjobs-kv/data/rabbitmq-shared" {
+  capabilities = ["read"]
+}
+
 # Static keys for the LLM reasoner (kv-v2). Only this one secret, never the mount.
 path "agentjobs-kv/data/llm" {
   capabilities = ["read"]
