@@ -7,6 +7,13 @@ body and publishes the *original bytes* to ``agentjobs.incidents`` with a
 publisher confirm. It answers 200 only after the broker confirmed; anything
 short of a confirm is a 503, so Alertmanager retries and nothing is lost.
 
+Alertmanager retries only 5xx and connection errors: a 4xx (401, 400, 413…)
+drops that notification on its side after one attempt. So every 4xx the app
+answers ends in one middleware (``_observe``), which logs it at warning
+with the peer address and a stable reason and counts it in
+``agentjobs_bridge_refused_total{reason}`` (served on this port's ``/metrics``).
+The Authorization header and the body are never logged.
+
 Order of checks, cheapest first: auth (401) → size (413, never reading more
 than the limit) → decode (400) → broker (503) → 200.
 """
@@ -24,6 +31,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas import DecodeError, decode_incident
 from schemas.errors import TemporaryError
@@ -31,6 +39,7 @@ from schemas.incident import IncidentEvent
 
 from .amqp import Publisher, connect
 from .logs import get_logger
+from .metrics import BridgeMetrics
 from .settings import BridgeSettings, Settings
 from .topology import INCIDENTS, declare, dispatcher_topology
 
@@ -39,12 +48,39 @@ log = get_logger(__name__)
 REALM = "agentjobs"
 _READ_CHUNK = 64 * 1024  # bytes per read from the request stream
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+_PEER_FIELD_MAX = 200  # characters kept of a client-sent path or X-Forwarded-For
+# Reasons for the 4xx aiohttp answers itself (routing, its client_max_size backstop).
+_AIOHTTP_REASONS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 def routing_key(event: IncidentEvent) -> str:
     """``alertmanager.<receiver>`` (one topic word, [a-z0-9_-]); ``alertmanager.default`` without one."""
     word = _UNSAFE.sub("_", event.receiver.lower()).strip("_")[:200] or "default"
     return f"alertmanager.{word}"
+
+
+def _client_text(value: str) -> str:
+    """A client-supplied string fit for one log line: printable ASCII, capped (never trusted)."""
+    return _UNPRINTABLE.sub("?", value[:_PEER_FIELD_MAX])
+
+
+def _auth_scheme(header: str | None) -> str:
+    """The kind of credentials a request carried (none, bearer, basic, other), never their value."""
+    scheme = (header or "").strip().partition(" ")[0].lower()
+    if not scheme:
+        return "none"
+    return scheme if scheme in ("bearer", "basic") else "other"
+
+
+class _Refused(Exception):
+    """A 4xx the handler decided on; ``_observe`` logs and counts it, then answers ``response``."""
+
+    def __init__(self, response: web.Response, reason: str, **fields: Any) -> None:
+        super().__init__(reason)
+        self.response = response
+        self.reason = reason  # stable snake_case code: the metric label and the answer's "error"
+        self.fields = fields  # extra log fields: never the body, never a credential
 
 
 def _error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -95,8 +131,10 @@ class BridgeService:
 
     name = "agentjobs-bridge"
 
-    def __init__(self, settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+    def __init__(self, settings: Settings, *, host: str | None = None, port: int | None = None,
+                 metrics: BridgeMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or BridgeMetrics()
         self.host = settings.bridge.host if host is None else host
         self.port = settings.bridge.port if port is None else port
         self.bound_port: int | None = None
@@ -119,10 +157,11 @@ class BridgeService:
 
     def app(self) -> web.Application:
         # client_max_size is a backstop only: the handler enforces the limit while streaming.
-        app = web.Application(client_max_size=self._max + 1)
+        app = web.Application(client_max_size=self._max + 1, middlewares=[self._observe])
         app.router.add_post("/alerts", self._alerts)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
         return app
 
     async def start(self) -> int:
@@ -194,6 +233,39 @@ class BridgeService:
         await self.stop()
         return 0
 
+    # ------------------------------------------------------------------ the one response path
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every 4xx of any route, ours or aiohttp's (404, 405), is logged and counted here."""
+        started = time.monotonic()
+        try:
+            response = await handler(request)
+        except _Refused as refused:
+            self._refused(request, refused.response.status, refused.reason, started, refused.fields)
+            return refused.response
+        except web.HTTPException as exc:
+            if 400 <= exc.status < 500:
+                reason = _AIOHTTP_REASONS.get(exc.status, f"http_{exc.status}")
+                self._refused(request, exc.status, reason, started)
+            raise
+        if 400 <= response.status < 500:  # a handler that returned a 4xx without _Refused
+            self._refused(request, response.status, f"http_{response.status}", started)
+        return response
+
+    def _refused(self, request: web.Request, status: int, reason: str, started: float,
+                 fields: dict[str, Any] | None = None) -> None:
+        self.metrics.refused.labels(reason).inc()
+        extra: dict[str, Any] = dict(fields or {})
+        if forwarded := request.headers.get("X-Forwarded-For"):
+            extra["forwarded_for"] = _client_text(forwarded)  # as sent: a hint, never trusted
+        if status == 401:
+            extra["auth_scheme"] = _auth_scheme(request.headers.get("Authorization"))
+        # Alertmanager does not retry a 4xx: the notification is lost until its config is fixed.
+        log.warning("request_refused", status=status, reason=reason, remote=request.remote,
+                    method=request.method, path=_client_text(request.path),
+                    duration_ms=round((time.monotonic() - started) * 1000, 1), **extra)
+
     # ------------------------------------------------------------------ handlers
 
     async def _healthz(self, _request: web.Request) -> web.Response:
@@ -202,6 +274,10 @@ class BridgeService:
     async def _readyz(self, _request: web.Request) -> web.Response:
         ready = self.ready
         return web.json_response({"ready": ready, "checks": {"broker": ready}}, status=200 if ready else 503)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _read_limited(self, request: web.Request) -> bytes | None:
         """The body, or None as soon as it exceeds the limit (never buffers more than limit + a chunk)."""
@@ -218,7 +294,7 @@ class BridgeService:
 
     async def _alerts(self, request: web.Request) -> web.Response:
         started = time.monotonic()
-        response, fields = await self._handle(request)
+        response, fields = await self._handle(request)  # a 4xx raises _Refused: _observe logs it
         log.info(
             "alert_forwarded" if response.status == 200 else "alert_rejected",
             status=response.status, remote=request.remote, duration_ms=round((time.monotonic() - started) * 1000, 1),
@@ -231,18 +307,19 @@ class BridgeService:
             response = _error(401, "unauthorized", "missing or wrong credentials")
             for challenge in self._auth.challenge():
                 response.headers.add("WWW-Authenticate", challenge)
-            return response, {"reason": "unauthorized"}
+            raise _Refused(response, "unauthorized")
         body = await self._read_limited(request)
         if body is None:
             # Closing is cheaper than draining an oversized body we will not use.
             response = _error(413, "too_large", f"request body exceeds {self._max} bytes",
                               headers={"Connection": "close"})
-            return response, {"reason": "too_large"}
+            raise _Refused(response, "too_large")
         try:
             event = decode_incident(body, max_bytes=self._max)
         except DecodeError as exc:
             status = 413 if exc.reason == "too_large" else 400
-            return _error(status, exc.reason, exc.message), {"reason": exc.reason, "bytes": len(body)}
+            response = _error(status, exc.reason, exc.message)
+            raise _Refused(response, exc.reason, bytes=len(body)) from None
         key = routing_key(event)
         fields: dict[str, Any] = {"routing_key": key, "event_id": event.event_id, "group_key": event.group_key,
                                   "alerts": len(event.alerts), "bytes": len(body)}

@@ -56,3 +56,15 @@ class Metrics:
         self.agent_wall = Histogram(
             "agentjobs_investigation_wall_seconds", "Wall time of agents' reasoning, by domain", ["domain"],
             buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r)
+
+
+class BridgeMetrics:
+    """The webhook bridge's metrics, on its own registry, served on the bridge's ``/metrics``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        # Alertmanager does not retry a 4xx: a count from it is a notification it gave up on.
+        self.refused = Counter(
+            "agentjobs_bridge_refused_total",
+            "Requests refused with a 4xx (Alertmanager does not retry them), by reason",
+            ["reason"], registry=self.registry)

@@ -2,8 +2,8 @@
 
 The hand-made requests in ``tests/integration/test_bridge.py`` pin the wire
 format; here the sender is Alertmanager itself (grouping, ``http_config``
-bearer auth, its retry on non-2xx), and the proof is what lands in the real
-``agentjobs.incidents`` queue of a fresh vhost.
+bearer auth, its retry on 5xx and its giving up on a 4xx), and the proof is
+what lands in the real ``agentjobs.incidents`` queue of a fresh vhost.
 
 Skipped when no Alertmanager binary is installed (``.ci/run`` installs the
 Debian package ``prometheus-alertmanager``).
@@ -210,3 +210,32 @@ async def test_alertmanager_retries_after_503_and_lands_exactly_one_incident(
     messages = await _drain(amqp_vhost.amqp_url)
     assert len(messages) == 1
     _check_incident(messages[0].body, "ReplicationLag")
+
+
+async def test_alertmanager_gives_up_on_a_401_after_one_attempt_and_the_bridge_counts_it(
+    bridge, amqp_vhost, tmp_path
+) -> None:
+    # Given Alertmanager configured with the wrong bearer token
+    async with running_alertmanager(tmp_path, bridge.bound_port, token="not-the-bridge-token",
+                                    receiver=RECEIVER) as am:
+        # When it notifies
+        await am.post_alerts(_alerts("DiskFull"))
+
+        async def gave_up() -> bool:
+            return ("notify retry canceled due to unrecoverable error after 1 attempts" in am.log_tail(200)
+                    and await am.metric("alertmanager_notifications_failed_total") >= 1)
+
+        await wait_until(gave_up, timeout=15, what="Alertmanager giving up on the 401")
+
+        # Then it made at most one request per notification (no retry; a 503 gets several), nothing
+        # was published, and the bridge counted every refusal it answered. Read in this order, the
+        # counters only grow between reads: Alertmanager counts a notification before its request,
+        # the bridge counts a refusal before answering it.
+        failed_requests = await am.metric("alertmanager_notification_requests_failed_total")
+        notifications = await am.metric("alertmanager_notifications_total")
+        refused = bridge.metrics.registry.get_sample_value(
+            "agentjobs_bridge_refused_total", {"reason": "unauthorized"}) or 0
+        assert "unexpected status code 401" in am.log_tail(200)
+    assert 1 <= failed_requests <= notifications
+    assert refused >= failed_requests
+    assert await _count(amqp_vhost.amqp_url) == 0

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aio_pika
 import aiohttp
 import pytest
 import pytest_asyncio
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher import logs
 from dispatcher.bridge import BridgeService
-from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
+from dispatcher.settings import AmqpSettings, BridgeSettings, LoggingSettings, Settings
 from dispatcher.topology import INCIDENTS
 from tests.support import payloads
 from tests.support.services import ManagementClient, Vhost, wait_until
@@ -233,6 +238,120 @@ async def test_auth_is_checked_before_the_body_is_judged(amqp_vhost: Vhost, http
         http.post(f"{url}/alerts", data=b"x" * (MAX_BODY * 2)) as resp,
     ):
         assert resp.status == 401
+
+
+# --------------------------------------------------------------------------- every 4xx is logged and counted
+# Alertmanager does not retry a 4xx, so a refusal is a lost notification: the operator must see it.
+
+PEER = "203.0.113.7, 198.51.100.2"  # X-Forwarded-For as a proxy would send it (logged, not trusted)
+BODY_MARKER = "body-marker-7f3a"  # must never reach a log line
+WRONG_TOKEN = "wrong-bearer-9c1e"  # must never reach a log line either
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """The project's JSON logging into a buffer; returns the parsed lines so far."""
+    stream = io.StringIO()
+    logs.configure(LoggingSettings(format="json", level="info"), stream=stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+
+
+async def _refused_total(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """``agentjobs_bridge_refused_total`` by reason, scraped from the bridge's ``/metrics``."""
+    async with http.get(f"{url}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "agentjobs_bridge_refused_total"
+    }
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def guarded(amqp_vhost: Vhost) -> AsyncIterator[tuple[BridgeService, str]]:
+    """A bridge that wants ``Bearer TOKEN`` (per test: the 503 tests expect one bridge connection)."""
+    async with running(_settings(amqp_vhost, bearer_token=TOKEN)) as pair:
+        yield pair
+
+
+_GOOD = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "status", "reason"),
+    [
+        pytest.param("POST", "/alerts", {"Authorization": f"Bearer {WRONG_TOKEN}"},
+                     payloads.dumps(payloads.webhook(commonAnnotations={"m": BODY_MARKER})),
+                     401, "unauthorized", id="401-wrong-bearer"),
+        pytest.param("POST", "/alerts", {}, payloads.dumps(payloads.webhook()), 401, "unauthorized",
+                     id="401-no-credentials"),
+        pytest.param("POST", "/alerts", _GOOD, f'{{"version": "4", "m": "{BODY_MARKER}"'.encode(),
+                     400, "invalid_json", id="400-malformed"),
+        pytest.param("POST", "/alerts", _GOOD, payloads.dumps(payloads.webhook(version="3", m=BODY_MARKER)),
+                     400, "unsupported_version", id="400-version"),
+        pytest.param("POST", "/alerts", _GOOD,
+                     payloads.dumps(payloads.webhook(commonAnnotations={"m": BODY_MARKER * MAX_BODY})),
+                     413, "too_large", id="413-oversize"),
+        pytest.param("POST", "/alert", _GOOD, payloads.dumps(payloads.webhook()), 404, "not_found",
+                     id="404-wrong-path"),
+        pytest.param("GET", "/alerts", _GOOD, b"", 405, "method_not_allowed", id="405-wrong-method"),
+    ],
+)
+async def test_a_refused_request_is_counted_and_logged_once_at_warning_with_the_peer(
+    guarded, http, incidents, log_lines, method: str, path: str, headers: dict[str, str], body: bytes,
+    status: int, reason: str,
+) -> None:
+    # Given the bridge's refusal counters before
+    _, url = guarded
+    before = await _refused_total(http, url)
+
+    # When a request it must refuse arrives through a proxy
+    async with http.request(method, f"{url}{path}", data=body or None,
+                            headers={**headers, "X-Forwarded-For": PEER}) as resp:
+        await resp.read()
+    assert resp.status == status
+
+    # Then the refusal is counted under its reason, and only that
+    after = await _refused_total(http, url)
+    assert after.get(reason, 0) - before.get(reason, 0) == 1, after
+    assert sum(after.values()) - sum(before.values()) == 1, (before, after)
+
+    # And exactly one warning line says who was refused and why
+    lines = log_lines()
+    warnings = [line for line in lines if line["level"] == "warning"]
+    assert len(warnings) == 1, lines
+    (line,) = warnings
+    assert line["event"] == "request_refused"
+    assert line["logger"] == "dispatcher.bridge"
+    assert (line["status"], line["reason"]) == (status, reason)
+    assert line["remote"] == "127.0.0.1"  # the socket's peer, not the header
+    assert line["forwarded_for"] == PEER
+    assert (line["method"], line["path"]) == (method, path)
+    if status == 401:
+        assert line["auth_scheme"] == ("bearer" if headers else "none")
+    # And neither a credential nor the body is in any line
+    text = json.dumps(lines)
+    for secret in (TOKEN, WRONG_TOKEN, BODY_MARKER, "Authorization"):
+        assert secret not in text
+    assert await _count(incidents) == 0
+
+
+async def test_accepted_requests_and_probes_are_not_counted_as_refused(guarded, http, incidents, log_lines) -> None:
+    _, url = guarded
+    before = await _refused_total(http, url)
+    async with http.post(f"{url}/alerts", data=payloads.dumps(payloads.webhook()), headers=_GOOD) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.get(f"{url}/healthz") as resp:
+        assert resp.status == 200
+    assert await _refused_total(http, url) == before
+    lines = log_lines()
+    assert [line["event"] for line in lines if line["level"] == "warning"] == []
+    assert [line["event"] for line in lines if line.get("logger") == "dispatcher.bridge"] == ["alert_forwarded"]
+    assert TOKEN not in json.dumps(lines)
 
 
 # --------------------------------------------------------------------------- 503 and retry
