@@ -63,7 +63,7 @@ async def test_up_demo_exit_runs_the_storm_and_leaves_nothing_behind(amqp_vhost,
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=240)
     text = out.decode()
     assert proc.returncode == 0, text[-3000:]
-    assert "demo: 5 investigations for 301 notifications" in text
+    assert "demo: 3 investigations for 60 notifications" in text
     assert "findings published to exchange agentjobs.results" in text
     assert "bridge: Alertmanager webhook at http://127.0.0.1:" in text
     assert "Traceback" not in text
