@@ -40,6 +40,7 @@ class ToolEnv:
     loki_url: str = ""
     kubernetes: bool = False  # read-only API tool with the pod's ServiceAccount (or ``kubeconfig``)
     kubeconfig: Path | None = None
+    rabbitmq: bool = True  # queue tool on the Job's broker, as the agent's own broker user (when it has one)
     timeout: float = 5.0  # seconds per call
     max_rows: int = 200
     max_tool_calls: int = 40
@@ -133,6 +134,17 @@ def _count(environ: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not true or false")
+
+
 def _tools(environ: Mapping[str, str], mount_root: Path | None) -> ToolEnv:
     kubeconfig = environ.get("AGENTJOBS_TOOLS__KUBECONFIG", "").strip()
     return ToolEnv(
@@ -141,6 +153,7 @@ def _tools(environ: Mapping[str, str], mount_root: Path | None) -> ToolEnv:
         kubernetes=environ.get("AGENTJOBS_TOOLS__KUBERNETES", "").strip().lower() in ("1", "true", "yes"),
         # a path on the node running the agent (local runtime, tests), not a file mounted into a pod
         kubeconfig=Path(kubeconfig) if kubeconfig else None,
+        rabbitmq=_flag(environ, "AGENTJOBS_TOOLS__RABBITMQ", True),
         timeout=_seconds(environ, "AGENTJOBS_TOOLS__TIMEOUT", 5.0),
         max_rows=_count(environ, "AGENTJOBS_TOOLS__MAX_ROWS", 200),
         max_tool_calls=_count(environ, "AGENTJOBS_TOOLS__MAX_TOOL_CALLS", 40),

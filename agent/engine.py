@@ -34,8 +34,14 @@ def budget_for(env: AgentEnv) -> Budget:
 
 
 async def open_tools(env: AgentEnv, *, db_user: str | None, db_password: str | None,
-                     postgres_available: bool) -> tuple[list[Tool], list[Evidence]]:
-    """The tools this Job may use (only the configured ones), and why any configured one is not there."""
+                     postgres_available: bool, amqp_user: str | None = None,
+                     amqp_password: str | None = None) -> tuple[list[Tool], list[Evidence]]:
+    """The tools this Job may use (only the configured ones), and why any configured one is not there.
+
+    ``amqp_user``/``amqp_password``: the agent's own broker user (the one it publishes with); the queue
+    tool inspects the Job's broker as that user, or with the credentials in ``AGENTJOBS_AMQP__URL``
+    (auth mode none). Without either it is not opened: it never connects as a default user.
+    """
     limits = Limits(timeout=env.tools.timeout, max_rows=env.tools.max_rows)
     tools: list[Tool] = []
     unavailable: list[Evidence] = []
@@ -53,6 +59,11 @@ async def open_tools(env: AgentEnv, *, db_user: str | None, db_password: str | N
         from .tools.logs import LogsTool
 
         tools.append(LogsTool(env.tools.loki_url, limits=limits))
+    if env.tools.rabbitmq and env.amqp_url and (amqp_user is not None or _has_user(env.amqp_url)):
+        from .tools.rabbitmq import RabbitMQTool
+
+        tools.append(RabbitMQTool(env.amqp_url, username=amqp_user, password=amqp_password, limits=limits,
+                                  connection_name=f"agentjobs-agent {env.investigation_id[:16]} rabbitmq tool"))
     if env.tools.kubernetes:
         # Imported only here: kubernetes_asyncio is ~0.7 s of a Job's start-up on its own.
         from kubernetes_asyncio import client as k8s_client
@@ -73,6 +84,15 @@ async def open_tools(env: AgentEnv, *, db_user: str | None, db_password: str | N
         else:
             tools.append(KubernetesTool(k8s_client.ApiClient(cfg), limits=limits, owns_client=True))
     return tools, unavailable
+
+
+def _has_user(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return bool(urlsplit(url).username)
+    except ValueError:
+        return False
 
 
 def reasoner_for(env: AgentEnv, *, api_key: str) -> Reasoner:

@@ -153,7 +153,8 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
             prior.append(Evidence(source="postgres", excerpt="PostgreSQL is not configured "
                                   "(AGENTJOBS_POSTGRES__DSN is empty)", at=utcnow(), ok=False))
         tools, unavailable = await engine.open_tools(env, db_user=db_user, db_password=db_password,
-                                                     postgres_available=db_unavailable is None)
+                                                     postgres_available=db_unavailable is None,
+                                                     amqp_user=amqp_user, amqp_password=amqp_password)
         prior.extend(unavailable)
         try:
             finding = await engine.investigate(incident, env, tools=tools, tally=tally, prior_evidence=prior,

@@ -6,10 +6,12 @@ How it decides:
    PromQL in the ``generatorURL``. That text is untrusted: it is only *matched*
    against patterns to choose playbooks (which run read-only diagnostics) and
    never becomes a decision, an action or a query by itself. Label values used
-   as tool parameters are validated (Kubernetes names) or escaped (LogQL).
+   as tool parameters are validated (Kubernetes names, AMQP queue and vhost
+   names) or escaped (LogQL).
 2. ``choose_playbooks`` scores the playbooks against those facts; the best
-   (ties: all of them) run. Nothing matches → the generic sweep (the alert's
-   own expression, the related pods and events, the logs).
+   (ties: all of them) run, and the queue playbook whenever the alert names a
+   queue. Nothing matches → the generic sweep (the alert's own expression, the
+   named queue, the related pods and events, the logs).
 3. Each playbook calls tools through ``Investigation.call`` and drafts
    competing hypotheses; every piece of evidence moves a hypothesis' log-odds
    up or down and is kept, with the reason, as evidence for or against it.
@@ -56,6 +58,8 @@ ROLLOUT_WINDOW = timedelta(hours=2)  # ... and within this window still a suspec
 LOG_WINDOW = "30m"  # logs.error_counts window
 LOG_ERROR_RATIO = 0.05  # error lines / all lines that count as an error spike
 LOG_ERRORS_MIN = 10
+QUEUE_BACKLOG = 100  # ready messages from which a queue with consumers counts as backed up
+QUEUE_BACKLOG_PER_CONSUMER = 1000  # ready messages per consumer that say the consumers fall far behind
 # Decision.
 PRIOR = -2.0  # log-odds of a hypothesis before any evidence (≈ 0.12)
 MAX_SCORE = 0.95  # rules are never certain
@@ -428,6 +432,28 @@ def read_error_counts(obs: Observation) -> ErrorCounts | None:
     return ErrorCounts(total=max(total or 0, errors), errors=errors, samples=samples)
 
 
+@dataclass(frozen=True, kw_only=True)
+class QueueStatus:
+    vhost: str
+    queue: str
+    ready: int  # messages waiting for delivery
+    consumers: int
+
+
+def read_queue_status(obs: Observation) -> QueueStatus | None:
+    """rabbitmq.queue_status: ``vhost``, ``queue``, ``message_count`` (ready; or ``messages_ready``, ``ready``),
+    ``consumer_count`` (or ``consumers``)."""
+    d = obs.data if obs.ok else None
+    if not isinstance(d, Mapping):
+        return None
+    ready = _int(_pick(d, "message_count", "messages_ready", "ready"))
+    consumers = _int(_pick(d, "consumer_count", "consumers"))
+    if ready is None or consumers is None:
+        return None
+    return QueueStatus(vhost=_str(_pick(d, "vhost")), queue=_str(_pick(d, "queue", "name")), ready=max(0, ready),
+                       consumers=max(0, consumers))
+
+
 # --------------------------------------------------------------------------------------------
 # The alert, as facts to match (never to obey).
 # --------------------------------------------------------------------------------------------
@@ -445,12 +471,22 @@ class AlertFacts:
     pod: str | None
     container: str | None
     instance: str
+    queue: str | None = None  # a valid AMQP queue name from the ``queue`` label, or None
+    vhost: str | None = None  # ... and its vhost (``vhost`` label); None: the agent's own vhost
 
 
 def k8s_name(value: str) -> str | None:
     """``value`` if it is a DNS-1123 name (what a Kubernetes object can be called), else None (pure)."""
     v = value.strip()
     return v if v and len(v) <= 253 and _DNS1123.match(v) else None
+
+
+def amqp_name(value: str) -> str | None:
+    """``value`` if it can name an AMQP queue or vhost (1-255 bytes, no control characters), else None (pure)."""
+    v = value.strip()
+    if not v or len(v.encode()) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in v):
+        return None
+    return v
 
 
 def alert_expression(generator_url: str) -> str:
@@ -488,6 +524,8 @@ def alert_facts(incident: IncidentEvent) -> AlertFacts:
         pod=pod,
         container=k8s_name(labels.get("container", "")),
         instance=labels.get("instance", "") or labels.get("server", "") or labels.get("datname", ""),
+        queue=amqp_name(labels.get("queue", "") or labels.get("queue_name", "")),
+        vhost=amqp_name(labels.get("vhost", "") or labels.get("virtual_host", "")),
     )
 
 
@@ -503,6 +541,7 @@ PATTERNS: Mapping[str, re.Pattern[str]] = {
     "endpoint": re.compile(r"(^|[^a-z_:])up\s*(\{[^}]*\}\s*)?(==|<|!=)"  # PromQL: up == 0, up{job="x"} < 1
                            r"|instance.?down|target.?down|endpoint|probe|blackbox|unreachable|health.?check"
                            r"|service.?down"),
+    "queues": re.compile(r"queue|backlog|messages.?ready|consumer|rabbitmq"),
 }
 # Where a match counts how much: the alert's name and expression are chosen by whoever wrote the rule,
 # the annotations are free text.
@@ -518,12 +557,15 @@ def playbook_scores(alert: AlertFacts) -> dict[str, float]:
 
 
 def choose_playbooks(alert: AlertFacts) -> tuple[str, ...]:
-    """The best-matching playbooks (ties: all), or ``("sweep",)`` when none matches (pure)."""
+    """The best-matching playbooks (ties: all), plus ``queues`` when the alert names a queue; ``("sweep",)`` when
+    none matches (the sweep looks at a named queue too) (pure)."""
     scores = playbook_scores(alert)
     best = max(scores.values())
     if best <= 0:
         return ("sweep",)
-    return tuple(pb for pb, s in scores.items() if s == best)
+    chosen = tuple(pb for pb, s in scores.items() if s == best)
+    # A named queue is a concrete thing to look at, whatever else the alert's words matched.
+    return chosen + ("queues",) if alert.queue is not None and "queues" not in chosen else chosen
 
 
 # --------------------------------------------------------------------------------------------
@@ -1014,9 +1056,61 @@ async def endpoint_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft
     return [*drafts, path_h]
 
 
+# --- message queues: backlog without consumers, or consumers falling behind --------------------
+
+def _queue_where(alert: AlertFacts) -> str:
+    return f"queue {_q(alert.queue or '')}" + (f" in vhost {_q(alert.vhost)}" if alert.vhost else "")
+
+
+def assess_queue(alert: AlertFacts, obs: Observation) -> list[Draft]:
+    """No consumer, or consumers too slow, from the queue's ready messages and consumers (pure)."""
+    where = _queue_where(alert)
+    none_h = Draft(cause="no_consumer", statement=f"{where} has ready messages and no consumer")
+    slow_h = Draft(cause="consumers_too_slow", statement=f"the consumers of {where} do not keep up with its "
+                                                          "publishers")
+    status = read_queue_status(obs)
+    if status is None:  # the queue could not be read: the failure is in the finding, no hypothesis is touched
+        return [none_h, slow_h]
+    where = f"queue {_q(status.queue or alert.queue or '')} in vhost {_q(status.vhost or alert.vhost or '')}"
+    n, c = status.ready, status.consumers
+    if n == 0:
+        for h in (none_h, slow_h):
+            h.contradicts(obs, f"{where} is empty now (0 ready messages, {c} consumer(s)): no backlog", 2.5)
+        return [none_h, slow_h]
+    if c == 0:
+        none_h.statement = f"{where} has {n} ready message{'' if n == 1 else 's'} and no consumer"
+        none_h.supports(obs, f"{where} has no consumer", 2.0)
+        none_h.supports(obs, f"{n} message(s) in {where} are ready, waiting for delivery", 1.5)
+        if n >= QUEUE_BACKLOG:
+            none_h.supports(obs, f"{n} ready messages is a backlog (>= {QUEUE_BACKLOG})", 0.5)
+        slow_h.contradicts(obs, f"{where} has no consumer that could be slow", 3.0)
+        return [none_h, slow_h]
+    none_h.contradicts(obs, f"{where} has {c} consumer(s)", 3.0)
+    slow_h.statement = f"the {c} consumer(s) of {where} do not keep up: {n} messages are ready"
+    if n >= QUEUE_BACKLOG:
+        slow_h.supports(obs, f"{n} messages in {where} are ready despite {c} consumer(s)", 1.5)
+        if n >= QUEUE_BACKLOG_PER_CONSUMER * c:
+            slow_h.supports(obs, f"{n // c} ready messages per consumer", 0.5)
+    else:
+        slow_h.contradicts(obs, f"only {n} message(s) in {where} are ready with {c} consumer(s): no real backlog",
+                           1.0)
+    return [none_h, slow_h]
+
+
+async def queues_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
+    """Queue backlog: does the queue the alert names have consumers, and how many messages wait?"""
+    if alert.queue is None:
+        return []
+    params = {"queue": alert.queue, **({"vhost": alert.vhost} if alert.vhost else {})}
+    return assess_queue(alert, await inv.call("rabbitmq", "queue_status", params))
+
+
 async def sweep_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
-    """Unknown alerts: related pods (if the labels name them) and the logs, rather than nothing."""
+    """Unknown alerts: the queue the labels name, related pods (if the labels name them) and the logs, rather than
+    nothing."""
     drafts: list[Draft] = []
+    if alert.queue is not None and inv.offers("rabbitmq", "queue_status"):
+        drafts += await queues_playbook(inv, alert)
     if inv.offers("kubernetes", "pods"):
         got = await _kubernetes_observations(inv, alert)
         if got is not None:
@@ -1033,6 +1127,7 @@ PLAYBOOKS: Mapping[str, Playbook] = {
     "pods": pods_playbook,
     "rollout": rollout_playbook,
     "endpoint": endpoint_playbook,
+    "queues": queues_playbook,
     "sweep": sweep_playbook,
 }
 
@@ -1110,6 +1205,8 @@ class RulesReasoner:
         if alert.namespace is None or alert.workload is None:
             if any(pb in chosen for pb in ("pods", "rollout", "endpoint")):
                 notes = ("the alert's labels name no valid namespace and workload: Kubernetes was not consulted",)
+        if alert.queue is None and "queues" in chosen:
+            notes += ("the alert's labels name no queue (label queue, with vhost): the broker was not consulted",)
         _apply_alert_expression(drafts, expr_obs)
         failures = [o for o in inv.observations if not o.ok]
         return conclude(rank(drafts), failures, notes=notes)

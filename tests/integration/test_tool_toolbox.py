@@ -14,12 +14,13 @@ from agent.tools.kubernetes import KubernetesTool
 from agent.tools.logs import LogsTool
 from agent.tools.postgres import PostgresTool
 from agent.tools.prometheus import PrometheusTool
+from agent.tools.rabbitmq import RabbitMQTool
 from agent.tools.toolbox import Toolbox, parse_duration, parse_time
 from tests.support.services import free_port
 
 pytestmark = pytest.mark.integration
 
-DOMAINS = {"prometheus": None, "postgres": "database", "kubernetes": None, "logs": None}
+DOMAINS = {"prometheus": None, "postgres": "database", "kubernetes": None, "logs": None, "rabbitmq": "rabbitmq"}
 
 
 def _tools(k8s_emulator) -> list[Any]:
@@ -27,7 +28,8 @@ def _tools(k8s_emulator) -> list[Any]:
     limits = Limits(timeout=2)
     return [PrometheusTool(dead, limits=limits), PostgresTool(f"postgresql://127.0.0.1:{free_port()}/x", limits=limits),
             KubernetesTool(k8s_emulator.api_client, namespace=k8s_emulator.namespace, limits=limits),
-            LogsTool(dead, limits=limits)]
+            LogsTool(dead, limits=limits),
+            RabbitMQTool(f"amqp://127.0.0.1:{free_port()}/", username="agent", password="pw-1234", limits=limits)]
 
 
 async def test_every_tool_declares_its_name_domain_and_operations_with_json_schemas(k8s_emulator):
@@ -48,7 +50,7 @@ async def test_every_operation_of_every_tool_fails_as_an_observation_when_its_so
     # Given sources that refuse connections (and the emulator without the objects asked for)
     toolbox = Toolbox(_tools(k8s_emulator))
     examples = {"expr": "up", "generator_url": "http://p/graph?g0.expr=up", "query": '{app="x"}',
-                "selector": '{app="x"}', "deployment": "x"}
+                "selector": '{app="x"}', "deployment": "x", "queue": "orders", "vhost": "shop"}
     try:
         for tool, ops in toolbox.operations().items():
             for op, spec in ops.items():

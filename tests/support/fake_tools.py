@@ -131,3 +131,24 @@ def prometheus(series: Any = FIRING_SERIES) -> FakeTool:
 def connection_alert(annotations: Mapping[str, str] | None = None) -> IncidentEvent:
     return incident("PostgresTooManyConnections", expr=SATURATION_EXPR, instance="pg-0:9187",
                     annotations=annotations or {"summary": "PostgreSQL uses 95% of max_connections"})
+
+
+# --- a queue backlog (agent/tools/rabbitmq.py) --------------------------------------------------
+
+def queue_status(ready: int, consumers: int, *, queue: str = "orders", vhost: str = "shop") -> dict[str, Any]:
+    return {"vhost": vhost, "queue": queue, "message_count": ready, "consumer_count": consumers}
+
+
+def rabbitmq(answer: Any = None, *, failing: str | None = None) -> FakeTool:
+    """The queue tool answering ``queue_status`` with ``answer`` (or failing with the reason ``failing``)."""
+    if failing is not None:
+        return FakeTool("rabbitmq", {}, failing={"queue_status": failing}, params={"queue_status": ("queue", "vhost")})
+    return FakeTool("rabbitmq", {"queue_status": answer if answer is not None else queue_status(1200, 0)},
+                    params={"queue_status": ("queue", "vhost")})
+
+
+def backlog_alert(alertname: str = "OrdersQueueBacklog", *, queue: str = "orders", vhost: str = "shop",
+                  annotations: Mapping[str, str] | None = None, **labels: str) -> IncidentEvent:
+    """The alert ``agentjobs up --demo`` sends about its queue backlog (the name is not to be relied on)."""
+    return incident(alertname, annotations=annotations,
+                    **{"domain": "messaging", "vhost": vhost, "queue": queue, "service": "orders-worker", **labels})

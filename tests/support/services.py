@@ -340,6 +340,14 @@ class ManagementClient:
         """
         return await self._request("GET", f"/api/users/{self._q(name)}", ok=(200, 404, 500)) is not None
 
+    async def create_user(self, name: str, password: str, *, tags: str = "") -> None:
+        """PUT /api/users/<name>: a user with no permissions anywhere until some are set."""
+        await self._request("PUT", f"/api/users/{self._q(name)}", json={"password": password, "tags": tags})
+
+    async def delete_user(self, name: str) -> None:
+        """DELETE /api/users/<name> (gone already is fine); its connections are closed."""
+        await self._request("DELETE", f"/api/users/{self._q(name)}", ok=(204, 404))
+
     async def overview(self) -> dict[str, Any]:
         """GET /api/overview."""
         return await self._request("GET", "/api/overview")

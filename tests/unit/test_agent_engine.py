@@ -79,3 +79,37 @@ def test_bad_tool_settings_name_the_variable(name: str, value: str, says: str) -
         env |= {"AGENTJOBS_LLM__BASE_URL": "http://vllm/v1", "AGENTJOBS_LLM__MODEL": "m"}
     with pytest.raises(config.ConfigError, match=says.replace("[", r"\[").replace("(", r"\(")):
         config.load(env)
+
+
+def test_the_queue_tool_is_on_by_default_whenever_the_agent_has_a_broker_user() -> None:
+    import asyncio
+
+    async def opened(e: config.AgentEnv, **creds: str | None) -> list[str]:
+        tools, _ = await engine.open_tools(e, db_user=None, db_password=None, postgres_available=True, **creds)
+        await engine.close_tools(tools)
+        return [t.name for t in tools]
+
+    env = config.load(BASE)
+    assert env.tools.rabbitmq is True
+    # the agent's own (Vault-issued) user, or the credentials in the URL (auth mode none)
+    assert asyncio.run(opened(env, amqp_user="agent-inv-1", amqp_password="pw-secret")) == ["rabbitmq"]
+    assert asyncio.run(opened(config.load({**BASE, "AGENTJOBS_AMQP__URL": "amqp://u:p@broker/"}))) == ["rabbitmq"]
+    # never as a default user: without credentials it stays closed
+    assert asyncio.run(opened(env)) == []
+    off = config.load({**BASE, "AGENTJOBS_TOOLS__RABBITMQ": "false"})
+    assert asyncio.run(opened(off, amqp_user="agent-inv-1", amqp_password="pw-secret")) == []
+    with pytest.raises(config.ConfigError, match="AGENTJOBS_TOOLS__RABBITMQ"):
+        config.load({**BASE, "AGENTJOBS_TOOLS__RABBITMQ": "maybe"})
+
+
+def test_the_queue_tool_connects_to_the_asked_vhost_on_the_jobs_broker() -> None:
+    from agent.tools.rabbitmq import vhost_of, vhost_url
+
+    base = "amqps://broker.example:5671/agentjobs?heartbeat=30"
+    assert vhost_of(base) == "agentjobs"
+    assert vhost_of("amqp://broker") == vhost_of("amqp://broker/") == vhost_of("amqp://broker/%2F") == "/"
+    assert vhost_of("amqp://broker/demo%2Forders") == "demo/orders"
+    assert vhost_url(base, "/") == "amqps://broker.example:5671/%2F?heartbeat=30"
+    assert vhost_url(base, "demo/orders q") == "amqps://broker.example:5671/demo%2Forders%20q?heartbeat=30"
+    assert vhost_url(base, "demo", username="agent@x", password="p:w/d") == \
+        "amqps://agent%40x:p%3Aw%2Fd@broker.example:5671/demo?heartbeat=30"
