@@ -21,6 +21,7 @@ Decisions are pure functions; the probes and the plugin command are the I/O.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -103,11 +104,15 @@ def with_local_postgres(settings: Settings) -> Settings:
 
 
 async def rabbitmq_problem(url: str) -> str | None:
-    """None if the broker accepts a connection, else a short reason."""
+    """None if the broker accepts a connection, else a short reason (aiormq's own error line muted)."""
+    transport = logging.getLogger("aiormq.connection")
+    level, transport.level = transport.level, logging.CRITICAL
     try:
         connection = await aio_pika.connect(url, timeout=5)
     except Exception as exc:  # any failure means "not usable"; the message names it
         return f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        transport.setLevel(level)
     await connection.close()
     return None
 
