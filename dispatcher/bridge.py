@@ -210,12 +210,9 @@ class BridgeService:
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; exit 2 when the broker is unreachable at start."""
-        import signal
+        from .signals import stop_event
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_event()
         try:
             await self.start()
         except TemporaryError as exc:

@@ -205,6 +205,7 @@ def _tool_env(settings: Settings) -> dict[str, str]:
         "AGENTJOBS_TOOLS__TIMEOUT": f"{tools.timeout:g}",
         "AGENTJOBS_TOOLS__MAX_ROWS": str(tools.max_rows),
         "AGENTJOBS_TOOLS__MAX_TOOL_CALLS": str(tools.max_tool_calls),
+        "AGENTJOBS_TOOLS__RABBITMQ": "true" if tools.rabbitmq else "false",
     }
     if tools.prometheus_url:
         env["AGENTJOBS_TOOLS__PROMETHEUS_URL"] = tools.prometheus_url

@@ -204,6 +204,9 @@ class ToolsSettings(Section):
     loki_url: str = ""  # Loki HTTP API, e.g. http://loki.monitoring:3100; empty: no logs tool
     kubernetes: bool = False  # read-only cluster tool with the Job's own ServiceAccount (in-cluster)
     kubeconfig: str = ""  # instead of in-cluster config (tests, local runtime)
+    # queue depth and consumers of an alert's queue (passive declares as the agent's own broker
+    # user; its vhost must be in vault.rabbitmq_inspect_vhosts unless it is the results vhost)
+    rabbitmq: bool = True
     timeout: Seconds = 5.0  # seconds per tool call
     max_rows: Positive = 200  # rows/series/lines/objects kept from one answer
     max_tool_calls: Positive = 40  # per investigation

@@ -173,6 +173,17 @@ def test_the_job_learns_where_its_tools_and_model_are_but_never_a_secret() -> No
     assert "AGENTJOBS_TOOLS__KUBERNETES" not in env  # not configured: not offered
 
 
+@pytest.mark.parametrize(("setting", "told"), [(None, "true"), ("false", "false")])
+def test_the_queue_tool_is_on_unless_switched_off_and_the_agent_reads_the_same_switch(setting, told) -> None:
+    from agent import config
+
+    s = load_settings(None, {} if setting is None else {"AGENTJOBS_TOOLS__RABBITMQ": setting})
+    env = _env_of(jobspec.build_job(_plan(SAMPLE, s), s))
+
+    assert env["AGENTJOBS_TOOLS__RABBITMQ"] == told
+    assert config._tools(env, None).rabbitmq is (told == "true")
+
+
 def test_unconfigured_tools_are_not_offered() -> None:
     s = load_settings(None, {})
     env = _env_of(jobspec.build_job(_plan(SAMPLE, s), s))
