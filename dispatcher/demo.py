@@ -28,7 +28,7 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
@@ -111,7 +111,8 @@ def _webhook(name: str, alerts: list[dict[str, Any]]) -> bytes:
     }).encode()
 
 
-def alert_groups(names: Names, *, postgres: str | None, vhost: str, now: datetime) -> list[list[bytes]]:
+def alert_groups(names: Names, *, postgres: str | None, vhost: str, queue: str = QUEUE,
+                 now: datetime) -> list[list[bytes]]:
     """The notifications per group, in the order Alertmanager sends them (pure).
 
     ``postgres``: the server's ``host:port`` (None: no database problems). The connections
@@ -131,10 +132,10 @@ def alert_groups(names: Names, *, postgres: str | None, vhost: str, now: datetim
             "sum(pg_stat_activity_count) / max(pg_settings_max_connections) > 0.85")])
     groups.append([_alert(
         "OrdersQueueBacklog",
-        {"severity": "warning", "domain": "messaging", "vhost": vhost, "queue": QUEUE,
+        {"severity": "warning", "domain": "messaging", "vhost": vhost, "queue": queue,
          "service": "fulfilment-worker"},
-        f"{QUEUE} has more than 100 ready messages", starts,
-        f'rabbitmq_queue_messages_ready{{queue="{QUEUE}"}} > 100')])
+        f"{queue} has more than 100 ready messages", starts,
+        f'rabbitmq_queue_messages_ready{{queue="{queue}"}} > 100')])
     bodies = []
     for alerts in groups:
         sends = []
@@ -231,10 +232,7 @@ class DemoProblems:
                  max_connections=max_connections)
 
     async def _backlog(self, *, management: bool) -> None:
-        self.vhost = urlsplit(self.settings.amqp.url).path.removeprefix("/") or "/"
-        from urllib.parse import unquote
-
-        self.vhost = unquote(self.vhost)
+        self.vhost = unquote(urlsplit(self.settings.amqp.url).path.removeprefix("/")) or "/"
         if management:
             await self._management("PUT", f"vhosts/{quote(self.names.vhost, safe='')}", {})
             self.own_vhost, self.vhost = True, self.names.vhost
@@ -268,15 +266,10 @@ class DemoProblems:
 
     # -- what the agents are told ------------------------------------------------------------
 
-    def queue_label(self) -> str:
-        return self._queue_name()
-
     def notifications(self, now: datetime | None = None) -> tuple[list[bytes], int]:
         """(webhook bodies in sending order, number of groups)."""
-        groups = alert_groups(self.names, postgres=self.postgres, vhost=self.vhost, now=now or datetime.now(UTC))
-        if not self.own_vhost:  # the queue label names the suffixed queue
-            groups = [[b.replace(f'"{QUEUE}"'.encode(), f'"{self._queue_name()}"'.encode()) for b in g]
-                      for g in groups]
+        groups = alert_groups(self.names, postgres=self.postgres, vhost=self.vhost, queue=self._queue_name(),
+                              now=now or datetime.now(UTC))
         return interleaved(groups), len(groups)
 
     # -- tear down ---------------------------------------------------------------------------
@@ -285,7 +278,7 @@ class DemoProblems:
         """Remove everything, whatever state set-up reached; failures are logged, never raised."""
         from psycopg import sql
 
-        if self.settings.postgres.admin_dsn and any("database" in c or "role" in c for c in self.created):
+        if any(c.startswith("PostgreSQL role") for c in self.created):  # the database is the role's
             try:
                 async with await self._admin() as admin:
                     await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
