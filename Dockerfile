@@ -7,7 +7,7 @@
 #
 # The final stages hold only the Python runtime and a virtualenv with the
 # project installed: no compiler, no pip, no package manager caches. They run
-# as the numeric non-root user 65532 (what dispatcher/jobspec.py and the
+# as the numeric non-root user 65532 (what dispatcher/jobs/jobspec.py and the
 # Deployments set as runAsUser), write nothing outside /tmp and so work with
 # readOnlyRootFilesystem. Pin PYTHON_IMAGE by digest in release builds.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

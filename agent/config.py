@@ -1,6 +1,6 @@
 """What the Job tells the agent, read once from the environment.
 
-The dispatcher's Job manifest (``dispatcher/jobspec.py``) is the other side of
+The dispatcher's Job manifest (``dispatcher/jobs/jobspec.py``) is the other side of
 this contract: ``AGENTJOBS_*`` variables name the investigation, its phase and
 where its input files, Vault, RabbitMQ and PostgreSQL are. Broker and database
 addresses arrive *without* credentials — the agent inserts the dynamic users
@@ -23,9 +23,9 @@ AuthMode = Literal["per-investigation", "kubernetes", "none"]
 AUTH_MODES: tuple[AuthMode, ...] = ("per-investigation", "kubernetes", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-INCIDENT_FILE = "incident.json"  # == dispatcher.jobspec.INCIDENT_FILE
-WRAPPED_TOKEN_FILE = "wrapped-token"  # == dispatcher.jobspec.WRAPPED_TOKEN_FILE
-VAULT_CA_FILE = "vault-ca.pem"  # == dispatcher.jobspec.VAULT_CA_FILE
+INCIDENT_FILE = "incident.json"  # == dispatcher.jobs.jobspec.INCIDENT_FILE
+WRAPPED_TOKEN_FILE = "wrapped-token"  # == dispatcher.jobs.jobspec.WRAPPED_TOKEN_FILE
+VAULT_CA_FILE = "vault-ca.pem"  # == dispatcher.jobs.jobspec.VAULT_CA_FILE
 
 
 class ConfigError(Exception):

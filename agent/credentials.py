@@ -28,9 +28,9 @@ import hvac
 import hvac.exceptions
 import requests
 
-from dispatcher import vault_layout
-from dispatcher.logs import get_logger
-from dispatcher.redaction import mask_text
+from schemas import vault_paths as vault_layout
+from schemas.logs import get_logger
+from schemas.redaction import mask_text
 
 from .config import AgentEnv
 from .renewal import LeaseState, next_check, renewal_increment

@@ -29,9 +29,9 @@ from typing import TextIO
 
 import msgspec
 
-from dispatcher import logs
-from dispatcher.settings import LoggingSettings
-from dispatcher.topology import CREDENTIALS_KEY
+from schemas import logs
+from schemas.logs import LoggingSettings
+from schemas.routing import CREDENTIALS_KEY
 from schemas import (
     AgentExit,
     CredentialsIssued,

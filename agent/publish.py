@@ -22,10 +22,9 @@ import msgspec
 from aio_pika.abc import DeliveryMode
 from yarl import URL
 
-from dispatcher.redaction import mask_text
-from dispatcher.reporting import finding_key
-from dispatcher.topology import RESULTS
 from schemas import Finding, encode
+from schemas.redaction import mask_text
+from schemas.routing import RESULTS, finding_key
 
 
 class PublishFailed(Exception):

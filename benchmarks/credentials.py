@@ -260,9 +260,9 @@ class Bench:
         return int(roles), len(users)
 
     async def main(self) -> dict[str, Any]:
-        from dispatcher.credentials import VaultCredentials
-        from dispatcher.settings import load_settings
-        from dispatcher.vault_bootstrap import token_ttl
+        from dispatcher.credentials.tokens import VaultCredentials
+        from dispatcher.plumbing.settings import load_settings
+        from dispatcher.credentials.bootstrap import token_ttl
         from tests.integration.vault_helpers import bootstrapped_vault
         from tests.support.services import Postgres, RabbitMQ, temporary_vhost
 
@@ -385,8 +385,8 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, help="measured iterations (overrides --quick)")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the measured iterations to FILE")
     args = parser.parse_args()
-    from dispatcher.logs import configure
-    from dispatcher.settings import LoggingSettings
+    from schemas.logs import configure
+    from dispatcher.plumbing.settings import LoggingSettings
 
     # The agent and the dispatcher log at info in production: keep that cost, not the noise.
     configure(LoggingSettings(level="info", format="json"), stream=open(os.devnull, "w"))  # noqa: SIM115

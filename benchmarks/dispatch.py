@@ -128,8 +128,8 @@ def verdict(ok: bool) -> str:
 
 def quiet_logging() -> None:
     """structlog (and stdlib loggers routed through it) at warning, to stderr."""
-    from dispatcher.logs import configure
-    from dispatcher.settings import LoggingSettings
+    from schemas.logs import configure
+    from dispatcher.plumbing.settings import LoggingSettings
 
     configure(LoggingSettings(level="warning", format="json"))
 
@@ -361,9 +361,9 @@ async def emulator_role(profile: str | None) -> None:
 async def dispatcher_role(profile: str | None) -> None:
     from kubernetes_asyncio.client import ApiClient, Configuration
 
-    from dispatcher.runtime_k8s import KubernetesRuntime
-    from dispatcher.service import DispatcherService
-    from dispatcher.settings import load_settings
+    from dispatcher.jobs.kubernetes import KubernetesRuntime
+    from dispatcher.intake.service import DispatcherService
+    from dispatcher.plumbing.settings import load_settings
 
     quiet_logging()
     pauses = GcPauses()
@@ -453,7 +453,7 @@ async def dispatcher_role(profile: str | None) -> None:
 
 def dispatcher_env(amqp_url: str) -> dict[str, str]:
     """Settings overrides: this vhost, the bench namespace, admission caps that never throttle."""
-    from dispatcher.settings import load_settings
+    from dispatcher.plumbing.settings import load_settings
 
     env = {
         "AGENTJOBS_AMQP__URL": amqp_url,
@@ -630,7 +630,7 @@ class Bench:
 
     # -- 1. latency at a steady rate ---------------------------------------------------------
     async def latency(self) -> None:
-        from dispatcher.topology import INCIDENTS
+        from schemas.routing import INCIDENTS
 
         rate = 100.0
         seconds = 5.0 if self.quick else 20.0
@@ -651,7 +651,7 @@ class Bench:
         missing = [name for name in names if name not in created]
         if missing:
             raise RuntimeError(f"latency phase: {len(missing)} incidents never got a Job")
-        from dispatcher.settings import load_settings
+        from dispatcher.plumbing.settings import load_settings
 
         broker_n = int(rate * (3.0 if self.quick else 10.0))
         prefetch = load_settings(None, self.env).amqp.prefetch
@@ -698,8 +698,8 @@ class Bench:
 
     # -- 2 + 3. sustained throughput vs the raw ceiling --------------------------------------
     async def throughput(self) -> None:
-        from dispatcher.settings import load_settings
-        from dispatcher.topology import INCIDENTS
+        from dispatcher.plumbing.settings import load_settings
+        from schemas.routing import INCIDENTS
 
         n = 1000 if self.quick else 5000
         bodies, _ = incidents(self.run, "tput", n)
@@ -777,7 +777,7 @@ class Bench:
     # -- 2b. a realistic alert storm, same set-up as phase 2 --------------------------------
     async def storm(self, groups: int, n: int) -> dict[str, Any]:
         """Pre-published ``storm()`` bodies; incidents/s until every delivery is handled, and Jobs made."""
-        from dispatcher.topology import INCIDENTS
+        from schemas.routing import INCIDENTS
         from schemas import decode_incident, identify
         from tests.support.payloads import storm as storm_bodies
 
@@ -802,7 +802,7 @@ class Bench:
 
     # -- 4. memory with 10,000 active investigations -----------------------------------------
     async def memory(self) -> None:
-        from dispatcher.topology import INCIDENTS
+        from schemas.routing import INCIDENTS
 
         n = 2000 if self.quick else 10_000
         bodies, _ = incidents(self.run, "rss", n)
@@ -846,8 +846,8 @@ class Bench:
     async def main(self) -> None:
         import aio_pika
 
-        from dispatcher.settings import load_settings
-        from dispatcher.topology import declare, dispatcher_topology
+        from dispatcher.plumbing.settings import load_settings
+        from dispatcher.plumbing.topology import declare, dispatcher_topology
         from tests.support.services import RabbitMQ, temporary_vhost
 
         # SIGTERM cleans up like Ctrl-C: cancellation runs every `finally` (children, vhost).
@@ -905,8 +905,7 @@ def main() -> int:
         asyncio.run(emulator_role(args.profile))
         return 0
     if args.role == "dispatcher":
-        from dispatcher import tasks
-
+        from dispatcher.plumbing import tasks
         tasks.run(dispatcher_role(args.profile))  # the event loop `agentjobs dispatcher` runs on
         return 0
     quiet_logging()

@@ -14,7 +14,7 @@ into an ``IncidentEvent`` by the real ``schemas.alertmanager.to_incident``.
 Then N investigations (default 30, ``--quick`` 8, after one warm-up run), one at a time. Each
 is what the dispatcher does with that incident, minus the alerting pipeline's own delays:
 a token minted through the read-only phase's role (``VaultCredentials.mint``, untimed), the
-Job manifest built by ``dispatcher.jobspec.build_job`` and its container environment handed
+Job manifest built by ``dispatcher.jobs.jobspec.build_job`` and its container environment handed
 to a fresh ``agentjobs agent`` process the way ``LocalRuntime`` does (input files under
 ``AGENTJOBS_MOUNT_ROOT``, nothing of our environment). The agent bootstraps from the wrapped
 token, runs the ``rules`` reasoner over PostgreSQL and Prometheus, publishes its finding with
@@ -277,12 +277,12 @@ class Bench:
 
     async def investigation(self, n: int, ctx: dict[str, Any], *, python_args: list[str] | None = None,
                             keep: Path | None = None) -> Sample:
-        """One investigation; ``python_args`` (profiling) run the agent as ``python ARGS -m dispatcher.cli agent``
+        """One investigation; ``python_args`` (profiling) run the agent as ``python ARGS -m dispatcher.cli.main agent``
         and ``keep`` receives its stderr."""
         import msgspec
 
-        from dispatcher import jobspec
-        from dispatcher.runtime_local import MOUNT_ROOT_ENV
+        from dispatcher.jobs import jobspec
+        from dispatcher.jobs.local import MOUNT_ROOT_ENV
         from schemas import Finding, Phase, decode, encode, identify
 
         settings = ctx["settings"]
@@ -314,7 +314,7 @@ class Bench:
         env |= {"HOME": str(scratch), "TMPDIR": str(scratch), MOUNT_ROOT_ENV: str(mount_root)}
         argv = list(container["command"]) + list(container.get("args") or [])
         if python_args is not None:
-            argv = [sys.executable, *python_args, "-m", "dispatcher.cli", *argv[1:]]
+            argv = [sys.executable, *python_args, "-m", "dispatcher.cli.main", *argv[1:]]
 
         proc = await self.children.run(argv, env, scratch, run_dir / "stdout", run_dir / "stderr")
         err = (run_dir / "stderr").read_text(errors="replace")
@@ -400,9 +400,10 @@ class Bench:
         import msgspec
         import psycopg
 
-        from dispatcher.credentials import VaultCredentials
-        from dispatcher.settings import load_settings
-        from dispatcher.topology import RESULTS, declare, dispatcher_topology
+        from dispatcher.credentials.tokens import VaultCredentials
+        from dispatcher.plumbing.settings import load_settings
+        from dispatcher.plumbing.topology import declare, dispatcher_topology
+        from schemas.routing import RESULTS
         from tests.integration.vault_helpers import bootstrapped_vault
         from tests.support.observability import PostgresExporter, Prometheus, idle_in_transaction, running
         from tests.support.services import Postgres, RabbitMQ, temporary_vhost
@@ -615,8 +616,8 @@ def main() -> int:
                         help="after the measured runs, profile one more agent run with -X importtime and one with "
                              "cProfile, written to DIR")
     args = parser.parse_args()
-    from dispatcher.logs import configure
-    from dispatcher.settings import LoggingSettings
+    from schemas.logs import configure
+    from dispatcher.plumbing.settings import LoggingSettings
 
     # Our own side (bootstrap, mint, revoke) logs nothing we need; the agents log as in production.
     configure(LoggingSettings(level="warning", format="json"), stream=open(os.devnull, "w"))  # noqa: SIM115

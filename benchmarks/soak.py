@@ -438,7 +438,7 @@ class Soak:
     def env(self, amqp_url: str, mgmt_url: str, vault_addr: str) -> dict[str, str]:
         """AGENTJOBS_* overrides shared by bootstrap and both services (``up``'s embedded settings)."""
         script = Path(sys.executable).with_name("agentjobs")
-        agent = [str(script), "agent"] if script.exists() else [sys.executable, "-m", "dispatcher.cli", "agent"]
+        agent = [str(script), "agent"] if script.exists() else [sys.executable, "-m", "dispatcher.cli.main", "agent"]
         return {
             "AGENTJOBS_AMQP__URL": amqp_url,
             "AGENTJOBS_AMQP__MANAGEMENT_URL": mgmt_url,
@@ -458,7 +458,7 @@ class Soak:
         full = {k: v for k, v in os.environ.items() if not k.startswith("AGENTJOBS_")}
         full.update(env, AGENTJOBS_METRICS__PORT=str(port))
         script = Path(sys.executable).with_name("agentjobs")
-        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "dispatcher.cli"]
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "dispatcher.cli.main"]
         with open(self.state / f"{name}.log", "ab") as log:
             # Own session: a terminal's Ctrl-C reaches only us, and we stop children in order.
             # PDEATHSIG: if this orchestrator is killed outright, they get SIGTERM.
@@ -563,8 +563,7 @@ class Soak:
         """(agent tokens alive, of which held by still-running investigations, accessors listed)."""
         import aiohttp
 
-        from dispatcher import vault_layout
-
+        from schemas import vault_paths as vault_layout
         running = {i for i, inv in self.load.investigations.items() if not inv.terminal}
         headers = {"X-Vault-Token": root_token}
         left = held = 0
@@ -619,18 +618,12 @@ class Soak:
         import aio_pika
         import hvac
 
-        from dispatcher import vault_layout
-        from dispatcher.embedded_vault import EmbeddedOpenBao
-        from dispatcher.settings import load_settings
-        from dispatcher.topology import (
-            DEAD,
-            FEEDBACK,
-            INCIDENTS,
-            RESULTS,
-            declare,
-            dispatcher_topology,
-        )
-        from dispatcher.vault_bootstrap import bootstrap
+        from schemas import vault_paths as vault_layout
+        from dispatcher.credentials.embedded_openbao import EmbeddedOpenBao
+        from dispatcher.plumbing.settings import load_settings
+        from dispatcher.plumbing.topology import declare, dispatcher_topology
+        from schemas.routing import DEAD, FEEDBACK, INCIDENTS, RESULTS
+        from dispatcher.credentials.bootstrap import bootstrap
         from tests.support.services import RabbitMQ, temporary_vhost
 
         task = asyncio.current_task()
@@ -662,7 +655,7 @@ class Soak:
                 settings = load_settings(None, env)
                 root = hvac.Client(url=bao.addr, token=bao.root_token)
                 # Its warnings are summarised in the notes printed below, as `up` does.
-                logging.getLogger("dispatcher.vault_bootstrap").setLevel(logging.ERROR)
+                logging.getLogger("dispatcher.credentials.bootstrap").setLevel(logging.ERROR)
                 report = await asyncio.to_thread(bootstrap, root, settings)
                 created = await asyncio.to_thread(root.auth.token.create, policies=[vault_layout.DISPATCHER_POLICY],
                                                   ttl="24h", display_name="agentjobs-soak-dispatcher")
@@ -912,8 +905,8 @@ def main() -> int:
         args.group_lifetime = 20.0 if args.quick else 60.0
     if args.sample_every is None:
         args.sample_every = 5.0 if args.quick else 10.0
-    from dispatcher.logs import configure
-    from dispatcher.settings import LoggingSettings
+    from schemas.logs import configure
+    from dispatcher.plumbing.settings import LoggingSettings
 
     configure(LoggingSettings(level="warning", format="json"))
     try:

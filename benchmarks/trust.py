@@ -54,9 +54,9 @@ if str(ROOT) not in sys.path:
 
 import msgspec  # noqa: E402 - after the sys.path fix-up, like the project imports below
 
-from dispatcher.settings import TrustSettings, load_settings  # noqa: E402
-from dispatcher.trust import TrustMetrics, TrustState  # noqa: E402
-from dispatcher.trust_policy import Reason, TrustLedger, wilson_bounds  # noqa: E402
+from dispatcher.plumbing.settings import TrustSettings, load_settings  # noqa: E402
+from dispatcher.trust.service import TrustMetrics, TrustState  # noqa: E402
+from dispatcher.trust.policy import Reason, TrustLedger, wilson_bounds  # noqa: E402
 from schemas import OperatorFeedback, Phase, ShadowComparison, Verdict, encode  # noqa: E402
 
 TARGET_REPLAY_1M_S = 20.0  # seconds to replay 1,000,000 feedback-log entries
@@ -100,8 +100,8 @@ def say(text: str = "") -> None:
 
 def quiet_logging() -> None:
     """structlog (and stdlib loggers routed through it) at warning, to stderr."""
-    from dispatcher.logs import configure
-    from dispatcher.settings import LoggingSettings
+    from schemas.logs import configure
+    from dispatcher.plumbing.settings import LoggingSettings
 
     configure(LoggingSettings(level="warning", format="json"))
 
@@ -488,10 +488,11 @@ class Bench:
     async def broker(self) -> None:
         import aio_pika
 
-        from dispatcher.amqp import connect
-        from dispatcher.streamlog import PREFETCH, StreamFollower
-        from dispatcher.topology import FEEDBACK, FEEDBACK_LOG, declare, dispatcher_topology
-        from dispatcher.trust import TrustService
+        from dispatcher.plumbing.amqp import connect
+        from dispatcher.plumbing.streamlog import PREFETCH, StreamFollower
+        from dispatcher.plumbing.topology import declare, dispatcher_topology
+        from schemas.routing import FEEDBACK, FEEDBACK_LOG
+        from dispatcher.trust.service import TrustService
         from tests.support.services import RabbitMQ, temporary_vhost
 
         rabbitmq = RabbitMQ.from_env()
@@ -739,8 +740,7 @@ def main() -> int:
     parser.add_argument("--stream-entries", type=int, help="entries appended to the stream for 1b (overrides --quick)")
     args = parser.parse_args()
     quiet_logging()
-    from dispatcher import tasks
-
+    from dispatcher.plumbing import tasks
     try:
         tasks.run(Bench(args).main())  # the event loop `agentjobs trust` runs on
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -12,12 +12,19 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator, MutableMapping
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
+import msgspec
 import structlog
 
 from . import redaction
-from .settings import LoggingSettings
+
+
+class LoggingSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[logging]``: the one settings section the agent and the control plane share."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
 
 
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -22,7 +22,7 @@ and ``"key": "value"`` pairs whose key is a secret (libpq DSNs, query strings,
 reprs of request bodies), SQL ``PASSWORD '…'``, Vault/OpenBao tokens, JWTs,
 ``sk-`` API keys and PEM private key blocks.
 
-Every log line (``dispatcher.logs``), ``config check`` and ``tail`` go through here;
+Every log line (``schemas.logs``), ``config check`` and ``tail`` go through here;
 the agent uses ``mask_text`` for its own messages.
 """
 
@@ -79,7 +79,7 @@ _AUTH_SCHEME = re.compile(
     re.IGNORECASE,
 )
 # Vault/OpenBao service, batch and recovery tokens (s., hvs., b., hvb., hvr.), and the
-# embedded dev server's root-<hex> token (dispatcher/embedded_vault.py).
+# embedded dev server's root-<hex> token (dispatcher/credentials/embedded_openbao.py).
 _VAULT_TOKEN = re.compile(r"\b(?:s|hvs|hvb|hvr|b)\.[A-Za-z0-9_-]{16,}|\broot-[0-9a-f]{32}\b")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _API_KEY = re.compile(r"\bsk-[A-Za-z0-9_-]{20,}")

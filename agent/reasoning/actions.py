@@ -27,7 +27,7 @@ from typing import Protocol
 
 import msgspec
 
-from dispatcher import logs
+from schemas import logs
 from schemas import Phase, ProposedAction, RiskClass
 
 log = logs.get_logger("agentjobs.agent.actions")

@@ -34,7 +34,7 @@ import msgspec
 from opentelemetry import trace as _otel_trace
 
 from agent.tools.base import Observation, Tool, bounded
-from dispatcher import logs
+from schemas import logs
 from schemas import Conclusion, Evidence, IncidentEvent, ProposedAction, RiskClass
 
 from .actions import REGISTRY, screen

@@ -5,7 +5,7 @@ What a DBA looks at first during a connection or locking incident, from
 state / application / client address against ``max_connections``, sessions
 idle in transaction, long-running queries and blocking lock chains. Every
 query works for a role that has only ``LOGIN`` and ``pg_read_all_stats`` (the
-dynamic user Vault issues, see ``dispatcher/vault_bootstrap.py``).
+dynamic user Vault issues, see ``dispatcher/credentials/bootstrap.py``).
 
 Bounds: the session is read-only (``default_transaction_read_only``) with a
 ``statement_timeout``; connecting and querying together are bounded by

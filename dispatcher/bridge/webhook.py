@@ -37,11 +37,12 @@ from schemas import DecodeError, decode_incident
 from schemas.errors import TemporaryError
 from schemas.incident import IncidentEvent
 
-from .amqp import Publisher, connect
-from .logs import get_logger
-from .metrics import BridgeMetrics
-from .settings import BridgeSettings, Settings
-from .topology import INCIDENTS, declare, dispatcher_topology
+from dispatcher.plumbing.amqp import Publisher, connect
+from schemas.logs import get_logger
+from dispatcher.plumbing.metrics import BridgeMetrics
+from dispatcher.plumbing.settings import BridgeSettings, Settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import INCIDENTS
 
 log = get_logger(__name__)
 
@@ -210,7 +211,7 @@ class BridgeService:
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; exit 2 when the broker is unreachable at start."""
-        from .signals import stop_event
+        from dispatcher.plumbing.signals import stop_event
 
         stop = stop_event()
         try:

@@ -33,9 +33,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import aio_pika
 import aiohttp
 
-from .logs import get_logger
-from .preflight import management_api
-from .settings import Settings
+from schemas.logs import get_logger
+from dispatcher.cli.preflight import management_api
+from dispatcher.plumbing.settings import Settings
 
 log = get_logger("agentjobs.demo")
 

@@ -18,8 +18,8 @@ import msgspec
 
 from schemas import OperatorFeedback, Phase, PhasePin, ShadowComparison, Verdict, encode, utcnow
 
-from . import redaction
-from .settings import ENV_CONFIG_FILE, Settings, SettingsError, load_settings
+from schemas import redaction
+from dispatcher.plumbing.settings import ENV_CONFIG_FILE, Settings, SettingsError, load_settings
 
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
@@ -51,8 +51,8 @@ def settings_from(ctx: click.Context) -> Settings:
 @click.pass_context
 def app(ctx: click.Context, config: Path | None) -> None:
     """Run AI incident-investigation agents as Kubernetes Jobs, safely."""
-    from . import logs
-    from .settings import LoggingSettings
+    from schemas import logs
+    from dispatcher.plumbing.settings import LoggingSettings
 
     # One-shot commands log only warnings, to stderr (stdout is their output); services
     # reconfigure from settings when they start.
@@ -117,9 +117,10 @@ def config_check(ctx: click.Context, file: Path | None) -> None:
 @click.pass_context
 def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
     """Consume incidents and run one Job per investigation (until SIGTERM)."""
-    from . import logs, tasks
-    from .runtimes import open_runtime
-    from .service import DispatcherService
+    from schemas import logs
+    from dispatcher.plumbing import tasks
+    from dispatcher.jobs.runtimes import open_runtime
+    from dispatcher.intake.service import DispatcherService
 
     settings = settings_from(ctx)
     logs.configure(settings.logging)
@@ -145,8 +146,10 @@ def dispatcher_cmd(ctx: click.Context, health_port: int | None) -> None:
 def up_cmd(ctx: click.Context, demo: bool, exit_after: bool, json_logs: bool) -> None:
     """Run everything on this machine: OpenBao, the dispatcher with local Jobs, metrics (until Ctrl-C)."""
 
-    from . import logs, tasks
-    from .up import run_up
+    from schemas import logs
+
+    from dispatcher.plumbing import tasks
+    from dispatcher.cli.up import run_up
 
     settings = settings_from(ctx)
     # Readable by default: the status lines tell the story, log lines only warnings and errors.
@@ -165,8 +168,9 @@ def up_cmd(ctx: click.Context, demo: bool, exit_after: bool, json_logs: bool) ->
 @click.pass_context
 def bridge_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Receive Alertmanager webhooks on POST /alerts and publish them with confirms (until SIGTERM)."""
-    from . import logs, tasks
-    from .bridge import BridgeService
+    from schemas import logs
+    from dispatcher.plumbing import tasks
+    from dispatcher.bridge.webhook import BridgeService
 
     settings = settings_from(ctx)
     logs.configure(settings.logging)
@@ -183,8 +187,8 @@ def publish() -> None:
 @click.pass_context
 def publish_incident_cmd(ctx: click.Context, file: Any) -> None:
     """Publish an incident from FILE (or - for stdin): Alertmanager v4, CloudEvents or our event."""
-    from . import tasks
-    from .ops import OpsError, publish_incident
+    from dispatcher.plumbing import tasks
+    from dispatcher.cli.ops import OpsError, publish_incident
 
     settings = settings_from(ctx)
     try:
@@ -211,8 +215,8 @@ def publish_incident_cmd(ctx: click.Context, file: Any) -> None:
 @click.pass_context
 def publish_feedback_cmd(ctx: click.Context, file: Any, **fields: Any) -> None:
     """Publish an operator's verdict on a finding: from FILE (JSON, - for stdin) or from the options."""
-    from . import tasks
-    from .ops import OpsError, publish_feedback
+    from dispatcher.plumbing import tasks
+    from dispatcher.cli.ops import OpsError, publish_feedback
 
     settings = settings_from(ctx)
     if file is not None:
@@ -257,9 +261,9 @@ def tail_cmd(ctx: click.Context, stream: str, follow: bool, as_json: bool, filte
 
     Ctrl-C, SIGINT or SIGTERM stops it with exit 0, even when started with SIGINT ignored.
     """
-    from . import tasks
-    from .ops import OpsError, tail
-    from .signals import stop_event, until_stopped
+    from dispatcher.plumbing import tasks
+    from dispatcher.cli.ops import OpsError, tail
+    from dispatcher.plumbing.signals import stop_event, until_stopped
 
     parsed: dict[str, str] = {}
     for item in filters:
@@ -291,8 +295,9 @@ def tail_cmd(ctx: click.Context, stream: str, follow: bool, as_json: bool, filte
 @click.pass_context
 def trust_cmd(ctx: click.Context, health_port: int | None) -> None:
     """Tally operator feedback and move scopes between phases (single active consumer; until SIGTERM)."""
-    from . import logs, tasks
-    from .trust import TrustService
+    from schemas import logs
+    from dispatcher.plumbing import tasks
+    from dispatcher.trust.service import TrustService
 
     settings = settings_from(ctx)
     logs.configure(settings.logging)
@@ -309,8 +314,8 @@ def phase() -> None:
 @click.pass_context
 def phase_show_cmd(ctx: click.Context, as_json: bool) -> None:
     """Every scope's phase, as replayed from the trust logs."""
-    from . import tasks
-    from .ops import OpsError, trust_state
+    from dispatcher.plumbing import tasks
+    from dispatcher.cli.ops import OpsError, trust_state
 
     settings = settings_from(ctx)
     try:
@@ -342,8 +347,8 @@ def phase_show_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def phase_explain_cmd(ctx: click.Context, scope: str, as_json: bool) -> None:
     """SCOPE's phase, figures, thresholds, and what is still needed to promote or would demote."""
-    from . import tasks
-    from .ops import OpsError, trust_state
+    from dispatcher.plumbing import tasks
+    from dispatcher.cli.ops import OpsError, trust_state
 
     settings = settings_from(ctx)
     try:
@@ -390,8 +395,8 @@ def phase_unpin_cmd(ctx: click.Context, scope: str, operator: str, wait: float) 
 
 
 def _send_pin(ctx: click.Context, pin: PhasePin, wait: float) -> None:
-    from . import tasks
-    from .ops import OpsError, request_pin
+    from dispatcher.plumbing import tasks
+    from dispatcher.cli.ops import OpsError, request_pin
 
     settings = settings_from(ctx)
     try:
@@ -414,8 +419,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     """Active investigations, phases per scope and queue depths."""
     from schemas import utcnow
 
-    from . import tasks
-    from .ops import OpsError, active_investigations, queue_depths, trust_state
+    from dispatcher.plumbing import tasks
+    from dispatcher.cli.ops import OpsError, active_investigations, queue_depths, trust_state
 
     settings = settings_from(ctx)
 
@@ -489,9 +494,9 @@ def vault_bootstrap_cmd(ctx: click.Context, addr: str | None, token: str | None,
     """Idempotently create policies, token roles, auth and secrets engines; print changes."""
     import hvac
 
-    from . import logs
-    from .credentials import dispatcher_token, vault_ca
-    from .vault_bootstrap import POLICY_DIR, BootstrapError, bootstrap
+    from schemas import logs
+    from dispatcher.credentials.tokens import dispatcher_token, vault_ca
+    from dispatcher.credentials.bootstrap import POLICY_DIR, BootstrapError, bootstrap
 
     settings = settings_from(ctx)
     logs.configure(settings.logging)

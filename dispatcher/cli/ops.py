@@ -29,14 +29,15 @@ from schemas import (
 )
 from schemas.errors import TemporaryError
 
-from .deadletters import HEADER_MESSAGE, HEADER_REASON
-from .redaction import redact
-from .reporting import routing_word
-from .settings import Settings
-from .topology import DEAD, FEEDBACK, INCIDENTS, PHASES, RESULTS, declare, dispatcher_topology
+from dispatcher.intake.deadletters import HEADER_MESSAGE, HEADER_REASON
+from schemas.redaction import redact
+from schemas.routing import routing_word
+from dispatcher.plumbing.settings import Settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import DEAD, FEEDBACK, INCIDENTS, PHASES, RESULTS
 
 if TYPE_CHECKING:
-    from .trust import TrustState
+    from dispatcher.trust.service import TrustState
 
 STREAMS: dict[str, tuple[str, str]] = {  # name → (exchange, binding)
     "findings": (RESULTS, "finding.#"),
@@ -121,10 +122,9 @@ async def queue_depths(settings: Settings) -> dict[str, dict[str, int]]:
 
 async def active_investigations(settings: Settings, now: datetime) -> list[dict[str, Any]]:
     """Investigations whose Job has not ended, from the runtime's own records (read only)."""
-    from . import jobspec
-
+    from dispatcher.jobs import jobspec
     if settings.runtime.kind == "local":
-        from .runtime_local import is_live, read_records
+        from dispatcher.jobs.local import is_live, read_records
 
         records = read_records(Path(settings.runtime.state_dir) / "local")
         return [
@@ -133,7 +133,7 @@ async def active_investigations(settings: Settings, now: datetime) -> list[dict[
              "domain": r.labels.get(jobspec.LABEL_DOMAIN, ""), "age_s": int((now - r.created_at).total_seconds())}
             for r in records if is_live(r)
         ]
-    from .runtime_k8s import KubernetesRuntime, ending_of
+    from dispatcher.jobs.kubernetes import KubernetesRuntime, ending_of
 
     runtime = await KubernetesRuntime.from_settings(settings.k8s)
     try:
@@ -239,9 +239,9 @@ async def tail(
 
 async def trust_state(settings: Settings) -> TrustState:
     """The trust state as the trust consumer has it: replayed from the feedback and phase logs (read only)."""
-    from .streamlog import StreamFollower
-    from .topology import FEEDBACK_LOG, PHASE_LOG
-    from .trust import TrustState, restore_newest_snapshot
+    from dispatcher.plumbing.streamlog import StreamFollower
+    from schemas.routing import FEEDBACK_LOG, PHASE_LOG
+    from dispatcher.trust.service import TrustState, restore_newest_snapshot
 
     state = TrustState(settings)
     connection = await _connect(settings)

@@ -30,8 +30,8 @@ import aiohttp
 import aio_pika
 import msgspec
 
-from .redaction import mask_text
-from .settings import Settings
+from schemas.redaction import mask_text
+from dispatcher.plumbing.settings import Settings
 
 NO_RABBITMQ = (
     "error: cannot reach RabbitMQ at {url} ({error}); start it (sudo rabbitmq-server -detached; "

@@ -25,20 +25,23 @@ import msgspec
 from schemas import decode, utcnow
 from schemas.errors import DecodeError
 
-from . import preflight, vault_layout
-from .board import Board
-from .demo import DemoProblems
-from .bridge import BridgeService
-from .embedded_vault import EmbeddedOpenBao, EmbeddedVaultError
-from .logs import get_logger
-from .redaction import mask_text
-from .runtime_local import LocalRuntime
-from .service import DispatcherService
-from .settings import Settings
-from .signals import cancel_on, stop_event
-from .topology import FEEDBACK, INCIDENTS, PHASES, RESULTS, declare, dispatcher_topology
-from .trust import TrustService
-from .vault_bootstrap import BootstrapError, bootstrap
+from dispatcher.cli import preflight
+
+from schemas import vault_paths as vault_layout
+from dispatcher.cli.board import Board
+from dispatcher.cli.demo import DemoProblems
+from dispatcher.bridge.webhook import BridgeService
+from dispatcher.credentials.embedded_openbao import EmbeddedOpenBao, EmbeddedVaultError
+from schemas.logs import get_logger
+from schemas.redaction import mask_text
+from dispatcher.jobs.local import LocalRuntime
+from dispatcher.intake.service import DispatcherService
+from dispatcher.plumbing.settings import Settings
+from dispatcher.plumbing.signals import cancel_on, stop_event
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import FEEDBACK, INCIDENTS, PHASES, RESULTS
+from dispatcher.trust.service import TrustService
+from dispatcher.credentials.bootstrap import BootstrapError, bootstrap
 
 log = get_logger("agentjobs.up")
 
@@ -46,7 +49,7 @@ log = get_logger("agentjobs.up")
 def _agent_command() -> list[str]:
     # Local Jobs get a scrubbed environment without PATH: name the executable absolutely.
     script = Path(sys.executable).with_name("agentjobs")
-    return [str(script), "agent"] if script.exists() else [sys.executable, "-m", "dispatcher.cli", "agent"]
+    return [str(script), "agent"] if script.exists() else [sys.executable, "-m", "dispatcher.cli.main", "agent"]
 
 
 def embedded_settings(settings: Settings, *, vault_token: str) -> Settings:
@@ -163,7 +166,7 @@ async def run_up(
                     settings.vault, rabbitmq_inspect_vhosts=[*settings.vault.rabbitmq_inspect_vhosts, problems.vhost]))
         root = hvac.Client(url=bao.addr, token=bao.root_token)
         # Its warnings are summarised in the line below; as log lines they would only repeat it.
-        logging.getLogger("dispatcher.vault_bootstrap").setLevel(logging.ERROR)
+        logging.getLogger("dispatcher.credentials.bootstrap").setLevel(logging.ERROR)
         try:
             report = await asyncio.to_thread(bootstrap, root, settings,
                                              shared_broker_user=not broker.per_investigation_users)

@@ -34,14 +34,14 @@ import requests
 
 from schemas import Phase
 
-from . import redaction
-from . import vault_layout as layout
-from .logs import get_logger
-from .settings import Settings
+from schemas import redaction
+from schemas import vault_paths as layout
+from schemas.logs import get_logger
+from dispatcher.plumbing.settings import Settings
 
 log = get_logger(__name__)
 
-POLICY_DIR = Path(__file__).resolve().parent.parent / "k8s" / "vault"
+POLICY_DIR = Path(__file__).resolve().parents[2] / "k8s" / "vault"
 KV_BOOTSTRAP = "bootstrap"  # agentjobs-kv/data/bootstrap: fingerprints of write-only configs
 RESULTS_EXCHANGE = "agentjobs.results"
 

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .logs import get_logger
+from schemas.logs import get_logger
 
 log = get_logger("agentjobs.embedded_vault")
 

@@ -29,11 +29,13 @@ import msgspec
 
 from schemas.errors import TemporaryError
 
-from . import jobspec, vault_layout
-from .credentials import VaultCredentials
-from .logs import get_logger
-from .metrics import Metrics
-from .runtime import JobRuntime
+from dispatcher.jobs import jobspec
+
+from schemas import vault_paths as vault_layout
+from dispatcher.credentials.tokens import VaultCredentials
+from schemas.logs import get_logger
+from dispatcher.plumbing.metrics import Metrics
+from dispatcher.jobs.runtime import JobRuntime
 
 log = get_logger("agentjobs.token_sweep")
 LOOKUP_CONCURRENCY = 8  # lookups in flight per sweep: Vault is on the dispatch hot path too

@@ -27,9 +27,9 @@ import msgspec
 from schemas import Phase
 from schemas.errors import TemporaryError
 
-from . import vault_layout
-from .logs import get_logger
-from .settings import SettingsError, VaultSettings
+from schemas import vault_paths as vault_layout
+from schemas.logs import get_logger
+from dispatcher.plumbing.settings import SettingsError, VaultSettings
 
 log = get_logger("agentjobs.credentials")
 PERMISSION_RETRY_AFTER = 30.0  # seconds; a 403 means our own token or policy needs fixing

@@ -21,9 +21,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from .deadletters import Delivery
-from .intake import Outcome
-from .logs import bound, get_logger
+from dispatcher.intake.deadletters import Delivery
+from dispatcher.intake.incidents import Outcome
+from schemas.logs import bound, get_logger
 
 log = get_logger("agentjobs.consumer")
 

@@ -16,16 +16,16 @@ from typing import Any
 from schemas import CancelInvestigation, CredentialsIssued, decode, utcnow
 from schemas.errors import DecodeError, PermanentError
 
-from . import jobspec
-from .amqp import Publisher
-from .credentials import Credentials
-from .deadletters import HEADER_RECORD, Delivery, dead_letter, explain, from_error
-from .intake import Outcome
-from .logs import get_logger
-from .metrics import Metrics
-from .reporting import Reporter
-from .retry import Backoff, RetriesExhausted, retry
-from .runtime import JobRuntime
+from dispatcher.jobs import jobspec
+from dispatcher.plumbing.amqp import Publisher
+from dispatcher.credentials.tokens import Credentials
+from dispatcher.intake.deadletters import HEADER_RECORD, Delivery, dead_letter, explain, from_error
+from dispatcher.intake.incidents import Outcome
+from schemas.logs import get_logger
+from dispatcher.plumbing.metrics import Metrics
+from dispatcher.intake.reporting import Reporter
+from dispatcher.plumbing.retry import Backoff, RetriesExhausted, retry
+from dispatcher.jobs.runtime import JobRuntime
 
 log = get_logger("agentjobs.control")
 
@@ -59,7 +59,7 @@ class ControlHandler:
             command = decode(delivery.body, CancelInvestigation)
         except DecodeError as exc:
             return await reject(self.publisher, delivery, exc, backoff=self.backoff,
-                                at=self.clock(), component="dispatcher.control")
+                                at=self.clock(), component="dispatcher.intake.control")
         try:
             existed = await retry(lambda: self.runtime.cancel(command.job_name), self.backoff)
         except RetriesExhausted:
@@ -91,7 +91,7 @@ class LoginTokenRecorder:
             issued = decode(delivery.body, CredentialsIssued)
         except DecodeError as exc:
             return await reject(self.publisher, delivery, exc, backoff=self.backoff,
-                                at=self.clock(), component="dispatcher.credentials")
+                                at=self.clock(), component="dispatcher.credentials.tokens")
         note = {jobspec.ANN_LOGIN_ACCESSOR: issued.token_accessor}
         try:
             recorded = await retry(lambda: self.runtime.annotate_unless_reported(issued.job_name, note),

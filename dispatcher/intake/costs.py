@@ -17,12 +17,12 @@ from datetime import datetime
 from schemas import Finding, decode, utcnow
 from schemas.errors import DecodeError
 
-from .amqp import Publisher
-from .control import reject
-from .deadletters import Delivery
-from .intake import Outcome
-from .metrics import Metrics
-from .retry import Backoff
+from dispatcher.plumbing.amqp import Publisher
+from dispatcher.intake.control import reject
+from dispatcher.intake.deadletters import Delivery
+from dispatcher.intake.incidents import Outcome
+from dispatcher.plumbing.metrics import Metrics
+from dispatcher.plumbing.retry import Backoff
 
 COMPONENT = "cost-recorder"
 

@@ -19,8 +19,8 @@ from typing import Any
 from schemas import DeadLetter, ErrorKind, decode, encode, preview
 from schemas.errors import DecodeError, PermanentError
 
-from .amqp import Publisher
-from .topology import DEAD
+from dispatcher.plumbing.amqp import Publisher
+from schemas.routing import DEAD
 
 HEADER_RECORD = "x-agentjobs-dead-letter"
 HEADER_REASON = "x-agentjobs-reason"

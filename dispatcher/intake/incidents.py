@@ -39,19 +39,19 @@ from schemas import (
 from schemas.errors import DecodeError, PermanentError, TemporaryError
 from schemas.identity import Identity
 
-from . import jobspec
-from .admission import AdmissionGate
-from .amqp import Publisher
-from .credentials import Credentials, NoCredentials, WrappedToken, vault_ca
-from .deadletters import Delivery, dead_letter, from_error
-from .logs import bound, get_logger
-from .metrics import Metrics
-from .phases import PhaseSource
-from .reporting import Reporter, failure_result
-from .retry import Backoff, RetriesExhausted, retry
-from .runtime import JobRuntime, LaunchOutcome
-from .settings import Settings
-from .tracker import Tracked, Tracker
+from dispatcher.jobs import jobspec
+from dispatcher.intake.admission import AdmissionGate
+from dispatcher.plumbing.amqp import Publisher
+from dispatcher.credentials.tokens import Credentials, NoCredentials, WrappedToken, vault_ca
+from dispatcher.intake.deadletters import Delivery, dead_letter, from_error
+from schemas.logs import bound, get_logger
+from dispatcher.plumbing.metrics import Metrics
+from dispatcher.intake.phases import PhaseSource
+from dispatcher.intake.reporting import Reporter, failure_result
+from dispatcher.plumbing.retry import Backoff, RetriesExhausted, retry
+from dispatcher.jobs.runtime import JobRuntime, LaunchOutcome
+from dispatcher.plumbing.settings import Settings
+from dispatcher.intake.tracker import Tracked, Tracker
 
 T = TypeVar("T")
 log = get_logger("agentjobs.intake")

@@ -11,8 +11,6 @@ consumer can drop the duplicates an at-least-once redelivery may cause.
 
 from __future__ import annotations
 
-import re
-
 from schemas import (
     AgentExit,
     Conclusion,
@@ -26,12 +24,11 @@ from schemas import (
     Severity,
 )
 
-from .amqp import Publisher
-from .runtime import JobState, RuntimeEvent
-from .topology import RESULTS
-from .tracker import Tracked
-
-_ROUTING_WORD = re.compile(r"[^A-Za-z0-9_-]+")
+from dispatcher.plumbing.amqp import Publisher
+from dispatcher.jobs.runtime import JobState, RuntimeEvent
+from schemas.routing import RESULTS
+from schemas.routing import finding_key, lifecycle_key, routing_word
+from dispatcher.intake.tracker import Tracked
 
 STATE_OF = {
     JobState.RUNNING: LifecycleState.STARTED,
@@ -40,22 +37,6 @@ STATE_OF = {
     JobState.CANCELLED: LifecycleState.CANCELLED,
     JobState.LOST: LifecycleState.FAILED,
 }
-
-
-def routing_word(text: str) -> str:
-    """One routing-key word (no dots, no wildcards); empty becomes ``unknown``."""
-    return _ROUTING_WORD.sub("_", text).strip("_")[:64] or "unknown"
-
-
-def lifecycle_key(state: LifecycleState) -> str:
-    return f"lifecycle.{state.value}"
-
-
-def finding_key(severity: Severity, domain: str, phase: Phase | None = None) -> str:
-    """``finding.<severity>.<domain>``; shadow findings go to ``finding.shadow.<domain>`` instead,
-    so operators' queues (bound by severity) never receive what is only being scored."""
-    level = "shadow" if phase is Phase.SHADOW else severity.value
-    return f"finding.{level}.{routing_word(domain)}"
 
 
 def lifecycle_message_id(investigation_id: str, state: LifecycleState, suffix: str = "") -> str:

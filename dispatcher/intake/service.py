@@ -16,36 +16,28 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
-from .admission import AdmissionGate
-from .amqp import Publisher, connect
-from .consumer import Consumer
-from .control import ControlHandler, DeadLetterRecorder, LoginTokenRecorder
-from .costs import CostRecorder
-from .credentials import Credentials, VaultCredentials, open_credentials
-from .health import HealthServer
-from .intake import Intake
-from .logs import get_logger
-from .metrics import Metrics
-from .phases import LoggedPhases, PhaseSource
-from .reporting import Reporter
-from .retry import Backoff
-from .runtime import JobRuntime
-from .settings import Settings
-from .streamlog import StreamFollower
-from .tasks import run_until_signalled, spawn
-from .token_sweep import TokenSweeper
-from .topology import (
-    CONTROL,
-    COSTS,
-    CREDENTIALS,
-    DEAD_LOG,
-    INCIDENTS,
-    PHASE_LOG,
-    declare,
-    dispatcher_topology,
-)
-from .tracker import Tracker
-from .watcher import Watcher
+from dispatcher.intake.admission import AdmissionGate
+from dispatcher.plumbing.amqp import Publisher, connect
+from dispatcher.intake.consumer import Consumer
+from dispatcher.intake.control import ControlHandler, DeadLetterRecorder, LoginTokenRecorder
+from dispatcher.intake.costs import CostRecorder
+from dispatcher.credentials.tokens import Credentials, VaultCredentials, open_credentials
+from dispatcher.plumbing.health import HealthServer
+from dispatcher.intake.incidents import Intake
+from schemas.logs import get_logger
+from dispatcher.plumbing.metrics import Metrics
+from dispatcher.intake.phases import LoggedPhases, PhaseSource
+from dispatcher.intake.reporting import Reporter
+from dispatcher.plumbing.retry import Backoff
+from dispatcher.jobs.runtime import JobRuntime
+from dispatcher.plumbing.settings import Settings
+from dispatcher.plumbing.streamlog import StreamFollower
+from dispatcher.plumbing.tasks import run_until_signalled, spawn
+from dispatcher.credentials.token_sweep import TokenSweeper
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import CONTROL, COSTS, CREDENTIALS, DEAD_LOG, INCIDENTS, PHASE_LOG
+from dispatcher.intake.tracker import Tracker
+from dispatcher.intake.watcher import Watcher
 
 log = get_logger("agentjobs.dispatcher")
 

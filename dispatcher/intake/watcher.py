@@ -15,15 +15,16 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from schemas import LifecycleState, Severity
 
-from . import jobspec
-from .admission import AdmissionGate
-from .credentials import Credentials, NoCredentials
-from .logs import bound, get_logger
-from .metrics import Metrics
-from .reporting import Reporter, failure_result, lifecycle_for, lifecycle_key
-from .retry import Backoff, retry
-from .runtime import JobRuntime, RuntimeEvent
-from .tracker import Tracked, Tracker
+from dispatcher.jobs import jobspec
+from dispatcher.intake.admission import AdmissionGate
+from dispatcher.credentials.tokens import Credentials, NoCredentials
+from schemas.logs import bound, get_logger
+from dispatcher.plumbing.metrics import Metrics
+from dispatcher.intake.reporting import Reporter, failure_result, lifecycle_for
+from schemas.routing import lifecycle_key
+from dispatcher.plumbing.retry import Backoff, retry
+from dispatcher.jobs.runtime import JobRuntime, RuntimeEvent
+from dispatcher.intake.tracker import Tracked, Tracker
 
 log = get_logger("agentjobs.watcher")
 # Reporting a terminal state never gives up; it only backs off.

@@ -24,7 +24,7 @@ from schemas import IncidentEvent, Phase
 from schemas.identity import Identity
 from schemas.k8snames import label_value
 
-from .settings import InvestigationClass, Settings
+from dispatcher.plumbing.settings import InvestigationClass, Settings
 
 GROUP = "agentjobs.dev"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"

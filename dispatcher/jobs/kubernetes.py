@@ -43,12 +43,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from schemas import FailureReason, utcnow
 from schemas.errors import AgentJobsError, TemporaryError
 
-from . import jobspec
-from .k8s_errors import AlreadyExists, Conflict, NotFound, classify
-from .logs import get_logger
-from .retry import Backoff
-from .runtime import JobState, LaunchOutcome, RuntimeEvent
-from .settings import KubernetesSettings
+from dispatcher.jobs import jobspec
+from dispatcher.jobs.k8s_errors import AlreadyExists, Conflict, NotFound, classify
+from schemas.logs import get_logger
+from dispatcher.plumbing.retry import Backoff
+from dispatcher.jobs.runtime import JobState, LaunchOutcome, RuntimeEvent
+from dispatcher.plumbing.settings import KubernetesSettings
 
 log = get_logger("agentjobs.runtime.kubernetes")
 MERGE_PATCH = "application/merge-patch+json"

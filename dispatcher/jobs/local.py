@@ -84,10 +84,10 @@ import structlog
 from schemas import FailureReason
 from schemas.errors import PermanentError, TemporaryError
 
-from . import process
-from .process import Cgroup2, Limits, ProcessResult, ProcessSpec, RunningProcess
-from .redaction import MASK, mask_text
-from .runtime import JobState, LaunchOutcome, RuntimeEvent
+from dispatcher.jobs import process
+from dispatcher.jobs.process import Cgroup2, Limits, ProcessResult, ProcessSpec, RunningProcess
+from schemas.redaction import MASK, mask_text
+from dispatcher.jobs.runtime import JobState, LaunchOutcome, RuntimeEvent
 
 log = structlog.stdlib.get_logger(__name__)
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runtime import JobRuntime
-from .settings import Settings
+from dispatcher.jobs.runtime import JobRuntime
+from dispatcher.plumbing.settings import Settings
 
 
 async def open_runtime(settings: Settings) -> JobRuntime:
     """The configured runtime, ready to launch."""
     if settings.runtime.kind == "kubernetes":
-        from .runtime_k8s import KubernetesRuntime
+        from dispatcher.jobs.kubernetes import KubernetesRuntime
 
         return await KubernetesRuntime.from_settings(settings.k8s)
-    from .runtime_local import LocalRuntime
+    from dispatcher.jobs.local import LocalRuntime
 
     return LocalRuntime(Path(settings.runtime.state_dir) / "local")

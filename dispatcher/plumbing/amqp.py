@@ -26,7 +26,7 @@ from aio_pika.exceptions import (
 from schemas import encode
 from schemas.errors import TemporaryError
 
-from .settings import AmqpSettings
+from dispatcher.plumbing.settings import AmqpSettings
 
 _BROKER_ERRORS = (
     AMQPError,

@@ -37,7 +37,7 @@ class Metrics:
         self.dead_lettered = Counter(
             "agentjobs_dead_lettered_total", "Messages dead-lettered, by reason", ["reason"], registry=r
         )
-        # What investigations cost (from findings; see dispatcher/costs.py)
+        # What investigations cost (from findings; see dispatcher/intake/costs.py)
         self.investigations_costed = Counter(
             "agentjobs_investigations_costed_total", "Findings whose cost was recorded, by domain and reasoner",
             ["domain", "reasoner"], registry=r)

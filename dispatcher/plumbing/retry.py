@@ -17,7 +17,7 @@ import msgspec
 
 from schemas.errors import TemporaryError
 
-from .settings import RetrySettings
+from dispatcher.plumbing.settings import RetrySettings
 
 T = TypeVar("T")
 

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from schemas import Phase
+from schemas.logs import LoggingSettings
 
 ENV_PREFIX = "AGENTJOBS_"
 ENV_CONFIG_FILE = "AGENTJOBS_CONFIG"  # path of the TOML file when --config is not given
@@ -49,7 +50,7 @@ class AmqpSettings(Section):
 
 
 class RetrySettings(Section):
-    """Backoff for temporary errors while a message is held (see dispatcher/retry.py)."""
+    """Backoff for temporary errors while a message is held (see dispatcher/plumbing/retry.py)."""
 
     base: Seconds = 0.1  # seconds before the first retry
     cap: Seconds = 15.0  # seconds; longest single wait
@@ -225,11 +226,6 @@ class LlmSettings(Section):
     max_tokens: Positive = 40000  # prompt + completion tokens per investigation
     wall_seconds: Seconds = 90.0  # seconds for the model's part
     prices: dict[str, ModelPrice] = {}  # model name or prefix → price
-
-
-class LoggingSettings(Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
 
 
 class MetricsSettings(Section):

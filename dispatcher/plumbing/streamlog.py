@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 from schemas.errors import TemporaryError
 
-from .logs import get_logger
+from schemas.logs import get_logger
 
 log = get_logger("agentjobs.streamlog")
 MARKER_TYPE = "agentjobs.marker"

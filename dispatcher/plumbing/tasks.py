@@ -10,8 +10,8 @@ import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from .logs import get_logger
-from .signals import stop_event
+from schemas.logs import get_logger
+from dispatcher.plumbing.signals import stop_event
 
 log = get_logger("agentjobs.tasks")
 T = TypeVar("T")

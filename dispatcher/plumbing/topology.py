@@ -18,27 +18,29 @@ from typing import Any
 
 import msgspec
 
-from .settings import AmqpSettings
+from dispatcher.plumbing.settings import AmqpSettings
+from schemas.routing import (
+    INCIDENTS,
+    RESULTS,
+    DEAD,
+    DEAD_LOG,
+    CONTROL,
+    CREDENTIALS,
+    CREDENTIALS_KEY,
+    COSTS,
+    FEEDBACK,
+    FEEDBACK_LOG,
+    PHASES,
+    PHASE_LOG,
+    TRUST_SNAPSHOTS,
+)
 
-INCIDENTS = "agentjobs.incidents"  # exchange and queue: intake
-RESULTS = "agentjobs.results"  # exchange: findings and lifecycle events
-DEAD = "agentjobs.dead"  # exchange and queue: what could not be handled, with reasons
-DEAD_LOG = "agentjobs.dead.log"  # a copy of every dead letter, for the recorder to explain
-CONTROL = "agentjobs.control"  # exchange and queue: commands such as cancel
-CREDENTIALS = "agentjobs.credentials"  # queue: agents' login-token accessors (kubernetes auth)
-CREDENTIALS_KEY = "credentials.issued"  # routing key on agentjobs.results
-COSTS = "agentjobs.costs"  # queue: a copy of every finding, for the cost metrics
-FEEDBACK = "agentjobs.feedback"  # exchange and queue (single active consumer): operators' verdicts
-FEEDBACK_LOG = "agentjobs.feedback-log"  # stream: every trust input, in the order it was applied
-PHASES = "agentjobs.phases"  # exchange: PhaseChanged
-PHASE_LOG = "agentjobs.phase-log"  # stream bound to agentjobs.phases, replayed by dispatchers
-TRUST_SNAPSHOTS = "agentjobs.trust-snapshots"  # stream: the trust ledger now and then, for fast starts
 # Streams keep everything up to this size: replay from the first offset must see the whole history.
 STREAM_MAX_BYTES = 10 * 1024**3
 # Only the newest snapshot is ever read: keep a few segments' worth.
 SNAPSHOT_STREAM_MAX_BYTES = 64 * 1024**2  # a start reads all of it: keep it small
 SNAPSHOT_SEGMENT_BYTES = 8 * 1024**2
-DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "k8s" / "rabbitmq" / "definitions.json"
+DEFINITIONS_FILE = Path(__file__).resolve().parents[2] / "k8s" / "rabbitmq" / "definitions.json"
 
 
 class Exchange(msgspec.Struct, frozen=True):

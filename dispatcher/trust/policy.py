@@ -57,7 +57,7 @@ import msgspec
 
 from schemas import OperatorFeedback, Phase, PhaseChanged, Verdict
 
-from .settings import TrustSettings
+from dispatcher.plumbing.settings import TrustSettings
 
 AUTO = "auto"  # PhaseChanged.operator of automatic changes
 DEFAULT_DEDUP_CAPACITY = 4096  # feedback ids remembered per scope
@@ -314,7 +314,7 @@ class TrustLedger:
 
     Deterministic: it reads time only from events, so the same event sequence
     gives the same ``PhaseChanged`` list and the same phases. Satisfies
-    ``dispatcher.phases.PhaseSource``.
+    ``dispatcher.intake.phases.PhaseSource``.
     """
 
     def __init__(

@@ -37,29 +37,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from schemas import OperatorFeedback, PhaseChanged, PhasePin, decode, encode, utcnow
 from schemas.errors import DecodeError, PermanentError, TemporaryError
 
-from . import trust_snapshots as snapshots
-from .amqp import Publisher, connect
-from .consumer import Consumer
-from .deadletters import Delivery, dead_letter, from_error
-from .health import HealthServer
-from .intake import Outcome
-from .logs import bound, get_logger
-from .reporting import routing_word
-from .retry import Backoff, RetriesExhausted, retry
-from .settings import Settings
-from .streamlog import StreamFollower, entry_id_at
-from .tasks import run_until_signalled
-from .topology import (
-    FEEDBACK,
-    FEEDBACK_LOG,
-    PHASE_LOG,
-    PHASES,
-    TRUST_SNAPSHOTS,
-    declare,
-    dispatcher_topology,
-)
-from .trust_policy import TrustLedger
-from .trust_snapshots import TrustSnapshot
+from dispatcher.trust import snapshots
+from dispatcher.plumbing.amqp import Publisher, connect
+from dispatcher.intake.consumer import Consumer
+from dispatcher.intake.deadletters import Delivery, dead_letter, from_error
+from dispatcher.plumbing.health import HealthServer
+from dispatcher.intake.incidents import Outcome
+from schemas.logs import bound, get_logger
+from schemas.routing import routing_word
+from dispatcher.plumbing.retry import Backoff, RetriesExhausted, retry
+from dispatcher.plumbing.settings import Settings
+from dispatcher.plumbing.streamlog import StreamFollower, entry_id_at
+from dispatcher.plumbing.tasks import run_until_signalled
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import FEEDBACK, FEEDBACK_LOG, PHASE_LOG, PHASES, TRUST_SNAPSHOTS
+from dispatcher.trust.policy import TrustLedger
+from dispatcher.trust.snapshots import TrustSnapshot
 
 log = get_logger("agentjobs.trust")
 COMPONENT = "trust"

@@ -24,11 +24,11 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from schemas import PhaseChanged
 
-from .logs import get_logger
-from .settings import TrustSettings
-from .streamlog import StreamFollower
-from .topology import TRUST_SNAPSHOTS
-from .trust_policy import LedgerSnapshot
+from schemas.logs import get_logger
+from dispatcher.plumbing.settings import TrustSettings
+from dispatcher.plumbing.streamlog import StreamFollower
+from schemas.routing import TRUST_SNAPSHOTS
+from dispatcher.trust.policy import LedgerSnapshot
 
 log = get_logger("agentjobs.trust.snapshots")
 FORMAT = 1  # bump when TrustSnapshot or LedgerSnapshot change shape

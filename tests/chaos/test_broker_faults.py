@@ -40,10 +40,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dispatcher.bridge import BridgeService
-from dispatcher.reporting import lifecycle_message_id
-from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
-from dispatcher.topology import DEAD, INCIDENTS
+from dispatcher.bridge.webhook import BridgeService
+from dispatcher.intake.reporting import lifecycle_message_id
+from dispatcher.plumbing.settings import AmqpSettings, BridgeSettings, Settings
+from schemas.routing import DEAD, INCIDENTS
 from schemas import LifecycleState, decode_incident, identify
 from tests.integration.dispatcher_harness import (
     PodDriver,

@@ -36,11 +36,11 @@ import aio_pika
 import aiohttp
 import pytest
 
-from dispatcher import jobspec
-from dispatcher.bridge import BridgeService
-from dispatcher.reporting import lifecycle_message_id
-from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
-from dispatcher.topology import DEAD, INCIDENTS, RESULTS
+from dispatcher.jobs import jobspec
+from dispatcher.bridge.webhook import BridgeService
+from dispatcher.intake.reporting import lifecycle_message_id
+from dispatcher.plumbing.settings import AmqpSettings, BridgeSettings, Settings
+from schemas.routing import DEAD, INCIDENTS, RESULTS
 from schemas import LifecycleState, decode, decode_incident, encode, identify
 from tests.integration.dispatcher_harness import PodDriver, declare_topology, ready_messages
 from tests.integration.k8s_helpers import prepare_cluster, settings_for

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher import jobspec
-from dispatcher.reporting import lifecycle_message_id
-from dispatcher.topology import DEAD, INCIDENTS
+from dispatcher.jobs import jobspec
+from dispatcher.intake.reporting import lifecycle_message_id
+from schemas.routing import DEAD, INCIDENTS
 from schemas import LifecycleState, decode_incident, identify
 from tests.integration.dispatcher_harness import (
     PodDriver,

@@ -38,8 +38,8 @@ import zlib
 
 import pytest
 
-from dispatcher.reporting import lifecycle_message_id
-from dispatcher.topology import DEAD, INCIDENTS
+from dispatcher.intake.reporting import lifecycle_message_id
+from schemas.routing import DEAD, INCIDENTS
 from schemas import LifecycleState, decode_incident, identify
 from tests.integration.dispatcher_harness import (
     PodDriver,

@@ -37,10 +37,10 @@ from pathlib import Path
 import hvac
 import pytest
 
-from dispatcher import jobspec
-from dispatcher.credentials import VaultCredentials
-from dispatcher.settings import load_settings
-from dispatcher.topology import DEAD
+from dispatcher.jobs import jobspec
+from dispatcher.credentials.tokens import VaultCredentials
+from dispatcher.plumbing.settings import load_settings
+from schemas.routing import DEAD
 from schemas import Phase, decode_incident, encode, identify
 from tests.integration.dispatcher_harness import (
     PodDriver,
@@ -61,7 +61,7 @@ BEFORE, DURING = 8, 8  # groups dispatched before the outage / arriving during i
 ENDED_DURING = 4  # running Jobs that end while OpenBao is stopped
 GONE_WITHIN = 10.0  # seconds for a token to be revoked once its ending can be handled (issue 5)
 AGENT_VAULT_TIMEOUT = 3.0  # seconds per Vault request for the agent
-# Found by this test and fixed in dispatcher/token_sweep.py: a mint whose request timed out while
+# Found by this test and fixed in dispatcher/credentials/token_sweep.py: a mint whose request timed out while
 # OpenBao was stopped is still executed by OpenBao after the resume, and the token it creates
 # belongs to no Job; the dispatcher's sweeper revokes it (here every SWEEP s, past SWEEP_GRACE s).
 SWEEP, SWEEP_GRACE = 1.0, 5.0
@@ -115,7 +115,7 @@ def _wrapping_token_valid(vault, wrapping_token: str) -> bool:
 
 async def _run_agent(env: dict[str, str], timeout: float = 60.0) -> tuple[int, str, str]:
     script = Path(sys.executable).with_name("agentjobs")
-    argv = [str(script), "agent"] if script.exists() else [sys.executable, "-m", "dispatcher.cli", "agent"]
+    argv = [str(script), "agent"] if script.exists() else [sys.executable, "-m", "dispatcher.cli.main", "agent"]
     proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=env["HOME"], stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:

@@ -35,9 +35,9 @@ import aio_pika
 import aiohttp
 import pytest
 
-from dispatcher.settings import load_settings
-from dispatcher.topology import FEEDBACK_LOG
-from dispatcher.trust_policy import TrustLedger
+from dispatcher.plumbing.settings import load_settings
+from schemas.routing import FEEDBACK_LOG
+from dispatcher.trust.policy import TrustLedger
 from schemas import OperatorFeedback, Phase, PhasePin, ShadowComparison, Verdict, encode
 from tests.integration.dispatcher_harness import declare_topology
 from tests.integration.test_dispatcher_processes import DispatcherProcess, _killed_on_exit

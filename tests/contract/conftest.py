@@ -31,12 +31,12 @@ from typing import Any, AsyncContextManager
 import pytest
 import pytest_asyncio
 
-from dispatcher import jobspec
-from dispatcher.runtime import JobRuntime, JobState, RuntimeEvent
-from dispatcher.runtime_k8s import KubernetesRuntime
-from dispatcher.runtime_local import INVESTIGATION_LABEL, LocalRuntime
+from dispatcher.jobs import jobspec
+from dispatcher.jobs.runtime import JobRuntime, JobState, RuntimeEvent
+from dispatcher.jobs.kubernetes import KubernetesRuntime
+from dispatcher.jobs.local import INVESTIGATION_LABEL, LocalRuntime
 from schemas import FailureReason, Phase
-from dispatcher.retry import Backoff, retry
+from dispatcher.plumbing.retry import Backoff, retry
 from tests.support.k8s.fixtures import running_emulator
 
 EVENT_TIMEOUT = 45.0  # seconds to wait for an expected event (generous: pods are real processes on a loaded box)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher import jobspec
-from dispatcher.runtime import JobRuntime, JobState, LaunchOutcome, RuntimeEvent
+from dispatcher.jobs import jobspec
+from dispatcher.jobs.runtime import JobRuntime, JobState, LaunchOutcome, RuntimeEvent
 from schemas import FailureReason
 
 from .conftest import Harness, make_job

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from dispatcher import process
-from dispatcher.process import Cgroup2, Limits, ProcessSpec
-from dispatcher.runtime import JobState, LaunchOutcome
-from dispatcher.runtime_local import LocalRuntime
+from dispatcher.jobs import process
+from dispatcher.jobs.process import Cgroup2, Limits, ProcessSpec
+from dispatcher.jobs.runtime import JobState, LaunchOutcome
+from dispatcher.jobs.local import LocalRuntime
 from schemas import FailureReason
 from schemas.errors import PermanentError
 
@@ -150,7 +150,7 @@ async def test_cancelled_job_is_removed_once_its_ending_is_acknowledged(
 
 RACE = """
     import asyncio, pathlib, sys, time
-    from dispatcher.runtime_local import LocalRuntime
+    from dispatcher.jobs.local import LocalRuntime
     from tests.contract.conftest import make_job
 
     async def main():
@@ -203,7 +203,7 @@ async def test_dispatcher_processes_racing_for_one_name_create_it_once(tmp_path:
 
 CRASH_AFTER_LAUNCH = """
     import asyncio, os, sys
-    from dispatcher.runtime_local import LocalRuntime
+    from dispatcher.jobs.local import LocalRuntime
     from tests.contract.conftest import make_job
 
     state, name, code, wait_exit = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"

@@ -21,9 +21,9 @@ import aio_pika
 import pytest
 import pytest_asyncio
 
-from dispatcher.bridge import BridgeService
-from dispatcher.settings import AmqpSettings, BridgeSettings, Settings
-from dispatcher.topology import INCIDENTS
+from dispatcher.bridge.webhook import BridgeService
+from dispatcher.plumbing.settings import AmqpSettings, BridgeSettings, Settings
+from schemas.routing import INCIDENTS
 from schemas import decode_incident
 from schemas.incident import IncidentEvent
 from tests.support.alertmanager import ALERTMANAGER, MISSING, Alertmanager, running_alertmanager

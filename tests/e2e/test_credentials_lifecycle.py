@@ -20,9 +20,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dispatcher.runtime_local import LocalRuntime
-from dispatcher.service import DispatcherService
-from dispatcher.settings import load_settings
+from dispatcher.jobs.local import LocalRuntime
+from dispatcher.intake.service import DispatcherService
+from dispatcher.plumbing.settings import load_settings
 from schemas import FailureReason, Finding, decode_incident, identify
 from tests.integration.dispatcher_harness import Results, declare_topology, publish
 from tests.integration.vault_helpers import bootstrapped_vault

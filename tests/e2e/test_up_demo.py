@@ -19,8 +19,9 @@ import aio_pika
 import psycopg
 import pytest
 
-from dispatcher.settings import AmqpSettings
-from dispatcher.topology import RESULTS, declare, dispatcher_topology
+from dispatcher.plumbing.settings import AmqpSettings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import RESULTS
 from schemas import Finding, decode
 from tests.support import private_rabbitmq
 from tests.support.pipelines import agents_under, no_vault_users

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.deadletters import Delivery, from_error
+from dispatcher.intake.deadletters import Delivery, from_error
 from schemas import IncidentEvent, WireMessage, decode, decode_incident, encode, identify, k8snames, utcnow
 from schemas.errors import DecodeError
 from tests.fuzz.strategies import BATCH, PAYLOADS, random_payloads

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from dispatcher.topology import DEAD
+from schemas.routing import DEAD
 from schemas import decode_incident, identify
 from schemas.errors import DecodeError
 from tests.fuzz.strategies import random_payloads

@@ -15,8 +15,9 @@ from typing import Any
 import aio_pika
 import msgspec
 
-from dispatcher.settings import Settings
-from dispatcher.topology import INCIDENTS, RESULTS, declare, dispatcher_topology
+from dispatcher.plumbing.settings import Settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import INCIDENTS, RESULTS
 from schemas import DecodeError, decode
 from tests.support.k8s.resources import PODS
 

@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from dispatcher import jobspec
-from dispatcher.retry import Backoff, retry
-from dispatcher.runtime import RuntimeEvent
-from dispatcher.runtime_k8s import KubernetesRuntime
-from dispatcher.settings import Settings, load_settings
+from dispatcher.jobs import jobspec
+from dispatcher.plumbing.retry import Backoff, retry
+from dispatcher.jobs.runtime import RuntimeEvent
+from dispatcher.jobs.kubernetes import KubernetesRuntime
+from dispatcher.plumbing.settings import Settings, load_settings
 from schemas import IncidentEvent, Phase, decode_incident, identify
 from tests.support.payloads import am_alert, dumps, group
 

@@ -26,11 +26,12 @@ import pytest_asyncio
 from kubernetes_asyncio.client import CoreV1Api
 
 from agent.credentials import Denied, VaultSession
-from dispatcher import vault_layout
-from dispatcher.jobspec import without_credentials
-from dispatcher.settings import Settings, load_settings
-from dispatcher.topology import RESULTS, declare, dispatcher_topology
-from dispatcher.vault_bootstrap import bootstrap
+from schemas import vault_paths as vault_layout
+from dispatcher.jobs.jobspec import without_credentials
+from dispatcher.plumbing.settings import Settings, load_settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import RESULTS
+from dispatcher.credentials.bootstrap import bootstrap
 from schemas import Alert, AlertStatus, Finding, IncidentEvent, Phase, decode, encode, identify
 from tests.support.services import (
     ManagementClient,
@@ -175,7 +176,7 @@ def _agent_env(bao: OpenBaoServer, settings: Settings, incident: IncidentEvent, 
 
 def _agent_argv() -> list[str]:
     script = Path(sys.executable).with_name("agentjobs")
-    return [str(script), "agent"] if script.exists() else [sys.executable, "-m", "dispatcher.cli", "agent"]
+    return [str(script), "agent"] if script.exists() else [sys.executable, "-m", "dispatcher.cli.main", "agent"]
 
 
 async def _run_agent(env: dict[str, str]) -> tuple[int, str]:

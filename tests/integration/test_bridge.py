@@ -22,10 +22,10 @@ import pytest_asyncio
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher import logs
-from dispatcher.bridge import BridgeService
-from dispatcher.settings import AmqpSettings, BridgeSettings, LoggingSettings, Settings
-from dispatcher.topology import INCIDENTS
+from schemas import logs
+from dispatcher.bridge.webhook import BridgeService
+from dispatcher.plumbing.settings import AmqpSettings, BridgeSettings, LoggingSettings, Settings
+from schemas.routing import INCIDENTS
 from tests.support import payloads
 from tests.support.services import ManagementClient, Vhost, wait_until
 
@@ -326,7 +326,7 @@ async def test_a_refused_request_is_counted_and_logged_once_at_warning_with_the_
     assert len(warnings) == 1, lines
     (line,) = warnings
     assert line["event"] == "request_refused"
-    assert line["logger"] == "dispatcher.bridge"
+    assert line["logger"] == "dispatcher.bridge.webhook"
     assert (line["status"], line["reason"]) == (status, reason)
     assert line["remote"] == "127.0.0.1"  # the socket's peer, not the header
     assert line["forwarded_for"] == PEER
@@ -350,7 +350,7 @@ async def test_accepted_requests_and_probes_are_not_counted_as_refused(guarded, 
     assert await _refused_total(http, url) == before
     lines = log_lines()
     assert [line["event"] for line in lines if line["level"] == "warning"] == []
-    assert [line["event"] for line in lines if line.get("logger") == "dispatcher.bridge"] == ["alert_forwarded"]
+    assert [line["event"] for line in lines if line.get("logger") == "dispatcher.bridge.webhook"] == ["alert_forwarded"]
     assert TOKEN not in json.dumps(lines)
 
 

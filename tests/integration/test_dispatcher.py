@@ -11,10 +11,10 @@ import contextlib
 import aio_pika
 import pytest
 
-from dispatcher.metrics import Metrics
-from dispatcher.runtime_k8s import KubernetesRuntime
-from dispatcher.service import DispatcherService
-from dispatcher.topology import DEAD, RESULTS
+from dispatcher.plumbing.metrics import Metrics
+from dispatcher.jobs.kubernetes import KubernetesRuntime
+from dispatcher.intake.service import DispatcherService
+from schemas.routing import DEAD, RESULTS
 from schemas import Conclusion, DeadLetter, FailureReason, Finding, decode_incident, identify
 from tests.integration.dispatcher_harness import (
     PodDriver,

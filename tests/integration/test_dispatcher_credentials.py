@@ -7,9 +7,9 @@ import base64
 
 import pytest
 
-from dispatcher import jobspec
-from dispatcher.credentials import VaultCredentials
-from dispatcher.settings import load_settings
+from dispatcher.jobs import jobspec
+from dispatcher.credentials.tokens import VaultCredentials
+from dispatcher.plumbing.settings import load_settings
 from schemas import Phase, decode_incident, identify
 from tests.integration.dispatcher_harness import PodDriver, Results, publish
 from tests.integration.test_dispatcher import _consumed, _until, running_dispatcher
@@ -123,7 +123,7 @@ async def test_revoking_an_unknown_accessor_is_not_an_error(world):
 async def _publish_login(url: str, issued) -> None:
     import aio_pika
 
-    from dispatcher.topology import CREDENTIALS_KEY, RESULTS
+    from schemas.routing import CREDENTIALS_KEY, RESULTS
     from schemas import encode
 
     connection = await aio_pika.connect(url)

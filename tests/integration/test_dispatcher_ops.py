@@ -6,7 +6,7 @@ import aio_pika
 import aiohttp
 import pytest
 
-from dispatcher.topology import CONTROL, DEAD
+from schemas.routing import CONTROL, DEAD
 from schemas import CancelInvestigation, DeadLetter, decode_incident, encode, identify
 from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, publish
 from tests.integration.k8s_helpers import prepare_cluster, settings_for

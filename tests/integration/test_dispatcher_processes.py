@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from dispatcher.topology import DEAD, INCIDENTS
+from schemas.routing import DEAD, INCIDENTS
 from schemas import decode_incident, identify
 from tests.integration.dispatcher_harness import (
     Results,

@@ -7,7 +7,7 @@ import stat
 import aiohttp
 import pytest
 
-from dispatcher.embedded_vault import EmbeddedOpenBao
+from dispatcher.credentials.embedded_openbao import EmbeddedOpenBao
 from tests.support.services import free_port
 
 pytestmark = pytest.mark.integration

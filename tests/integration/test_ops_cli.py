@@ -12,9 +12,10 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from dispatcher.ops import tail
-from dispatcher.settings import load_settings
-from dispatcher.topology import DEAD, FEEDBACK, INCIDENTS, PHASES, declare, dispatcher_topology
+from dispatcher.cli.ops import tail
+from dispatcher.plumbing.settings import load_settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import DEAD, FEEDBACK, INCIDENTS, PHASES
 from schemas import (
     OperatorFeedback,
     Phase,
@@ -76,8 +77,8 @@ async def test_tail_sees_dead_letters_without_taking_them_from_the_real_queue(am
 
 
 async def test_status_lists_running_investigations_and_queue_depths(amqp_vhost, tmp_path):
-    from dispatcher.runtime_local import LocalRuntime
-    from dispatcher.service import DispatcherService
+    from dispatcher.jobs.local import LocalRuntime
+    from dispatcher.intake.service import DispatcherService
     from tests.integration.dispatcher_harness import Results, publish
 
     env = {"AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url, "AGENTJOBS_VAULT__AUTH_MODE": "none",

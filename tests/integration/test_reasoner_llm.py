@@ -16,7 +16,7 @@ import pytest
 
 from agent.reasoning import Investigation, LlmConfig, LlmReasoner, Price, conclude
 from agent.reasoning.llm import parse_answer
-from dispatcher.settings import LlmSettings
+from dispatcher.plumbing.settings import LlmSettings
 from schemas import Conclusion, Finding, Phase, RiskClass, decode, encode
 from tests.support.fake_tools import connection_alert, postgres, prometheus
 from tests.support.openai_server import ScriptedOpenAI, answer, error, tool_calls

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from dispatcher import jobspec
-from dispatcher.runtime import JobState, LaunchOutcome
-from dispatcher.runtime_k8s import KubernetesRuntime
+from dispatcher.jobs import jobspec
+from dispatcher.jobs.runtime import JobState, LaunchOutcome
+from dispatcher.jobs.kubernetes import KubernetesRuntime
 from schemas import FailureReason, identify
 from schemas.errors import PermanentError, TemporaryError
 from tests.integration.k8s_helpers import EventLog, incident, manifest, prepare_cluster, settings_for

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.settings import load_settings
+from dispatcher.plumbing.settings import load_settings
 from tests.integration.dispatcher_harness import declare_topology
 from tests.support.lines import Lines
 from tests.support.services import free_port

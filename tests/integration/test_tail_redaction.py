@@ -8,9 +8,10 @@ import json
 import aio_pika
 import pytest
 
-from dispatcher.ops import tail
-from dispatcher.settings import load_settings
-from dispatcher.topology import RESULTS, declare, dispatcher_topology
+from dispatcher.cli.ops import tail
+from dispatcher.plumbing.settings import load_settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
+from schemas.routing import RESULTS
 from schemas import Cost, Evidence, Finding, Phase, encode
 
 pytestmark = pytest.mark.integration

@@ -7,10 +7,12 @@ import asyncio
 import hvac
 import pytest
 
-from dispatcher import jobspec, vault_layout
-from dispatcher.credentials import VaultCredentials
-from dispatcher.settings import load_settings
-from dispatcher.token_sweep import TokenSweeper
+from dispatcher.jobs import jobspec
+
+from schemas import vault_paths as vault_layout
+from dispatcher.credentials.tokens import VaultCredentials
+from dispatcher.plumbing.settings import load_settings
+from dispatcher.credentials.token_sweep import TokenSweeper
 from schemas import Phase, decode_incident, identify
 from tests.integration.dispatcher_harness import PodDriver, Results, publish
 from tests.integration.test_dispatcher import _until, running_dispatcher

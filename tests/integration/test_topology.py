@@ -5,8 +5,8 @@ from __future__ import annotations
 import aio_pika
 import pytest
 
-from dispatcher.settings import Settings
-from dispatcher.topology import DEFINITIONS_FILE, declare, definitions, dispatcher_topology, render_definitions
+from dispatcher.plumbing.settings import Settings
+from dispatcher.plumbing.topology import DEFINITIONS_FILE, declare, definitions, dispatcher_topology, render_definitions
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +15,7 @@ def test_exported_definitions_are_current() -> None:
     expected = render_definitions(dispatcher_topology(Settings().amqp))
     assert DEFINITIONS_FILE.read_text() == expected, (
         "k8s/rabbitmq/definitions.json is stale: regenerate with "
-        "python -c 'from dispatcher.topology import *; from dispatcher.settings import Settings; "
+        "python -c 'from dispatcher.plumbing.topology import *; from dispatcher.plumbing.settings import Settings; "
         "DEFINITIONS_FILE.write_text(render_definitions(dispatcher_topology(Settings().amqp)))'"
     )
 

@@ -15,11 +15,11 @@ import aio_pika
 import hvac
 import pytest
 
-from dispatcher import jobspec
-from dispatcher.settings import load_settings
-from dispatcher.topology import FEEDBACK, PHASES
-from dispatcher.trust import TrustService
-from dispatcher.trust_policy import TrustLedger
+from dispatcher.jobs import jobspec
+from dispatcher.plumbing.settings import load_settings
+from schemas.routing import FEEDBACK, PHASES
+from dispatcher.trust.service import TrustService
+from dispatcher.trust.policy import TrustLedger
 from schemas import (
     OperatorFeedback,
     Phase,
@@ -131,7 +131,7 @@ async def test_feedback_promotes_the_scope_and_the_next_job_gets_the_new_phases_
         assert change.samples == 5 and change.modification_rate == 0.0 and change.wilson_upper < 0.45
         assert trust.state.ledger.phase_for("database") is Phase.READ_ONLY
         # and the dispatcher, following the phase log, builds the next Job with read-only grants
-        await _until(lambda: dispatcher.phases.phase_for("database") is Phase.READ_ONLY)
+        await _until(lambda: dispatcher.intake.phases.phase_for("database") is Phase.READ_ONLY)
         await publish(url, [_incident("PoolExhaustedAgain")])
         await _until(lambda: handle.cluster.store.get(SECRETS, handle.namespace, jobspec.secret_name(second)))
         sa, label, policies, _ = _job_grants(handle, vault, second)
@@ -158,12 +158,12 @@ async def test_restarting_trust_and_dispatcher_mid_stream_gives_identical_phases
     await _send_feedback(url, feedbacks[12:] + feedbacks[3:6])  # the rest, plus three repeats
     async with running_trust(url, env) as trust, running_dispatcher(handle, url, **env) as dispatcher:
         await _until(lambda: trust.state.ledger.has_seen("kubernetes", "fb-kubernetes-6"))
-        await _until(lambda: dispatcher.phases.phase_for("kubernetes") is Phase.READ_ONLY
-                     and dispatcher.phases.phase_for("database") is Phase.READ_ONLY)
+        await _until(lambda: dispatcher.intake.phases.phase_for("kubernetes") is Phase.READ_ONLY
+                     and dispatcher.intake.phases.phase_for("database") is Phase.READ_ONLY)
         scopes = ("database", "network", "kubernetes")
         assert {s: trust.state.ledger.phase_for(s) for s in scopes} == \
             {s: expected.phase_for(s) for s in scopes} == \
-            {s: dispatcher.phases.phase_for(s) for s in scopes} == \
+            {s: dispatcher.intake.phases.phase_for(s) for s in scopes} == \
             {"database": Phase.READ_ONLY, "network": Phase.SHADOW, "kubernetes": Phase.READ_ONLY}
         assert [trust.state.ledger.explain(s) for s in scopes] == [expected.explain(s) for s in scopes]
 
@@ -186,7 +186,7 @@ async def test_invalid_feedback_is_dead_lettered_with_its_reason_and_the_consume
 
 async def test_a_pin_holds_the_scope_against_the_policy_until_unpinned(world):
     _handle, url, _vault, env = world
-    from dispatcher.ops import request_pin
+    from dispatcher.cli.ops import request_pin
     from schemas import PhasePin
 
     settings = load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url})

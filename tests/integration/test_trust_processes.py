@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from dispatcher.settings import load_settings
-from dispatcher.trust_policy import TrustLedger
+from dispatcher.plumbing.settings import load_settings
+from dispatcher.trust.policy import TrustLedger
 from schemas import Verdict
 from tests.integration.dispatcher_harness import declare_topology
 from tests.integration.test_dispatcher_processes import DispatcherProcess, _killed_on_exit

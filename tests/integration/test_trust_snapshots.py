@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.ops import trust_state
-from dispatcher.settings import load_settings
-from dispatcher.topology import declare, dispatcher_topology
+from dispatcher.cli.ops import trust_state
+from dispatcher.plumbing.settings import load_settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
 from schemas import Verdict
 from tests.integration.test_dispatcher import _until
 from tests.integration.test_trust import FAST_TRUST, _feedback, _send_feedback, running_trust

@@ -28,9 +28,9 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from dispatcher import vault_layout as layout
-from dispatcher.settings import Settings, load_settings
-from dispatcher.vault_bootstrap import (
+from schemas import vault_paths as layout
+from dispatcher.plumbing.settings import Settings, load_settings
+from dispatcher.credentials.bootstrap import (
     POLICY_DIR,
     BootstrapReport,
     bootstrap,
@@ -187,7 +187,7 @@ async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "dispatcher.cli",
+        "dispatcher.cli.main",
         *args,
         env={**base, **env},
         stdout=asyncio.subprocess.PIPE,

@@ -19,10 +19,11 @@ import hvac
 import pytest
 
 from agent.credentials import CredentialsUnavailable, VaultSession
-from dispatcher import jobspec, vault_layout
-from dispatcher.credentials import VaultCredentials, vault_ca
-from dispatcher.embedded_vault import bao_binary
-from dispatcher.settings import SettingsError, load_settings
+from dispatcher.jobs import jobspec
+from schemas import vault_paths as vault_layout
+from dispatcher.credentials.tokens import VaultCredentials, vault_ca
+from dispatcher.credentials.embedded_openbao import bao_binary
+from dispatcher.plumbing.settings import SettingsError, load_settings
 from schemas import Phase, decode_incident, identify
 from schemas.errors import TemporaryError
 from tests.integration.dispatcher_harness import declare_topology, publish

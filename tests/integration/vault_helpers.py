@@ -10,9 +10,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import hvac
 
-from dispatcher import vault_layout as layout
-from dispatcher.settings import load_settings
-from dispatcher.vault_bootstrap import bootstrap
+from schemas import vault_paths as layout
+from dispatcher.plumbing.settings import load_settings
+from dispatcher.credentials.bootstrap import bootstrap
 from tests.support.services import OpenBaoServer, Postgres, RabbitMQ
 
 from .dispatcher_harness import declare_topology

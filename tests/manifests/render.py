@@ -394,7 +394,7 @@ def container(objs: list[Obj], deployment: str, name: str | None = None) -> Obj:
 
 def deployed_settings(objs: list[Obj], tmp_dir: Path, deployment: str = "agentjobs-dispatcher") -> Any:
     """The Settings a Deployment's process loads: the ConfigMap's TOML plus its literal env."""
-    from dispatcher.settings import ENV_CONFIG_FILE, load_settings
+    from dispatcher.plumbing.settings import ENV_CONFIG_FILE, load_settings
 
     path = tmp_dir / f"{deployment}-settings.toml"
     path.write_text(settings_config_map(objs)["data"]["settings.toml"])
@@ -405,7 +405,7 @@ def deployed_settings(objs: list[Obj], tmp_dir: Path, deployment: str = "agentjo
 
 def sample_job(settings: Any, phase: Any = None, class_name: str | None = None) -> Obj:
     """The Job the dispatcher builds for the sample Alertmanager webhook (tests/data)."""
-    from dispatcher import jobspec
+    from dispatcher.jobs import jobspec
     from schemas import Phase, decode_incident, identify
     from tests.support.payloads import SAMPLE_WEBHOOK, dumps
 

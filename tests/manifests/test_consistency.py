@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher import cli, jobspec, vault_layout
-from dispatcher.settings import Settings, load_settings
+from dispatcher.cli import main as cli
+
+from dispatcher.jobs import jobspec
+
+from schemas import vault_paths as vault_layout
+from dispatcher.plumbing.settings import Settings, load_settings
 from schemas import Phase
 from tests.manifests import render
 
@@ -77,7 +81,7 @@ def test_labels_selected_by_policies_are_the_ones_jobspec_puts_on_pods(overlay, 
     for selector in selectors:
         assert selector == {jobspec.LABEL_MANAGED_BY: jobspec.MANAGED_BY, jobspec.LABEL_NAME: "agentjobs-agent"}
         assert selector.items() <= pod_labels.items()
-    # ... and the watcher's selector (dispatcher/jobspec.py SELECTOR) is one of those labels.
+    # ... and the watcher's selector (dispatcher/jobs/jobspec.py SELECTOR) is one of those labels.
     key, _, value = jobspec.SELECTOR.partition("=")
     assert pod_labels[key] == value
 

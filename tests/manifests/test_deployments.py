@@ -8,8 +8,8 @@ from tests.manifests import render
 from tests.manifests.render import selects
 
 DEPLOYMENTS = ("agentjobs-dispatcher", "agentjobs-trust", "agentjobs-bridge")
-# What each process serves /healthz and /readyz on (dispatcher/service.py: metrics.port;
-# dispatcher/bridge.py: bridge.port; the trust consumer: metrics.port like the dispatcher).
+# What each process serves /healthz and /readyz on (dispatcher/intake/service.py: metrics.port;
+# dispatcher/bridge/webhook.py: bridge.port; the trust consumer: metrics.port like the dispatcher).
 PROBE_PORT = {
     "agentjobs-dispatcher": lambda s: s.metrics.port,
     "agentjobs-trust": lambda s: s.metrics.port,

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from dispatcher import jobspec
-from dispatcher.settings import Settings
+from dispatcher.jobs import jobspec
+from dispatcher.plumbing.settings import Settings
 from tests.manifests import render
 
 DOCKERFILE = render.ROOT / "Dockerfile"

@@ -1,7 +1,7 @@
 """Network policy: agent pods talk to DNS, Vault, RabbitMQ and their tools — and nothing else.
 
 Policies are evaluated against the labels the dispatcher really puts on a
-Job's pods (dispatcher/jobspec.py), so a renamed label cannot silently leave
+Job's pods (dispatcher/jobs/jobspec.py), so a renamed label cannot silently leave
 agent pods unselected (which would mean: default deny, no investigation) or
 selected by the wrong rules.
 """

@@ -12,8 +12,8 @@ import copy
 
 import pytest
 
-from dispatcher import jobspec
-from dispatcher.settings import load_settings
+from dispatcher.jobs import jobspec
+from dispatcher.plumbing.settings import load_settings
 from schemas import Phase
 from tests.manifests import podsecurity, render
 

@@ -15,7 +15,7 @@ from decimal import Decimal
 
 import pytest
 
-from dispatcher.settings import Settings
+from dispatcher.plumbing.settings import Settings
 from tests.manifests import render
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import pytest
 
-from dispatcher import jobspec
+from dispatcher.jobs import jobspec
 from schemas import Phase
 from tests.manifests import render
 
@@ -188,7 +188,7 @@ def test_every_agent_with_patch_deployments_is_held_to_restarts_by_admission_pol
 # -- the control plane -----------------------------------------------------------------------
 
 DISPATCHER_RIGHTS = {
-    # The list, plus `patch` on jobs: runtime_k8s.py patches annotations (claim,
+    # The list, plus `patch` on jobs: jobs/kubernetes.py patches annotations (claim,
     # cancel, reported) and removes the report finalizer with merge patches.
     ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},

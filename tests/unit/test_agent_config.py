@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load, remap
-from dispatcher import jobspec
-from dispatcher.settings import load_settings
+from dispatcher.jobs import jobspec
+from dispatcher.plumbing.settings import load_settings
 from schemas import Phase, decode_incident, identify
 from tests.support.payloads import SAMPLE_WEBHOOK, dumps
 

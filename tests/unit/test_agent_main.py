@@ -43,7 +43,7 @@ def test_unexpected_errors_show_only_their_type() -> None:
 
 def test_bad_environment_exits_1_with_a_clear_line() -> None:
     # A subprocess: the agent configures process-wide logging, which must not leak into pytest.
-    done = subprocess.run([sys.executable, "-m", "dispatcher.cli", "agent"], env={"PATH": os.environ["PATH"]},
+    done = subprocess.run([sys.executable, "-m", "dispatcher.cli.main", "agent"], env={"PATH": os.environ["PATH"]},
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == "bad_environment: AGENTJOBS_PHASE is not set"

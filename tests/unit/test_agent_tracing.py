@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agent import config, engine
 from agent.reasoning.base import Tally
-from dispatcher import jobspec
+from dispatcher.jobs import jobspec
 from tests.support.fake_tools import connection_alert, postgres, prometheus
 from tests.support.tracing import recorded_spans
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from rich.console import Console
 
-from dispatcher.board import Board
+from dispatcher.cli.board import Board
 from schemas import FailureReason, Finding, LifecycleEvent, LifecycleState, Phase, PhaseChanged, utcnow
 
 T0 = utcnow()

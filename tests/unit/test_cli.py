@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dispatcher.cli import app
+from dispatcher.cli.main import app
 from schemas import export
 
 

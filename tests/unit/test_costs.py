@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dispatcher.costs import record
-from dispatcher.metrics import Metrics
+from dispatcher.intake.costs import record
+from dispatcher.plumbing.metrics import Metrics
 from schemas import Cost, Finding, Phase
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.demo import SPARE_SLOTS, Names, alert_groups, hog_size, interleaved, with_dsn_parts
+from dispatcher.cli.demo import SPARE_SLOTS, Names, alert_groups, hog_size, interleaved, with_dsn_parts
 from schemas.codec import decode_incident
 from schemas.identity import identify
 

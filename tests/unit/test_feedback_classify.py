@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from dispatcher.feedback_classify import (
+from dispatcher.trust.feedback_classify import (
     CauseChange,
     TicketFields,
     classify,
     compare_cause,
     feedback_from_ticket,
 )
-from dispatcher.settings import TrustSettings
-from dispatcher.trust_policy import TrustLedger
+from dispatcher.plumbing.settings import TrustSettings
+from dispatcher.trust.policy import TrustLedger
 from schemas import (
     Conclusion,
     Finding,

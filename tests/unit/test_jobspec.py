@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher import jobspec
-from dispatcher.settings import Settings, load_settings
+from dispatcher.jobs import jobspec
+from dispatcher.plumbing.settings import Settings, load_settings
 from schemas import Alert, IncidentEvent, Phase, decode_incident, identify
 from schemas.k8snames import is_label_value
 from tests.support.payloads import SAMPLE_WEBHOOK, dumps

@@ -9,8 +9,8 @@ import logging
 import pytest
 import structlog
 
-from dispatcher import logs
-from dispatcher.settings import LoggingSettings
+from schemas import logs
+from dispatcher.plumbing.settings import LoggingSettings
 
 TOKEN = "s.KeEMn0VEWkmVILP8vqYYapnO"
 
@@ -81,8 +81,7 @@ def test_stdlib_loggers_go_through_the_same_pipeline(lines) -> None:
 
 def test_module_level_loggers_created_before_configure_follow_it() -> None:
     # dispatcher modules create their loggers at import time, before the CLI configures logging
-    from dispatcher import intake
-
+    from dispatcher.intake import incidents as intake
     stream = io.StringIO()
     logs.configure(LoggingSettings(format="json"), stream=stream)
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatcher.preflight import (
+from dispatcher.cli.preflight import (
     LOCAL_POSTGRES,
     NO_POSTGRES,
     NO_RABBITMQ,
@@ -11,7 +11,7 @@ from dispatcher.preflight import (
     serves_our_broker,
     with_local_postgres,
 )
-from dispatcher.settings import Settings
+from dispatcher.plumbing.settings import Settings
 
 LISTENERS = """Interface: [::], port: 15672, protocol: http, purpose: HTTP API
 Interface: [::], port: 25672, protocol: clustering, purpose: inter-node and CLI tool communication

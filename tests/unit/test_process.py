@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.process import (
+from dispatcher.jobs.process import (
     OOM_EXIT_CODE,
     classify,
     cpu_cores,
     memory_bytes,
     parse_quantity,
 )
-from dispatcher.runtime_local import build_plan, expand, redact_text, stderr_tail
+from dispatcher.jobs.local import build_plan, expand, redact_text, stderr_tail
 from schemas.errors import PermanentError
 
 BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}

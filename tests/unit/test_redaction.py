@@ -1,6 +1,6 @@
 """Secrets are masked by what they are, counters and identifiers are shown as they are.
 
-One rule (dispatcher/redaction.py) for log lines, `agentjobs config check` and
+One rule (schemas/redaction.py) for log lines, `agentjobs config check` and
 `agentjobs tail` (readable and --json); each is checked through its real entry point.
 """
 
@@ -20,11 +20,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent.config import AgentEnv
-from dispatcher import logs
-from dispatcher.cli import app
-from dispatcher.ops import render, render_json
-from dispatcher.redaction import MASK, is_secret_key, mask_text, redact
-from dispatcher.settings import LoggingSettings, Settings
+from schemas import logs
+from dispatcher.cli.main import app
+from dispatcher.cli.ops import render, render_json
+from schemas.redaction import MASK, is_secret_key, mask_text, redact
+from dispatcher.plumbing.settings import LoggingSettings, Settings
 from schemas import Cost, CredentialsIssued, Evidence, Finding, Phase, decode, encode, utcnow
 
 VAULT_TOKEN = "s.KeEMn0VEWkmVILP8vqYYapnO"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dispatcher.retry import Backoff, RetriesExhausted, retry
+from dispatcher.plumbing.retry import Backoff, RetriesExhausted, retry
 from schemas.errors import PermanentError, TemporaryError
 
 

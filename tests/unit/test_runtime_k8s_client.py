@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kubernetes_asyncio.client import ApiClient, Configuration
 
-from dispatcher.runtime_k8s import KubernetesRuntime, env_proxy_for
+from dispatcher.jobs.kubernetes import KubernetesRuntime, env_proxy_for
 
 
 async def test_the_runtime_session_does_not_consult_netrc_or_proxy_variables_per_request() -> None:
@@ -35,8 +35,8 @@ def test_no_proxy_variables_means_no_proxy(monkeypatch: pytest.MonkeyPatch) -> N
 async def test_the_runtime_takes_its_timeouts_from_settings(tmp_path) -> None:
     import json
 
-    from dispatcher.runtime_k8s import KubernetesRuntime
-    from dispatcher.settings import load_settings
+    from dispatcher.jobs.kubernetes import KubernetesRuntime
+    from dispatcher.plumbing.settings import load_settings
     from tests.support.k8s.fixtures import kubeconfig
 
     path = tmp_path / "kubeconfig"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.redaction import MASK, redact
-from dispatcher.settings import Settings, SettingsError, load_settings
+from schemas.redaction import MASK, redact
+from dispatcher.plumbing.settings import Settings, SettingsError, load_settings
 from schemas import Phase
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from dispatcher import jobspec
-from dispatcher.token_sweep import AgentToken, held_accessors, orphans
+from dispatcher.jobs import jobspec
+from dispatcher.credentials.token_sweep import AgentToken, held_accessors, orphans
 
 NOW = datetime(2026, 11, 27, 2, 0, tzinfo=UTC)
 SCOPE = "kubernetes/agentjobs-runs"

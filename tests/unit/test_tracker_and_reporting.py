@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from dispatcher.deadletters import Delivery, explain, headers_for, record_for
-from dispatcher.reporting import failure_result, finding_key, lifecycle_for, routing_word
-from dispatcher.runtime import JobState, RuntimeEvent
-from dispatcher.tracker import Tracked, Tracker
+from dispatcher.intake.deadletters import Delivery, explain, headers_for, record_for
+from dispatcher.intake.reporting import failure_result, lifecycle_for
+from schemas.routing import finding_key, routing_word
+from dispatcher.jobs.runtime import JobState, RuntimeEvent
+from dispatcher.intake.tracker import Tracked, Tracker
 from schemas import Conclusion, ErrorKind, FailureReason, LifecycleState, Phase, Severity
 
 AT = datetime(2026, 11, 26, 2, 30, tzinfo=UTC)

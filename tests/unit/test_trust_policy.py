@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.phases import PhaseSource
-from dispatcher.settings import TrustSettings
-from dispatcher.trust_policy import (
+from dispatcher.intake.phases import PhaseSource
+from dispatcher.plumbing.settings import TrustSettings
+from dispatcher.trust.policy import (
     AUTO,
     Blocker,
     Reason,

@@ -6,7 +6,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.trust_policy import LedgerSnapshot, TrustLedger, replay
+from dispatcher.trust.policy import LedgerSnapshot, TrustLedger, replay
 from tests.unit.test_trust_policy import _FAST, _ops, _run
 
 _encode = msgspec.msgpack.Encoder().encode

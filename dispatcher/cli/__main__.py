@@ -1,0 +1,5 @@
+"""``python -m dispatcher.cli``: the console script without its wrapper."""
+
+from dispatcher.cli.main import main
+
+main()

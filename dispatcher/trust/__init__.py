@@ -1,0 +1,6 @@
+"""Trust: the consumer that tallies operators' verdicts and moves scopes through the autonomy
+phases — the service (``service``), the pure policy core (``policy``), ledger snapshots and the
+classification of a ticket's final fields into a verdict (``feedback_classify``).
+
+Imports ``intake`` (the consumer edge and dead letters), ``plumbing`` and ``schemas``.
+"""
