@@ -37,7 +37,7 @@ from schemas import DecodeError, decode_incident
 from schemas.errors import TemporaryError
 from schemas.incident import IncidentEvent
 
-from dispatcher.plumbing.amqp import Publisher, connect
+from dispatcher.plumbing.amqp import Publisher, broker_user, connect
 from schemas.logs import get_logger
 from dispatcher.plumbing.metrics import BridgeMetrics
 from dispatcher.plumbing.settings import BridgeSettings, Settings
@@ -174,7 +174,7 @@ class BridgeService:
             await declare(channel, dispatcher_topology(amqp))
             await channel.close()
             self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            self._publisher = Publisher(self._channel, timeout=amqp.publish_timeout)
+            self._publisher = Publisher(self._channel, timeout=amqp.publish_timeout, user_id=broker_user(amqp.url))
         except TemporaryError:
             raise
         except Exception as exc:  # broker errors during declare: same meaning as a failed connect

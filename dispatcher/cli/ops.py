@@ -32,6 +32,7 @@ from schemas.errors import TemporaryError
 from dispatcher.intake.deadletters import HEADER_MESSAGE, HEADER_REASON
 from schemas.redaction import redact
 from schemas.routing import routing_word
+from dispatcher.plumbing.amqp import broker_user
 from dispatcher.plumbing.settings import Settings
 from dispatcher.plumbing.topology import declare, dispatcher_topology
 from schemas.routing import DEAD, FEEDBACK, INCIDENTS, PHASES, RESULTS
@@ -73,6 +74,7 @@ async def publish_incident(settings: Settings, body: bytes, *, routing_key: str 
         await declare(channel, dispatcher_topology(settings.amqp))
         exchange = await channel.get_exchange(INCIDENTS)
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event.event_id,
+                                   user_id=broker_user(settings.amqp.url),
                                    content_type="application/json")
         await exchange.publish(message, routing_key, timeout=settings.amqp.publish_timeout)
     return {"event_id": event.event_id, "investigation_id": ident.investigation_id, "job_name": ident.job_name}
@@ -95,6 +97,7 @@ async def publish_feedback(settings: Settings, body: bytes) -> dict[str, str]:
         await declare(channel, dispatcher_topology(settings.amqp))
         exchange = await channel.get_exchange(FEEDBACK)
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                   user_id=broker_user(settings.amqp.url),
                                    message_id=feedback.feedback_id, content_type="application/json",
                                    type="feedback")
         key = feedback_routing_key(feedback)
@@ -271,6 +274,7 @@ async def request_pin(settings: Settings, pin: PhasePin, *, wait: float) -> Phas
         await watch.bind(PHASES, f"phase.{routing_word(pin.scope)}")
         exchange = await channel.get_exchange(FEEDBACK)
         await exchange.publish(aio_pika.Message(encode(pin), delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                                user_id=broker_user(settings.amqp.url),
                                                 message_id=pin.command_id, content_type="application/json",
                                                 type="phase_pin"),
                                f"pin.{routing_word(pin.scope)}", mandatory=True, timeout=settings.amqp.publish_timeout)

@@ -26,6 +26,7 @@ from schemas import decode, utcnow
 from schemas.errors import DecodeError
 
 from dispatcher.cli import preflight
+from dispatcher.plumbing.amqp import broker_user
 
 from schemas import vault_paths as vault_layout
 from dispatcher.cli.board import Board
@@ -252,7 +253,8 @@ async def _demo(
         echo(f"demo: publishing their alerts as Alertmanager would: {len(bodies)} notifications in {groups} groups "
              "(investigations show up below as they happen)")
         for body in bodies:  # in order: re-sends of a group after its first notification
-            await exchange.publish(aio_pika.Message(body), "alertmanager.demo", timeout=30)
+            await exchange.publish(aio_pika.Message(body, user_id=broker_user(settings.amqp.url)), "alertmanager.demo",
+                                   timeout=30)
         echo(f"demo: all {len(bodies)} notifications confirmed by the broker")
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(180):

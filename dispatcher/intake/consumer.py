@@ -43,6 +43,7 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
         content_type=message.content_type or "",
         headers=headers,
         delivery_count=count if isinstance(count, int) else 0,
+        user_id=message.user_id or "",
     )
 
 

@@ -32,7 +32,8 @@ HEADER_ROUTING_KEY = "x-agentjobs-original-routing-key"
 class Delivery:
     """The parts of a received message that dead-lettering needs (broker-agnostic)."""
 
-    __slots__ = ("body", "content_type", "delivery_count", "exchange", "headers", "message_id", "routing_key")
+    __slots__ = ("body", "content_type", "delivery_count", "exchange", "headers", "message_id", "routing_key",
+                 "user_id")
 
     def __init__(
         self,
@@ -44,6 +45,7 @@ class Delivery:
         content_type: str = "",
         headers: Mapping[str, Any] | None = None,
         delivery_count: int = 0,
+        user_id: str = "",
     ) -> None:
         self.body = body
         self.routing_key = routing_key
@@ -52,6 +54,7 @@ class Delivery:
         self.content_type = content_type
         self.headers = dict(headers or {})
         self.delivery_count = delivery_count  # previous deliveries (x-delivery-count)
+        self.user_id = user_id  # the sender, as the broker validated it ("": none claimed)
 
 
 def record_for(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -53,19 +54,29 @@ async def connect(amqp: AmqpSettings, *, name: str) -> AbstractRobustConnection:
         raise TemporaryError(f"cannot connect to RabbitMQ: {exc!r}") from exc
 
 
-class Publisher:
-    """Publishes with confirms on its own channel; raises ``TemporaryError`` unless confirmed."""
+def broker_user(url: str) -> str:
+    """The user an AMQP URL connects as (``guest`` when it names none, as the client does)."""
+    return unquote(urlsplit(url).username or "") or "guest"
 
-    def __init__(self, channel: AbstractChannel, *, timeout: float) -> None:
+
+class Publisher:
+    """Publishes with confirms on its own channel; raises ``TemporaryError`` unless confirmed.
+
+    Every message carries ``user_id`` = the connection's user: RabbitMQ refuses any other value,
+    so consumers know who sent it (``dispatcher/intake/senders.py``).
+    """
+
+    def __init__(self, channel: AbstractChannel, *, timeout: float, user_id: str) -> None:
         self._channel = channel
         self._timeout = timeout  # seconds per confirm
+        self._user_id = user_id
         self._exchanges: dict[str, AbstractExchange] = {}
 
     @classmethod
     async def open(cls, connection: AbstractRobustConnection, amqp: AmqpSettings) -> Publisher:
         """A publisher on a fresh confirming channel of ``connection``."""
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(channel, timeout=amqp.publish_timeout)
+        return cls(channel, timeout=amqp.publish_timeout, user_id=broker_user(amqp.url))
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)
@@ -94,6 +105,7 @@ class Publisher:
             message_id=message_id,
             headers=dict(headers or {}),
             type=type_,
+            user_id=self._user_id,
         )
         try:
             target = await self._exchange(exchange)

@@ -49,6 +49,24 @@ class AmqpSettings(Section):
     delivery_limit: Positive = 20  # deliveries before the broker dead-letters a message
 
 
+class IdentitySettings(Section):
+    """Who may say what: the broker users (RabbitMQ's validated ``user_id``) of each component.
+
+    Every component connects as its own user and stamps ``user_id`` on what it publishes (the
+    broker refuses a ``user_id`` that is not the connection's user); every consumer checks it
+    against these (``dispatcher/intake/senders.py``). Agents' users are Vault-issued:
+    ``<agent_prefix><job name>-<uuid>`` — the token's display name is its Job's name.
+    """
+
+    bridge: str = "agentjobs-bridge"  # incidents
+    dispatcher: str = "agentjobs-dispatcher"  # lifecycle, failure results, dead letters
+    trust: str = "agentjobs-trust"  # PhaseChanged, the feedback log, trust snapshots
+    operators: list[str] = msgspec.field(default_factory=lambda: ["agentjobs-operator"])  # incidents, feedback, cancel
+    admins: list[str] = msgspec.field(default_factory=lambda: ["agentjobs-admin"])  # pins, and what operators may
+    agent_prefix: str = "token-"  # Vault token display names: token-<display name>
+    kubernetes_agent_prefix: str = "kubernetes-"  # users issued to agents that logged in with kubernetes auth
+
+
 class RetrySettings(Section):
     """Backoff for temporary errors while a message is held (see dispatcher/plumbing/retry.py)."""
 
@@ -237,6 +255,7 @@ class Settings(Section):
     """Root of the settings tree."""
 
     amqp: AmqpSettings = AmqpSettings()
+    identities: IdentitySettings = IdentitySettings()
     retry: RetrySettings = RetrySettings()
     k8s: KubernetesSettings = KubernetesSettings()
     runtime: RuntimeSettings = RuntimeSettings()
