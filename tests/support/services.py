@@ -229,7 +229,13 @@ class Vhost:
     """A vhost on a broker; `amqp_url` connects to it."""
 
     name: str
-    amqp_url: str
+    amqp_url: str  # the broker administrator: for what only the test itself does
+
+    def url(self, component: str) -> str:
+        """This vhost as a component identity: bridge, dispatcher, trust, operator or admin."""
+        from tests.support.identities import url_for
+
+        return url_for(self.amqp_url, component)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,6 +328,17 @@ class ManagementClient:
             if resp.status == 404 or not body:
                 return None
             return await resp.json(content_type=None)
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The open session (carries the management credentials)."""
+        if self._session is None:
+            raise RuntimeError("ManagementClient used outside `async with`")
+        return self._session
+
+    @property
+    def base_url(self) -> str:
+        return self._base
 
     @staticmethod
     def _q(segment: str) -> str:
@@ -428,11 +445,15 @@ class ManagementClient:
 async def temporary_vhost(
     mgmt: ManagementClient, *, hint: str = "", prefix: str = "agentjobs-test"
 ) -> AsyncIterator[Vhost]:
-    """Create a uniquely named vhost, grant the broker user everything, delete it after."""
+    """Create a uniquely named vhost, grant the broker user everything and each component
+    identity its own rights (``tests/support/identities.py``), delete it after."""
+    from tests.support.identities import grant_all
+
     name = unique_name(prefix, hint)
     vhost = await mgmt.create_vhost(name, description=f"agentjobs test {hint}".strip())
     try:
         await mgmt.set_permissions(name, mgmt.rabbitmq.user)
+        await grant_all(mgmt, name)
         yield vhost
     finally:
         await mgmt.delete_vhost(name)

@@ -1,0 +1,36 @@
+"""The component identities tests connect as: the product's own grants, on every test vhost.
+
+One password per identity and test process (users are broker-wide; names are the defaults of
+``[identities]``). ``temporary_vhost`` applies ``dispatcher.plumbing.identities.grants`` to each
+vhost it creates, so a test connects as the bridge, the dispatcher, trust, an operator or an
+admin with exactly the rights that component has in production — and ``Vhost.amqp_url`` (the
+broker administrator, ``guest`` here) is left for what only the test itself does: inspecting
+queues, creating users, attacking.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dispatcher.plumbing.identities import COMPONENTS, grants, new_password, url_as
+from dispatcher.plumbing.settings import IdentitySettings
+
+IDENTITIES = IdentitySettings()
+PASSWORDS = {component: new_password() for component in COMPONENTS}
+
+
+def user(component: str) -> str:
+    return next(g.user for g in grants(IDENTITIES) if g.component == component)
+
+
+def url_for(vhost_url: str, component: str) -> str:
+    """``vhost_url`` connecting as ``component`` (bridge, dispatcher, trust, operator, admin)."""
+    return url_as(vhost_url, user(component), PASSWORDS[component])
+
+
+async def grant_all(mgmt: Any, vhost: str) -> None:
+    """Create/update every identity (this process's passwords) and grant it its rights on ``vhost``."""
+    from dispatcher.plumbing.identities import apply
+
+    for grant in grants(IDENTITIES):
+        await apply(mgmt.http, mgmt.base_url, None, vhost, grant, PASSWORDS[grant.component])
