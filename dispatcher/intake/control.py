@@ -19,13 +19,11 @@ from schemas.errors import DecodeError, PermanentError
 from dispatcher.jobs import jobspec
 from dispatcher.plumbing.amqp import Publisher
 from dispatcher.credentials.tokens import Credentials
-from dispatcher.intake import senders
 from dispatcher.intake.deadletters import HEADER_RECORD, Delivery, dead_letter, explain, from_error
 from dispatcher.intake.incidents import Outcome
 from schemas.logs import get_logger
 from dispatcher.plumbing.metrics import Metrics
 from dispatcher.intake.reporting import Reporter
-from dispatcher.plumbing.settings import IdentitySettings
 from dispatcher.plumbing.retry import Backoff, RetriesExhausted, retry
 from dispatcher.jobs.runtime import JobRuntime
 
@@ -48,20 +46,15 @@ async def reject(
 
 class ControlHandler:
     def __init__(
-        self, *, runtime: JobRuntime, publisher: Publisher, identities: IdentitySettings,
-        backoff: Backoff | None = None, clock: Callable[[], datetime] = utcnow,
+        self, *, runtime: JobRuntime, publisher: Publisher, backoff: Backoff | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.runtime = runtime
         self.publisher = publisher
-        self.identities = identities
         self.backoff = backoff or Backoff()
         self.clock = clock
 
     async def handle(self, delivery: Delivery) -> Outcome:
-        refused = senders.control_sender(self.identities, delivery.user_id)
-        if refused is not None:
-            return await reject(self.publisher, delivery, PermanentError(refused.reason, refused.detail),
-                                backoff=self.backoff, at=self.clock(), component="dispatcher.intake.control")
         try:
             command = decode(delivery.body, CancelInvestigation)
         except DecodeError as exc:
