@@ -55,7 +55,11 @@ def pin_sender(ids: IdentitySettings, user_id: str) -> Refusal | None:
 
 
 def trust_sender(ids: IdentitySettings, user_id: str, what: str = "phase changes") -> Refusal | None:
-    return one_of(user_id, [ids.trust], what)
+    return trust_sender_of(ids.trust, user_id, what)
+
+
+def trust_sender_of(trust_user: str, user_id: str, what: str = "phase changes") -> Refusal | None:
+    return one_of(user_id, [trust_user], what)
 
 
 def is_agent_of(ids: IdentitySettings, user_id: str, job_name: str) -> bool:
@@ -87,3 +91,12 @@ def dispatcher_or_agent(ids: IdentitySettings, user_id: str, job_name: str, what
     if user_id and user_id == ids.dispatcher:
         return None
     return agent_sender(ids, user_id, job_name, what, kubernetes_auth=kubernetes_auth)
+
+
+def any_agent_or_dispatcher(ids: IdentitySettings, user_id: str, what: str) -> Refusal | None:
+    """An agent user of this installation (any Job) or the dispatcher: where no Job is named."""
+    prefixes = (ids.agent_prefix, ids.kubernetes_agent_prefix)
+    if user_id and (user_id == ids.dispatcher
+                    or any(user_id.startswith(p) and len(user_id) > len(p) for p in prefixes)):
+        return None
+    return _refuse(user_id, what, f"{ids.dispatcher} or an agent user ({' / '.join(prefixes)}…)")
