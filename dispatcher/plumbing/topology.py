@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from dispatcher.plumbing.settings import AmqpSettings
+from dispatcher.plumbing.settings import AmqpSettings, IdentitySettings
 from schemas.routing import (
     INCIDENTS,
     RESULTS,
@@ -133,9 +133,13 @@ def definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]:
     }
 
 
-def render_definitions(topology: Topology) -> str:
-    """Deterministic JSON text of ``definitions``."""
-    return json.dumps(definitions(topology), indent=2, sort_keys=True) + "\n"
+def render_definitions(topology: Topology, identities: IdentitySettings | None = None) -> str:
+    """Deterministic JSON text of ``definitions`` plus every component identity's user and rights
+    (``dispatcher/plumbing/identities.py``; no passwords: set each from its component's Secret)."""
+    from dispatcher.plumbing.identities import definitions as identity_definitions
+
+    doc = definitions(topology) | identity_definitions(identities or IdentitySettings())
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
 async def declare(channel: Any, topology: Topology) -> None:
