@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher.plumbing.identities import COMPONENTS, grants, new_password, url_as
+from dispatcher.plumbing.identities import COMPONENTS, grants, url_as
 from dispatcher.plumbing.settings import IdentitySettings
 
 IDENTITIES = IdentitySettings()
-PASSWORDS = {component: new_password() for component in COMPONENTS}
+# Stable across test processes (users are broker-wide: concurrent runs must agree on them).
+PASSWORDS = {component: f"agentjobs-test-{component}" for component in COMPONENTS}
 
 
 def user(component: str) -> str:
