@@ -15,14 +15,16 @@ from collections.abc import Callable
 from datetime import datetime
 
 from schemas import Finding, decode, utcnow
-from schemas.errors import DecodeError
+from schemas.errors import DecodeError, PermanentError
 
 from dispatcher.plumbing.amqp import Publisher
+from dispatcher.intake import senders
 from dispatcher.intake.control import reject
 from dispatcher.intake.deadletters import Delivery
 from dispatcher.intake.incidents import Outcome
 from dispatcher.plumbing.metrics import Metrics
 from dispatcher.plumbing.retry import Backoff
+from dispatcher.plumbing.settings import IdentitySettings
 
 COMPONENT = "cost-recorder"
 
@@ -42,14 +44,20 @@ def record(metrics: Metrics, finding: Finding) -> None:
 
 
 class CostRecorder:
-    def __init__(self, *, metrics: Metrics, publisher: Publisher, backoff: Backoff | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, *, metrics: Metrics, publisher: Publisher, identities: IdentitySettings,
+                 backoff: Backoff | None = None, clock: Callable[[], datetime] = utcnow) -> None:
         self.metrics = metrics
         self.publisher = publisher
+        self.identities = identities
         self.backoff = backoff or Backoff()
         self.clock = clock
 
     async def handle(self, delivery: Delivery) -> Outcome:
+        # Costs are per domain, not per investigation: an agent or the dispatcher, no one else.
+        refused = senders.any_agent_or_dispatcher(self.identities, delivery.user_id, "findings")
+        if refused is not None:
+            return await reject(self.publisher, delivery, PermanentError(refused.reason, refused.detail),
+                                backoff=self.backoff, at=self.clock(), component=COMPONENT)
         try:
             finding = decode(delivery.body, Finding)
         except DecodeError as exc:

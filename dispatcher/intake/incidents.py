@@ -43,6 +43,7 @@ from dispatcher.jobs import jobspec
 from dispatcher.intake.admission import AdmissionGate
 from dispatcher.plumbing.amqp import Publisher
 from dispatcher.credentials.tokens import Credentials, NoCredentials, WrappedToken, vault_ca
+from dispatcher.intake import senders
 from dispatcher.intake.deadletters import Delivery, dead_letter, from_error
 from schemas.logs import bound, get_logger
 from dispatcher.plumbing.metrics import Metrics
@@ -154,6 +155,10 @@ class Intake:
         return Outcome.ACK
 
     async def _handle_once(self, delivery: Delivery) -> tuple[Outcome, str]:
+        refused = senders.incident_sender(self.settings.identities, delivery.user_id)
+        if refused is not None:  # before decoding: nothing of what it says is looked at
+            return await self._reject(delivery, PermanentError(refused.reason, refused.detail)), \
+                f"dead_lettered:{refused.reason}"
         try:
             event = decode_incident(delivery.body, max_bytes=self.settings.bridge.max_body_bytes)
         except DecodeError as exc:

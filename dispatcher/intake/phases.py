@@ -12,7 +12,11 @@ from typing import Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from dispatcher.intake import senders
 from schemas import DecodeError, Phase, PhaseChanged, decode
+from schemas.logs import get_logger
+
+log = get_logger("agentjobs.phases")
 
 
 class PhaseSource(Protocol):
@@ -40,9 +44,11 @@ class LoggedPhases:
     Until a scope has a change, it runs in ``default`` — the least-privileged phase by default.
     """
 
-    def __init__(self, default: Phase) -> None:
+    def __init__(self, default: Phase, *, trust_user: str) -> None:
         self._default = default
+        self._trust_user = trust_user  # the only sender whose changes count
         self._changes: dict[str, PhaseChanged] = {}
+        self.refused = 0  # entries from anyone else (a stream keeps them; they are never applied)
 
     def apply(self, change: PhaseChanged) -> None:
         known = self._changes.get(change.scope)
@@ -51,9 +57,16 @@ class LoggedPhases:
 
     def on_log_entry(self, message: AbstractIncomingMessage) -> None:
         try:
-            self.apply(decode(message.body, PhaseChanged))
+            change = decode(message.body, PhaseChanged)
         except DecodeError:
-            pass  # markers and foreign messages are not phase changes
+            return  # markers and foreign messages are not phase changes
+        refused = senders.trust_sender_of(self._trust_user, message.user_id or "")
+        if refused is not None:
+            self.refused += 1
+            log.warning("phase_change_refused", reason=refused.reason, detail=refused.detail, scope=change.scope[:64],
+                        to_phase=change.to_phase.value)
+            return
+        self.apply(change)
 
     def phase_for(self, scope: str) -> Phase:
         change = self._changes.get(scope)

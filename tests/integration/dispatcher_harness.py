@@ -19,6 +19,7 @@ from dispatcher.plumbing.settings import Settings
 from dispatcher.plumbing.topology import declare, dispatcher_topology
 from schemas.routing import INCIDENTS, RESULTS
 from schemas import DecodeError, decode
+from tests.support.identities import url_for, user
 from tests.support.k8s.resources import PODS
 
 
@@ -44,20 +45,24 @@ async def drain(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIncoming
 
 
 async def declare_topology(amqp_url: str, settings: Settings) -> None:
-    connection = await aio_pika.connect(amqp_url)
+    """Declare the dispatcher's topology as the dispatcher identity (the one that owns it)."""
+    connection = await aio_pika.connect(url_for(amqp_url, "dispatcher"))
     async with connection:
         channel = await connection.channel()
         await declare(channel, dispatcher_topology(settings.amqp))
 
 
-async def publish(amqp_url: str, bodies: list[bytes], *, routing_key: str = "alertmanager") -> None:
-    """Publish with confirms (pipelined), persistent."""
-    connection = await aio_pika.connect(amqp_url)
+async def publish(amqp_url: str, bodies: list[bytes], *, routing_key: str = "alertmanager",
+                  sender: str = "operator") -> None:
+    """Publish with confirms (pipelined), persistent, as ``sender`` (an identity: operator, bridge, …)
+    with its broker-validated ``user_id``."""
+    connection = await aio_pika.connect(url_for(amqp_url, sender))
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(INCIDENTS)
         await asyncio.gather(*(
-            exchange.publish(aio_pika.Message(b, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key,
+            exchange.publish(aio_pika.Message(b, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                              user_id=user(sender)), routing_key,
                              timeout=30)
             for b in bodies
         ))

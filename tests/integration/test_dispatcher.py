@@ -16,6 +16,7 @@ from dispatcher.jobs.kubernetes import KubernetesRuntime
 from dispatcher.intake.service import DispatcherService
 from schemas.routing import DEAD, RESULTS
 from schemas import Conclusion, DeadLetter, FailureReason, Finding, decode_incident, identify
+from tests.support.identities import agent_user
 from tests.integration.dispatcher_harness import (
     PodDriver,
     Results,
@@ -217,20 +218,21 @@ async def test_kubernetes_api_faults_lose_nothing_and_duplicate_nothing(env):
     assert not results.keys("deadletter.")
 
 
-async def test_findings_published_by_agents_become_cost_metrics_by_domain(env):
+async def test_findings_published_by_agents_become_cost_metrics_by_domain(env, amqp_vhost, rabbitmq_management):
     from schemas import Cost, Finding, Phase, encode
 
     handle, url = env
     finding = Finding(investigation_id="cost-1", incident_key="k", idempotency_key="cost-1:finding", summary="s",
                       probable_cause="c", confidence=0.5, phase=Phase.SHADOW, domain="payments", reasoner="rules",
                       cost=Cost(tool_calls=5, cpu_seconds=0.25, wall_seconds=1.5))
-    async with Results(url, exchange=DEAD) as dead, running_dispatcher(handle, url) as service:
-        connection = await aio_pika.connect(url)
+    async with (Results(url, exchange=DEAD) as dead, running_dispatcher(handle, url) as service,
+                agent_user(rabbitmq_management, amqp_vhost.name) as (agent, agent_url)):
+        connection = await aio_pika.connect(agent_url)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
-            results = await channel.get_exchange(RESULTS)
-            await results.publish(aio_pika.Message(encode(finding)), "finding.shadow.payments")
-            await results.publish(aio_pika.Message(b"{not a finding"), "finding.shadow.payments")
+            results = await channel.get_exchange(RESULTS, ensure=False)
+            await results.publish(aio_pika.Message(encode(finding), user_id=agent), "finding.shadow.payments")
+            await results.publish(aio_pika.Message(b"{not a finding", user_id=agent), "finding.shadow.payments")
 
         def tool_calls() -> float:
             return service.metrics.registry.get_sample_value(
@@ -240,3 +242,25 @@ async def test_findings_published_by_agents_become_cost_metrics_by_domain(env):
         await dead.wait_for(lambda: dead.messages)
     ((routing_key, _, _, headers),) = dead.messages
     assert routing_key == "finding.shadow.payments" and headers["x-agentjobs-reason"] == "invalid_json"
+
+
+async def test_findings_from_anyone_but_an_agent_are_dead_lettered_and_never_counted(env):
+    from schemas import Cost, Finding, Phase, encode
+
+    handle, url = env
+    finding = Finding(investigation_id="cost-2", incident_key="k", idempotency_key="cost-2:finding", summary="s",
+                      probable_cause="c", confidence=0.5, phase=Phase.SHADOW, domain="forged", reasoner="rules",
+                      cost=Cost(tool_calls=7, cpu_seconds=0.25, wall_seconds=1.5))
+    async with Results(url, exchange=DEAD) as dead, running_dispatcher(handle, url) as service:
+        connection = await aio_pika.connect(url)  # the broker administrator, no user_id
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            results = await channel.get_exchange(RESULTS)
+            await results.publish(aio_pika.Message(encode(finding)), "finding.shadow.forged")
+        await dead.wait_for(lambda: dead.messages)
+        tool_calls = service.metrics.registry.get_sample_value(
+            "agentjobs_investigation_tool_calls_total", {"domain": "forged", "reasoner": "rules"})
+    ((routing_key, _, _, headers),) = dead.messages
+    assert headers["x-agentjobs-reason"] == "forbidden_sender"
+    assert "without user_id" in headers["x-agentjobs-message"]
+    assert not tool_calls

@@ -10,6 +10,9 @@ queues, creating users, attacking.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from dispatcher.plumbing.identities import COMPONENTS, grants, url_as
@@ -35,3 +38,20 @@ async def grant_all(mgmt: Any, vhost: str) -> None:
 
     for grant in grants(IDENTITIES):
         await apply(mgmt.http, mgmt.base_url, None, vhost, grant, PASSWORDS[grant.component])
+
+
+@contextlib.asynccontextmanager
+async def agent_user(mgmt: Any, vhost: str, job_name: str = "agentjobs-test-job") -> AsyncIterator[tuple[str, str]]:
+    """An agent-shaped broker user (``token-<job name>-<uuid>``, what Vault's RabbitMQ engine issues
+    an agent) with the agent's rights on ``vhost`` — publish to the results exchange, nothing else;
+    yields ``(user, url)`` and deletes the user after."""
+    from dispatcher.credentials.bootstrap import RESULTS_EXCHANGE
+
+    name, password = f"{IDENTITIES.agent_prefix}{job_name}-{uuid.uuid4()}", uuid.uuid4().hex
+    await mgmt.create_user(name, password)
+    try:
+        await mgmt.set_permissions(vhost, name, configure="", read="",
+                                   write="^" + RESULTS_EXCHANGE.replace(".", r"\.") + "$")
+        yield name, url_as(mgmt.rabbitmq.vhost_url(vhost), name, password)
+    finally:
+        await mgmt.delete_user(name)

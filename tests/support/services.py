@@ -370,10 +370,14 @@ class ManagementClient:
         return await self._request("GET", "/api/overview")
 
     async def create_vhost(self, name: str, *, description: str = "") -> Vhost:
-        """PUT /api/vhosts/{name}; returns the Vhost with its AMQP URL."""
+        """PUT /api/vhosts/{name}, then every component identity's rights on it
+        (``tests/support/identities.py``); returns the Vhost with its AMQP URL."""
+        from tests.support.identities import grant_all
+
         await self._request(
             "PUT", f"/api/vhosts/{self._q(name)}", json={"description": description}
         )
+        await grant_all(self, name)
         return Vhost(name=name, amqp_url=self.rabbitmq.vhost_url(name))
 
     async def delete_vhost(self, name: str, *, missing_ok: bool = True) -> None:
@@ -447,13 +451,10 @@ async def temporary_vhost(
 ) -> AsyncIterator[Vhost]:
     """Create a uniquely named vhost, grant the broker user everything and each component
     identity its own rights (``tests/support/identities.py``), delete it after."""
-    from tests.support.identities import grant_all
-
     name = unique_name(prefix, hint)
     vhost = await mgmt.create_vhost(name, description=f"agentjobs test {hint}".strip())
     try:
         await mgmt.set_permissions(name, mgmt.rabbitmq.user)
-        await grant_all(mgmt, name)
         yield vhost
     finally:
         await mgmt.delete_vhost(name)
