@@ -59,7 +59,7 @@ class DispatcherService:
         # Phases come from the trust consumer's phase log unless a source is given (tests, tools).
         self.phase_log: StreamFollower | None = None
         if phases is None:
-            logged = LoggedPhases(settings.trust.initial_phase)
+            logged = LoggedPhases(settings.trust.initial_phase, trust_user=settings.identities.trust)
             self.phase_log = StreamFollower(PHASE_LOG, logged.on_log_entry, name="phase-log")
             phases = logged
         self.phases = phases
@@ -118,8 +118,8 @@ class DispatcherService:
             Consumer(INCIDENTS, self.intake.handle, prefetch=s.amqp.prefetch, name="incidents"),
             Consumer(CONTROL, control.handle, prefetch=16, name="control"),
             Consumer(DEAD_LOG, recorder.handle, prefetch=64, name="dead-letter-recorder"),
-            Consumer(COSTS, CostRecorder(metrics=self.metrics, publisher=publisher, backoff=backoff).handle,
-                     prefetch=64, name="cost-recorder"),
+            Consumer(COSTS, CostRecorder(metrics=self.metrics, publisher=publisher, identities=s.identities,
+                                         backoff=backoff).handle, prefetch=64, name="cost-recorder"),
         ]
         if s.vault.auth_mode == "kubernetes":
             logins = LoginTokenRecorder(runtime=self.runtime, credentials=self.credentials, publisher=publisher,
