@@ -23,6 +23,12 @@ Choices, so that an SRE reading ``agentjobs phase explain`` is not surprised:
   ``dedup_capacity`` distinct ids (default 4096, never fewer than ``window``),
   so memory is O(scopes x capacity); an id older than that is long out of
   the window.
+- **One verdict per investigation.** A feedback with a new id for an
+  investigation that already has a verdict in the window *replaces* it (the
+  earlier one leaves the window, the correction is tallied as any feedback):
+  an operator's correction, or a flood of verdicts on one finding, counts as
+  one sample. Each scope remembers the window entry of its last
+  ``dedup_capacity`` investigations.
 - **Harmful.** A harmful flag demotes at once to ``harmful_demotes_to`` when
   the scope is above it, whatever the feedback's phase or age (safety first),
   and blocks promotion while it is in the window.
@@ -243,6 +249,7 @@ class _Scope:
         "seen",
         "seen_order",
         "seq",
+        "verdicts",
         "window",
     )
 
@@ -261,6 +268,8 @@ class _Scope:
         self.seq = 0
         self.seen: set[str] = set()
         self.seen_order: deque[str] = deque()
+        # investigation id -> (at, seq) of its counted verdict; insertion order = oldest first
+        self.verdicts: dict[str, tuple[datetime, int]] = {}
 
     def in_phase_s(self, now: datetime) -> float:
         return (now - (self.entered_at or self.first_seen)).total_seconds()
@@ -273,12 +282,23 @@ class _Scope:
         self.modifications -= modified
         self.harmful -= harmful
 
+    def withdraw(self, key: tuple[datetime, int]) -> bool:
+        """Take the window entry ``key`` (at, seq) out, if it is still there."""
+        i = bisect.bisect_left(self.window, key)
+        if i < len(self.window) and self.window[i][:2] == key:
+            _, _, modified, harmful = self.window.pop(i)
+            self.modifications -= modified
+            self.harmful -= harmful
+            return True
+        return False
+
     def evict(self, cutoff: datetime) -> None:
         while self.window and self.window[0][0] < cutoff:
             self.drop_oldest()
 
     def reset_window(self) -> None:
         self.window.clear()
+        self.verdicts.clear()
         self.modifications = 0
         self.harmful = 0
 
@@ -299,6 +319,8 @@ class ScopeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     harmful: int
     seq: int
     seen: list[str]  # remembered feedback ids, oldest first
+    # investigation id, at, seq of each investigation's counted verdict, oldest first
+    verdicts: list[tuple[str, datetime, int]] = []
 
 
 class LedgerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -334,7 +356,7 @@ class TrustLedger:
                 phase=s.phase, entered_at=s.entered_at, first_seen=s.first_seen, last_change_at=s.last_change_at,
                 clock=s.clock, pinned=s.pinned, pin_reason=s.pin_reason, pinned_by=s.pinned_by,
                 window=list(s.window), modifications=s.modifications, harmful=s.harmful, seq=s.seq,
-                seen=list(s.seen_order))
+                seen=list(s.seen_order), verdicts=[(inv, at, seq) for inv, (at, seq) in s.verdicts.items()])
             for name, s in self._scopes.items()})
 
     @classmethod
@@ -349,6 +371,7 @@ class TrustLedger:
             s.modifications, s.harmful, s.seq = snap.modifications, snap.harmful, snap.seq
             s.seen_order = deque(snap.seen)
             s.seen = set(snap.seen)
+            s.verdicts = {inv: (at, seq) for inv, at, seq in snap.verdicts}
             ledger._scopes[name] = s
         return ledger
 
@@ -392,12 +415,18 @@ class TrustLedger:
             and (s.entered_at is None or fb.at >= s.entered_at)
             and fb.at >= cutoff
         )
+        earlier = s.verdicts.pop(fb.investigation_id, None)
+        if earlier is not None:
+            s.withdraw(earlier)  # a later verdict on the same investigation replaces, never adds
         if counted:
             s.seq += 1
             modified = is_modification(fb)
             bisect.insort(s.window, (fb.at, s.seq, modified, fb.harmful))
             s.modifications += modified
             s.harmful += fb.harmful
+            s.verdicts[fb.investigation_id] = (fb.at, s.seq)
+            if len(s.verdicts) > self.dedup_capacity:
+                del s.verdicts[next(iter(s.verdicts))]
             if len(s.window) > self.settings.window:
                 s.drop_oldest()
         decision = decide(

@@ -63,9 +63,10 @@ def fb(
     shadow: ShadowComparison | None = None,
     feedback_id: str | None = None,
 ) -> OperatorFeedback:
+    feedback_id = feedback_id or f"fb-{next(_ids)}"
     return OperatorFeedback(
-        feedback_id=feedback_id or f"fb-{next(_ids)}",
-        investigation_id="inv-1",
+        feedback_id=feedback_id,
+        investigation_id=f"inv-{feedback_id}",  # one verdict per investigation: one investigation each
         scope=scope,
         phase=phase,
         verdict=verdict,
@@ -546,7 +547,7 @@ def _run(ops, policy: TrustSettings, shift: timedelta = timedelta(0)):
                 minutes += 3
                 f = OperatorFeedback(
                     feedback_id=f"f{n}.{i}",
-                    investigation_id="i",
+                    investigation_id=f"i-{n}.{i}",
                     scope=scope,
                     phase=ledger.phase_for(scope),
                     verdict=Verdict.REJECTED,
@@ -570,7 +571,7 @@ def _run(ops, policy: TrustSettings, shift: timedelta = timedelta(0)):
             last_id = fid
             f = OperatorFeedback(
                 feedback_id=fid,
-                investigation_id="i",
+                investigation_id=f"i-{fid}",
                 scope=scope,
                 phase=phase,
                 verdict=verdict,
@@ -650,3 +651,44 @@ def test_every_change_obeys_the_policy(ops) -> None:
             assert c.to_phase is _FAST.harmful_demotes_to and step < 0
         else:
             assert c.operator == "op"
+
+
+# --- one verdict per investigation ---------------------------------------------------------
+
+
+def test_a_later_verdict_on_the_same_investigation_replaces_the_earlier_one_never_adds() -> None:
+    ledger = TrustLedger(HOLD)
+    first = msgspec.structs.replace(fb(1), investigation_id="inv-x", feedback_id="fb-x-1")
+    ledger.apply_feedback(first)
+    assert (ledger.explain("database").samples, ledger.explain("database").modifications) == (1, 0)
+    # When the operator corrects the verdict (a new feedback id, the same investigation)
+    correction = msgspec.structs.replace(fb(2, verdict=Verdict.REJECTED), investigation_id="inv-x",
+                                         feedback_id="fb-x-2")
+    ledger.apply_feedback(correction)
+    # Then the correction stands alone: still one sample, now a modification
+    explained = ledger.explain("database")
+    assert (explained.samples, explained.modifications) == (1, 1)
+    # and a flood of verdicts on that one finding is still one sample
+    for i in range(3, 60):
+        ledger.apply_feedback(msgspec.structs.replace(fb(i), investigation_id="inv-x", feedback_id=f"fb-x-{i}"))
+    explained = ledger.explain("database")
+    assert (explained.samples, explained.modifications) == (1, 0)
+    # while other investigations add as before
+    ledger.apply_feedback(fb(61))
+    assert ledger.explain("database").samples == 2
+
+
+def test_many_verdicts_on_one_investigation_cannot_promote() -> None:
+    ledger = TrustLedger(POLICY)
+    for i in range(200):
+        ledger.apply_feedback(msgspec.structs.replace(fb(i * 5), investigation_id="inv-one"))
+    assert ledger.phase_for("database") is SHADOW
+    assert ledger.explain("database").samples == 1
+
+
+def test_verdict_replacement_survives_a_snapshot() -> None:
+    ledger = TrustLedger(HOLD)
+    ledger.apply_feedback(msgspec.structs.replace(fb(1), investigation_id="inv-y"))
+    restored = TrustLedger.restore(HOLD, ledger.snapshot())
+    restored.apply_feedback(msgspec.structs.replace(fb(2, verdict=Verdict.MODIFIED), investigation_id="inv-y"))
+    assert (restored.explain("database").samples, restored.explain("database").modifications) == (1, 1)
