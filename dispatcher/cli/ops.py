@@ -34,7 +34,8 @@ from schemas.redaction import redact
 from schemas.routing import routing_word
 from dispatcher.plumbing.amqp import broker_user
 from dispatcher.plumbing.settings import Settings
-from dispatcher.plumbing.topology import declare, dispatcher_topology
+from dispatcher.plumbing.identities import url_for_component
+from dispatcher.plumbing.topology import dispatcher_topology
 from schemas.routing import DEAD, FEEDBACK, INCIDENTS, PHASES, RESULTS
 
 if TYPE_CHECKING:
@@ -54,11 +55,29 @@ class OpsError(Exception):
     """A clear, user-facing failure (exit 2)."""
 
 
-async def _connect(settings: Settings) -> aio_pika.abc.AbstractConnection:
+def _url(settings: Settings, component: str) -> str:
+    """Who this command speaks as: the operator (or admin, for pins) credentials ``agentjobs up``
+    stored in its state dir for this broker, else ``amqp.url`` (a deployment's own operator user)."""
+    return url_for_component(settings.amqp.url, settings.runtime.state_dir, component)
+
+
+async def _connect(settings: Settings, component: str = "operator") -> aio_pika.abc.AbstractConnection:
     try:
-        return await aio_pika.connect(settings.amqp.url, timeout=10)
+        return await aio_pika.connect(_url(settings, component), timeout=10)
     except Exception as exc:
         raise OpsError(f"cannot reach RabbitMQ ({type(exc).__name__}); is it running? (see `agentjobs up`)") from None
+
+
+async def _exchange(connection: aio_pika.abc.AbstractConnection, name: str, *,
+                    confirms: bool = False) -> tuple[aio_pika.abc.AbstractChannel, aio_pika.abc.AbstractExchange]:
+    """A channel and the existing exchange ``name``: operators declare nothing of the topology
+    (the dispatcher and the trust consumer own it), so a broker where neither ran is an error."""
+    channel = await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
+    try:
+        return channel, await channel.get_exchange(name, ensure=True)
+    except aio_pika.exceptions.ChannelClosed as exc:  # NOT_FOUND (404) closes the channel
+        raise OpsError(f"exchange {name} does not exist on this broker yet: start the dispatcher "
+                       f"(`agentjobs up`) first ({exc})") from None
 
 
 async def publish_incident(settings: Settings, body: bytes, *, routing_key: str = "cli") -> dict[str, str]:
@@ -70,11 +89,9 @@ async def publish_incident(settings: Settings, body: bytes, *, routing_key: str 
     ident = identify(event)
     connection = await _connect(settings)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare(channel, dispatcher_topology(settings.amqp))
-        exchange = await channel.get_exchange(INCIDENTS)
+        _, exchange = await _exchange(connection, INCIDENTS, confirms=True)
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event.event_id,
-                                   user_id=broker_user(settings.amqp.url),
+                                   user_id=broker_user(_url(settings, "operator")),
                                    content_type="application/json")
         await exchange.publish(message, routing_key, timeout=settings.amqp.publish_timeout)
     return {"event_id": event.event_id, "investigation_id": ident.investigation_id, "job_name": ident.job_name}
@@ -93,11 +110,9 @@ async def publish_feedback(settings: Settings, body: bytes) -> dict[str, str]:
         raise OpsError(f"not an operator feedback: {exc.reason}: {exc.message}") from None
     connection = await _connect(settings)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare(channel, dispatcher_topology(settings.amqp))
-        exchange = await channel.get_exchange(FEEDBACK)
+        _, exchange = await _exchange(connection, FEEDBACK, confirms=True)
         message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                   user_id=broker_user(settings.amqp.url),
+                                   user_id=broker_user(_url(settings, "operator")),
                                    message_id=feedback.feedback_id, content_type="application/json",
                                    type="feedback")
         key = feedback_routing_key(feedback)
@@ -207,10 +222,9 @@ async def tail(
     arrived = asyncio.Event()
     connection = await _connect(settings)
     async with connection:
-        channel = await connection.channel()
-        await declare(channel, dispatcher_topology(settings.amqp))
+        channel, exchange = await _exchange(connection, exchange_name)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange_name, binding)
+        await queue.bind(exchange, binding)
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             nonlocal shown
@@ -249,8 +263,7 @@ async def trust_state(settings: Settings) -> TrustState:
     state = TrustState(settings)
     connection = await _connect(settings)
     async with connection:
-        channel = await connection.channel()
-        await declare(channel, dispatcher_topology(settings.amqp))
+        await _exchange(connection, FEEDBACK)  # the trust consumer ran here: its logs exist
         followers = [StreamFollower(FEEDBACK_LOG, state.on_log_entry, name="feedback-log"),
                      StreamFollower(PHASE_LOG, state.on_phase_entry, name="phase-log")]
         if settings.trust.snapshot_every:  # as the consumer starts: from its newest snapshot
@@ -258,7 +271,7 @@ async def trust_state(settings: Settings) -> TrustState:
         for follower in followers:
             await follower.start(connection)
             try:
-                await follower.catch_up(connection, timeout=60)
+                await follower.catch_up(connection, timeout=60, read_only=True)
             except TemporaryError as exc:
                 raise OpsError(f"could not read the trust logs: {exc.message}") from None
     return state
@@ -266,15 +279,13 @@ async def trust_state(settings: Settings) -> TrustState:
 
 async def request_pin(settings: Settings, pin: PhasePin, *, wait: float) -> PhaseChanged | None:
     """Send a pin/unpin command (confirmed) and wait up to ``wait`` s for the trust consumer's change."""
-    connection = await _connect(settings)
+    connection = await _connect(settings, "admin")  # pins: admins only
     async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare(channel, dispatcher_topology(settings.amqp))
+        channel, exchange = await _exchange(connection, FEEDBACK, confirms=True)
         watch = await channel.declare_queue(exclusive=True, auto_delete=True)
         await watch.bind(PHASES, f"phase.{routing_word(pin.scope)}")
-        exchange = await channel.get_exchange(FEEDBACK)
         await exchange.publish(aio_pika.Message(encode(pin), delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                                user_id=broker_user(settings.amqp.url),
+                                                user_id=broker_user(_url(settings, "admin")),
                                                 message_id=pin.command_id, content_type="application/json",
                                                 type="phase_pin"),
                                f"pin.{routing_word(pin.scope)}", mandatory=True, timeout=settings.amqp.publish_timeout)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
+import aiohttp
 import hvac
 import msgspec
 
@@ -37,9 +38,9 @@ from schemas.logs import get_logger
 from schemas.redaction import mask_text
 from dispatcher.jobs.local import LocalRuntime
 from dispatcher.intake.service import DispatcherService
-from dispatcher.plumbing.settings import Settings
+from dispatcher.plumbing import identities
+from dispatcher.plumbing.settings import IdentitySettings, Settings
 from dispatcher.plumbing.signals import cancel_on, stop_event
-from dispatcher.plumbing.topology import declare, dispatcher_topology
 from schemas.routing import FEEDBACK, INCIDENTS, PHASES, RESULTS
 from dispatcher.trust.service import TrustService
 from dispatcher.credentials.bootstrap import BootstrapError, bootstrap
@@ -64,6 +65,43 @@ def embedded_settings(settings: Settings, *, vault_token: str) -> Settings:
     )
 
 
+def as_component(settings: Settings, url: str) -> Settings:
+    """``settings`` connecting to the broker as one component identity (pure)."""
+    return msgspec.structs.replace(settings, amqp=msgspec.structs.replace(settings.amqp, url=url))
+
+
+def shared_identities(ids: IdentitySettings, user: str) -> IdentitySettings:
+    """Every component identity collapsed onto one broker user: the reduced mode (pure)."""
+    return msgspec.structs.replace(ids, bridge=user, dispatcher=user, trust=user, operators=[user], admins=[user])
+
+
+async def component_identities(settings: Settings, state: Path, *, managed: bool) -> tuple[Settings, dict[str, str], str]:
+    """Each component's broker URL, the settings to run with, and the line to print.
+
+    With the management API: the least-privilege identities of ``dispatcher/plumbing/identities.py``
+    are created (or updated) on the broker, and their credentials stored 0600 in the state dir
+    (passwords kept across runs), where ``phase pin``, ``publish``, ``tail`` and ``status`` find
+    them. Without it (reduced mode) everything runs as ``amqp.url``'s user and the sender checks
+    cannot tell the components apart — said so, never hidden.
+    """
+    user = broker_user(settings.amqp.url)
+    if not managed:
+        identities.credentials_path(state).unlink(missing_ok=True)  # never point ops at stale users
+        ids = shared_identities(settings.identities, user)
+        urls = {component: settings.amqp.url for component in identities.COMPONENTS}
+        return (msgspec.structs.replace(settings, identities=ids), urls,
+                f"broker identities: reduced mode, every component and operator connects as {user!r} "
+                "(enable the management API for one least-privilege user each)")
+    base, auth = preflight.management_api(settings)
+    creds = await identities.ensure_identities(settings.amqp.url, base, auth, settings.identities,
+                                               identities.load_credentials(state))
+    path = identities.store_credentials(state, creds)
+    names = ", ".join(f"{c}={v['user']}" for c, v in creds.items())
+    urls = {c: creds[c]["url"] if c in creds else settings.amqp.url for c in identities.COMPONENTS}
+    return settings, urls, \
+        f"broker identities: {names} (operator/admin credentials in {path}, mode 0600)"
+
+
 class ResultsWatch:
     """Feeds a ``Board`` from copies of ``agentjobs.results`` and ``agentjobs.phases`` (exclusive queue)."""
 
@@ -74,9 +112,8 @@ class ResultsWatch:
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
 
     async def start(self, settings: Settings) -> None:
-        self._connection = await aio_pika.connect_robust(settings.amqp.url)
+        self._connection = await aio_pika.connect_robust(settings.amqp.url)  # an operator: declares nothing
         channel = await self._connection.channel()
-        await declare(channel, dispatcher_topology(settings.amqp))
         queue = await channel.declare_queue(exclusive=True)
         await queue.bind(RESULTS, "#")
         await queue.bind(PHASES, "#")
@@ -140,6 +177,12 @@ async def run_up(
         if note:
             echo(note)
     state = Path(settings.runtime.state_dir)
+    try:
+        settings, urls, note = await component_identities(settings, state, managed=broker.per_investigation_users)
+    except (OSError, RuntimeError, aiohttp.ClientError) as exc:
+        echo(f"error: could not create the broker identities: {mask_text(str(exc))}")
+        return 2
+    echo(note)
     bao = EmbeddedOpenBao(state / "openbao", settings.vault.addr)
     try:
         await bao.start()
@@ -179,13 +222,13 @@ async def run_up(
                                           ttl="24h", display_name="agentjobs-up-dispatcher")
         dispatcher_token = created["auth"]["client_token"]
         embedded = embedded_settings(settings, vault_token=dispatcher_token)
-        service = DispatcherService(embedded, LocalRuntime(state / "local"))
+        service = DispatcherService(as_component(embedded, urls["dispatcher"]), LocalRuntime(state / "local"))
         await service.start()
         # The trust consumer shares the dispatcher's metrics endpoint address: no server of its own here.
         trust = TrustService(msgspec.structs.replace(
-            embedded, metrics=msgspec.structs.replace(embedded.metrics, port=0)))
+            as_component(embedded, urls["trust"]), metrics=msgspec.structs.replace(embedded.metrics, port=0)))
         await trust.start()
-        bridge = BridgeService(embedded)
+        bridge = BridgeService(as_component(embedded, urls["bridge"]))
         bridge_port = await bridge.start()
         echo(f"bridge: Alertmanager webhook at http://{settings.bridge.host}:{bridge_port}/alerts")
         phases = ", ".join(f"{k}={v.value}" for k, v in trust.state.ledger.phases().items())
@@ -194,11 +237,11 @@ async def run_up(
         echo(f"dispatcher: consuming {INCIDENTS} on {settings.amqp.url.rpartition('@')[2]}, local runtime in "
              f"{state / 'local'}, metrics on http://{settings.metrics.host}:{settings.metrics.port}/metrics")
         watch = ResultsWatch(board, None if live else echo)
-        await watch.start(embedded)
+        await watch.start(as_component(embedded, urls["operator"]))
         echo("running — Ctrl-C stops everything and revokes every credential")
         shown = asyncio.create_task(_show_live(board, stop)) if live else None
         if problems is not None:
-            await _demo(embedded, problems, echo, stop, exit_after_demo, watch)
+            await _demo(as_component(embedded, urls["operator"]), problems, echo, stop, exit_after_demo, watch)
         disarm()  # from here on `stop` ends the wait below
         if not stop.is_set():
             waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(service.crashed.wait())]

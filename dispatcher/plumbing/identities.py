@@ -65,7 +65,7 @@ def grants(ids: IdentitySettings) -> tuple[Grant, ...]:
     # they may not speak for operators or each other.
     no_verdicts = (TopicGrant(exchange=FEEDBACK, write=NEVER), TopicGrant(exchange=PHASES, write=NEVER))
     private = r"amq\.gen-.*"
-    ops_read = "^(" + "|".join(re.escape(n) for n in (RESULTS, PHASES, "agentjobs.dead", "agentjobs.feedback-log",
+    ops_read = "^(" + "|".join(re.escape(n) for n in (RESULTS, PHASES, FEEDBACK, "agentjobs.dead", "agentjobs.feedback-log",
                                                        "agentjobs.phase-log", "agentjobs.trust-snapshots",
                                                        "agentjobs.incidents", "agentjobs.control"))
     ops_read += "|" + private + ")$"
@@ -152,6 +152,20 @@ def store_credentials(state_dir: str | Path, creds: Mapping[str, Mapping[str, st
         json.dump({k: dict(v) for k, v in creds.items()}, out, indent=2, sort_keys=True)
     tmp.replace(path)
     return path
+
+
+def same_broker(a: str, b: str) -> bool:
+    """True if two AMQP URLs name the same host, port and vhost (credentials aside; pure)."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    return ((pa.hostname, pa.port or 5672, vhost_of(a)) == (pb.hostname, pb.port or 5672, vhost_of(b)))
+
+
+def url_for_component(settings_amqp_url: str, state_dir: str | Path, component: str) -> str:
+    """The URL ``component`` connects with: the one ``agentjobs up`` stored for this broker and vhost
+    in ``state_dir``, else ``settings_amqp_url`` (a deployment gives each component its own)."""
+    stored = load_credentials(state_dir).get(component) or {}
+    url = stored.get("url", "")
+    return url if url and same_broker(url, settings_amqp_url) else settings_amqp_url
 
 
 def new_password() -> str:

@@ -58,12 +58,16 @@ class StreamFollower:
         start: int | str = self.offset + 1 if self.offset >= 0 else "first"
         await queue.consume(self._on_message, arguments={"x-stream-offset": start})
 
-    async def catch_up(self, connection: AbstractRobustConnection, *, timeout: float) -> None:
+    async def catch_up(self, connection: AbstractRobustConnection, *, timeout: float,
+                       read_only: bool = False) -> None:
         """Return once every entry appended before this call has been applied.
 
         ``timeout`` bounds a stall, not the whole replay: a long log keeps going as long as
-        entries keep arriving.
+        entries keep arriving. ``read_only``: for readers that may not write to the stream
+        (operators): catch up to the last offset the stream holds now instead of a marker.
         """
+        if read_only:
+            return await self._catch_up_to_last(connection, timeout=timeout)
         marker = uuid.uuid4().hex
         seen = self._markers[marker] = asyncio.Event()
         try:
@@ -86,6 +90,18 @@ class StreamFollower:
         finally:
             self._markers.pop(marker, None)
         log.debug("stream_caught_up", stream=self.stream, entries=self.applied, offset=self.offset)
+
+    async def _catch_up_to_last(self, connection: AbstractRobustConnection, *, timeout: float) -> None:
+        end = await last_offset(connection, self.stream)
+        progress = -1
+        while end is not None and self.offset < end:
+            if self.applied == progress:
+                raise TemporaryError(f"{self.stream}: no progress for {timeout:g} s while catching up")
+            progress = self.applied
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while self.applied == progress and self.offset < end:
+                        await asyncio.sleep(0.02)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         offset = (message.headers or {}).get("x-stream-offset")
@@ -137,6 +153,39 @@ async def entry_id_at(connection: AbstractRobustConnection, stream: str, offset:
                 return await found
         except TimeoutError:
             return None
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), timeout=5)
+
+
+async def last_offset(connection: AbstractRobustConnection, stream: str, *, quiet: float = 0.5) -> int | None:
+    """The highest offset ``stream`` holds now (None: empty), read without writing to it.
+
+    A consumer at ``last`` gets the stream's last chunk in one burst: its highest offset is
+    the end once nothing more arrives for ``quiet`` s (an empty stream delivers nothing).
+    """
+    channel = await connection.channel()
+    highest: list[int] = []
+    arrived = asyncio.Event()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        at = (message.headers or {}).get("x-stream-offset")
+        if isinstance(at, int):
+            highest.append(at)
+            arrived.set()
+        await message.ack(multiple=True)
+
+    try:
+        await channel.set_qos(prefetch_count=PREFETCH)
+        queue = await channel.get_queue(stream, ensure=True)
+        await queue.consume(on_message, arguments={"x-stream-offset": "last"})
+        while True:
+            arrived.clear()
+            try:
+                async with asyncio.timeout(quiet):  # a chunk comes at once; empty: nothing
+                    await arrived.wait()
+            except TimeoutError:
+                return max(highest) if highest else None
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.close(), timeout=5)

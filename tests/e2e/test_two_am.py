@@ -47,6 +47,7 @@ from tests.support.observability import (
 from tests.support.pipelines import agents_under, no_process, no_vault_users, stop
 from tests.support.services import free_port, wait_until
 from tests.support.two_am import running_cluster
+from tests.support.identities import seed_up_credentials
 
 pytestmark = [pytest.mark.e2e, *NEEDS_OBSERVABILITY_STACK]
 
@@ -102,6 +103,7 @@ async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_
                                 scrape_configs=[{"job_name": "postgres",
                                                  "static_configs": [{"targets": [exporter.target]}]}])
         # and `agentjobs up` (real OpenBao, LocalRuntime) with the database and Prometheus as the agent's tools
+        seed_up_credentials(tmp_path / "state", amqp_vhost.amqp_url)
         env = {
             **os.environ,
             "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state"),

@@ -16,6 +16,7 @@ from tests.support.alertmanager import ALERTMANAGER, MISSING, running_alertmanag
 from tests.support.lines import Lines
 from tests.support.pipelines import agents_under, no_vault_users
 from tests.support.services import free_port, wait_until
+from tests.support.identities import seed_up_credentials
 
 pytestmark = pytest.mark.e2e
 AGENTJOBS = str(Path(sys.executable).with_name("agentjobs"))
@@ -51,6 +52,8 @@ def _kill_openbao_left_by(env: dict[str, str]) -> list[str]:
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    if "AGENTJOBS_AMQP__URL" in extra:
+        seed_up_credentials(tmp_path / "state", extra["AGENTJOBS_AMQP__URL"])
     return {**os.environ, "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state"),
             "AGENTJOBS_VAULT__ADDR": f"http://127.0.0.1:{free_port()}",
             "AGENTJOBS_METRICS__PORT": str(free_port()), "AGENTJOBS_BRIDGE__PORT": str(free_port()), **extra}

@@ -26,6 +26,7 @@ from schemas import Finding, decode
 from tests.support import private_rabbitmq
 from tests.support.pipelines import agents_under, no_vault_users
 from tests.support.services import free_port
+from tests.support.identities import seed_up_credentials
 
 pytestmark = pytest.mark.e2e
 AGENTJOBS = str(Path(sys.executable).with_name("agentjobs"))
@@ -34,6 +35,7 @@ PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 def _env(tmp_path: Path, amqp_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTJOBS_")}
+    seed_up_credentials(tmp_path / "state", amqp_url)
     return {**env, "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state"), "AGENTJOBS_AMQP__URL": amqp_url,
             "AGENTJOBS_VAULT__ADDR": f"http://127.0.0.1:{free_port()}",
             "AGENTJOBS_METRICS__PORT": str(free_port()), "AGENTJOBS_BRIDGE__PORT": str(free_port()), **extra}

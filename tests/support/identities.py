@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from dispatcher.plumbing.identities import COMPONENTS, grants, url_as
@@ -55,3 +56,13 @@ async def agent_user(mgmt: Any, vhost: str, job_name: str = "agentjobs-test-job"
         yield name, url_as(mgmt.rabbitmq.vhost_url(vhost), name, password)
     finally:
         await mgmt.delete_user(name)
+
+
+def seed_up_credentials(state_dir: str | Path, vhost_url: str) -> None:
+    """Store this process's identity passwords where ``agentjobs up`` keeps its credentials, so an
+    ``up`` started by a test keeps them (users are broker-wide: a fresh password would lock out
+    every other test vhost's connections as that identity)."""
+    from dispatcher.plumbing.identities import store_credentials
+
+    store_credentials(state_dir, {c: {"user": user(c), "password": PASSWORDS[c], "url": url_for(vhost_url, c)}
+                                  for c in COMPONENTS})

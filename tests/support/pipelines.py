@@ -34,6 +34,7 @@ import aiohttp
 
 from .k8s.clock import rfc3339
 from .k8s.resources import DEPLOYMENTS, PODS, REPLICASETS
+from .identities import seed_up_credentials
 from .lines import Lines
 from .services import free_port
 
@@ -85,6 +86,7 @@ async def no_vault_users(management: Any, vhost: str) -> bool:
 
 def up_env(tmp_path: Path, *, amqp_vhost: Any, bridge_port: int, token: str, **settings: str) -> dict[str, str]:
     """The environment of ``agentjobs up``: private state, OpenBao and ports; ``settings`` on top."""
+    seed_up_credentials(tmp_path / "state", amqp_vhost.amqp_url)
     return {
         **os.environ,
         "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state"),
