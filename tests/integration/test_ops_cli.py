@@ -27,7 +27,7 @@ from schemas import (
     identify,
     utcnow,
 )
-from tests.integration.dispatcher_harness import ready_messages
+from tests.integration.dispatcher_harness import declare_topology, ready_messages
 from tests.support.payloads import SAMPLE_WEBHOOK, dumps
 
 pytestmark = pytest.mark.integration
@@ -39,8 +39,25 @@ def _run(args: list[str], url: str, stdin: bytes) -> subprocess.CompletedProcess
                           env={**os.environ, "AGENTJOBS_AMQP__URL": url})
 
 
+@pytest.fixture(autouse=True)
+async def topology(amqp_vhost):
+    """The dispatcher ran here once: operators declare nothing of the topology themselves."""
+    await declare_topology(amqp_vhost.amqp_url, load_settings(None, {}))
+
+
+async def test_publish_before_any_dispatcher_ran_says_so(rabbitmq_management):
+    from tests.support.services import temporary_vhost
+
+    async with temporary_vhost(rabbitmq_management, hint="ops-empty") as empty:
+        done = await asyncio.to_thread(_run, ["publish", "incident", "-"], empty.url("operator"),
+                                       dumps(SAMPLE_WEBHOOK))
+    assert done.returncode == 2
+    assert b"exchange agentjobs.incidents does not exist on this broker yet" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
 async def test_publish_incident_from_stdin_is_confirmed_and_queued(amqp_vhost):
-    done = await asyncio.to_thread(_run, ["publish", "incident", "-"], amqp_vhost.amqp_url, dumps(SAMPLE_WEBHOOK))
+    done = await asyncio.to_thread(_run, ["publish", "incident", "-"], amqp_vhost.url("operator"), dumps(SAMPLE_WEBHOOK))
     assert done.returncode == 0, done.stderr
     published = json.loads(done.stdout)
     assert published["job_name"].startswith("aj-postgrestoomanyconnections-")
@@ -48,14 +65,14 @@ async def test_publish_incident_from_stdin_is_confirmed_and_queued(amqp_vhost):
 
 
 async def test_publish_rejects_what_is_not_an_incident_with_the_reason(amqp_vhost):
-    done = await asyncio.to_thread(_run, ["publish", "incident", "-"], amqp_vhost.amqp_url, b'{"version": "3"}')
+    done = await asyncio.to_thread(_run, ["publish", "incident", "-"], amqp_vhost.url("operator"), b'{"version": "3"}')
     assert done.returncode == 2
     assert b"not an incident: unsupported_version" in done.stderr
     assert b"Traceback" not in done.stderr
 
 
 async def test_tail_sees_dead_letters_without_taking_them_from_the_real_queue(amqp_vhost, rabbitmq_management):
-    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url})
+    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.url("operator")})
     connection = await aio_pika.connect(amqp_vhost.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -81,7 +98,7 @@ async def test_status_lists_running_investigations_and_queue_depths(amqp_vhost, 
     from dispatcher.intake.service import DispatcherService
     from tests.integration.dispatcher_harness import Results, publish
 
-    env = {"AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url, "AGENTJOBS_VAULT__AUTH_MODE": "none",
+    env = {"AGENTJOBS_AMQP__URL": amqp_vhost.url("dispatcher"), "AGENTJOBS_VAULT__AUTH_MODE": "none",
            "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path),
            "AGENTJOBS_CLASSES__DATABASE__COMMAND": json.dumps([sys.executable, "-c", "import time; time.sleep(60)"])}
     settings = load_settings(None, env)
@@ -110,7 +127,7 @@ async def test_status_lists_running_investigations_and_queue_depths(amqp_vhost, 
 async def test_publish_feedback_from_options_lands_once_in_the_trust_queue(amqp_vhost):
     args = ["publish", "feedback", "--investigation", "inv-1", "--scope", "database", "--phase", "shadow",
             "--verdict", "modified", "--changed", "cause", "--operator", "alice", "--feedback-id", "fb-1"]
-    done = await asyncio.to_thread(_run, args, amqp_vhost.amqp_url, b"")
+    done = await asyncio.to_thread(_run, args, amqp_vhost.url("operator"), b"")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"feedback_id": "fb-1", "scope": "database", "verdict": "modified",
                                        "routing_key": "feedback.modified.database"}
@@ -131,17 +148,17 @@ async def test_publish_feedback_says_what_is_missing_or_wrong(amqp_vhost):
     async with connection:
         await declare(await connection.channel(), dispatcher_topology(load_settings(None, {}).amqp))
     before = await ready_messages(amqp_vhost.amqp_url, FEEDBACK)
-    done = await asyncio.to_thread(_run, ["publish", "feedback", "--scope", "db"], amqp_vhost.amqp_url, b"")
+    done = await asyncio.to_thread(_run, ["publish", "feedback", "--scope", "db"], amqp_vhost.url("operator"), b"")
     assert done.returncode == 2
     assert b"--investigation, --phase, --verdict" in done.stderr
-    done = await asyncio.to_thread(_run, ["publish", "feedback", "-"], amqp_vhost.amqp_url, b'{"kind": "feedback"}')
+    done = await asyncio.to_thread(_run, ["publish", "feedback", "-"], amqp_vhost.url("operator"), b'{"kind": "feedback"}')
     assert done.returncode == 2
     assert b"not an operator feedback: missing_field" in done.stderr
     assert await ready_messages(amqp_vhost.amqp_url, FEEDBACK) == before  # nothing published
 
 
 async def test_tail_phases_renders_phase_changes_readably(amqp_vhost, rabbitmq_management):
-    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url})
+    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.url("operator")})
     change = PhaseChanged(scope="database", from_phase=Phase.SHADOW, to_phase=Phase.READ_ONLY, at=utcnow(),
                           reason="promoted", samples=20, modification_rate=0.0)
     connection = await aio_pika.connect(amqp_vhost.amqp_url)
