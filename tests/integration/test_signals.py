@@ -66,7 +66,8 @@ def _env(amqp_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 async def test_tail_follow_with_sigint_ignored_stops_on_a_signal_and_exits_0(amqp_vhost, tmp_path, sig):
     # Given `agentjobs tail all --follow`, started with SIGINT ignored, consuming its copy queue
-    env = _env(amqp_vhost.amqp_url, tmp_path)
+    env = _env(amqp_vhost.url("operator"), tmp_path)
+    await declare_topology(amqp_vhost.amqp_url, load_settings(None, env))
     # When it gets SIGINT or SIGTERM
     code, said = await _exit_code_after(["tail", "all", "--follow"], env, sig,
                                         lambda line: line.startswith("tail: all from exchange"), "tail's ready line")
@@ -79,7 +80,7 @@ async def test_tail_follow_with_sigint_ignored_stops_on_a_signal_and_exits_0(amq
 @pytest.mark.parametrize("command", ["trust", "bridge"])
 async def test_service_with_sigint_ignored_stops_on_a_signal_and_exits_0(amqp_vhost, tmp_path, command, sig):
     # Given a service started with SIGINT ignored, running against the broker
-    env = _env(amqp_vhost.amqp_url, tmp_path, AGENTJOBS_METRICS__PORT=str(free_port()))
+    env = _env(amqp_vhost.url(command), tmp_path, AGENTJOBS_METRICS__PORT=str(free_port()))
     await declare_topology(amqp_vhost.amqp_url, load_settings(None, env))
     args, running = {"trust": (["trust"], '"trust_running"'),
                      "bridge": (["bridge", "--port", "0"], '"bridge_started"')}[command]
