@@ -8,6 +8,7 @@ synchronous (it is called per admitted incident).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -44,8 +45,9 @@ class LoggedPhases:
     Until a scope has a change, it runs in ``default`` — the least-privileged phase by default.
     """
 
-    def __init__(self, default: Phase, *, trust_user: str) -> None:
+    def __init__(self, default: Phase, *, trust_user: str, on_refused: Callable[[], None] | None = None) -> None:
         self._default = default
+        self._on_refused = on_refused  # e.g. a metric: a refused entry is an attack or a misconfiguration
         self._trust_user = trust_user  # the only sender whose changes count
         self._changes: dict[str, PhaseChanged] = {}
         self.refused = 0  # entries from anyone else (a stream keeps them; they are never applied)
@@ -63,6 +65,8 @@ class LoggedPhases:
         refused = senders.trust_sender_of(self._trust_user, message.user_id or "")
         if refused is not None:
             self.refused += 1
+            if self._on_refused is not None:
+                self._on_refused()
             log.warning("phase_change_refused", reason=refused.reason, detail=refused.detail, scope=change.scope[:64],
                         to_phase=change.to_phase.value)
             return

@@ -59,7 +59,8 @@ class DispatcherService:
         # Phases come from the trust consumer's phase log unless a source is given (tests, tools).
         self.phase_log: StreamFollower | None = None
         if phases is None:
-            logged = LoggedPhases(settings.trust.initial_phase, trust_user=settings.identities.trust)
+            logged = LoggedPhases(settings.trust.initial_phase, trust_user=settings.identities.trust,
+                                  on_refused=lambda: self.metrics.phase_changes_refused.inc())
             self.phase_log = StreamFollower(PHASE_LOG, logged.on_log_entry, name="phase-log")
             phases = logged
         self.phases = phases

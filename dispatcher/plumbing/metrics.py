@@ -33,6 +33,15 @@ class Metrics:
         self.orphan_tokens_revoked = Counter(
             "agentjobs_orphan_agent_tokens_revoked_total", "Agent tokens no live Job held, revoked by the sweeper",
             registry=r)
+        self.revocations_refused = Counter(
+            "agentjobs_token_revocations_refused_total",
+            "Token accessors the dispatcher was asked to revoke but left alone: not an agent token of this "
+            "installation/investigation (dispatcher/credentials/tokens.py revocable), by reason",
+            ["reason"], registry=r)
+        self.phase_changes_refused = Counter(
+            "agentjobs_phase_changes_refused_total",
+            "Entries of the phase log not sent by the trust identity: never applied (dispatcher/intake/phases.py)",
+            registry=r)
         self.retries = Counter("agentjobs_retries_total", "Temporary errors retried in place", registry=r)
         self.dead_lettered = Counter(
             "agentjobs_dead_lettered_total", "Messages dead-lettered, by reason", ["reason"], registry=r
@@ -68,3 +77,11 @@ class BridgeMetrics:
             "agentjobs_bridge_refused_total",
             "Requests refused with a 4xx (Alertmanager does not retry them), by reason",
             ["reason"], registry=self.registry)
+        # Connections closed before a request reached the app: slow headers, over the cap.
+        self.connections_refused = Counter(
+            "agentjobs_bridge_connections_refused_total",
+            "Connections closed without a request (header_timeout) or refused (too_many_connections), by reason",
+            ["reason"], registry=self.registry)
+        self.connections_open = Gauge(
+            "agentjobs_bridge_connections_open", "HTTP connections open now (capped by bridge.max_connections)",
+            registry=self.registry)
