@@ -170,9 +170,15 @@ def bridge_cmd(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Receive Alertmanager webhooks on POST /alerts and publish them with confirms (until SIGTERM)."""
     from schemas import logs
     from dispatcher.plumbing import tasks
-    from dispatcher.bridge.webhook import BridgeService
+    from dispatcher.bridge.webhook import BridgeService, listen_refusal
 
     settings = settings_from(ctx)
+    # Before anything starts: beyond loopback, no credentials means no bridge (never "auth off").
+    refusal = listen_refusal(settings.bridge.host if host is None else host,
+                             settings.bridge.port if port is None else port, settings.bridge)
+    if refusal:
+        click.echo(f"agentjobs bridge: {refusal}", err=True)
+        sys.exit(2)
     logs.configure(settings.logging)
     sys.exit(tasks.run(BridgeService(settings, host=host, port=port).run()))
 

@@ -208,12 +208,18 @@ class PostgresSettings(Section):
 
 
 class BridgeSettings(Section):
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # anything but loopback needs credentials (a token or basic auth)
     port: Port = 9095
-    bearer_token: str = ""  # require `Authorization: Bearer …` when set
+    bearer_token: str = ""  # require `Authorization: Bearer …` when set; empty: no credentials
     basic_username: str = ""  # require HTTP basic auth when set
     basic_password: str = ""
     max_body_bytes: Positive = 1024 * 1024  # bytes per webhook request
+    # Slow clients: a request's line and headers must arrive within header_timeout seconds of
+    # the connection (or of the previous answer on a kept-alive one), its body within
+    # body_timeout seconds of the headers; then the connection is closed.
+    header_timeout: Seconds = 10.0
+    body_timeout: Seconds = 30.0
+    max_connections: Positive = 256  # open connections; more are answered 503 and closed at once
 
 
 class ToolsSettings(Section):

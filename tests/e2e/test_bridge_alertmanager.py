@@ -23,10 +23,12 @@ import pytest_asyncio
 
 from dispatcher.bridge.webhook import BridgeService
 from dispatcher.plumbing.settings import AmqpSettings, BridgeSettings, Settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
 from schemas.routing import INCIDENTS
 from schemas import decode_incident
 from schemas.incident import IncidentEvent
 from tests.support.alertmanager import ALERTMANAGER, MISSING, Alertmanager, running_alertmanager
+from tests.support.identities import grant_all, user
 from tests.support.services import ManagementClient, Vhost, wait_until
 
 pytestmark = [
@@ -45,8 +47,9 @@ RECEIVER = "agentjobs"
 
 
 def _settings(vhost: Vhost) -> Settings:
+    """The bridge as its own broker user (publish alertmanager.* to the incidents exchange only)."""
     return Settings(
-        amqp=AmqpSettings(url=vhost.amqp_url, reconnect_interval=1.0, publish_timeout=3.0),
+        amqp=AmqpSettings(url=vhost.url("bridge"), reconnect_interval=1.0, publish_timeout=3.0),
         bridge=BridgeSettings(port=0, bearer_token=TOKEN),
     )
 
@@ -118,6 +121,10 @@ def _alertmanager(tmp_path: Path, bridge_port: int) -> contextlib.AbstractAsyncC
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def bridge(amqp_vhost: Vhost) -> AsyncIterator[BridgeService]:
+    # The dispatcher's identity declares the topology, as in production: the bridge's may not.
+    connection = await aio_pika.connect(amqp_vhost.url("dispatcher"))
+    async with connection:
+        await declare(await connection.channel(), dispatcher_topology(AmqpSettings()))
     service = BridgeService(_settings(amqp_vhost), host="127.0.0.1")
     await service.start()
     try:
@@ -156,8 +163,7 @@ async def test_alertmanager_group_arrives_once_as_an_incident(bridge, amqp_vhost
 async def test_alertmanager_retries_after_503_and_lands_exactly_one_incident(
     bridge, amqp_vhost, tmp_path, rabbitmq_management: ManagementClient
 ) -> None:
-    # Given the bridge has lost its broker connection and cannot get it back (permissions revoked)
-    user = rabbitmq_management.rabbitmq.user
+    # Given the bridge has lost its broker connection and cannot get it back (its permissions revoked)
     found: list[str] = []
 
     async def bridge_connection() -> bool:
@@ -167,7 +173,7 @@ async def test_alertmanager_retries_after_503_and_lands_exactly_one_incident(
         return len(found) == 1
 
     await wait_until(bridge_connection, timeout=15, what="the bridge's connection in the management API")
-    await rabbitmq_management.delete_permissions(amqp_vhost.name, user)
+    await rabbitmq_management.delete_permissions(amqp_vhost.name, user("bridge"))
     restored = False
     try:
         await rabbitmq_management.close_connection(found[0], reason="test: broker went away")
@@ -187,10 +193,10 @@ async def test_alertmanager_retries_after_503_and_lands_exactly_one_incident(
 
             await wait_until(failed_with_503, timeout=15, what="Alertmanager's webhook request failing with 503")
             assert "broker_unavailable" in am.log_tail(200)
-            # (the queue cannot be counted here: the test shares the broker user the permissions were taken from)
+            assert await _count(amqp_vhost.amqp_url) == 0  # nothing got through meanwhile
 
             # And the broker comes back
-            await rabbitmq_management.set_permissions(amqp_vhost.name, user)
+            await grant_all(rabbitmq_management, amqp_vhost.name)
             restored = True
 
             # Then Alertmanager's retry succeeds: exactly one incident in the queue
@@ -205,7 +211,7 @@ async def test_alertmanager_retries_after_503_and_lands_exactly_one_incident(
             assert await _count(amqp_vhost.amqp_url) == 1
     finally:
         if not restored:
-            await rabbitmq_management.set_permissions(amqp_vhost.name, user)
+            await grant_all(rabbitmq_management, amqp_vhost.name)
 
     messages = await _drain(amqp_vhost.amqp_url)
     assert len(messages) == 1

@@ -19,9 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dispatcher.plumbing.settings import AmqpSettings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
 from tests.fuzz.strategies import BATCH, random_payloads
 from tests.support.payloads import SAMPLE_WEBHOOK
 from tests.support.services import free_port
@@ -54,11 +57,21 @@ class Bridge:
         raise AssertionError("unreachable")
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def topology(amqp_vhost) -> None:
+    """Declared by the dispatcher's identity: the bridge's user may not declare anything."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_vhost.url("dispatcher"))
+    async with connection:
+        await declare(await connection.channel(), dispatcher_topology(AmqpSettings()))
+
+
 @pytest.fixture(scope="module")
-def bridge(amqp_vhost, tmp_path_factory) -> Iterator[Bridge]:
+def bridge(amqp_vhost, topology, tmp_path_factory) -> Iterator[Bridge]:
     port = free_port()
     log = tmp_path_factory.mktemp("bridge") / "bridge.log"
-    env = {**os.environ, "AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url, "AGENTJOBS_BRIDGE__BEARER_TOKEN": TOKEN,
+    env = {**os.environ, "AGENTJOBS_AMQP__URL": amqp_vhost.url("bridge"), "AGENTJOBS_BRIDGE__BEARER_TOKEN": TOKEN,
            "AGENTJOBS_BRIDGE__MAX_BODY_BYTES": str(MAX_BODY), "AGENTJOBS_LOGGING__LEVEL": "warning"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("agentjobs")), "bridge", "--port", str(port)],

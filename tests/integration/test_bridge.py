@@ -25,8 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemas import logs
 from dispatcher.bridge.webhook import BridgeService
 from dispatcher.plumbing.settings import AmqpSettings, BridgeSettings, LoggingSettings, Settings
+from dispatcher.plumbing.topology import declare, dispatcher_topology
 from schemas.routing import INCIDENTS
 from tests.support import payloads
+from tests.support.identities import grant_all, user
 from tests.support.services import ManagementClient, Vhost, wait_until
 
 pytestmark = pytest.mark.integration
@@ -38,10 +40,19 @@ _AMQP_URL: list[str] = []  # this module's vhost URL, set by the `incidents` fix
 
 
 def _settings(vhost: Vhost, **bridge: Any) -> Settings:
+    """The bridge as its own broker user (publish alertmanager.* to the incidents exchange, nothing else)."""
     return Settings(
-        amqp=AmqpSettings(url=vhost.amqp_url, reconnect_interval=1.0, publish_timeout=3.0),
+        amqp=AmqpSettings(url=vhost.url("bridge"), reconnect_interval=1.0, publish_timeout=3.0),
         bridge=BridgeSettings(port=0, max_body_bytes=MAX_BODY, **bridge),
     )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
+async def topology(amqp_vhost: Vhost) -> None:
+    """Declared by the dispatcher's identity, as in production: the bridge may not declare."""
+    connection = await aio_pika.connect(amqp_vhost.url("dispatcher"))
+    async with connection:
+        await declare(await connection.channel(), dispatcher_topology(AmqpSettings()))
 
 
 @contextlib.asynccontextmanager
@@ -68,7 +79,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def incidents(amqp_vhost: Vhost, bridge: Any) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
-    """The real intake queue, emptied before the test (the bridge declared it)."""
+    """The real intake queue, emptied before the test (the dispatcher's identity declared it)."""
     _AMQP_URL[:] = [amqp_vhost.amqp_url]
     connection = await aio_pika.connect(amqp_vhost.amqp_url)
     async with connection:
@@ -366,9 +377,8 @@ async def test_broker_closed_before_request_is_503_then_retry_succeeds_once(
 
     # Given the broker force-closes the bridge's connection and refuses reconnects for a while
     # (robust connections retry at once, so without the refusal the outage would last milliseconds)
-    user = rabbitmq_management.rabbitmq.user
     name = await _bridge_connection(rabbitmq_management, amqp_vhost.name)
-    await rabbitmq_management.delete_permissions(amqp_vhost.name, user)
+    await rabbitmq_management.delete_permissions(amqp_vhost.name, user("bridge"))
     try:
         await rabbitmq_management.close_connection(name, reason="test: broker went away")
         await _wait_ready(service, False)
@@ -382,7 +392,7 @@ async def test_broker_closed_before_request_is_503_then_retry_succeeds_once(
         async with http.get(f"{url}/readyz") as resp:
             assert resp.status == 503
     finally:
-        await rabbitmq_management.set_permissions(amqp_vhost.name, user)
+        await grant_all(rabbitmq_management, amqp_vhost.name)  # the bridge's grant back, as before
 
     # Then after the robust connection is back, the retry is confirmed: exactly one incident
     await _wait_ready(service, True)
