@@ -13,7 +13,11 @@ Vault's token accessors, looks up the ones it does not know yet and revokes
 every agent token of *this* installation (metadata ``jobs_in``) that is older
 than ``vault.sweep_grace``, is not being launched right now by this process, and
 whose accessor no live Job carries. Revoking a token that the Job's own ending
-will also revoke is harmless: revocation is idempotent.
+will also revoke is harmless: revocation is idempotent. The revocation itself looks the
+token up once more and revokes it only if it is still one the dispatcher minted for this
+installation (``tokens.revocable``: created through an agent token role, exactly that
+phase's policy, ``jobs_in`` = the scope) — a token that merely carries similar metadata
+(created elsewhere with ``meta``, or with other policies) is refused and counted.
 
 ``orphans`` decides (pure); ``TokenSweeper`` does the I/O. Every replica sweeps;
 they agree, and a double revocation answers "already gone".
@@ -32,7 +36,7 @@ from schemas.errors import TemporaryError
 from dispatcher.jobs import jobspec
 
 from schemas import vault_paths as vault_layout
-from dispatcher.credentials.tokens import VaultCredentials
+from dispatcher.credentials.tokens import Expected, Kind, Revocation, VaultCredentials
 from schemas.logs import get_logger
 from dispatcher.plumbing.metrics import Metrics
 from dispatcher.jobs.runtime import JobRuntime
@@ -90,6 +94,7 @@ class SweepReport(msgspec.Struct, kw_only=True):
     looked_up: int = 0
     unreadable: int = 0  # lookups that failed (retried next sweep)
     revoked: int = 0
+    refused: int = 0  # looked like ours, but the token's record says it is not (tokens.revocable)
     failed: int = 0  # revocations that failed (retried next sweep)
 
 
@@ -146,11 +151,19 @@ class TokenSweeper:
         now = self._clock()
         # (a token minted after `launching` was read is younger than the grace: never an orphan yet)
         for token in orphans(tokens, scope=self.scope, held=held, launching=launching, now=now, grace=self.grace):
+            expected = Expected(scope=self.scope, kind=Kind.MINTED,
+                                investigation_id=token.meta.get(vault_layout.META_INVESTIGATION, ""))
             try:
-                await self.credentials.revoke(token.accessor)
+                outcome = await self.credentials.revoke(token.accessor, expected=expected)
             except TemporaryError as exc:
                 report.failed += 1
                 log.warning("orphan_agent_token_not_revoked", token_accessor=token.accessor, error=exc.message)
+                continue
+            if outcome is Revocation.REFUSED:  # logged and counted by revoke; never looked at again
+                report.refused += 1
+                self._foreign.add(token.accessor)
+                continue
+            if outcome is not Revocation.REVOKED:  # gone meanwhile (its Job ended)
                 continue
             report.revoked += 1
             if self.metrics is not None:
@@ -161,7 +174,7 @@ class TokenSweeper:
         self.sweeps += 1
         (log.info if report.revoked or report.failed else log.debug)(
             "token_sweep_done", listed=report.listed, looked_up=report.looked_up, unreadable=report.unreadable,
-            revoked=report.revoked, failed=report.failed)
+            revoked=report.revoked, refused=report.refused, failed=report.failed)
         return report
 
     async def _lookup_all(self, accessors: list[str], report: SweepReport) -> list[AgentToken]:

@@ -9,6 +9,13 @@ token's accessor — never the token — on the Job, and revokes by accessor whe
 the Job ends, which revokes every lease (database user, RabbitMQ user)
 issued under it.
 
+Revocation only of what we issued: the dispatcher's Vault policy can revoke *any* accessor
+(Vault's ACL cannot narrow ``auth/token/revoke-accessor`` to our own tokens, see
+``k8s/vault/agentjobs-dispatcher.hcl``), so every revocation first looks the accessor up and
+revokes only a token whose own record says it is ours — an agent token of this installation
+(and, when the caller knows it, this investigation, Job and phase) — as ``revocable`` decides.
+Anything else is refused: logged at warning, counted, never revoked.
+
 Vault/OpenBao is spoken to over its HTTP API with aiohttp (async, with
 timeouts, on the dispatcher's hot path). Errors become ``TemporaryError``:
 an incident waits for Vault rather than launching without credentials.
@@ -17,7 +24,10 @@ an incident waits for Vault rather than launching without credentials.
 from __future__ import annotations
 
 import asyncio
+import enum
 import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,10 +39,111 @@ from schemas.errors import TemporaryError
 
 from schemas import vault_paths as vault_layout
 from schemas.logs import get_logger
+from dispatcher.plumbing.metrics import Metrics
 from dispatcher.plumbing.settings import SettingsError, VaultSettings
 
 log = get_logger("agentjobs.credentials")
 PERMISSION_RETRY_AFTER = 30.0  # seconds; a 403 means our own token or policy needs fixing
+META_JOB = "job_name"  # token metadata: the Job the token was minted for (beside vault_paths' META_*)
+TOKEN_DISPLAY_PREFIX = "token-"  # Vault prefixes the display name of tokens created through the token store
+KUBERNETES_LOGIN_PATH = f"auth/{vault_layout.K8S_AUTH_MOUNT}/login"
+KUBERNETES_SCOPE = "kubernetes/"  # KubernetesRuntime.where: "kubernetes/<namespace>"
+_ROLE_PHASE = {vault_layout.token_role(p): p for p in Phase}  # token roles and kubernetes roles share names
+assert _ROLE_PHASE == {vault_layout.kubernetes_role(p): p for p in Phase}
+
+
+class Kind(enum.Enum):
+    """Which of our two kinds of agent token."""
+
+    MINTED = "minted"  # created by the dispatcher through the phase's token role (per-investigation)
+    LOGIN = "login"  # the agent logged in itself with kubernetes auth
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expected:
+    """What a token must be for the dispatcher to revoke it; empty fields are not checked."""
+
+    scope: str  # this installation: "kubernetes/<namespace>" or "local/<dir>" (minted tokens' jobs_in)
+    investigation_id: str = ""
+    job_name: str = ""
+    phase: Phase | None = None
+    service_account: str = ""  # kubernetes auth: the Job's ServiceAccount
+    kind: Kind | None = None  # None: either kind
+
+
+# Why a token is not ours to revoke (bounded: the refusal counter's label).
+NOT_AN_AGENT_TOKEN = "not_an_agent_token"  # no policy, or one that is not an agent phase policy (root, …)
+UNKNOWN_ORIGIN = "unknown_origin"  # neither created through our token roles nor by our kubernetes login
+OTHER_INSTALLATION = "other_installation"  # another jobs_in / namespace
+OTHER_INVESTIGATION = "other_investigation"
+OTHER_JOB = "other_job"
+OTHER_PHASE = "other_phase"
+OTHER_SERVICE_ACCOUNT = "other_service_account"
+WRONG_KIND = "wrong_kind"
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else {}
+
+
+def revocable(metadata: Mapping[str, Any], expected: Expected) -> str | None:
+    """None if the token Vault describes as ``metadata`` (a lookup-accessor answer's ``data``) is
+    ours to revoke as ``expected`` says; otherwise why not (one of the reason codes above). Pure.
+
+    Ours means: its policies are exactly the agent policy of one phase (never ``root``, never
+    anything else), and either it was created through that phase's token role with this
+    installation's ``jobs_in`` (and the investigation/Job/phase asked for), or it came from a
+    kubernetes-auth login to that phase's role by a ServiceAccount of this installation's
+    namespace (and the Job's ServiceAccount/phase, when asked for). A login token carries no
+    investigation: what ties it to one is checked where its accessor is recorded (``control.py``).
+    """
+    raw = metadata.get("policies")
+    policies = sorted({str(p) for p in raw}) if isinstance(raw, list | tuple) else []
+    if len(policies) != 1 or not policies[0].startswith(vault_layout.POLICY_PREFIX):
+        return NOT_AN_AGENT_TOKEN
+    meta = _str_map(metadata.get("meta"))
+    path = str(metadata.get("path") or "")
+    if path.startswith("auth/token/create/"):
+        kind, role = Kind.MINTED, path.removeprefix("auth/token/create/")
+        if str(metadata.get("role") or "") != role:
+            return UNKNOWN_ORIGIN
+    elif path == KUBERNETES_LOGIN_PATH:
+        kind, role = Kind.LOGIN, meta.get("role", "")
+    else:
+        return UNKNOWN_ORIGIN
+    phase = _ROLE_PHASE.get(role)
+    if phase is None or policies != [vault_layout.policy(phase)]:
+        return UNKNOWN_ORIGIN
+    if expected.kind is not None and kind is not expected.kind:
+        return WRONG_KIND
+    if expected.phase is not None and phase is not expected.phase:
+        return OTHER_PHASE
+    if kind is Kind.MINTED:
+        if meta.get(vault_layout.META_JOBS_IN, "") != expected.scope:
+            return OTHER_INSTALLATION
+        if meta.get(vault_layout.META_PHASE, "") != phase.value:
+            return UNKNOWN_ORIGIN
+        if expected.investigation_id and meta.get(vault_layout.META_INVESTIGATION, "") != expected.investigation_id:
+            return OTHER_INVESTIGATION
+        if expected.job_name and (
+                meta.get(META_JOB, expected.job_name) != expected.job_name  # (tokens minted before job_name)
+                or str(metadata.get("display_name") or "") != TOKEN_DISPLAY_PREFIX + expected.job_name):
+            return OTHER_JOB
+        return None
+    if not expected.scope.startswith(KUBERNETES_SCOPE) or \
+            meta.get("service_account_namespace", "") != expected.scope.removeprefix(KUBERNETES_SCOPE):
+        return OTHER_INSTALLATION
+    if not meta.get("service_account_name") or (
+            expected.service_account and meta["service_account_name"] != expected.service_account):
+        return OTHER_SERVICE_ACCOUNT
+    return None
+
+
+class Revocation(enum.Enum):
+    REVOKED = "revoked"
+    GONE = "gone"  # already revoked or expired
+    REFUSED = "refused"  # not ours (``revocable``): left alone
+    DISABLED = "disabled"  # no credentials in this mode
 
 
 class PermissionDenied(TemporaryError):
@@ -53,8 +164,9 @@ class Credentials(Protocol):
         """A wrapped token for one investigation (None: credentials disabled)."""
         ...
 
-    async def revoke(self, accessor: str) -> None:
-        """Revoke the token with ``accessor`` and all its leases; already gone is fine."""
+    async def revoke(self, accessor: str, *, expected: Expected | None = None) -> Revocation:
+        """Revoke the token with ``accessor`` and all its leases — only if it is ours
+        (``revocable``; ``expected`` None: any agent token of this installation); gone is fine."""
         ...
 
     async def close(self) -> None:
@@ -67,8 +179,8 @@ class NoCredentials:
     async def mint(self, **_: Any) -> WrappedToken | None:
         return None
 
-    async def revoke(self, accessor: str) -> None:
-        return None
+    async def revoke(self, accessor: str, *, expected: Expected | None = None) -> Revocation:
+        return Revocation.DISABLED
 
     async def close(self) -> None:
         return None
@@ -97,9 +209,13 @@ def dispatcher_token(settings: VaultSettings) -> str:
 class VaultCredentials:
     """Mints and revokes agent tokens through Vault's HTTP API."""
 
-    def __init__(self, settings: VaultSettings, *, token: str | None = None, scope: str = "") -> None:
+    def __init__(self, settings: VaultSettings, *, token: str | None = None, scope: str = "",
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.scope = scope  # where this installation's Jobs live: token metadata the sweeper matches
+        # where this installation's Jobs live: token metadata the sweeper matches, and what a
+        # token must carry (or, kubernetes auth, the namespace it must come from) to be revoked
+        self.scope = scope
+        self.metrics = metrics  # counts refused revocations
         ca = vault_ca(settings)
         self._ssl: ssl.SSLContext | None = ssl.create_default_context(cadata=ca.decode()) if ca else None
         self._token = token if token is not None else dispatcher_token(settings)
@@ -149,6 +265,7 @@ class VaultCredentials:
                 vault_layout.META_INVESTIGATION: investigation_id,
                 vault_layout.META_INCIDENT: incident_key,
                 vault_layout.META_PHASE: phase.value,
+                META_JOB: job_name,
                 **({vault_layout.META_JOBS_IN: self.scope} if self.scope else {}),
             },
             "ttl": f"{ttl}s",
@@ -166,17 +283,49 @@ class VaultCredentials:
         log.info("agent_token_minted", role=role, wrapped_accessor=wrap["wrapped_accessor"], ttl_s=ttl)
         return WrappedToken(wrapping_token=wrap["token"], accessor=wrap["wrapped_accessor"], ttl=ttl)
 
-    async def revoke(self, accessor: str) -> None:
+    def expected(self, **fields: Any) -> Expected:
+        """What a token of this installation must be (``fields``: investigation_id, job_name, …)."""
+        return Expected(scope=self.scope, **fields)
+
+    async def revoke(self, accessor: str, *, expected: Expected | None = None) -> Revocation:
+        """Look ``accessor`` up, then revoke it only if ``revocable`` says it is ours.
+
+        Raises TemporaryError if Vault cannot answer (the caller retries); a refusal is final.
+        """
+        expected = expected or self.expected()
+        try:
+            data = await self.lookup_accessor(accessor)
+        except PermissionDenied as exc:  # also Vault's answer while a revocation is in progress
+            raise TemporaryError(f"look up token before revoking it: {exc.message}") from None
+        if data is None:
+            log.info("agent_token_already_gone", token_accessor=accessor)
+            return Revocation.GONE
+        reason = revocable(data, expected)
+        if reason is not None:
+            self._refused(accessor, reason, data, expected)
+            return Revocation.REFUSED
         status, data = await self._post("auth/token/revoke-accessor", {"accessor": accessor},
                                         doing="revoke agent token")
         if status in (200, 204):
             log.info("agent_token_revoked", token_accessor=accessor)
-            return
+            return Revocation.REVOKED
         errors = " ".join(str(e) for e in data.get("errors", []))
         if status == 400 and "invalid accessor" in errors:
             log.info("agent_token_already_gone", token_accessor=accessor)
-            return
+            return Revocation.GONE
         raise TemporaryError(f"revoke agent token: Vault answered {status} {errors}")
+
+    def _refused(self, accessor: str, reason: str, data: Mapping[str, Any], expected: Expected) -> None:
+        if self.metrics is not None:
+            self.metrics.revocations_refused.labels(reason=reason).inc()
+        meta = _str_map(data.get("meta"))
+        log.warning("token_revocation_refused", token_accessor=accessor, reason=reason,
+                    path=str(data.get("path") or "")[:128], policies=[str(p) for p in data.get("policies") or []][:8],
+                    token_investigation_id=meta.get(vault_layout.META_INVESTIGATION, ""),
+                    token_jobs_in=meta.get(vault_layout.META_JOBS_IN, ""),
+                    token_service_account=meta.get("service_account_name", ""),
+                    expected_investigation_id=expected.investigation_id, expected_job_name=expected.job_name,
+                    scope=expected.scope)
 
     async def list_accessors(self) -> list[str] | None:
         """Every token accessor in Vault (None: our policy does not grant it; see token_sweep)."""
@@ -213,10 +362,11 @@ class LoginRevoker(VaultCredentials):
         return None
 
 
-def open_credentials(settings: VaultSettings, *, scope: str = "") -> Credentials:
-    """Credentials for the configured mode (``scope``: stamped on minted tokens, see token_sweep)."""
+def open_credentials(settings: VaultSettings, *, scope: str = "", metrics: Metrics | None = None) -> Credentials:
+    """Credentials for the configured mode (``scope``: stamped on minted tokens, see token_sweep;
+    for kubernetes auth, the namespace login tokens must come from)."""
     if settings.auth_mode == "per-investigation":
-        return VaultCredentials(settings, scope=scope)
+        return VaultCredentials(settings, scope=scope, metrics=metrics)
     if settings.auth_mode == "kubernetes":
-        return LoginRevoker(settings)
+        return LoginRevoker(settings, scope=scope, metrics=metrics)
     return NoCredentials()

@@ -113,7 +113,8 @@ class DispatcherService:
         if self.sweeper is not None:
             self._tasks.append(spawn(self.sweeper.run(), name="token-sweeper", on_crash=self._on_crash))
         backoff = Backoff.of(s.retry)
-        control = ControlHandler(runtime=self.runtime, publisher=publisher, backoff=backoff)
+        control = ControlHandler(runtime=self.runtime, publisher=publisher, identities=s.identities,
+                                 metrics=self.metrics, backoff=backoff)
         recorder = DeadLetterRecorder(reporter=reporter, metrics=self.metrics, backoff=backoff)
         self._consumers = [
             Consumer(INCIDENTS, self.intake.handle, prefetch=s.amqp.prefetch, name="incidents"),
@@ -124,7 +125,7 @@ class DispatcherService:
         ]
         if s.vault.auth_mode == "kubernetes":
             logins = LoginTokenRecorder(runtime=self.runtime, credentials=self.credentials, publisher=publisher,
-                                        backoff=backoff)
+                                        identities=s.identities, metrics=self.metrics, backoff=backoff)
             self._consumers.append(Consumer(CREDENTIALS, logins.handle, prefetch=16, name="login-tokens"))
         for consumer in self._consumers:
             await consumer.start(self._connection)

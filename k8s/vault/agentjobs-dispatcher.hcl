@@ -13,7 +13,8 @@
 # added later does not silently become mintable.
 #
 # Looking up and renewing the dispatcher's own token comes from the `default`
-# policy; nothing else is granted here.
+# policy; nothing else is granted here. Revoking is the one grant Vault cannot scope
+# to our own tokens: see the last path below.
 #
 # Listing token accessors (below) is the one broad grant: the sweeper finds
 # agent tokens that no Job holds (a mint Vault executed after the dispatcher
@@ -51,14 +52,35 @@ path "auth/token/accessors" {
   capabilities = ["list", "sudo"]
 }
 
-# Is the agent token still alive? What is a listed token (the sweeper)? (revocation is retried until lookup fails)
+# Look a token up by accessor: is the agent token still alive, what is a listed token
+# (the sweeper), and — before every revocation — is it ours (metadata jobs_in/
+# investigation_id/job_name, its token role or kubernetes role, its policies; see
+# dispatcher/credentials/tokens.py revocable). Reveals metadata, never a token.
 path "auth/token/lookup-accessor" {
   capabilities = ["update"]
+  allowed_parameters = {
+    "accessor" = []
+  }
 }
 
 # Revoke the agent token (and with it every lease issued under it) by the
 # wrapped_accessor recorded on the Job; also the kubernetes-auth login token
 # whose accessor the agent published.
+#
+# This is the grant that cannot be narrowed: Vault/OpenBao ACLs match request paths
+# and parameters, and a token's accessor is a random string — there is no path per
+# token role (auth/token/create/<role> exists, auth/token/revoke-accessor/<role> does
+# not), no "only my child tokens" capability (the agent tokens are children of ours,
+# orphan = false, but revoke-accessor ignores parentage), and the kubernetes-auth
+# login tokens are no one's children at all. So this grant alone would let the
+# dispatcher revoke any token in Vault, root's included. What keeps it to our own
+# tokens is the dispatcher itself: it looks each accessor up first (above) and revokes
+# only an agent token of this installation — and, where it knows them, of that
+# investigation, Job, phase and ServiceAccount — and logs and counts every refusal
+# (agentjobs_token_revocations_refused_total). Parameters are limited to the accessor.
 path "auth/token/revoke-accessor" {
   capabilities = ["update"]
+  allowed_parameters = {
+    "accessor" = []
+  }
 }
