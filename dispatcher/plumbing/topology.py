@@ -35,6 +35,12 @@ from schemas.routing import (
     TRUST_SNAPSHOTS,
 )
 
+# The trust consumer's own copy of what it records about investigations: lifecycle.dispatched from
+# the dispatcher and every finding (dispatcher/trust/records.py). Single active consumer, like
+# agentjobs.feedback: one replica appends records to the feedback log at a time.
+TRUST_RESULTS = "agentjobs.trust-results"
+TRUST_RESULTS_KEYS = ("lifecycle.dispatched", "finding.#")
+
 # Streams keep everything up to this size: replay from the first offset must see the whole history.
 STREAM_MAX_BYTES = 10 * 1024**3
 # Only the newest snapshot is ever read: keep a few segments' worth.
@@ -94,6 +100,7 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Queue(CREDENTIALS, _quorum(True, amqp.delivery_limit)),
             Queue(COSTS, _quorum(True, amqp.delivery_limit)),
             Queue(FEEDBACK, _quorum(True, amqp.delivery_limit) | {"x-single-active-consumer": True}),
+            Queue(TRUST_RESULTS, _quorum(True, amqp.delivery_limit) | {"x-single-active-consumer": True}),
             Queue(FEEDBACK_LOG, _stream()),
             Queue(PHASE_LOG, _stream()),
             Queue(TRUST_SNAPSHOTS, {"x-queue-type": "stream", "x-max-length-bytes": SNAPSHOT_STREAM_MAX_BYTES,
@@ -107,6 +114,7 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Binding(RESULTS, CREDENTIALS, CREDENTIALS_KEY),
             Binding(RESULTS, COSTS, "finding.#"),
             Binding(FEEDBACK, FEEDBACK),
+            *(Binding(RESULTS, TRUST_RESULTS, key) for key in TRUST_RESULTS_KEYS),
             Binding(PHASES, PHASE_LOG),
         ),
     )

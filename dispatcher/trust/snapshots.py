@@ -29,9 +29,10 @@ from dispatcher.plumbing.settings import TrustSettings
 from dispatcher.plumbing.streamlog import StreamFollower
 from schemas.routing import TRUST_SNAPSHOTS
 from dispatcher.trust.policy import LedgerSnapshot
+from dispatcher.trust.records import InvestigationsSnapshot
 
 log = get_logger("agentjobs.trust.snapshots")
-FORMAT = 1  # bump when TrustSnapshot or LedgerSnapshot change shape
+FORMAT = 2  # bump when TrustSnapshot or LedgerSnapshot change shape (2: investigations, verdicts, admission clock)
 CONTENT_TYPE = "application/msgpack"
 SNAPSHOT_TYPE = "agentjobs.trust-snapshot"
 
@@ -46,6 +47,8 @@ class TrustSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     ledger: LedgerSnapshot
     decided: dict[str, PhaseChanged]  # scope -> the ledger's latest decision
     commands: list[str]  # pin command ids remembered, oldest first
+    investigations: InvestigationsSnapshot  # the investigations (and early findings) trust has seen
+    last_admitted: datetime | None = None  # the admission clock: it never goes back across a restart
 
 
 _encode = msgspec.msgpack.Encoder().encode

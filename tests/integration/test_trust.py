@@ -3,23 +3,31 @@
 Real RabbitMQ (queues, streams), a real OpenBao configured by ``vault bootstrap``,
 the Kubernetes API emulator behind the real client. Trust settings are shrunk
 (5 clean feedbacks promote, no dwell or cool-down) so a promotion takes seconds.
+
+Every component runs as its own broker identity: the trust consumer as trust, the
+dispatcher as the dispatcher; verdicts come from an operator, pins from an admin, and
+each investigation given feedback on was first dispatched (``lifecycle.dispatched`` from
+the dispatcher) and found (``tests/support/trust_records.py``), as in production.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import hvac
+import msgspec
 import pytest
 
 from dispatcher.jobs import jobspec
 from dispatcher.plumbing.settings import load_settings
-from schemas.routing import FEEDBACK, PHASES
+from schemas.routing import FEEDBACK, FEEDBACK_LOG, PHASES
 from dispatcher.trust.service import TrustService
 from dispatcher.trust.policy import TrustLedger
+from dispatcher.trust.records import AdmittedFeedback, decode_entry
 from schemas import (
     OperatorFeedback,
     Phase,
@@ -32,8 +40,10 @@ from schemas import (
 from tests.integration.dispatcher_harness import Results, publish
 from tests.integration.test_dispatcher import _until, running_dispatcher
 from tests.integration.vault_helpers import vault_world
+from tests.support.identities import url_for, user
 from tests.support.k8s.resources import SECRETS
 from tests.support.payloads import am_alert, dumps, group
+from tests.support.trust_records import record_and_send, send_pin
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 27, 2, 0, tzinfo=UTC)
@@ -56,19 +66,44 @@ def _feedback(n: int, scope: str, verdict: Verdict = Verdict.ACCEPTED, phase: Ph
 
 
 async def _send_feedback(amqp_url: str, feedbacks: list[OperatorFeedback]) -> None:
+    """Each investigation dispatched and found (dispatcher), then the verdicts in order (operator)."""
+    await record_and_send(amqp_url, feedbacks)
+
+
+async def admitted_feedback(amqp_url: str) -> list[OperatorFeedback]:
+    """The verdicts in the feedback log, in log order, each at its admission time (what trust tallied)."""
+    out: list[OperatorFeedback] = []
     connection = await aio_pika.connect(amqp_url)
     async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchange = await channel.get_exchange(FEEDBACK)
-        for fb in feedbacks:  # in order: the order is the tally's order
-            await exchange.publish(aio_pika.Message(encode(fb), message_id=fb.feedback_id,
-                                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                   f"feedback.{fb.scope}", mandatory=True, timeout=10)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        queue = await channel.declare_queue(FEEDBACK_LOG, passive=True)
+        done = asyncio.Event()
+        marker = f"end-{len(out)}-{id(out)}"
+        publisher = await connection.channel(publisher_confirms=True)
+        await publisher.default_exchange.publish(aio_pika.Message(b"", type="agentjobs.marker", message_id=marker),
+                                                 FEEDBACK_LOG)
+
+        async def on_message(message) -> None:
+            if message.message_id == marker:
+                done.set()
+            elif message.type == "trust_feedback":
+                entry = decode_entry(message.body)
+                assert isinstance(entry, AdmittedFeedback)
+                out.append(msgspec.structs.replace(entry.feedback, at=entry.admitted_at))
+            await message.ack()
+
+        await queue.consume(on_message, arguments={"x-stream-offset": "first"})
+        async with asyncio.timeout(30):
+            await done.wait()
+    return out
 
 
 @contextlib.asynccontextmanager
 async def running_trust(url: str, env: dict[str, str]):
-    service = TrustService(load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url}), health_port=0)
+    """The trust consumer, as the trust identity (``url``: any URL of the vhost)."""
+    settings = load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url_for(url, "trust")})
+    service = TrustService(settings, health_port=0)
     await service.start()
     try:
         yield service
@@ -146,9 +181,9 @@ async def test_restarting_trust_and_dispatcher_mid_stream_gives_identical_phases
     feedbacks += [_feedback(i, "kubernetes") for i in range(5)]
     feedbacks += [_feedback(5, "kubernetes", Verdict.REJECTED, Phase.READ_ONLY, harmful=True)]
     feedbacks += [_feedback(6, "kubernetes", Verdict.ACCEPTED, Phase.READ_ONLY)]
-    expected = TrustLedger(load_settings(None, env).trust)
+    by_sender_time = TrustLedger(load_settings(None, env).trust)
     for fb in feedbacks:
-        expected.apply_feedback(fb)
+        by_sender_time.apply_feedback(fb)
 
     async with running_trust(url, env) as trust:
         await _send_feedback(url, feedbacks[:12])
@@ -161,8 +196,13 @@ async def test_restarting_trust_and_dispatcher_mid_stream_gives_identical_phases
         await _until(lambda: dispatcher.intake.phases.phase_for("kubernetes") is Phase.READ_ONLY
                      and dispatcher.intake.phases.phase_for("database") is Phase.READ_ONLY)
         scopes = ("database", "network", "kubernetes")
+        # a pure ledger fed the verdicts as the log holds them (in order, at their admission times)
+        expected = TrustLedger(load_settings(None, env).trust)
+        for fb in await admitted_feedback(url):
+            expected.apply_feedback(fb)
         assert {s: trust.state.ledger.phase_for(s) for s in scopes} == \
             {s: expected.phase_for(s) for s in scopes} == \
+            {s: by_sender_time.phase_for(s) for s in scopes} == \
             {s: dispatcher.intake.phases.phase_for(s) for s in scopes} == \
             {"database": Phase.READ_ONLY, "network": Phase.SHADOW, "kubernetes": Phase.READ_ONLY}
         assert [trust.state.ledger.explain(s) for s in scopes] == [expected.explain(s) for s in scopes]
@@ -171,12 +211,14 @@ async def test_restarting_trust_and_dispatcher_mid_stream_gives_identical_phases
 async def test_invalid_feedback_is_dead_lettered_with_its_reason_and_the_consumer_goes_on(world):
     _handle, url, _vault, env = world
     async with running_trust(url, env) as trust, Results(url, exchange="agentjobs.dead") as dead:
-        connection = await aio_pika.connect(url)
+        connection = await aio_pika.connect(url_for(url, "operator"))
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(FEEDBACK)
-            await exchange.publish(aio_pika.Message(b'{"kind": "feedback", "scope": "db"}'), "feedback.db")
-            await exchange.publish(aio_pika.Message(b"not json"), "feedback.db")
+            operator = user("operator")
+            await exchange.publish(aio_pika.Message(b'{"kind": "feedback", "scope": "db"}', user_id=operator),
+                                   "feedback.db")
+            await exchange.publish(aio_pika.Message(b"not json", user_id=operator), "feedback.db")
         await _send_feedback(url, [_feedback(1, "database")])
         await _until(lambda: trust.state.ledger.has_seen("database", "fb-database-1"))
         await dead.wait_for(lambda: len(dead.messages) == 2)
@@ -186,21 +228,22 @@ async def test_invalid_feedback_is_dead_lettered_with_its_reason_and_the_consume
 
 async def test_a_pin_holds_the_scope_against_the_policy_until_unpinned(world):
     _handle, url, _vault, env = world
-    from dispatcher.cli.ops import request_pin
     from schemas import PhasePin
 
-    settings = load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url})
-    async with running_trust(url, env) as trust:
+    async with running_trust(url, env) as trust, Results(url, exchange=PHASES) as phases:
         pin = PhasePin(command_id="pin-1", scope="database", phase=Phase.SHADOW, reason="change freeze",
                        operator="bob", at=T0)
-        change = await request_pin(settings, pin, wait=15)
-        assert change is not None and change.pinned and change.operator == "bob"
+        await send_pin(url, pin)  # as an admin
+        (_, _, change, _), = await phases.wait_for(lambda: phases.messages)
+        assert change.pinned and change.operator == "bob"
         await _send_feedback(url, [_feedback(i, "database") for i in range(1, 7)])
         await _until(lambda: trust.state.ledger.has_seen("database", "fb-database-6"))
         assert trust.state.ledger.phase_for("database") is Phase.SHADOW  # five clean ones would have promoted
         unpin = PhasePin(command_id="unpin-1", scope="database", phase=None, operator="bob",
                          at=T0 + timedelta(minutes=7))
-        assert (await request_pin(settings, unpin, wait=15)).reason == "unpinned"
+        await send_pin(url, unpin)
+        await phases.wait_for(lambda: len(phases.messages) == 2)
+        assert phases.messages[1][2].reason == "unpinned"
         await _send_feedback(url, [_feedback(8, "database")])
         await _until(lambda: trust.state.ledger.phase_for("database") is Phase.READ_ONLY)
 
