@@ -196,7 +196,11 @@ class _Connection(asyncio.Protocol):
 
     Only the asyncio protocol interface is used, so aiohttp's internals stay its own. The
     header timer runs from the connection (then from each answer) until the app sees the next
-    request (``_pace``); the body timeout is the handler's (``_read_limited``).
+    request (``_pace``); the body timeout is the handler's (``_read_limited``). When it
+    expires, a connection that never brought a request, or sent bytes since the last answer,
+    is a slow client (logged, counted); one that only sat idle after an answer is closed
+    quietly — so is one whose partial next request came before that answer (pipelined): it
+    is closed all the same, only not counted.
     """
 
     def __init__(self, service: BridgeService) -> None:
