@@ -386,3 +386,36 @@ async def test_connections_beyond_the_cap_are_refused_at_once_and_a_freed_slot_s
         assert 'agentjobs_bridge_connections_refused_total{reason="too_many_connections"} 1.0' in text
         for _, w in held:
             _close(w)
+
+
+async def test_many_slow_clients_at_once_are_all_closed_within_the_timeouts(topology: Vhost) -> None:
+    # The review's attack, scaled to a shared test machine: many bodies trickled and partial
+    # headers at the same time; none outlives its timeout (+ slack), every one is counted.
+    bodies, heads = 40, 10
+    async with running(_settings(topology)) as bridge:
+        opened = [await _open(bridge) for _ in range(bodies + heads)]
+        trickles = []
+        for i, (_, writer) in enumerate(opened):
+            if i < bodies:
+                writer.write(b"POST /alerts HTTP/1.1\r\nHost: bridge\r\nAuthorization: Bearer " + TOKEN.encode()
+                             + b"\r\nContent-Length: 500000\r\n\r\n{")
+                trickles.append(asyncio.create_task(_trickle(writer, b" " * 500000, 1.0)))
+            else:
+                writer.write(b"POST /alerts HTTP/1.1\r\nHost: bridge\r\n")
+                trickles.append(asyncio.create_task(_trickle(writer, b"X-Slow: " + b"a" * 1000, 0.5)))
+        try:
+            results = await asyncio.gather(*(_until_closed(reader, BODY_TIMEOUT + SLACK) for reader, _ in opened))
+        finally:
+            for task in trickles:
+                task.cancel()
+            for _, writer in opened:
+                _close(writer)
+        assert all(got.startswith(b"HTTP/1.1 408 ") for got, _ in results[:bodies])
+        assert all(got == b"" for got, _ in results[bodies:])
+        assert _refused(bridge, "body_timeout", "agentjobs_bridge_refused_total") == bodies
+        assert _refused(bridge, "header_timeout") == heads
+
+        async def none_open() -> bool:
+            return bridge.metrics.registry.get_sample_value("agentjobs_bridge_connections_open") == 0
+
+        await wait_until(none_open, timeout=10, what="every slow connection gone")
