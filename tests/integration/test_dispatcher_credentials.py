@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+import hvac
 import pytest
+from kubernetes_asyncio.client import CoreV1Api
 
+from dispatcher.credentials.bootstrap import bootstrap
 from dispatcher.jobs import jobspec
-from dispatcher.credentials.tokens import VaultCredentials
+from dispatcher.credentials.tokens import Revocation, VaultCredentials
+from dispatcher.plumbing.identities import url_as
 from dispatcher.plumbing.settings import load_settings
 from schemas import Phase, decode_incident, identify
+from schemas import vault_paths as vault_layout
 from tests.integration.dispatcher_harness import PodDriver, Results, publish
 from tests.integration.test_dispatcher import _consumed, _until, running_dispatcher
 from tests.integration.vault_helpers import vault_world
-from tests.support.k8s.resources import JOBS, SECRETS
+from tests.support.k8s.resources import JOBS, SECRETS, SERVICEACCOUNTS
 from tests.support.payloads import am_alert, dumps, group
 
 pytestmark = pytest.mark.integration
@@ -111,16 +118,65 @@ async def test_revoking_an_unknown_accessor_is_not_an_error(world):
     _, _, vault = world
     creds = VaultCredentials(load_settings(None, vault.env).vault)
     try:
-        await creds.revoke("nonexistent-accessor")
+        assert await creds.revoke("nonexistent-accessor") is Revocation.GONE
         token = await creds.mint(phase=Phase.SHADOW, investigation_id="x" * 40, incident_key="k", job_name="aj-x", ttl=60)
         assert vault.token_alive(token.accessor)
-        await creds.revoke(token.accessor)
+        assert await creds.revoke(token.accessor, expected=creds.expected(
+            investigation_id="x" * 40, job_name="aj-x", phase=Phase.SHADOW)) is Revocation.REVOKED
         assert not vault.token_alive(token.accessor)
+        assert await creds.revoke(token.accessor) is Revocation.GONE
     finally:
         await creds.close()
 
 
-async def _publish_login(url: str, issued) -> None:
+@dataclass(frozen=True)
+class Login:
+    """What an agent holds after a kubernetes-auth login: its token's accessor and the broker user
+    Vault's RabbitMQ engine issued under that token (``kubernetes-<ns>-<sa>-<uuid>``)."""
+
+    accessor: str
+    user: str
+    password: str
+
+    def url(self, vhost_url: str) -> str:
+        return url_as(vhost_url, self.user, self.password)
+
+
+async def kubernetes_auth(handle, vault, tmp_path) -> Callable[..., Awaitable[Login]]:
+    """Point OpenBao's kubernetes auth at the emulated API server (as ``vault bootstrap`` does, with
+    a reviewer ServiceAccount and the emulator's namespace); returns ``login(phase)``: a real login
+    with a projected-token JWT of that phase's ServiceAccount, then its RabbitMQ user."""
+    ns = handle.namespace
+    core = CoreV1Api(handle.api_client)
+    reviewer = await core.create_namespaced_service_account(ns, {"metadata": {"name": "token-reviewer"}})
+    reviewer_jwt, _ = handle.tokens.mint(ns, "token-reviewer", reviewer.metadata.uid, expiration_seconds=3600)
+    (tmp_path / "reviewer.jwt").write_text(reviewer_jwt)
+    settings = load_settings(None, {**vault.env, "AGENTJOBS_VAULT__KUBERNETES_HOST": handle.url,
+                                    "AGENTJOBS_VAULT__KUBERNETES_NAMESPACE": ns,
+                                    "AGENTJOBS_VAULT__KUBERNETES_REVIEWER_JWT_FILE": str(tmp_path / "reviewer.jwt")})
+    await asyncio.to_thread(bootstrap, vault.root(), settings)
+
+    async def login(phase: Phase = Phase.SHADOW) -> Login:
+        account = jobspec.service_account(phase, settings)
+        sa = handle.cluster.store.get(SERVICEACCOUNTS, ns, account)
+        jwt, _ = handle.tokens.mint(ns, account, sa["metadata"]["uid"], audiences=[settings.k8s.token_audience],
+                                    expiration_seconds=600)
+
+        def in_vault() -> Login:
+            agent = hvac.Client(url=vault.server.addr)
+            auth = agent.auth.kubernetes.login(vault_layout.kubernetes_role(phase), jwt)["auth"]
+            agent.token = auth["client_token"]
+            creds = agent.read(vault_layout.rabbitmq_creds_path())["data"]
+            return Login(accessor=auth["accessor"], user=creds["username"], password=creds["password"])
+
+        return await asyncio.to_thread(in_vault)
+
+    return login
+
+
+async def publish_login(url: str, issued, *, user: str) -> None:
+    """Publish a CredentialsIssued as the agent does: to the results exchange, as ``url``'s user,
+    with the broker-validated ``user_id``."""
     import aio_pika
 
     from schemas.routing import CREDENTIALS_KEY, RESULTS
@@ -129,23 +185,22 @@ async def _publish_login(url: str, issued) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(RESULTS)
-        await exchange.publish(aio_pika.Message(encode(issued)), CREDENTIALS_KEY)
+        exchange = await channel.get_exchange(RESULTS, ensure=False)
+        await exchange.publish(aio_pika.Message(encode(issued), user_id=user), CREDENTIALS_KEY)
 
 
-async def test_kubernetes_auth_login_tokens_are_revoked_when_their_job_ends(world):
-    # Given kubernetes auth: agents log in themselves and report their token's accessor
+KUBERNETES_AUTH = {"AGENTJOBS_VAULT__AUTH_MODE": "kubernetes", "AGENTJOBS_RUNTIME__KIND": "kubernetes"}
+
+
+async def test_kubernetes_auth_login_tokens_are_revoked_when_their_job_ends(world, tmp_path):
+    # Given kubernetes auth: agents log in themselves (for real, against the emulated API server)
+    # and report their token's accessor as their own broker user
     from schemas import CredentialsIssued, utcnow
 
     handle, url, vault = world
     ns = handle.namespace
-    env = {k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}
-    env |= {"AGENTJOBS_VAULT__AUTH_MODE": "kubernetes", "AGENTJOBS_RUNTIME__KIND": "kubernetes"}
-    root = vault.root()
-
-    def login_token() -> str:  # what auth/kubernetes/login would return to the agent
-        created = root.auth.token.create(policies=["agentjobs-agent-shadow"], ttl="1h", no_parent=True)
-        return created["auth"]["accessor"]
+    env = {k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")} | KUBERNETES_AUTH
+    login = await kubernetes_auth(handle, vault, tmp_path)
 
     running, late = _incident("LoginRunning"), _incident("LoginLate")
     running_job = identify(decode_incident(running))
@@ -154,17 +209,21 @@ async def test_kubernetes_auth_login_tokens_are_revoked_when_their_job_ends(worl
     async with driver.running_(), Results(url) as results, running_dispatcher(handle, url, **env):
         await publish(url, [running, late])
         await results.wait_for(lambda: len(results.keys("lifecycle.started")) == 2)
-        first, second = await asyncio.to_thread(login_token), await asyncio.to_thread(login_token)
+        first, second = await login(), await login()
+        assert first.user.startswith(f"kubernetes-{ns}-agentjobs-agent-shadow-")  # the shape the recorder checks
         # When one agent reports its login while its Job runs, then the Job ends
-        await _publish_login(url, CredentialsIssued(investigation_id=running_job.investigation_id,
-                                                    job_name=running_job.job_name, token_accessor=first, at=utcnow()))
-        await _until(lambda: jobspec.ANN_LOGIN_ACCESSOR in
-                     handle.cluster.job(ns, running_job.job_name)["metadata"]["annotations"])
+        await publish_login(first.url(url), CredentialsIssued(
+            investigation_id=running_job.investigation_id, job_name=running_job.job_name,
+            token_accessor=first.accessor, at=utcnow()), user=first.user)
+        await _until(lambda: handle.cluster.job(ns, running_job.job_name)["metadata"]["annotations"].get(
+            jobspec.ANN_LOGIN_ACCESSOR) == first.accessor)
         # ... and the other's report arrives only after its Job's ending was reported
         driver.finish_oldest(0)
         driver.finish_oldest(0)
         await results.wait_for(lambda: len(results.keys("lifecycle.succeeded")) == 2)
-        await _publish_login(url, CredentialsIssued(investigation_id=late_job.investigation_id,
-                                                    job_name=late_job.job_name, token_accessor=second, at=utcnow()))
+        await publish_login(second.url(url), CredentialsIssued(
+            investigation_id=late_job.investigation_id, job_name=late_job.job_name,
+            token_accessor=second.accessor, at=utcnow()), user=second.user)
         # Then both login tokens are revoked
-        await _until(lambda: not vault.token_alive(first) and not vault.token_alive(second), timeout=GONE_WITHIN)
+        await _until(lambda: not vault.token_alive(first.accessor) and not vault.token_alive(second.accessor),
+                     timeout=GONE_WITHIN)
