@@ -1,10 +1,11 @@
 """Chaos: the trust consumer SIGKILLed while it replays the feedback log → identical phases after restart.
 
-Issue 10's fifth chaos bullet. ``ENTRIES`` operator feedbacks (timestamps spread over the
-last few days, a few re-appended duplicates as at-least-once delivery leaves them) and
-a pin plus an unpin are appended straight to the stream ``agentjobs.feedback-log``
-(default exchange, as ``benchmarks/trust.py``'s LogWriter does: replay reads the log,
-not the intake queue). Then ``agentjobs trust`` is started as a process and SIGKILLed
+Issue 10's fifth chaos bullet. ``ENTRIES`` operator feedbacks (admission times spread over
+the last few days, a few re-appended duplicates as at-least-once delivery leaves them) and
+a pin plus an unpin are appended straight to the stream ``agentjobs.feedback-log`` as the
+trust identity writes them (default exchange; replay reads the log, not the intake queue):
+each investigation's ``lifecycle.dispatched`` and finding records first, then the verdict,
+admitted at its time (``tests/support/trust_records.py``). Then ``agentjobs trust`` is started as a process and SIGKILLed
 ``KILLS`` times while it is replaying — its AMQP connection is open and it has not
 logged ``trust_replayed`` (its health server, and so ``/readyz``, only comes up after
 replay). A last start runs to ready, and its phases and tallies (``/metrics``: phase,
@@ -35,12 +36,16 @@ import aio_pika
 import aiohttp
 import pytest
 
+import msgspec
+
 from dispatcher.plumbing.settings import load_settings
-from schemas.routing import FEEDBACK_LOG
 from dispatcher.trust.policy import TrustLedger
-from schemas import OperatorFeedback, Phase, PhasePin, ShadowComparison, Verdict, encode
+from dispatcher.trust.records import AdmittedFeedback, AdmittedPin, LogEntry
+from schemas import OperatorFeedback, Phase, PhasePin, ShadowComparison, Verdict
 from tests.integration.dispatcher_harness import declare_topology
 from tests.integration.test_dispatcher_processes import DispatcherProcess, _killed_on_exit
+from tests.support.identities import url_for
+from tests.support.trust_records import append_log, log_entries
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -109,36 +114,27 @@ def _entries(trust, now: datetime, seed: int = 7) -> list[OperatorFeedback | Pha
     return out
 
 
-def _expected(trust, entries) -> TrustLedger:
-    """A pure replay, entry by entry, as TrustState applies them (pins de-duplicated by command id)."""
+def _expected(trust, entries: list[LogEntry]) -> TrustLedger:
+    """A pure replay of the verdicts and pins, in log order at their admission times, as TrustState
+    applies them (pins de-duplicated by command id; every investigation here is a recorded one)."""
     ledger = TrustLedger(trust)
     commands: set[str] = set()
     for e in entries:
-        if isinstance(e, OperatorFeedback):
-            ledger.apply_feedback(e)
-        elif e.command_id not in commands:
-            commands.add(e.command_id)
-            if e.phase is None:
-                ledger.unpin(e.scope, operator=e.operator, at=e.at)
+        if isinstance(e, AdmittedFeedback):
+            ledger.apply_feedback(msgspec.structs.replace(e.feedback, at=e.admitted_at))
+        elif isinstance(e, AdmittedPin) and e.pin.command_id not in commands:
+            commands.add(e.pin.command_id)
+            if e.pin.phase is None:
+                ledger.unpin(e.pin.scope, operator=e.pin.operator, at=e.admitted_at)
             else:
-                ledger.pin(e.scope, e.phase, reason=e.reason, operator=e.operator, at=e.at)
+                ledger.pin(e.pin.scope, e.pin.phase, reason=e.pin.reason, operator=e.pin.operator, at=e.admitted_at)
     return ledger
 
 
-async def _append(url: str, entries) -> float:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        t0 = time.monotonic()
-        for start in range(0, len(entries), 1000):
-            await asyncio.gather(*(
-                channel.default_exchange.publish(
-                    aio_pika.Message(encode(e), message_id=e.feedback_id if isinstance(e, OperatorFeedback)
-                                     else e.command_id, type=type(e).__struct_config__.tag,
-                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                    FEEDBACK_LOG, timeout=30)
-                for e in entries[start:start + 1000]))
-        return time.monotonic() - t0
+async def _append(url: str, entries: list[LogEntry]) -> float:
+    t0 = time.monotonic()
+    await append_log(url, entries)  # as the trust identity
+    return time.monotonic() - t0
 
 
 async def _metrics(port: int) -> dict[str, float]:
@@ -148,12 +144,15 @@ async def _metrics(port: int) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.MULTILINE)}
 
 
-def _expected_metrics(ledger: TrustLedger, entries) -> dict[str, float]:
+def _expected_metrics(ledger: TrustLedger, entries: list[LogEntry]) -> dict[str, float]:
     out: dict[str, float] = {}
     seen: set[tuple[str, str]] = set()
     verdicts: collections.Counter[str] = collections.Counter()
-    for e in entries:
-        if isinstance(e, OperatorFeedback) and (e.scope, e.feedback_id) not in seen:
+    for entry in entries:
+        if not isinstance(entry, AdmittedFeedback):
+            continue
+        e = entry.feedback
+        if (e.scope, e.feedback_id) not in seen:
             seen.add((e.scope, e.feedback_id))
             verdicts[e.verdict.value] += 1
     for verdict, n in verdicts.items():
@@ -202,11 +201,12 @@ async def test_trust_consumer_killed_during_replay_restarts_with_identical_phase
 ):
     # Given a feedback log of a few thousand entries (and two pin commands), written straight to the stream
     url = amqp_vhost.amqp_url
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "AGENTJOBS_AMQP__URL": url,
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "AGENTJOBS_AMQP__URL": url_for(url, "trust"),
            "AGENTJOBS_LOGGING__FORMAT": "json", **TRUST_ENV}
     settings = load_settings(None, env)
     await declare_topology(url, settings)
-    entries = _entries(settings.trust, datetime.now(UTC))
+    story = _entries(settings.trust, datetime.now(UTC))
+    entries = log_entries(story)
     append_s = await _append(url, entries)
     expected = _expected(settings.trust, entries)
     changes = sum(1 for p in expected.phases().values() if p is not Phase.SHADOW)
@@ -273,7 +273,8 @@ async def test_trust_consumer_killed_during_replay_restarts_with_identical_phase
         "entries_in_log": len(entries),
         "distinct_feedbacks": sum(1 for k in want if k.startswith("agentjobs_feedback_total")) and
         int(sum(v for k, v in want.items() if k.startswith("agentjobs_feedback_total"))),
-        "pin_commands": sum(1 for e in entries if isinstance(e, PhasePin)),
+        "pin_commands": sum(1 for e in story if isinstance(e, PhasePin)),
+        "verdicts_in_log": sum(1 for e in entries if isinstance(e, AdmittedFeedback)),
         "scopes": len(expected.phases()), "scopes_not_shadow": changes,
         "phases": collections.Counter(p.value for p in expected.phases().values()),
         "kills_during_replay": kills, "starts": attempts + 1, "kill_points_s_after_amqp_connect": kill_points,

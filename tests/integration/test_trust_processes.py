@@ -1,4 +1,8 @@
-"""Two `agentjobs trust` processes: one tallies (single active consumer), the other takes over."""
+"""Two `agentjobs trust` processes: one tallies (single active consumer), the other takes over.
+
+The processes run as the trust identity; verdicts come from an operator, on investigations the
+dispatcher reported and a finding was published for (``tests/support/trust_records.py``).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from schemas import Verdict
 from tests.integration.dispatcher_harness import declare_topology
 from tests.integration.test_dispatcher_processes import DispatcherProcess, _killed_on_exit
 from tests.integration.test_trust import FAST_TRUST, _feedback, _send_feedback
+from tests.support.identities import url_for
 
 pytestmark = pytest.mark.integration
 SCOPES = ("database", "network", "kubernetes")
@@ -39,7 +44,7 @@ async def _tallied(port: int) -> float:
 
 async def test_killing_the_active_trust_replica_hands_over_without_double_counting(amqp_vhost, tmp_path):
     url = amqp_vhost.amqp_url
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "AGENTJOBS_AMQP__URL": url,
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "AGENTJOBS_AMQP__URL": url_for(url, "trust"),
            "AGENTJOBS_LOGGING__FORMAT": "json", **FAST_TRUST}
     settings = load_settings(None, env)
     await declare_topology(url, settings)
@@ -77,7 +82,8 @@ async def test_killing_the_active_trust_replica_hands_over_without_double_counti
         expected.apply_feedback(fb)
     for scope in SCOPES:
         assert survivor[f'agentjobs_trust_samples{{scope="{scope}"}}'] == expected.explain(scope).samples
-    # and the CLI, replaying the log itself, agrees
+    # and the CLI, replaying the log itself, agrees (as trust: `phase show` declares the topology,
+    # which the operator identity may not)
     shown = subprocess.run([str(Path(sys.executable).with_name("agentjobs")), "phase", "show", "--json"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
