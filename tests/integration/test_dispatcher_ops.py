@@ -7,6 +7,7 @@ import aiohttp
 import pytest
 
 from schemas.routing import CONTROL, DEAD
+from tests.support.identities import url_for, user
 from schemas import CancelInvestigation, DeadLetter, decode_incident, encode, identify
 from tests.integration.dispatcher_harness import PodDriver, Results, declare_topology, publish
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
@@ -34,17 +35,25 @@ async def test_a_cancel_command_stops_the_investigation_and_the_ticket_hears_why
             Results(url, exchange=DEAD) as dead, running_dispatcher(handle, url):
         await publish(url, [body])
         await results.wait_for(lambda: results.keys("lifecycle.started"))
-        connection = await aio_pika.connect(url)
-        async with connection:
+        command = CancelInvestigation(job_name=job_name, reason="operator: false alarm", requested_by="alice")
+        # a cancel from anyone but an operator, an admin or the dispatcher: refused, the Job runs on
+        async with await aio_pika.connect(url) as connection:  # the broker administrator, no user_id
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(CONTROL)
-            command = CancelInvestigation(job_name=job_name, reason="operator: false alarm", requested_by="alice")
             await exchange.publish(aio_pika.Message(encode(command)), "cancel")
-            await exchange.publish(aio_pika.Message(b'{"kind": "cancel"}'), "cancel")  # invalid: no job_name
-        await results.wait_for(lambda: results.keys("lifecycle.cancelled"))
         await dead.wait_for(lambda: dead.messages)
+        assert not results.keys("lifecycle.cancelled")
+        async with await aio_pika.connect(url_for(url, "operator")) as connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(CONTROL)
+            await exchange.publish(aio_pika.Message(encode(command), user_id=user("operator")), "cancel")
+            await exchange.publish(aio_pika.Message(b'{"kind": "cancel"}', user_id=user("operator")),
+                                   "cancel")  # invalid: no job_name
+        await results.wait_for(lambda: results.keys("lifecycle.cancelled"))
+        await dead.wait_for(lambda: len(dead.messages) >= 2)
     assert results.keys("finding.")[0][2].conclusion == "inconclusive"
-    assert dead.messages[0][3]["x-agentjobs-reason"] == "missing_field"  # the invalid command
+    assert dead.messages[0][3]["x-agentjobs-reason"] == "forbidden_sender"  # the administrator's cancel
+    assert dead.messages[1][3]["x-agentjobs-reason"] == "missing_field"  # the invalid command
 
 
 async def test_health_readiness_and_metrics(fresh):
