@@ -41,7 +41,9 @@ async def world(amqp_vhost, rabbitmq_management, postgres, rabbitmq, tmp_path):
     await rabbitmq_management.create_vhost(amqp_vhost.name)
     await rabbitmq_management.set_permissions(amqp_vhost.name, "guest")
     async with bootstrapped_vault(postgres, rabbitmq, amqp_vhost.name) as vault:
-        env = {**vault.env, "AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url,
+        # the dispatcher runs as its own identity; incidents come from the operator (publish's
+        # default); the broker administrator only watches (Results)
+        env = {**vault.env, "AGENTJOBS_AMQP__URL": amqp_vhost.url("dispatcher"),
                "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state"),
                "AGENTJOBS_CLASSES__DEFAULT__MEMORY": "1Gi"}
         await declare_topology(amqp_vhost.amqp_url, load_settings(None, env))
@@ -91,7 +93,7 @@ async def test_incident_to_finding_and_nothing_survives_the_job(world, postgres,
     env = {**env, "AGENTJOBS_K8S__AGENT_COMMAND": json.dumps([AGENTJOBS, "agent"])}
     roles_before = await _vault_pg_roles(postgres)
     async with Results(vhost.amqp_url) as results, dispatcher(env, tmp):
-        await publish(vhost.amqp_url, [body])
+        await publish(vhost.amqp_url, [body], sender="operator")
         await results.wait_for(lambda: results.keys("lifecycle.succeeded") or results.keys("lifecycle.failed"),
                                timeout=60)
         assert results.keys("lifecycle.succeeded"), results.keys("lifecycle.failed")
@@ -134,7 +136,7 @@ async def test_however_the_job_ends_its_credentials_die_with_it(world, postgres,
     ident = identify(decode_incident(body))
     marker = markers / f"{ident.investigation_id}.json"
     async with Results(vhost.amqp_url) as results, dispatcher(env, tmp) as service:
-        await publish(vhost.amqp_url, [body])
+        await publish(vhost.amqp_url, [body], sender="operator")
         # Given the Job's process holds a token, a PostgreSQL user and a RabbitMQ user
         held = await _until(lambda: asyncio.to_thread(lambda: marker.exists() and json.loads(marker.read_text())), 60)
         assert await _pg_role_exists(postgres, held["database_user"])
@@ -169,7 +171,7 @@ async def test_an_intercepted_wrapping_token_is_refused_and_the_ticket_is_told(w
     env = {**env, "AGENTJOBS_K8S__AGENT_COMMAND": json.dumps([sys.executable, str(intercept), AGENTJOBS])}
     body = _incident("Intercepted")
     async with Results(vhost.amqp_url) as results, dispatcher(env, tmp):
-        await publish(vhost.amqp_url, [body])
+        await publish(vhost.amqp_url, [body], sender="operator")
         await results.wait_for(lambda: results.keys("lifecycle.failed"), timeout=60)
     (failed,) = [m[2] for m in results.keys("lifecycle.failed")]
     assert failed.reason is FailureReason.CREDENTIALS_UNAVAILABLE

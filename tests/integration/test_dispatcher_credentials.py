@@ -21,6 +21,7 @@ from schemas import vault_paths as vault_layout
 from tests.integration.dispatcher_harness import PodDriver, Results, publish
 from tests.integration.test_dispatcher import _consumed, _until, running_dispatcher
 from tests.integration.vault_helpers import vault_world
+from tests.support.identities import url_for
 from tests.support.k8s.resources import JOBS, SECRETS, SERVICEACCOUNTS
 from tests.support.payloads import am_alert, dumps, group
 
@@ -45,7 +46,8 @@ async def test_each_ending_revokes_the_jobs_token(world):
     names = {k: identify(decode_incident(_incident(k))).job_name for k in endings}
     driver = PodDriver(handle, decide=lambda pod: None)  # every agent runs until the test ends it
     async with driver.running_(), Results(url) as results, \
-            running_dispatcher(handle, url, **{k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}) as d:
+            running_dispatcher(handle, url_for(url, "dispatcher"),
+                               **{k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}) as d:
         await publish(url, [_incident(k) for k in endings])
         await _until(lambda: len(handle.cluster.store.list(JOBS, ns)) == len(endings))
         await _until(lambda: all(handle.cluster.store.get(SECRETS, ns, jobspec.secret_name(n)) for n in names.values()))
@@ -84,12 +86,12 @@ async def test_a_token_minted_for_an_existing_job_is_revoked(world):
 
     body = _incident("Twice")
     env = {k: v for k, v in vault.env.items() if k.startswith("AGENTJOBS_VAULT")}
-    async with running_dispatcher(handle, url, **env) as d:
+    async with running_dispatcher(handle, url_for(url, "dispatcher"), **env) as d:
         await publish(url, [body])
         await _until(lambda: _consumed(d.metrics) >= 1)
     assert await asyncio.to_thread(agent_tokens) == 1
     # A restarted dispatcher (empty memory) sees the same incident again: 409, and a fresh token
-    async with running_dispatcher(handle, url, **env) as d:
+    async with running_dispatcher(handle, url_for(url, "dispatcher"), **env) as d:
         await publish(url, [body])
         await _until(lambda: _consumed(d.metrics) >= 1)
     assert await asyncio.to_thread(agent_tokens) == 1  # the second one was revoked at once
@@ -102,13 +104,13 @@ async def test_vault_down_at_dispatch_makes_the_incident_wait_not_vanish(world, 
     env |= {"AGENTJOBS_VAULT__ADDR": "http://127.0.0.1:9", "AGENTJOBS_RETRY__MAX_ELAPSED": "0.5",
             "AGENTJOBS_RETRY__BASE": "0.05", "AGENTJOBS_RETRY__CAP": "0.1"}
     body = _incident("Waiting")
-    async with running_dispatcher(handle, url, **env) as d:
+    async with running_dispatcher(handle, url_for(url, "dispatcher"), **env) as d:
         await publish(url, [body])
         await _until(lambda: d.metrics.retries._value.get() >= 3)
         assert handle.cluster.store.list(JOBS, handle.namespace) == []  # no Job without credentials
     # When Vault is reachable again, the same (redelivered) incident is dispatched
     env["AGENTJOBS_VAULT__ADDR"] = vault.server.addr
-    async with running_dispatcher(handle, url, **env):
+    async with running_dispatcher(handle, url_for(url, "dispatcher"), **env):
         await _until(lambda: len(handle.cluster.store.list(JOBS, handle.namespace)) == 1)
     job = handle.cluster.store.list(JOBS, handle.namespace)[0]
     assert jobspec.ANN_TOKEN_ACCESSOR in job["metadata"]["annotations"]
@@ -206,7 +208,8 @@ async def test_kubernetes_auth_login_tokens_are_revoked_when_their_job_ends(worl
     running_job = identify(decode_incident(running))
     late_job = identify(decode_incident(late))
     driver = PodDriver(handle, decide=lambda pod: None)
-    async with driver.running_(), Results(url) as results, running_dispatcher(handle, url, **env):
+    async with driver.running_(), Results(url) as results, \
+            running_dispatcher(handle, url_for(url, "dispatcher"), **env):
         await publish(url, [running, late])
         await results.wait_for(lambda: len(results.keys("lifecycle.started")) == 2)
         first, second = await login(), await login()

@@ -17,6 +17,7 @@ from schemas import Phase, decode_incident, identify
 from tests.integration.dispatcher_harness import PodDriver, Results, publish
 from tests.integration.test_dispatcher import _until, running_dispatcher
 from tests.integration.vault_helpers import vault_world
+from tests.support.identities import url_for
 from tests.support.payloads import am_alert, dumps, group
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ async def test_the_sweeper_revokes_tokens_no_job_holds_and_nothing_else(world):
     unrelated = vault.root().auth.token.create(policies=["default"], ttl="1h")["auth"]["accessor"]
     driver = PodDriver(handle, decide=lambda pod: None)  # the Job runs until the test ends
     async with driver.running_(), Results(url) as results, \
-            running_dispatcher(handle, url, **_vault_env(vault), **SWEEP) as d:
+            running_dispatcher(handle, url_for(url, "dispatcher"), **_vault_env(vault), **SWEEP) as d:
         scope = d.runtime.where
         # Given a running Job holding its token, a token whose mint answer was lost, a token of
         # another installation sharing this Vault, and a token that is not an agent's
@@ -79,7 +80,8 @@ async def test_the_sweeper_revokes_tokens_no_job_holds_and_nothing_else(world):
 
 async def test_a_young_token_is_left_for_the_replica_that_is_creating_its_job(world):
     handle, url, vault = world
-    async with running_dispatcher(handle, url, **_vault_env(vault), AGENTJOBS_VAULT__SWEEP_INTERVAL="0") as d:
+    async with running_dispatcher(handle, url_for(url, "dispatcher"), **_vault_env(vault),
+                                  AGENTJOBS_VAULT__SWEEP_INTERVAL="0") as d:
         assert d.sweeper is None  # interval 0: sweeping off
         young = await _mint(vault, d.runtime.where, "young")
         sweeper = TokenSweeper(credentials=d.credentials, runtime=d.runtime, scope=d.runtime.where, grace=3600,
@@ -101,7 +103,8 @@ async def test_without_the_list_grant_the_sweeper_says_how_to_enable_it_and_disp
     assert narrowed != policy
     root.sys.create_or_update_policy("agentjobs-dispatcher-no-list", narrowed)
     token = root.auth.token.create(policies=["agentjobs-dispatcher-no-list"], ttl="1h")["auth"]["client_token"]
-    async with running_dispatcher(handle, url, **{**_vault_env(vault), "AGENTJOBS_VAULT__TOKEN": token}) as d:
+    async with running_dispatcher(handle, url_for(url, "dispatcher"),
+                                  **{**_vault_env(vault), "AGENTJOBS_VAULT__TOKEN": token}) as d:
         sweeper = TokenSweeper(credentials=d.credentials, runtime=d.runtime, scope=d.runtime.where, grace=1,
                                interval=0.1)
         await asyncio.wait_for(sweeper.run(), timeout=10)  # ends by itself: not permitted is not retried

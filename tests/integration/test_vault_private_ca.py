@@ -113,7 +113,7 @@ async def test_every_job_gets_the_ca_beside_its_wrapped_token(tls_bao, k8s_emula
     await declare_topology(url, load_settings(None, {}))
     body = dumps(group([am_alert(starts_at="2026-11-27T02:00:00Z", alertname="PrivateCa")], group_key="ca-1"))
     name = identify(decode_incident(body)).job_name
-    async with running_dispatcher(k8s_emulator, url, **_vault_env(addr, ca)):
+    async with running_dispatcher(k8s_emulator, amqp_vhost.url("dispatcher"), **_vault_env(addr, ca)):
         await publish(url, [body])
         await _until(lambda: k8s_emulator.cluster.store.get(SECRETS, k8s_emulator.namespace,
                                                             jobspec.secret_name(name)))
