@@ -117,3 +117,30 @@ def test_garbage_lookup_answers_are_never_revocable():
     for data in ({}, {"policies": "agentjobs-agent-shadow"}, {"policies": [None]},
                  minted(meta=None) | {"meta": "x"}):
         assert revocable(data, Expected(scope=SCOPE)) is not None
+
+
+# --------------------------------------------------------------------------- #
+# who may report a login token (dispatcher/intake/control.py, pure)
+# --------------------------------------------------------------------------- #
+
+UUID = "05aacd2a-191c-3131-dacc-99395809fad6"
+
+
+def test_the_login_user_of_a_service_account_is_exactly_the_shape_vault_issues():
+    from dispatcher.intake.control import login_user_of
+    from dispatcher.plumbing.settings import IdentitySettings
+
+    ids = IdentitySettings()
+    ok = {"namespace": "agentjobs-runs", "service_account": "agentjobs-agent-shadow"}
+    # measured: Vault's RabbitMQ engine names it after the login token's display name
+    assert login_user_of(ids, f"kubernetes-agentjobs-runs-agentjobs-agent-shadow-{UUID}", **ok)
+    for user in (
+        f"kubernetes-agentjobs-runs-agentjobs-agent-read-only-{UUID}",  # another phase's ServiceAccount
+        f"kubernetes-elsewhere-agentjobs-agent-shadow-{UUID}",  # another namespace
+        f"kubernetes-agentjobs-runs-agentjobs-agent-shadow-{UUID}-x",  # not exactly the shape
+        f"kubernetes-agentjobs-runs-agentjobs-agent-shadow-{UUID.upper()}",
+        "kubernetes-agentjobs-runs-agentjobs-agent-shadow-",
+        f"token-aj-x-{UUID}", "agentjobs-dispatcher", "guest", "",
+    ):
+        assert not login_user_of(ids, user, **ok), user
+    assert not login_user_of(ids, f"kubernetes--{UUID}", namespace="", service_account="")

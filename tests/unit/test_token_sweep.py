@@ -66,3 +66,42 @@ def test_a_strange_lookup_answer_is_never_an_orphan():
     # a token Vault describes oddly (no meta, no policies) is not ours to revoke
     parsed = AgentToken.from_lookup("odd", {"creation_time": "yesterday", "policies": None, "meta": None})
     assert sweep([parsed]) == []
+
+
+async def test_a_revocation_the_credentials_refuse_is_counted_and_never_tried_again():
+    from dispatcher.credentials.token_sweep import TokenSweeper
+    from dispatcher.credentials.tokens import Kind, Revocation
+
+    data = {"creation_time": (NOW - timedelta(seconds=3600)).timestamp(), "policies": ["agentjobs-agent-shadow"],
+            "meta": {"jobs_in": SCOPE, "investigation_id": "i" * 40}, "path": "auth/token/create"}
+
+    class Credentials:  # what Vault would say of a token created by hand to look like ours
+        def __init__(self) -> None:
+            self.asked: list = []
+            self.looked_up = 0
+
+        async def list_accessors(self):
+            return ["lookalike"]
+
+        async def lookup_accessor(self, accessor):
+            self.looked_up += 1
+            return data
+
+        async def revoke(self, accessor, *, expected=None):
+            self.asked.append((accessor, expected))
+            return Revocation.REFUSED
+
+    class Runtime:
+        async def active_annotations(self):
+            return {}
+
+    creds = Credentials()
+    sweeper = TokenSweeper(credentials=creds, runtime=Runtime(), scope=SCOPE, grace=300, interval=60,
+                           clock=lambda: NOW)
+    report = await sweeper.sweep()
+    assert (report.revoked, report.refused) == (0, 1)
+    ((accessor, expected),) = creds.asked
+    assert accessor == "lookalike" and expected.scope == SCOPE and expected.kind is Kind.MINTED
+    assert expected.investigation_id == "i" * 40
+    again = await sweeper.sweep()
+    assert (again.looked_up, again.refused, creds.looked_up) == (0, 0, 1)  # not ours: left alone for good
