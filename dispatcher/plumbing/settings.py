@@ -216,7 +216,8 @@ class BridgeSettings(Section):
     max_body_bytes: Positive = 1024 * 1024  # bytes per webhook request
     # Slow clients: a request's line and headers must arrive within header_timeout seconds of
     # the connection (or of the previous answer on a kept-alive one), its body within
-    # body_timeout seconds of the headers; then the connection is closed.
+    # body_timeout seconds of the headers (else 408); then the connection is closed (a body
+    # still coming is drained at most min(2, header_timeout / 2) seconds first).
     header_timeout: Seconds = 10.0
     body_timeout: Seconds = 30.0
     max_connections: Positive = 256  # open connections; more are answered 503 and closed at once
