@@ -31,7 +31,10 @@ from dispatcher.plumbing.settings import IdentitySettings
 
 NOTHING = "^$"  # no resource is named "" (the default exchange is "amq.default")
 NEVER = "(?!)"  # a topic regex no routing key matches
-ALL_OURS = r"^(agentjobs\..*|amq\.gen-.*)$"
+# Private queues: broker-named (amq.gen-…) and aio-pika's robust ones (amq_<uuid hex>), which keep
+# their name across reconnects.
+PRIVATE = r"(?:amq\.gen-.*|amq_[0-9a-f]{32})"
+ALL_OURS = r"^(agentjobs\..*|" + PRIVATE + ")$"
 COMPONENTS = ("bridge", "dispatcher", "trust", "operator", "admin")
 CREDENTIALS_FILE = "broker-identities.json"  # under runtime.state_dir, 0600
 
@@ -64,7 +67,7 @@ def grants(ids: IdentitySettings) -> tuple[Grant, ...]:
     # Dispatcher and trust own the topology (each declares all of it, so start order is free);
     # they may not speak for operators or each other.
     no_verdicts = (TopicGrant(exchange=FEEDBACK, write=NEVER), TopicGrant(exchange=PHASES, write=NEVER))
-    private = r"amq\.gen-.*"
+    private = PRIVATE
     ops_read = "^(" + "|".join(re.escape(n) for n in (RESULTS, PHASES, FEEDBACK, "agentjobs.dead", "agentjobs.feedback-log",
                                                        "agentjobs.phase-log", "agentjobs.trust-snapshots",
                                                        "agentjobs.incidents", "agentjobs.control"))
@@ -74,9 +77,9 @@ def grants(ids: IdentitySettings) -> tuple[Grant, ...]:
         Grant(component="bridge", user=ids.bridge, configure=NOTHING, write=_names(INCIDENTS), read=NOTHING,
               topics=(TopicGrant(exchange=INCIDENTS, write=r"^alertmanager\..+", read=NEVER),)),
         Grant(component="dispatcher", user=ids.dispatcher, configure=ALL_OURS,
-              write=r"^(agentjobs\..*|amq\.gen-.*|amq\.default)$", read=ALL_OURS, topics=no_verdicts),
+              write=r"^(agentjobs\..*|" + PRIVATE + r"|amq\.default)$", read=ALL_OURS, topics=no_verdicts),
         Grant(component="trust", user=ids.trust, configure=ALL_OURS,
-              write=r"^(agentjobs\..*|amq\.gen-.*|amq\.default)$", read=ALL_OURS,
+              write=r"^(agentjobs\..*|" + PRIVATE + r"|amq\.default)$", read=ALL_OURS,
               topics=(TopicGrant(exchange=FEEDBACK, write=NEVER), TopicGrant(exchange=INCIDENTS, write=NEVER),
                       TopicGrant(exchange=CONTROL, write=NEVER), TopicGrant(exchange=RESULTS, write=NEVER))),
     ]
