@@ -147,7 +147,8 @@ class LoginTokenRecorder:
 
     async def handle(self, delivery: Delivery) -> Outcome:
         ids, user = self.identities, delivery.user_id
-        if not any(user.startswith(p) and len(user) > len(p) for p in (ids.kubernetes_agent_prefix, ids.agent_prefix)):
+        agent_prefixes = (ids.kubernetes_agent_prefix, ids.agent_prefix)
+        if not any(user.startswith(p) and len(user) > len(p) for p in agent_prefixes):
             # before decoding: only an agent user of this installation may say anything here
             who = repr(user) if user else "a sender without user_id"
             return await self._reject(delivery, PermanentError(
@@ -192,9 +193,9 @@ class LoginTokenRecorder:
             raise _Refused(f"Job {issued.job_name} already holds a login-token accessor; one recorded is "
                            "never replaced")
         try:
-            phase: Phase | None = Phase(labels.get(jobspec.LABEL_PHASE, ""))
+            phase = Phase(labels.get(jobspec.LABEL_PHASE, ""))
         except ValueError:
-            phase = None
+            raise _Refused(f"Job {issued.job_name} carries no phase of ours") from None
         expected = Expected(scope=getattr(self.credentials, "scope", ""), kind=Kind.LOGIN, phase=phase,
                             service_account=service_account, job_name=issued.job_name,
                             investigation_id=issued.investigation_id)
