@@ -32,7 +32,7 @@ from dispatcher.plumbing.amqp import broker_user
 from schemas import vault_paths as vault_layout
 from dispatcher.cli.board import Board
 from dispatcher.cli.demo import DemoProblems
-from dispatcher.bridge.webhook import BridgeService
+from dispatcher.bridge.webhook import BridgeService, StartRefused
 from dispatcher.credentials.embedded_openbao import EmbeddedOpenBao, EmbeddedVaultError
 from schemas.logs import get_logger
 from schemas.redaction import mask_text
@@ -229,7 +229,12 @@ async def run_up(
             as_component(embedded, urls["trust"]), metrics=msgspec.structs.replace(embedded.metrics, port=0)))
         await trust.start()
         bridge = BridgeService(as_component(embedded, urls["bridge"]))
-        bridge_port = await bridge.start()
+        try:
+            bridge_port = await bridge.start()
+        except StartRefused as exc:
+            echo(f"error: bridge: {exc.message} ({exc.hint})")
+            bridge = None
+            return 2
         echo(f"bridge: Alertmanager webhook at http://{settings.bridge.host}:{bridge_port}/alerts")
         phases = ", ".join(f"{k}={v.value}" for k, v in trust.state.ledger.phases().items())
         echo(f"trust: tallying operator feedback from {FEEDBACK}; phases: "
