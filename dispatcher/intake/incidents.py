@@ -42,7 +42,7 @@ from schemas.identity import Identity
 from dispatcher.jobs import jobspec
 from dispatcher.intake.admission import AdmissionGate
 from dispatcher.plumbing.amqp import Publisher
-from dispatcher.credentials.tokens import Credentials, NoCredentials, WrappedToken, vault_ca
+from dispatcher.credentials.tokens import Credentials, Expected, Kind, NoCredentials, WrappedToken, vault_ca
 from dispatcher.intake import senders
 from dispatcher.intake.deadletters import Delivery, dead_letter, from_error
 from schemas.logs import bound, get_logger
@@ -245,7 +245,7 @@ class Intake:
             raise
         finally:
             if token is not None and launched is not LaunchOutcome.CREATED:
-                await self._revoke_unused(token)  # the Job that exists has its own token
+                await self._revoke_unused(token, ident.investigation_id)  # the Job that exists has its own token
             if token is not None:
                 self._launching.discard(token.accessor)
         if launched is LaunchOutcome.CREATED:
@@ -273,9 +273,10 @@ class Intake:
             job_name=ident.job_name, ttl=cls.deadline + self.settings.vault.grace,
         )
 
-    async def _revoke_unused(self, token: WrappedToken) -> None:
+    async def _revoke_unused(self, token: WrappedToken, investigation_id: str) -> None:
+        expected = Expected(scope=self.runtime.where, investigation_id=investigation_id, kind=Kind.MINTED)
         try:
-            await self._durably(lambda: self.credentials.revoke(token.accessor))
+            await self._durably(lambda: self.credentials.revoke(token.accessor, expected=expected))
         except RetriesExhausted as exc:  # it expires with its TTL; say so loudly
             log.error("unused_agent_token_not_revoked", token_accessor=token.accessor, error=exc.last.message)
 

@@ -65,7 +65,7 @@ class DispatcherService:
             phases = logged
         self.phases = phases
         self.metrics = metrics or Metrics()
-        self.credentials = credentials or open_credentials(settings.vault, scope=runtime.where)
+        self.credentials = credentials or open_credentials(settings.vault, scope=runtime.where, metrics=self.metrics)
         self.name = name
         # An explicit port (0: any free one) always serves; from settings, port 0 disables.
         self.health_port = settings.metrics.port if health_port is None else health_port

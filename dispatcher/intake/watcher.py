@@ -17,7 +17,7 @@ from schemas import LifecycleState, Severity
 
 from dispatcher.jobs import jobspec
 from dispatcher.intake.admission import AdmissionGate
-from dispatcher.credentials.tokens import Credentials, NoCredentials
+from dispatcher.credentials.tokens import Credentials, Expected, NoCredentials
 from schemas.logs import bound, get_logger
 from dispatcher.plumbing.metrics import Metrics
 from dispatcher.intake.reporting import Reporter, failure_result, lifecycle_for
@@ -107,7 +107,7 @@ class Watcher:
             await self._publish(lambda: self.reporter.lifecycle(lifecycle))
             log.info("job_started")
             return
-        revoked = await self._revoke_tokens(event.annotations, set())  # first: nothing outlives the Job
+        revoked = await self._revoke_tokens(event, event.annotations, set())  # first: nothing outlives the Job
         lifecycle = lifecycle_for(event, tracked)
         await self._publish(lambda: self.reporter.lifecycle(lifecycle))
         if lifecycle.state is not LifecycleState.SUCCEEDED:
@@ -120,19 +120,21 @@ class Watcher:
 
         await self._publish(acknowledge)
         if final and final[-1]:
-            await self._revoke_tokens(final[-1], revoked)  # e.g. a login token recorded late
+            await self._revoke_tokens(event, final[-1], revoked)  # e.g. a login token recorded late
         self.gate.release(event.investigation_id)
         self.tracker.finish(event.investigation_id)
         reason = lifecycle.reason.value if lifecycle.reason else ""
         self.metrics.outcomes.labels(state=lifecycle.state.value, reason=reason).inc()
         log.info("job_finished", state=lifecycle.state.value, reason=reason, routing_key=lifecycle_key(lifecycle.state))
 
-    async def _revoke_tokens(self, annotations: Mapping[str, str], done: set[str]) -> set[str]:
-        """Revoke every token accessor recorded on the Job that is not revoked yet."""
+    async def _revoke_tokens(self, event: RuntimeEvent, annotations: Mapping[str, str], done: set[str]) -> set[str]:
+        """Revoke every token accessor recorded on the Job that is not revoked yet — each only if
+        Vault says it is an agent token of this installation and, if minted, of this investigation."""
+        expected = Expected(scope=self.runtime.where, investigation_id=event.investigation_id)
         for key in jobspec.TOKEN_ANNOTATIONS:
             accessor = annotations.get(key)
             if accessor and accessor not in done:
-                await self._publish(lambda a=accessor: self.credentials.revoke(a))
+                await self._publish(lambda a=accessor: self.credentials.revoke(a, expected=expected))
                 done.add(accessor)
         return done
 
