@@ -341,7 +341,20 @@ async def restore_newest_snapshot(connection: AbstractRobustConnection, state: T
 
 
 def _kind_of(entry: object) -> str:
-    return "phase_pin" if isinstance(entry, PhasePin) else "feedback"
+    """What an input on agentjobs.feedback is, for the refused counter's ``kind`` label."""
+    if isinstance(entry, PhasePin):
+        return "phase_pin"
+    if isinstance(entry, OperatorFeedback):
+        return "feedback"
+    return "other"
+
+
+class Refused(PermanentError):
+    """A feedback-queue input refused: dead-lettered with ``reason``, counted under ``kind``."""
+
+    def __init__(self, reason: str, message: str, *, kind: str) -> None:
+        super().__init__(reason, message)
+        self.kind = kind
 
 
 class TrustService:
@@ -418,8 +431,8 @@ class TrustService:
     async def handle(self, delivery: Delivery) -> Outcome:
         try:
             entry = self._validate(delivery)
-        except PermanentError as exc:
-            return await self._reject(delivery, exc, kind=self._kind_hint(delivery))
+        except Refused as exc:
+            return await self._reject(delivery, exc, kind=exc.kind)
         kind = _kind_of(entry)
         entry_id = entry.feedback_id if isinstance(entry, OperatorFeedback) else entry.command_id
         with bound(entry_id=entry_id, scope=entry.scope):
@@ -432,7 +445,7 @@ class TrustService:
                     if isinstance(entry, OperatorFeedback):
                         why = self.state.investigations.check(entry)
                         if why is not None:
-                            return await self._reject(delivery, PermanentError(*why), kind=kind)
+                            return await self._reject(delivery, Refused(*why, kind=kind), kind=kind)
                         admitted: LogEntry = AdmittedFeedback(feedback=entry, admitted_at=self._admission_time(),
                                                               sender=delivery.user_id)
                     else:
@@ -447,34 +460,31 @@ class TrustService:
             return Outcome.ACK
 
     def _validate(self, delivery: Delivery) -> OperatorFeedback | PhasePin:
+        """The decoded input if its sender may send it and it is well formed; else ``Refused``."""
         ids = self.settings.identities
         try:
             entry = decode(delivery.body)
         except DecodeError as exc:
             refused = senders.feedback_sender(ids, delivery.user_id)  # nobody else may send anything here
             if refused is not None:
-                raise PermanentError(refused.reason, refused.detail) from exc
-            raise PermanentError(exc.reason, exc.message) from exc
+                raise Refused(refused.reason, refused.detail, kind="undecodable") from exc
+            raise Refused(exc.reason, exc.message, kind="undecodable") from exc
+        kind = _kind_of(entry)
         if isinstance(entry, PhasePin):
             refused = senders.pin_sender(ids, delivery.user_id)
         else:
             refused = senders.feedback_sender(ids, delivery.user_id)
         if refused is not None:
-            raise PermanentError(refused.reason, refused.detail)
+            raise Refused(refused.reason, refused.detail, kind=kind)
         if not isinstance(entry, OperatorFeedback | PhasePin):
-            raise PermanentError("wrong_kind", f"{type(entry).__name__} does not belong on {FEEDBACK}")
+            raise Refused("wrong_kind", f"{type(entry).__name__} does not belong on {FEEDBACK}", kind=kind)
         if isinstance(entry, PhasePin) and entry.phase is not None and not entry.reason.strip():
-            raise PermanentError("invalid_command", "a pin needs a reason")
+            raise Refused("invalid_command", "a pin needs a reason", kind=kind)
         if not entry.scope.strip():
-            raise PermanentError("invalid_scope", "scope is empty")
+            raise Refused("invalid_scope", "scope is empty", kind=kind)
         # The sender's ``at`` is kept in the log as sent and never used: time is the admission
         # time (``_admission_time``), so neither a backdated nor a future timestamp moves anything.
         return entry
-
-    @staticmethod
-    def _kind_hint(delivery: Delivery) -> str:
-        key = delivery.routing_key
-        return "phase_pin" if key.startswith("pin.") else "feedback"
 
     async def _results_caught_up(self) -> None:
         """Return once the results queue holds nothing this consumer has not applied yet, or after
@@ -508,27 +518,27 @@ class TrustService:
 
     async def handle_result(self, delivery: Delivery) -> Outcome:
         self._results_inflight += 1
+        kind = "lifecycle" if delivery.routing_key.startswith("lifecycle.") else "finding"
         try:
-            kind = "lifecycle" if delivery.routing_key.startswith("lifecycle.") else "finding"
-            try:
-                entry = self._result_entry(delivery)
-            except PermanentError as exc:
-                return await self._reject(delivery, exc, kind=kind)
-            if entry is None:
-                return Outcome.ACK
-            with bound(investigation_id=entry.investigation_id):
+            # In delivery order, under the lock: whether a finding's sender is that Job's agent
+            # depends on the lifecycle.dispatched before it.
+            async with self._lock:
                 try:
-                    async with self._lock:
-                        if not self._news(entry):  # a redelivery, or a finding already seen
-                            return Outcome.ACK
-                        entry = msgspec.structs.replace(entry, recorded_at=self._admission_time())
-                        entry_id = (f"dispatched:{entry.investigation_id}" if isinstance(entry, InvestigationDispatched)
-                                    else f"finding:{entry.investigation_id}:{entry.sender}")
+                    entry = self._result_entry(delivery)
+                except PermanentError as exc:
+                    return await self._reject(delivery, exc, kind=kind)
+                if entry is None:  # nothing new: a redelivery, a finding already seen, another state
+                    return Outcome.ACK
+                entry = msgspec.structs.replace(entry, recorded_at=self._admission_time())
+                entry_id = (f"dispatched:{entry.investigation_id}" if isinstance(entry, InvestigationDispatched)
+                            else f"finding:{entry.investigation_id}:{entry.sender}")
+                with bound(investigation_id=entry.investigation_id):
+                    try:
                         await self._durably(lambda: self._append(entry, entry_id))
                         await self._maybe_snapshot()
-                except RetriesExhausted as exc:
-                    log.warning("result_requeued", error=exc.last.message)
-                    return Outcome.REQUEUE
+                    except RetriesExhausted as exc:
+                        log.warning("result_requeued", error=exc.last.message)
+                        return Outcome.REQUEUE
             return Outcome.ACK
         finally:
             self._results_inflight -= 1
@@ -549,6 +559,8 @@ class TrustService:
                 return None
             if event.phase is None or not event.job_name:
                 raise PermanentError("invalid_lifecycle", "lifecycle.dispatched without a phase or Job name")
+            if self.state.investigations.get(event.investigation_id) is not None:
+                return None  # reported again (a redelivery, or the dispatcher re-reporting after a restart)
             return InvestigationDispatched(investigation_id=event.investigation_id, job_name=event.job_name,
                                            phase=event.phase, scope=event.scope, dispatched_at=event.at,
                                            recorded_at=_EPOCH, sender=delivery.user_id)
@@ -570,12 +582,6 @@ class TrustService:
             return FindingSeen(investigation_id=finding.investigation_id, domain=finding.domain, phase=finding.phase,
                                recorded_at=_EPOCH, sender=delivery.user_id)
         return None  # not bound here; nothing to record
-
-    def _news(self, entry: InvestigationDispatched | FindingSeen) -> bool:
-        known = self.state.investigations.get(entry.investigation_id)
-        if isinstance(entry, InvestigationDispatched):
-            return known is None
-        return known is None or known.finding_at is None
 
     # -- snapshots ---------------------------------------------------------------------------
 

@@ -32,11 +32,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aio_pika
 import aiohttp
-import pytest
-
 import msgspec
+import pytest
 
 from dispatcher.plumbing.settings import load_settings
 from dispatcher.trust.policy import TrustLedger

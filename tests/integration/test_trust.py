@@ -34,7 +34,6 @@ from schemas import (
     PhaseChanged,
     Verdict,
     decode_incident,
-    encode,
     identify,
 )
 from tests.integration.dispatcher_harness import Results, publish
