@@ -181,12 +181,13 @@ def test_in_shadow_the_operators_own_cause_is_compared_and_decides_the_tally() -
         at=CLOSED,
     )
     assert agreed.verdict is Verdict.MODIFIED and agreed.shadow is not None and agreed.shadow.agreed
+    other = finding(phase=Phase.SHADOW, investigation_id="inv-43", idempotency_key="inv-43:shadow")
     disagreed = feedback_from_ticket(
-        shadow, TicketFields(cause="max_connections was lowered"), at=CLOSED, feedback_id="other"
+        other, TicketFields(cause="max_connections was lowered"), at=CLOSED, feedback_id="other"
     )
     assert disagreed.shadow is not None and not disagreed.shadow.agreed
     assert disagreed.shadow.operator_cause == "max_connections was lowered"
-    # Then trust counts the agreement, not the wording
+    # Then trust counts the agreement, not the wording (two investigations: one verdict each)
     ledger = TrustLedger(TrustSettings())
     ledger.apply_feedback(agreed)
     ledger.apply_feedback(disagreed)
