@@ -221,9 +221,10 @@ def _webhook(n: int) -> bytes:
 async def test_bridge_answers_200_only_for_confirmed_webhooks_while_its_connection_is_closed_repeatedly(
     vhost, rabbitmq_management
 ):
-    # Given the bridge (nothing consumes the intake queue, so it is the ledger)
+    # Given the bridge, as its own identity (nothing consumes the intake queue, so it is the ledger)
+    await declare_topology(vhost.amqp_url, settings_for("bridge-chaos"))
     settings = Settings(
-        amqp=AmqpSettings(url=vhost.amqp_url, reconnect_interval=1.0, publish_timeout=3.0),
+        amqp=AmqpSettings(url=vhost.url("bridge"), reconnect_interval=1.0, publish_timeout=3.0),
         bridge=BridgeSettings(host="127.0.0.1", port=0),
     )
     bridge = BridgeService(settings)

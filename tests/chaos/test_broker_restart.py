@@ -44,6 +44,7 @@ from schemas.routing import DEAD, INCIDENTS, RESULTS
 from schemas import LifecycleState, decode, decode_incident, encode, identify
 from tests.integration.dispatcher_harness import PodDriver, declare_topology, ready_messages
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
+from tests.support.identities import url_for
 from tests.integration.test_dispatcher import running_dispatcher
 from tests.support import payloads, private_rabbitmq
 from tests.support.k8s.resources import JOBS
@@ -116,7 +117,8 @@ async def test_a_full_broker_stop_and_start_loses_nothing_and_duplicates_nothing
         url = node.amqp_url
         await declare_topology(url, settings_for(handle.namespace))
         await _copy_of_results(url)
-        bridge = BridgeService(Settings(amqp=AmqpSettings(url=url, reconnect_interval=0.5, publish_timeout=3.0),
+        bridge = BridgeService(Settings(amqp=AmqpSettings(url=url_for(url, "bridge"), reconnect_interval=0.5,
+                                                          publish_timeout=3.0),
                                         bridge=BridgeSettings(host="127.0.0.1", port=0)))
         port = await bridge.start()
         env = {"AGENTJOBS_AMQP__RECONNECT_INTERVAL": "0.5", "AGENTJOBS_RETRY__BASE": "0.05",

@@ -101,7 +101,7 @@ async def test_two_dispatchers_sigkilled_twenty_times_lose_nothing_and_duplicate
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
-        "AGENTJOBS_AMQP__URL": url,
+        "AGENTJOBS_AMQP__URL": amqp_vhost.url("dispatcher"),
         "AGENTJOBS_AMQP__PREFETCH": "20",
         "AGENTJOBS_RUNTIME__KIND": "kubernetes",
         "AGENTJOBS_K8S__KUBECONFIG": str(kubeconfig),

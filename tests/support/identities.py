@@ -10,7 +10,10 @@ queues, creating users, attacking.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -66,3 +69,21 @@ def seed_up_credentials(state_dir: str | Path, vhost_url: str) -> None:
 
     store_credentials(state_dir, {c: {"user": user(c), "password": PASSWORDS[c], "url": url_for(vhost_url, c)}
                                   for c in COMPONENTS})
+
+
+def password_hash(password: str, salt: bytes | None = None) -> str:
+    """RabbitMQ's ``rabbit_password_hashing_sha256``: base64(salt ‖ sha256(salt ‖ password))."""
+    salt = salt if salt is not None else os.urandom(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def definitions_with_passwords(vhost: str = "/") -> dict[str, Any]:
+    """Every identity as RabbitMQ definitions (``rabbitmqctl import_definitions``), with this
+    process's passwords: for a broker without the management API (a private test node)."""
+    from dispatcher.plumbing.identities import definitions
+
+    doc = definitions(IDENTITIES, vhost)
+    by_user = {user(c): PASSWORDS[c] for c in COMPONENTS}
+    for entry in doc["users"]:
+        entry["password_hash"] = password_hash(by_user[entry["name"]])
+    return doc

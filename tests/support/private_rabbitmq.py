@@ -82,6 +82,18 @@ async def _started(node: PrivateNode, server: subprocess.Popen[bytes], *, timeou
         await asyncio.sleep(0.5)
 
 
+async def _grant_identities(node: PrivateNode) -> None:
+    """Every component identity on the node, as ``temporary_vhost`` gives each test vhost (one call:
+    the node has no management API)."""
+    import json
+
+    from tests.support.identities import definitions_with_passwords
+
+    path = node.home / "identities.json"
+    path.write_text(json.dumps(definitions_with_passwords("/")))
+    await node.ctl("import_definitions", str(path))
+
+
 @contextlib.asynccontextmanager
 async def private_rabbitmq(prefix: str = "agentjobs-chaos") -> AsyncIterator[PrivateNode]:
     """Start a private node; stop it (and everything it wrote) when the block ends."""
@@ -107,6 +119,7 @@ async def private_rabbitmq(prefix: str = "agentjobs-chaos") -> AsyncIterator[Pri
                               stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         await _started(node, server, timeout=90)
+        await _grant_identities(node)
         yield node
     finally:
         with contextlib.suppress(Exception):
