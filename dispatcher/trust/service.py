@@ -90,6 +90,7 @@ COMPONENT = "trust"
 APPLY_TIMEOUT = 30.0  # seconds for an appended entry to come back through the log
 COMMAND_MEMORY = 4096  # pin command ids remembered (repeats apply once)
 RESULTS_CATCH_UP = 10.0  # seconds a verdict for an unseen investigation waits for the results queue to drain
+RESULTS_STALL = 1.0  # seconds without a result handled after which that wait gives up
 RESULTS_PREFETCH = 50
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # placeholder until the admission time is stamped
 
@@ -380,6 +381,8 @@ class TrustService:
         self._consumer = Consumer(FEEDBACK, self.handle, prefetch=1, name="feedback")
         self._results = Consumer(TRUST_RESULTS, self.handle_result, prefetch=RESULTS_PREFETCH, name="trust-results")
         self._results_inflight = 0
+        self._results_handled = 0  # results deliveries settled (progress of the results queue)
+        self._results_stalled_at: int | None = None  # _results_handled when the last drain gave up
         self._health: HealthServer | None = None
         self._lock = asyncio.Lock()  # one log append at a time: log order is decision order
         self._applied_at_snapshot = 0  # feedback-log entries applied when the last snapshot was taken
@@ -487,17 +490,30 @@ class TrustService:
         return entry
 
     async def _results_caught_up(self) -> None:
-        """Return once the results queue holds nothing this consumer has not applied yet, or after
-        ``RESULTS_CATCH_UP`` s (another replica may be the results queue's active consumer)."""
+        """Return once the results queue holds nothing this consumer has not applied yet.
+
+        Bounded: it gives up when the queue makes no progress for ``RESULTS_STALL`` s (another
+        replica may be its active consumer, or it is stuck) or after ``RESULTS_CATCH_UP`` s; and
+        after giving up it does not wait again until results are handled here again, so a flood of
+        verdicts for made-up investigations cannot queue up behind a stalled results queue.
+        """
         loop = asyncio.get_running_loop()
+        if self._results_stalled_at is not None and self._results_handled == self._results_stalled_at:
+            return
+        self._results_stalled_at = None
         deadline = loop.time() + RESULTS_CATCH_UP
+        progress, since = self._results_handled, loop.time()
         while True:
             ready = await self._results_ready()
             for _ in range(3):
                 await asyncio.sleep(0)  # deliveries read before the answer reach their handler
             if ready == 0 and self._results_inflight == 0:
                 return
-            if loop.time() >= deadline:
+            now = loop.time()
+            if self._results_handled != progress:
+                progress, since = self._results_handled, now
+            if now >= deadline or now - since >= RESULTS_STALL:
+                self._results_stalled_at = self._results_handled
                 log.warning("results_not_drained", ready=ready, in_flight=self._results_inflight)
                 return
             await asyncio.sleep(0.01)
@@ -542,6 +558,7 @@ class TrustService:
             return Outcome.ACK
         finally:
             self._results_inflight -= 1
+            self._results_handled += 1
 
     def _result_entry(self, delivery: Delivery) -> InvestigationDispatched | FindingSeen | None:
         """The record a results message makes (None: nothing to record); PermanentError to refuse it."""
