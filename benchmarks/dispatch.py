@@ -485,10 +485,20 @@ def incidents(run: str, phase: str, n: int) -> tuple[list[bytes], list[str]]:
     return bodies, names
 
 
+def as_sender(amqp_url: str, exchange: str) -> tuple[str, str | None]:
+    """Incidents come from an operator identity (the dispatcher refuses anyone else); the raw
+    baseline's queue is the broker administrator's."""
+    from schemas.routing import INCIDENTS
+    from tests.support.identities import url_for, user
+
+    return (url_for(amqp_url, "operator"), user("operator")) if exchange == INCIDENTS else (amqp_url, None)
+
+
 async def publish_all(amqp_url: str, bodies: list[bytes], *, exchange: str, routing_key: str) -> None:
     """Pipelined publish with confirms (persistent), as an alert bridge under a storm would."""
     import aio_pika
 
+    amqp_url, user_id = as_sender(amqp_url, exchange)
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -497,8 +507,8 @@ async def publish_all(amqp_url: str, bodies: list[bytes], *, exchange: str, rout
 
         async def one(body: bytes) -> None:
             async with window:
-                await target.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                     routing_key, timeout=30)
+                await target.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                                      user_id=user_id), routing_key, timeout=30)
 
         await asyncio.gather(*(one(b) for b in bodies))
 
@@ -513,13 +523,15 @@ async def publish_paced(amqp_url: str, bodies: list[bytes], rate: float, *, exch
 
     sent = [0.0] * len(bodies)
     confirm = [0.0] * len(bodies)
+    amqp_url, user_id = as_sender(amqp_url, exchange_name)
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(exchange_name) if exchange_name else channel.default_exchange
 
         async def one(i: int) -> None:
-            message = aio_pika.Message(bodies[i], delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(i))
+            message = aio_pika.Message(bodies[i], delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=str(i),
+                                       user_id=user_id)
             sent[i] = time.monotonic()
             await exchange.publish(message, routing_key, timeout=10)
             confirm[i] = time.monotonic() - sent[i]
@@ -848,6 +860,7 @@ class Bench:
 
         from dispatcher.plumbing.settings import load_settings
         from dispatcher.plumbing.topology import declare, dispatcher_topology
+        from tests.support.identities import url_for
         from tests.support.services import RabbitMQ, temporary_vhost
 
         # SIGTERM cleans up like Ctrl-C: cancellation runs every `finally` (children, vhost).
@@ -860,7 +873,7 @@ class Bench:
         await rabbitmq.check()
         async with rabbitmq.management() as mgmt, temporary_vhost(mgmt, hint="bench-dispatch") as vhost:
             self.amqp_url = rabbitmq.vhost_url(vhost.name)
-            self.env = dispatcher_env(self.amqp_url)
+            self.env = dispatcher_env(url_for(self.amqp_url, "dispatcher"))
             settings = load_settings(None, self.env)
             topology = dispatcher_topology(settings.amqp)
             connection = await aio_pika.connect(self.amqp_url)

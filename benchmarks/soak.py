@@ -249,6 +249,7 @@ class Load:
         self.finished_ids: list[str] = []  # investigations with an agent finding (feedback targets)
         self.inflight: set[asyncio.Task] = set()
         self.window = asyncio.Semaphore(2000)
+        self.user_id: str | None = None  # who publishes (the broker-validated sender)
 
     # -- bodies -------------------------------------------------------------------------------
 
@@ -336,7 +337,7 @@ class Load:
                 try:
                     await exchange.publish(
                         aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message_id,
-                                         content_type="application/json"),
+                                         content_type="application/json", user_id=self.user_id),
                         routing_key, timeout=30)
                 except Exception:  # noqa: BLE001 - a nack or timeout is a figure, not a crash
                     self.failed[kind] += 1
@@ -624,6 +625,7 @@ class Soak:
         from dispatcher.plumbing.topology import declare, dispatcher_topology
         from schemas.routing import DEAD, FEEDBACK, INCIDENTS, RESULTS
         from dispatcher.credentials.bootstrap import bootstrap
+        from tests.support.identities import url_for, user
         from tests.support.services import RabbitMQ, temporary_vhost
 
         task = asyncio.current_task()
@@ -679,14 +681,19 @@ class Soak:
                         self.load.on_result(message.routing_key or "", message.body)
 
                     await results.consume(on_message, no_ack=True)
-                    await self.start_child("dispatcher", ["dispatcher"], env)
-                    await self.start_child("trust", ["trust"], env)
+                    # each service as its own broker identity; incidents and verdicts come from an operator
+                    await self.start_child("dispatcher", ["dispatcher"],
+                                           {**env, "AGENTJOBS_AMQP__URL": url_for(amqp_url, "dispatcher")})
+                    await self.start_child("trust", ["trust"], {**env, "AGENTJOBS_AMQP__URL": url_for(amqp_url, "trust")})
                     await self.wait_ready("dispatcher")
                     await self.wait_ready("trust")
                     say(f"dispatcher pid {self.procs['dispatcher'].pid} (metrics :{self.ports['dispatcher']}), "
                         f"trust pid {self.procs['trust'].pid} (metrics :{self.ports['trust']}); both ready")
-                    incidents = await channel.get_exchange(INCIDENTS)
-                    feedback = await channel.get_exchange(FEEDBACK)
+                    operator = await aio_pika.connect(url_for(amqp_url, "operator"))
+                    self.load.user_id = user("operator")
+                    ops_channel = await operator.channel(publisher_confirms=True, on_return_raises=True)
+                    incidents = await ops_channel.get_exchange(INCIDENTS)
+                    feedback = await ops_channel.get_exchange(FEEDBACK)
 
                     self.t_load = time.monotonic()
                     await self.sample("baseline")
