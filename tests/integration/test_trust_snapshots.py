@@ -1,5 +1,8 @@
 """A restarted trust consumer starts from the newest snapshot and replays only the log after it —
-with exactly the state a full replay gives; a snapshot that does not fit is ignored, and said so."""
+with exactly the state a full replay gives; a snapshot that does not fit is ignored, and said so.
+
+The consumer runs as the trust identity; each verdict is on an investigation the dispatcher
+reported and a finding was published for, so the log holds those records too."""
 
 from __future__ import annotations
 
@@ -7,10 +10,11 @@ import pytest
 
 from dispatcher.cli.ops import trust_state
 from dispatcher.plumbing.settings import load_settings
-from dispatcher.plumbing.topology import declare, dispatcher_topology
 from schemas import Verdict
+from tests.integration.dispatcher_harness import declare_topology
 from tests.integration.test_dispatcher import _until
 from tests.integration.test_trust import FAST_TRUST, _feedback, _send_feedback, running_trust
+from tests.support.identities import url_for
 
 pytestmark = pytest.mark.integration
 EVERY = 40  # a snapshot after this many feedback-log entries
@@ -34,11 +38,7 @@ async def url(amqp_vhost, rabbitmq_management):
     await rabbitmq_management.delete_vhost(amqp_vhost.name)
     await rabbitmq_management.create_vhost(amqp_vhost.name)
     await rabbitmq_management.set_permissions(amqp_vhost.name, "guest")
-    import aio_pika
-
-    connection = await aio_pika.connect(amqp_vhost.amqp_url)
-    async with connection:
-        await declare(await connection.channel(), dispatcher_topology(load_settings(None, {}).amqp))
+    await declare_topology(amqp_vhost.amqp_url, load_settings(None, {}))  # as the dispatcher
     return amqp_vhost.amqp_url
 
 
@@ -59,8 +59,9 @@ async def test_a_restart_replays_only_what_came_after_the_snapshot_and_ends_in_t
     # Then it read the snapshot and replayed only the tail of the log, into the same state
     assert 0 < replayed < len(story) // 2, replayed
     assert after == before
-    # and `agentjobs phase show|explain` reads the same state the same way
-    shown = await trust_state(load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url}))
+    # and `agentjobs phase show|explain` reads the same state the same way (as trust: it declares the
+    # topology, which an operator may not)
+    shown = await trust_state(load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url_for(url, "trust")}))
     assert shown.ledger.snapshot() == before["ledger"] and shown.decided == before["decided"]
     # and a consumer without snapshots, replaying everything, agrees
     async with running_trust(url, {**FAST_TRUST, "AGENTJOBS_TRUST__SNAPSHOT_EVERY": "0"}) as full:
