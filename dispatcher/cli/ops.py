@@ -267,7 +267,7 @@ async def trust_state(settings: Settings) -> TrustState:
         followers = [StreamFollower(FEEDBACK_LOG, state.on_log_entry, name="feedback-log"),
                      StreamFollower(PHASE_LOG, state.on_phase_entry, name="phase-log")]
         if settings.trust.snapshot_every:  # as the consumer starts: from its newest snapshot
-            await restore_newest_snapshot(connection, state, followers[0])
+            await restore_newest_snapshot(connection, state, followers[0], read_only=True)
         for follower in followers:
             await follower.start(connection)
             try:

@@ -317,13 +317,13 @@ class TrustState:
 
 
 async def restore_newest_snapshot(connection: AbstractRobustConnection, state: TrustState,
-                                  feedback_log: StreamFollower) -> TrustSnapshot | None:
+                                  feedback_log: StreamFollower, *, read_only: bool = False) -> TrustSnapshot | None:
     """Put ``state`` where the newest usable snapshot was and make ``feedback_log`` start after it.
 
     None (and the reason logged): no snapshot fits, replay the whole log.
     """
     try:
-        snapshot = await snapshots.newest(connection, timeout=60)
+        snapshot = await snapshots.newest(connection, timeout=60, writers=state.writers, read_only=read_only)
         if snapshot is None:
             return None
         at_offset = await entry_id_at(connection, FEEDBACK_LOG, snapshot.log_offset)

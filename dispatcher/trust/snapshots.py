@@ -78,21 +78,28 @@ def unusable(snapshot: TrustSnapshot, trust: TrustSettings, entry_id_at_offset: 
 
 
 class _Newest:
-    def __init__(self) -> None:
+    def __init__(self, writers: frozenset[str] | None) -> None:
         self.body: bytes | None = None
+        self.writers = writers
 
     def __call__(self, message: AbstractIncomingMessage) -> None:
-        if message.type == SNAPSHOT_TYPE:
-            self.body = message.body  # decoded only if it is the last one
+        if message.type != SNAPSHOT_TYPE:
+            return
+        if self.writers is not None and (message.user_id or "") not in self.writers:
+            log.warning("trust_snapshot_refused", reason="forbidden_sender", sender=message.user_id or "")
+            return  # only trust's own snapshots: anyone else's would be a forged state
+        self.body = message.body  # decoded only if it is the last one
 
 
-async def newest(connection: AbstractRobustConnection, *, timeout: float) -> TrustSnapshot | None:
-    """The newest snapshot in the stream (None: there is none, or it cannot be read)."""
-    newest_body = _Newest()
+async def newest(connection: AbstractRobustConnection, *, timeout: float, writers: frozenset[str] | None = None,
+                 read_only: bool = False) -> TrustSnapshot | None:
+    """The newest snapshot in the stream written by one of ``writers`` (None: any) — None: there is
+    none, or it cannot be read. ``read_only``: for readers that may not write markers (operators)."""
+    newest_body = _Newest(writers)
     reader = StreamFollower(TRUST_SNAPSHOTS, newest_body, name="trust-snapshots")
     try:
         await reader.start(connection)
-        await reader.catch_up(connection, timeout=timeout)
+        await reader.catch_up(connection, timeout=timeout, read_only=read_only)
     finally:
         await reader.stop()
     if newest_body.body is None:

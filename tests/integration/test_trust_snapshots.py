@@ -59,9 +59,9 @@ async def test_a_restart_replays_only_what_came_after_the_snapshot_and_ends_in_t
     # Then it read the snapshot and replayed only the tail of the log, into the same state
     assert 0 < replayed < len(story) // 2, replayed
     assert after == before
-    # and `agentjobs phase show|explain` reads the same state the same way (as trust: it declares the
-    # topology, which an operator may not)
-    shown = await trust_state(load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url_for(url, "trust")}))
+    # and `agentjobs phase show|explain` reads the same state the same way, as an operator (read only:
+    # it may not even write a stream marker)
+    shown = await trust_state(load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url_for(url, "operator")}))
     assert shown.ledger.snapshot() == before["ledger"] and shown.decided == before["decided"]
     # and a consumer without snapshots, replaying everything, agrees
     async with running_trust(url, {**FAST_TRUST, "AGENTJOBS_TRUST__SNAPSHOT_EVERY": "0"}) as full:
@@ -81,3 +81,30 @@ async def test_a_snapshot_taken_under_other_settings_is_ignored_and_the_whole_lo
         assert restarted._feedback_log.applied >= len(story)  # everything replayed
         explained = restarted.state.ledger.explain("network")
     assert explained.samples <= 30
+
+
+async def test_a_snapshot_not_written_by_trust_is_never_restored(url):
+    import aio_pika
+    import msgspec
+
+    from dispatcher.trust import snapshots
+    from schemas.routing import TRUST_SNAPSHOTS
+    from tests.support.identities import user
+
+    env = {**FAST_TRUST, "AGENTJOBS_TRUST__SNAPSHOT_EVERY": str(EVERY)}
+    async with running_trust(url, env) as first:
+        await _send_feedback(url, _story())
+        await _until(lambda: first._feedback_log.applied >= EVERY, timeout=60)
+    connection = await aio_pika.connect_robust(url)  # the broker administrator, who may write any queue
+    async with connection:
+        real = await snapshots.newest(connection, timeout=10, writers=frozenset({user("trust")}))
+        assert real is not None
+        forged = msgspec.structs.replace(real, applied=999_999)
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(aio_pika.Message(
+            snapshots.encode_snapshot(forged), type=snapshots.SNAPSHOT_TYPE, message_id="forged",
+            content_type=snapshots.CONTENT_TYPE), TRUST_SNAPSHOTS)
+        # the newest entry of the stream is the forgery, but only trust's own snapshot counts
+        assert (await snapshots.newest(connection, timeout=10)).applied == 999_999
+        restored = await snapshots.newest(connection, timeout=10, writers=frozenset({user("trust")}))
+    assert restored == real
