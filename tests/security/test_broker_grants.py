@@ -92,12 +92,16 @@ async def test_only_the_owners_of_the_topology_may_declare_or_delete_it(topology
 async def test_operators_can_watch_and_read_the_logs(topology) -> None:
     async def watch(channel: aio_pika.abc.AbstractChannel) -> None:
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        for exchange in ("agentjobs.results", "agentjobs.phases", "agentjobs.dead"):
+        for exchange in ("agentjobs.results", "agentjobs.phases", "agentjobs.dead", "agentjobs.feedback"):
             await queue.bind(exchange, "#")
         await channel.declare_queue("agentjobs.incidents", passive=True)  # status: depths
         await channel.set_qos(prefetch_count=10)
         log = await channel.declare_queue("agentjobs.feedback-log", passive=True)
-        await log.consume(lambda _m: None, arguments={"x-stream-offset": "first"})
+
+        async def ignore(_message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            return None
+
+        await log.consume(ignore, arguments={"x-stream-offset": "first"})
 
     for component in ("operator", "admin"):
         assert await _as(topology, component, watch) == "ok"
