@@ -33,6 +33,7 @@ from dispatcher.plumbing.topology import declare, dispatcher_topology
 from schemas.routing import RESULTS
 from dispatcher.credentials.bootstrap import bootstrap
 from schemas import Alert, AlertStatus, Finding, IncidentEvent, Phase, decode, encode, identify
+from tests.support.identities import agent_user
 from tests.support.services import (
     ManagementClient,
     OpenBaoServer,
@@ -382,16 +383,23 @@ async def test_without_a_results_publisher_the_agent_fails_closed(
 
 
 async def test_auth_mode_none_uses_the_urls_as_given(
-    results: aio_pika.abc.AbstractQueue, amqp_vhost: Vhost, postgres: Postgres, tmp_path: Path
+    results: aio_pika.abc.AbstractQueue, amqp_vhost: Vhost, postgres: Postgres, tmp_path: Path,
+    rabbitmq_management,
 ) -> None:
-    # Given: development mode: no Vault, credentials in the URLs
+    # Given: development mode: no Vault, credentials in the URLs (an agent-shaped broker user)
+    async with agent_user(rabbitmq_management, amqp_vhost.name) as (_, agent_url):
+        await _auth_mode_none(results, agent_url, postgres, tmp_path)
+
+
+async def _auth_mode_none(results: aio_pika.abc.AbstractQueue, agent_url: str, postgres: Postgres,
+                          tmp_path: Path) -> None:
     incident = _incident()
     input_dir = _input(tmp_path, incident, "")
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
         "AGENTJOBS_INVESTIGATION_ID": identify(incident).investigation_id, "AGENTJOBS_PHASE": PHASE.value,
         "AGENTJOBS_INPUT_DIR": str(input_dir), "AGENTJOBS_VAULT__AUTH_MODE": "none",
-        "AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url, "AGENTJOBS_POSTGRES__DSN": postgres.dsn,
+        "AGENTJOBS_AMQP__URL": agent_url, "AGENTJOBS_POSTGRES__DSN": postgres.dsn,
     }
 
     code, output = await _run_agent(env)

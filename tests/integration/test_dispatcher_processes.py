@@ -99,7 +99,7 @@ async def test_two_dispatchers_one_killed_and_restarted_make_exactly_one_job_per
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
-        "AGENTJOBS_AMQP__URL": url,
+        "AGENTJOBS_AMQP__URL": amqp_vhost.url("dispatcher"),
         "AGENTJOBS_AMQP__PREFETCH": "20",
         "AGENTJOBS_RUNTIME__KIND": "kubernetes",
         "AGENTJOBS_K8S__KUBECONFIG": str(kubeconfig),
@@ -150,7 +150,7 @@ async def test_sigterm_stops_a_dispatcher_whose_broker_went_away(k8s_emulator, a
     await declare_topology(amqp_vhost.amqp_url, settings_for(handle.namespace))
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps(handle.kubeconfig))
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url,
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "AGENTJOBS_AMQP__URL": amqp_vhost.url("dispatcher"),
            "AGENTJOBS_RUNTIME__KIND": "kubernetes", "AGENTJOBS_K8S__KUBECONFIG": str(kubeconfig),
            "AGENTJOBS_K8S__NAMESPACE": handle.namespace, "AGENTJOBS_VAULT__AUTH_MODE": "none"}
     process = DispatcherProcess(env, tmp_path / "d.log")

@@ -21,7 +21,7 @@ TOKEN = "hvs.CAESIJ2x7Ld9q3ZrPwq1FvKmN0tS"
 @pytest.mark.parametrize("as_json", [True, False])
 async def test_tail_shows_a_findings_token_counters_and_masks_its_secrets(amqp_vhost, as_json):
     # Given a finding whose cost has zero LLM tokens and whose text carries a token and a password
-    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.amqp_url})
+    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.url("operator")})
     finding = Finding(investigation_id="inv-redaction", incident_key="k", idempotency_key="inv-redaction:finding",
                       summary=f"pool exhausted; agent token {TOKEN}", probable_cause="c", confidence=0.8,
                       phase=Phase.SHADOW, domain="database",
