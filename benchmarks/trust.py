@@ -1,21 +1,31 @@
 #!/usr/bin/env python
 """Trust benchmark: replaying the feedback log, live tallying, and the policy against known agents.
 
-Prints, then ends with one JSON line (see benchmarks/README.md for what each figure means):
+Prints, then ends with one JSON line (see benchmarks/README.md for what each figure means).
+
+The log is in the format the trust consumer writes now (``dispatcher/trust/records.py``): each
+verdict is preceded by its investigation's record (``trust_dispatched``, ``trust_finding``), then
+``trust_feedback`` with its admission time, all written by the trust identity — three entries per
+verdict (a redelivery re-admits the feedback: one entry). Legacy bare ``OperatorFeedback`` entries
+(logs written before the investigation ledger) are replayed in memory too, for comparison with
+earlier runs.
 
 1. replay rate of the feedback log —
-   a. in memory: ``msgspec`` decode + ``TrustState`` apply (``on_log_entry``, the follower's
-      callback) of 1,000,000 pre-encoded ``OperatorFeedback`` entries (``--quick``: 200,000,
-      extrapolated) of 50 scopes; once as ``agentjobs phase show`` replays (no metrics) and on a
-      slice as ``agentjobs trust`` replays (``TrustState`` with ``TrustMetrics``);
-   b. end to end: N entries (80,000; ``--quick``: 20,000; ``--stream-entries``) appended to the
-      stream ``agentjobs.feedback-log`` of a temporary vhost, replayed by a fresh ``StreamFollower``
-      + ``TrustState`` until ``catch_up`` returns, extrapolated to 1M; baseline in the same run: a
-      plain aio-pika stream consumer that only acks; then a real ``TrustService.start()`` over the
-      same log;
-2. live tally throughput: that ``TrustService`` consumes K feedbacks (2,000; ``--quick``: 500)
-   published to ``agentjobs.feedback``; baseline: the same round trips (queue → confirmed append
-   to a stream → seen on the stream → ack) in plain aio-pika;
+   a. in memory: ``TrustState.on_log_entry`` (the follower's callback: ``msgspec`` decode + apply) of
+      1,000,000 pre-encoded entries (``--quick``: 200,000, extrapolated) of 50 scopes; once as
+      ``agentjobs phase show`` replays (no metrics), on a slice as ``agentjobs trust`` replays
+      (``TrustState`` with ``TrustMetrics``), and the same verdicts as a legacy log;
+   b. end to end: N entries (120,000; ``--quick``: 30,000; ``--stream-entries``; rounded up to whole
+      verdicts) appended as the trust identity to the stream ``agentjobs.feedback-log`` of a temporary
+      vhost, replayed by a fresh ``StreamFollower`` + ``TrustState`` until ``catch_up`` returns,
+      extrapolated to 1M; baseline in the same run: a plain aio-pika stream consumer that only acks;
+      then a real ``TrustService.start()`` as the trust identity over the same log;
+2. live tally throughput: K real investigations (2,000; ``--quick``: 500) are recorded
+   (``lifecycle.dispatched`` and a finding published as the dispatcher, applied by that
+   ``TrustService`` from ``agentjobs.trust-results``), then K verdicts, one per investigation,
+   published as an operator (broker-validated ``user_id``) to ``agentjobs.feedback`` and tallied;
+   baseline: the same round trips (queue → confirmed append to a stream → seen on the stream → ack)
+   in plain aio-pika;
 2b. restart: a new ``TrustService.start()`` over the same log reads the snapshot the first one saved
    after its replay (``trust.snapshot_every``) and replays only the entries after it; baseline: the
    full replay of 1b in the same run;
@@ -57,7 +67,10 @@ import msgspec  # noqa: E402 - after the sys.path fix-up, like the project impor
 from dispatcher.plumbing.settings import TrustSettings, load_settings  # noqa: E402
 from dispatcher.trust.service import TrustMetrics, TrustState  # noqa: E402
 from dispatcher.trust.policy import Reason, TrustLedger, wilson_bounds  # noqa: E402
+from dispatcher.trust.records import AdmittedFeedback, LogEntry, encode_entry, entry_type  # noqa: E402
 from schemas import OperatorFeedback, Phase, ShadowComparison, Verdict, encode  # noqa: E402
+from tests.support.identities import url_for, user  # noqa: E402
+from tests.support.trust_records import entry_id, log_entries  # noqa: E402
 
 TARGET_REPLAY_1M_S = 20.0  # seconds to replay 1,000,000 feedback-log entries
 TARGET_FALSE_PROMOTION = 0.05  # fraction of agents with true rate > promote threshold that get promoted
@@ -114,8 +127,13 @@ def quiet_logging() -> None:
 class LogWriter:
     """Writes a realistic feedback log, tagging each finding with its scope's phase at the time.
 
-    A ledger of its own follows the log as it is written (the phase a finding was produced in is
-    the phase its scope was in), so replaying the log must end in exactly this ledger's phases.
+    Entries are what the trust consumer appends now: for each verdict its investigation's record
+    (``trust_dispatched`` + ``trust_finding`` from the dispatcher, half the gap before the verdict)
+    and then ``trust_feedback`` admitted at the verdict's time; a redelivered verdict is admitted
+    again (one more ``trust_feedback``, at the current time). A ledger of its own follows the log
+    as it is written, fed what ``TrustState`` applies (the feedback at its admission time; the
+    phase a finding was produced in is the phase its scope was in), so replaying the log must end
+    in exactly this ledger's phases.
     """
 
     def __init__(self, trust: TrustSettings, *, scopes: int, seed: int, epoch: datetime = EPOCH) -> None:
@@ -129,19 +147,22 @@ class LogWriter:
         self.t = 0.0  # seconds after EPOCH
         self.n = 0  # distinct feedbacks written
         self.duplicates = 0
-        self.recent: deque[tuple[bytes, str, OperatorFeedback]] = deque(maxlen=100)
+        self.operator = user("operator")
+        self.recent: deque[OperatorFeedback] = deque(maxlen=100)
 
-    def next(self, *, duplicates: bool = True) -> tuple[bytes, str]:
-        """The next entry's body and message id (= feedback id)."""
+    def next(self, *, duplicates: bool = True) -> tuple[OperatorFeedback, list[LogEntry], bool]:
+        """The next verdict, its log entries and whether it is a redelivery."""
         rng = self.rng
         if duplicates and self.recent and rng.random() < LOG_DUPLICATE_RATE:
-            body, fid, fb = self.recent[rng.randrange(len(self.recent))]
-            self.ledger.apply_feedback(fb)  # counts once: a no-op, as in any replay
+            fb = self.recent[rng.randrange(len(self.recent))]
+            at = self.epoch + timedelta(seconds=self.t)
+            self.ledger.apply_feedback(msgspec.structs.replace(fb, at=at))  # counts once: a no-op, as in any replay
             self.duplicates += 1
-            return body, fid
+            return fb, [AdmittedFeedback(feedback=fb, admitted_at=at, sender=self.operator)], True
         i = rng.randrange(len(self.scopes))
         scope = self.scopes[i]
-        self.t += rng.expovariate(1.0 / self.mean_gap_s)
+        gap = rng.expovariate(1.0 / self.mean_gap_s)
+        self.t += gap
         modified = rng.random() < self.rates[i]
         harmful = modified and rng.random() < LOG_HARMFUL_RATE
         phase = self.ledger.phase_for(scope)
@@ -158,31 +179,57 @@ class LogWriter:
             shadow=shadow,
         )
         self.ledger.apply_feedback(fb)
-        body = encode(fb)
-        self.recent.append((body, fid, fb))
-        return body, fid
+        self.recent.append(fb)
+        return fb, log_entries([fb], recorded_before=gap / 2), False
 
 
-class LogEntry:
-    """The two attributes of an ``AbstractIncomingMessage`` that ``TrustState.on_log_entry`` reads."""
+class Delivered:
+    """The attributes of an ``AbstractIncomingMessage`` that ``TrustState.on_log_entry`` reads."""
 
-    __slots__ = ("body", "message_id")
+    __slots__ = ("body", "message_id", "type", "user_id")
 
-    def __init__(self) -> None:
+    def __init__(self, user_id: str) -> None:
         self.body = b""
         self.message_id = ""
+        self.type = ""
+        self.user_id = user_id
 
 
-def replay_in_memory(state: TrustState, bodies: Sequence[bytes], ids: Sequence[str]) -> float:
-    """Seconds to feed every entry through the follower's callback (decode + apply)."""
-    entry = LogEntry()
+def replay_in_memory(state: TrustState, bodies: Sequence[bytes], ids: Sequence[str], types: Sequence[str]) -> float:
+    """Seconds to feed every entry (written by the trust identity) through the follower's callback."""
+    entry = Delivered(user("trust"))
     on_entry = state.on_log_entry
     t0 = time.perf_counter()
-    for body, mid in zip(bodies, ids, strict=True):
+    for body, mid, kind in zip(bodies, ids, types, strict=True):
         entry.body = body
         entry.message_id = mid
+        entry.type = kind
         on_entry(entry)  # type: ignore[arg-type]
     return time.perf_counter() - t0
+
+
+class LiveClock:
+    """The live ``TrustService``'s admission clock: the writer's time of live verdict i while i have been tallied.
+
+    Verdicts are admitted one at a time in publish order, so verdict i is admitted at the time the
+    writer gave it — the service's decisions can then be checked against the writer's ledger (with
+    the wall clock all K would be admitted within seconds instead of the hours the writer spread
+    them over). One read of the feedback counter per admission; the investigation records before the
+    live part are admitted at the first live verdict's time.
+    """
+
+    def __init__(self, times: Sequence[datetime]) -> None:
+        self.times = times
+        self.metrics: TrustMetrics | None = None
+        self.base = 0.0
+
+    def start(self, metrics: TrustMetrics) -> None:
+        self.metrics, self.base = metrics, feedback_tallied(metrics)
+
+    def __call__(self) -> datetime:
+        if self.metrics is None:
+            return self.times[0]
+        return self.times[min(int(feedback_tallied(self.metrics) - self.base), len(self.times) - 1)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,15 +238,19 @@ def replay_in_memory(state: TrustState, bodies: Sequence[bytes], ids: Sequence[s
 
 
 async def publish_confirmed(channel: Any, exchange: str, items: Sequence[tuple[bytes, str]],
-                            routing_key: Callable[[int], str], *, window: int = 5000) -> float:
-    """Publish persistently with confirms, ``window`` in flight; returns seconds."""
+                            routing_key: Callable[[int], str], *, window: int = 5000,
+                            kind: Callable[[int], str] = lambda i: "feedback", user_id: str | None = None) -> float:
+    """Publish persistently with confirms, ``window`` in flight; returns seconds.
+
+    ``user_id``: the sender's broker user, validated by the broker (as the components publish)."""
     import aio_pika
 
     target = await channel.get_exchange(exchange) if exchange else channel.default_exchange
     t0 = time.perf_counter()
     for start in range(0, len(items), window):
         await asyncio.gather(*(
-            target.publish(aio_pika.Message(body, message_id=mid, type="feedback", content_type="application/json",
+            target.publish(aio_pika.Message(body, message_id=mid, type=kind(start + j), user_id=user_id,
+                                            content_type="application/json",
                                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                            routing_key(start + j), mandatory=True, timeout=60)
             for j, (body, mid) in enumerate(items[start:start + window])))
@@ -290,6 +341,21 @@ async def raw_live_roundtrip(url: str, items: Sequence[tuple[bytes, str]], queue
 def feedback_tallied(metrics: TrustMetrics) -> float:
     """``agentjobs_feedback_total`` summed over verdicts: feedback the service has tallied."""
     return sum(s.value for m in metrics.feedback.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def refused_total(metrics: TrustMetrics) -> float:
+    """``agentjobs_trust_refused_total`` over every reason and kind: inputs the service refused."""
+    return sum(s.value for m in metrics.refused.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+async def queue_depth(url: str, queue: str) -> int:
+    """Messages in ``queue`` now (passive declare)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    async with connection:
+        declared = await (await connection.channel()).declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,8 +483,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.quick = args.quick
         self.log_entries = 200_000 if args.quick else MILLION
-        self.stream_entries = args.stream_entries or (20_000 if args.quick else 80_000)
-        self.raw_entries = min(self.stream_entries, RAW_MAX_ENTRIES)
+        # Three entries per verdict: 30k entries are ~10k verdicts, ~10 days of the log (past the
+        # 7-day dwell, so good scopes have been promoted before the live part).
+        self.stream_entries = args.stream_entries or (30_000 if args.quick else 120_000)
         self.live = 500 if args.quick else 2000
         self.metrics_slice = 20_000 if args.quick else 50_000
         self.trials = args.trials or (100 if args.quick else 500)
@@ -427,62 +494,99 @@ class Bench:
 
     # -- 0. the log --------------------------------------------------------------------------
     def write_log(self) -> None:
-        live_from, live_to = self.stream_entries, self.stream_entries + self.live
-        # The live feedbacks must be recent: the trust consumer refuses feedback older than
-        # trust.max_age (or from the future) at intake. So the live part ends about two days ago
-        # (the arrival times' spread over 80k entries is ~7 h: far inside that margin).
-        span_s = live_to * 86400.0 / (LOG_FEEDBACK_PER_SCOPE_DAY * LOG_SCOPES)
-        epoch = datetime.now(UTC) - timedelta(seconds=span_s + 2 * 86400)
+        # The live verdicts follow the first stream_entries entries (rounded up to a whole verdict):
+        # the K after them, with no redeliveries among them. The log is dated so that its live part
+        # ends about now (the service admits them on LiveClock: their own times).
+        verdicts_to_live_end = self.stream_entries / 3 + self.live
+        span_s = verdicts_to_live_end * 86400.0 / (LOG_FEEDBACK_PER_SCOPE_DAY * LOG_SCOPES)
+        epoch = datetime.now(UTC) - timedelta(seconds=span_s)
         writer = LogWriter(self.settings.trust, scopes=LOG_SCOPES, seed=LOG_SEED, epoch=epoch)
         bodies: list[bytes] = []
         ids: list[str] = []
+        types: list[str] = []
+        legacy: list[bytes] = []  # the same verdicts as a legacy log: bare OperatorFeedback
+        legacy_ids: list[str] = []
+        live: list[OperatorFeedback] = []
+        self.stream_n = 0
         t0 = time.perf_counter()
-        for index in range(self.log_entries):
-            body, mid = writer.next(duplicates=not live_from <= index < live_to)  # live ones are distinct
-            bodies.append(body)
-            ids.append(mid)
-            if index + 1 == live_from:
+        while len(bodies) < self.log_entries:
+            in_live = self.stream_n > 0 and len(live) < self.live
+            fb, entries, duplicate = writer.next(duplicates=not in_live)
+            for entry in entries:
+                bodies.append(encode_entry(entry))
+                ids.append(entry_id(entry))
+                types.append(entry_type(entry))
+            legacy.append(encode(fb))
+            legacy_ids.append(fb.feedback_id)
+            if in_live:
+                live.append(fb)
+                if len(live) == self.live:
+                    self.phases_after_live = writer.ledger.phases()
+            elif not self.stream_n and len(bodies) >= self.stream_entries:
+                self.stream_n = len(bodies)
                 self.phases_at_stream = writer.ledger.phases()
-            elif index + 1 == live_to:
-                self.phases_after_live = writer.ledger.phases()
-        self.bodies, self.ids = bodies, ids
+        self.bodies, self.ids, self.types = bodies, ids, types
+        self.legacy, self.legacy_ids = legacy, legacy_ids
+        self.live_feedbacks = live
         self.phases_at_end = writer.ledger.phases()
         days_covered = writer.t / 86400.0
         changed = sum(ph is not Phase.SHADOW for ph in self.phases_at_end.values())
-        self.f.update(log_entries=len(bodies), log_duplicate_entries=writer.duplicates, log_scopes=LOG_SCOPES,
-                      log_days=round(days_covered, 1), log_mean_entry_bytes=round(sum(map(len, bodies)) / len(bodies)))
-        say(f"feedback log: {len(bodies):,} entries ({writer.duplicates:,} re-appended duplicates) over {LOG_SCOPES} "
-            f"scopes and {days_covered:.0f} days, {self.f['log_mean_entry_bytes']} bytes each on average; "
-            f"{changed} scopes ended above shadow (written in {time.perf_counter() - t0:.1f} s)")
+        self.f.update(log_entries=len(bodies), log_verdicts=writer.n, log_duplicate_entries=writer.duplicates,
+                      log_format="trust_dispatched + trust_finding + trust_feedback (records.py), by the trust "
+                                 "identity", log_scopes=LOG_SCOPES, log_days=round(days_covered, 1),
+                      log_mean_entry_bytes=round(sum(map(len, bodies)) / len(bodies)),
+                      log_legacy_mean_entry_bytes=round(sum(map(len, legacy)) / len(legacy)))
+        say(f"feedback log: {len(bodies):,} entries in the trust consumer's current format (trust_dispatched + "
+            f"trust_finding + trust_feedback per verdict: {writer.n:,} verdicts, {writer.duplicates:,} re-admitted "
+            f"duplicates) over {LOG_SCOPES} scopes and {days_covered:.0f} days, {self.f['log_mean_entry_bytes']} "
+            f"bytes each on average; {changed} scopes ended above shadow (written in {time.perf_counter() - t0:.1f} s)")
 
     # -- 1a. replay in memory ----------------------------------------------------------------
     def replay_memory(self) -> None:
         n = len(self.bodies)
         state = TrustState(self.settings)
-        took = replay_in_memory(state, self.bodies, self.ids)
+        took = replay_in_memory(state, self.bodies, self.ids, self.types)
         rate = n / took
         one_m = MILLION / rate
-        same = state.ledger.phases() == self.phases_at_end
+        same = state.ledger.phases() == self.phases_at_end and state.refused_entries == 0
         ok = one_m < TARGET_REPLAY_1M_S
+        verdicts_per_s = self.f["log_verdicts"] / took
         self.f.update(replay_ledger_events_per_s=round(rate), replay_ledger_1m_s=round(one_m, 2),
                       replay_ledger_1m_extrapolated=n != MILLION, replay_ledger_phases_match=same,
+                      replay_ledger_refused_entries=state.refused_entries,
+                      replay_ledger_verdicts_per_s=round(verdicts_per_s),
+                      replay_ledger_1m_verdicts_s=round(MILLION / verdicts_per_s, 2),
                       replay_target_1m_s=TARGET_REPLAY_1M_S, replay_ledger_target_met=ok)
-        say("\n1a. Replay in memory: msgspec decode + TrustState.on_log_entry (the follower's callback)")
-        say(f"   no metrics (as `agentjobs phase show`): {n:,} entries in {took:.2f} s = {rate:,.0f} events/s"
-            f" → 1M in {one_m:.1f} s{' (extrapolated)' if n != MILLION else ''}"
-            f"   [target < {TARGET_REPLAY_1M_S:.0f} s: {verdict(ok)}]")
-        say(f"   replayed phases equal those the log was written with: {'yes' if same else 'NO'}")
+        say("\n1a. Replay in memory: TrustState.on_log_entry (the follower's callback: msgspec decode + apply)")
+        say(f"   no metrics (as `agentjobs phase show`): {n:,} entries in {took:.2f} s = {rate:,.0f} entries/s"
+            f" → 1M entries in {one_m:.1f} s{' (extrapolated)' if n != MILLION else ''}"
+            f"   [target < {TARGET_REPLAY_1M_S:.0f} s: {verdict(ok)}]; = {verdicts_per_s:,.0f} verdicts/s "
+            f"(1M verdicts in {MILLION / verdicts_per_s:.1f} s)")
+        say(f"   replayed phases equal those the log was written with: {'yes' if same else 'NO'} "
+            f"({state.refused_entries} entries refused)")
 
         m = min(self.metrics_slice, n)
         state = TrustState(self.settings, TrustMetrics())
-        took = replay_in_memory(state, self.bodies[:m], self.ids[:m])
+        took = replay_in_memory(state, self.bodies[:m], self.ids[:m], self.types[:m])
         rate = m / took
         one_m = MILLION / rate
         ok = one_m < TARGET_REPLAY_1M_S
         self.f.update(replay_ledger_metrics_events_per_s=round(rate), replay_ledger_metrics_1m_s=round(one_m, 1),
                       replay_ledger_metrics_entries=m, replay_ledger_metrics_target_met=ok)
-        say(f"   with TrustMetrics (as `agentjobs trust`): first {m:,} entries in {took:.2f} s = {rate:,.0f} events/s"
+        say(f"   with TrustMetrics (as `agentjobs trust`): first {m:,} entries in {took:.2f} s = {rate:,.0f} entries/s"
             f" → 1M in {one_m:.1f} s (extrapolated)   [target < {TARGET_REPLAY_1M_S:.0f} s: {verdict(ok)}]")
+
+        # The same verdicts as a legacy log (bare OperatorFeedback, tallied on the sender's at): what
+        # this figure measured before the investigation ledger, one entry per verdict.
+        n = len(self.legacy)
+        state = TrustState(self.settings)
+        took = replay_in_memory(state, self.legacy, self.legacy_ids, ["feedback"] * n)
+        rate = n / took
+        same = state.ledger.phases() == self.phases_at_end
+        self.f.update(replay_legacy_events_per_s=round(rate), replay_legacy_1m_s=round(MILLION / rate, 2),
+                      replay_legacy_entries=n, replay_legacy_phases_match=same)
+        say(f"   legacy log of the same verdicts (bare OperatorFeedback, no metrics): {n:,} entries in {took:.2f} s = "
+            f"{rate:,.0f} entries/s → 1M in {MILLION / rate:.1f} s; phases match: {'yes' if same else 'NO'}")
 
     # -- 1b + 2. the broker ------------------------------------------------------------------
     async def broker(self) -> None:
@@ -491,31 +595,38 @@ class Bench:
         from dispatcher.plumbing.amqp import connect
         from dispatcher.plumbing.streamlog import PREFETCH, StreamFollower
         from dispatcher.plumbing.topology import declare, dispatcher_topology
-        from schemas.routing import FEEDBACK, FEEDBACK_LOG
+        from schemas.routing import DEAD, FEEDBACK, FEEDBACK_LOG, routing_word
         from dispatcher.trust.service import TrustService
         from tests.support.services import RabbitMQ, temporary_vhost
+        from tests.support.trust_records import record_investigations
 
         rabbitmq = RabbitMQ.from_env()
         await rabbitmq.check()
         async with rabbitmq.management() as mgmt, temporary_vhost(mgmt, hint="bench-trust") as vhost:
-            url = rabbitmq.vhost_url(vhost.name)
-            settings = load_settings(None, {"AGENTJOBS_AMQP__URL": url, "AGENTJOBS_METRICS__PORT": "0",
-                                            "AGENTJOBS_LOGGING__LEVEL": "warning"})
+            url = rabbitmq.vhost_url(vhost.name)  # the broker administrator: topology, baselines, inspection
+            # Every component as its own identity (temporary_vhost granted them all on the vhost).
+            settings = load_settings(None, {"AGENTJOBS_AMQP__URL": url_for(url, "trust"),
+                                            "AGENTJOBS_METRICS__PORT": "0", "AGENTJOBS_LOGGING__LEVEL": "warning"})
             topology = dispatcher_topology(settings.amqp)
-            n = self.stream_entries
+            n = self.stream_n
+            raw_entries = min(n, RAW_MAX_ENTRIES)
             say(f"\nRabbitMQ vhost {vhost.name}")
 
-            # Append the first n entries to the feedback log, as the trust consumer would.
             connection = await aio_pika.connect_robust(url)
             async with connection:
+                await declare(await connection.channel(), topology)
+            # Append the first n entries to the feedback log as the trust consumer does: as the trust
+            # identity (user_id validated by the broker; entries from anyone else are refused).
+            connection = await aio_pika.connect_robust(url_for(url, "trust"))
+            async with connection:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                await declare(channel, topology)
                 items = list(zip(self.bodies[:n], self.ids[:n], strict=True))
-                took = await publish_confirmed(channel, "", items, lambda i: FEEDBACK_LOG)
+                took = await publish_confirmed(channel, "", items, lambda i: FEEDBACK_LOG,
+                                               kind=lambda i: self.types[i], user_id=user("trust"))
             self.f.update(stream_entries=n, stream_publish_per_s=round(n / took))
 
             # 1b. Raw baseline once before and once after the follower (the broker is shared), mean of both.
-            raws = [await raw_stream_replay(url, FEEDBACK_LOG, self.raw_entries, PREFETCH)]
+            raws = [await raw_stream_replay(url, FEEDBACK_LOG, raw_entries, PREFETCH)]
 
             # A fresh StreamFollower + TrustState (no metrics), as `agentjobs phase show` replays.
             state = TrustState(settings)
@@ -529,28 +640,34 @@ class Bench:
             finally:
                 await follower.stop()
                 await connection.close()
-            raws.append(await raw_stream_replay(url, FEEDBACK_LOG, self.raw_entries, PREFETCH))
+            raws.append(await raw_stream_replay(url, FEEDBACK_LOG, raw_entries, PREFETCH))
             raw = statistics.fmean(raws)
             rate = n / took
             one_m = MILLION / rate
-            same = state.ledger.phases() == self.phases_at_stream and follower.applied == n
+            same = (state.ledger.phases() == self.phases_at_stream and follower.applied == n
+                    and state.refused_entries == 0)
             ok = one_m < TARGET_REPLAY_1M_S
             self.f.update(stream_replay_events_per_s=round(rate), stream_replay_1m_s=round(one_m, 1),
-                          raw_stream_consume_per_s=round(raw), raw_stream_entries=self.raw_entries,
+                          raw_stream_consume_per_s=round(raw), raw_stream_entries=raw_entries,
                           stream_replay_ratio_vs_raw=round(rate / raw, 3),
-                          stream_replay_phases_match=same, stream_replay_target_met=ok)
-            say(f"1b. Replay from the stream {FEEDBACK_LOG} ({n:,} entries appended with confirms at "
-                f"{self.f['stream_publish_per_s']:,}/s)")
+                          stream_replay_phases_match=same, stream_replay_refused_entries=state.refused_entries,
+                          stream_replay_target_met=ok)
+            say(f"1b. Replay from the stream {FEEDBACK_LOG} ({n:,} entries in the current format, appended as "
+                f"{user('trust')} with confirms at {self.f['stream_publish_per_s']:,}/s)")
             say(f"   StreamFollower + TrustState (no metrics), start → catch_up returned: {took:.2f} s = "
-                f"{rate:,.0f} events/s → 1M in {one_m:.1f} s (extrapolated)   [target < {TARGET_REPLAY_1M_S:.0f} s: "
+                f"{rate:,.0f} entries/s → 1M in {one_m:.1f} s (extrapolated)   [target < {TARGET_REPLAY_1M_S:.0f} s: "
                 f"{verdict(ok)}]")
             say(f"   raw baseline: plain aio-pika stream consumer, ack only, prefetch {PREFETCH}, first "
-                f"{self.raw_entries:,} entries: {raw:,.0f} events/s (mean of {raws[0]:,.0f} before and {raws[1]:,.0f} "
+                f"{raw_entries:,} entries: {raw:,.0f} entries/s (mean of {raws[0]:,.0f} before and {raws[1]:,.0f} "
                 f"after the follower); ratio follower/raw {rate / raw:.3f}")
-            say(f"   replayed phases equal those the log was written with: {'yes' if same else 'NO'}")
+            say(f"   replayed phases equal those the log was written with: {'yes' if same else 'NO'} "
+                f"({state.refused_entries} entries refused)")
 
-            # The real service over the same log: start() replays it (with metrics) before consuming.
-            service = TrustService(settings)
+            # The real service over the same log, as the trust identity: start() replays it (with
+            # metrics) before consuming. Its admission clock is the writer's timeline (LiveClock).
+            live = self.live_feedbacks
+            clock = LiveClock([fb.at for fb in live])
+            service = TrustService(settings, clock=clock)
             t0 = time.perf_counter()
             try:
                 await service.start()
@@ -561,52 +678,76 @@ class Bench:
                 return
             took = time.perf_counter() - t0
             rate = n / took
+            replay_refused = service.state.refused_entries
             self.f.update(service_start_s=round(took, 2), service_replay_events_per_s=round(rate),
-                          service_replay_1m_s=round(MILLION / rate, 1))
-            say(f"   TrustService.start() (connect, declare, replay with metrics, consume): {took:.2f} s = "
-                f"{rate:,.0f} events/s → 1M in {MILLION / rate:.1f} s (extrapolated)   "
-                f"[target < {TARGET_REPLAY_1M_S:.0f} s: {verdict(MILLION / rate < TARGET_REPLAY_1M_S)}]")
+                          service_replay_1m_s=round(MILLION / rate, 1), service_user=service.user,
+                          service_replay_refused_entries=replay_refused)
+            say(f"   TrustService.start() as {service.user} (connect, declare, replay with metrics, consume): "
+                f"{took:.2f} s = {rate:,.0f} entries/s → 1M in {MILLION / rate:.1f} s (extrapolated)   "
+                f"[target < {TARGET_REPLAY_1M_S:.0f} s: {verdict(MILLION / rate < TARGET_REPLAY_1M_S)}]; "
+                f"{replay_refused} entries refused")
             say("   (its catch-up only gives up when the log stops coming, so a long log delays readiness; it never "
                 "fails start-up)")
 
-            # 2. Live tally: K new feedbacks to agentjobs.feedback, tallied one by one.
+            # 2. Live tally: K real investigations recorded, then one verdict on each, tallied one by one.
+            k = len(live)
             try:
-                k = self.live
-                live_items = list(zip(self.bodies[n:n + k], self.ids[n:n + k], strict=True))
+                refused_before = refused_total(service.metrics)
+                investigations = [(fb.investigation_id, fb.scope, fb.phase) for fb in live]
+                t0 = time.perf_counter()
+                await record_investigations(url, investigations)  # as the dispatcher
+                deadline = t0 + 600.0
+                while (any(service.state.investigations.needs_finding(inv) for inv, _, _ in investigations)
+                       and time.perf_counter() < deadline):
+                    await asyncio.sleep(0.01)
+                record_s = time.perf_counter() - t0
+                recorded = sum(not service.state.investigations.needs_finding(inv) for inv, _, _ in investigations)
+
+                clock.start(service.metrics)
                 before = feedback_tallied(service.metrics)
-                input_connection = await aio_pika.connect_robust(url)
+                live_items = [(encode(fb), fb.feedback_id) for fb in live]
+                keys = [f"feedback.{routing_word(fb.scope)}" for fb in live]
+                input_connection = await aio_pika.connect_robust(url_for(url, "operator"))
                 async with input_connection:
                     channel = await input_connection.channel(publisher_confirms=True, on_return_raises=True)
                     t0 = time.perf_counter()
                     publishing = asyncio.create_task(publish_confirmed(channel, FEEDBACK, live_items,
-                                                                       lambda i: "feedback.bench"))
+                                                                       lambda i: keys[i], user_id=user("operator")))
                     deadline = t0 + 600.0
                     while feedback_tallied(service.metrics) - before < k and time.perf_counter() < deadline:
                         await asyncio.sleep(0.002)
                     took = time.perf_counter() - t0
                     await publishing
                 tallied = int(feedback_tallied(service.metrics) - before)
+                refused = int(refused_total(service.metrics) - refused_before)
                 same = service.state.ledger.phases() == self.phases_after_live
                 published = int(sum(s.value for m in service.metrics.changes.collect() for s in m.samples
                                     if s.name.endswith("_total")))
             finally:
                 await service.stop()
+            dead = await queue_depth(url, DEAD)
             live_rate = tallied / took
             queue_args = next(q.arguments for q in topology.queues if q.name == FEEDBACK)
             raw_live = await raw_live_roundtrip(url, live_items, dict(queue_args), PREFETCH)
             self.f.update(live_feedbacks=k, live_tallied=tallied, live_tally_per_s=round(live_rate, 1),
                           live_raw_roundtrip_per_s=round(raw_live, 1),
                           live_ratio_vs_raw=round(live_rate / raw_live, 3), live_phases_match=same,
-                          live_phase_changes_published=published)
-            say(f"\n2. Live tally: {k:,} feedbacks published (confirmed) to exchange {FEEDBACK} → tallied by "
-                f"TrustService ({tallied:,} within {took:.2f} s): {live_rate:,.1f} feedbacks/s")
+                          live_phase_changes_published=published, live_investigations_recorded=recorded,
+                          live_record_s=round(record_s, 2), live_refused=refused, dead_letters=dead,
+                          live_sender=user("operator"))
+            say(f"\n2. Live tally: {recorded:,} investigations recorded first (lifecycle.dispatched + finding "
+                f"published as {user('dispatcher')}, applied by the service from its results queue: "
+                f"{record_s:.2f} s); then "
+                f"{k:,} verdicts, one per investigation, published (confirmed) as {user('operator')} to exchange "
+                f"{FEEDBACK} → tallied by TrustService ({tallied:,} within {took:.2f} s): {live_rate:,.1f} feedbacks/s")
+            say(f"   refused during recording and live: {refused}; messages in {DEAD}: {dead}")
             say(f"   raw baseline: the same round trips in plain aio-pika (quorum queue, prefetch 1 → confirmed "
                 f"append to a stream → seen on it → ack): {raw_live:,.1f}/s; ratio {live_rate / raw_live:.3f}")
             say(f"   phases after the live feedbacks equal the writer's: {'yes' if same else 'NO'}; "
                 f"{published} PhaseChanged published (decisions made during replay, first feedback after start)")
 
             # 2b. Restart: start() saved a snapshot after replaying the log (trust.snapshot_every);
-            # a new consumer reads it and replays only the entries after it.
+            # a new consumer reads it and replays only the entries after it (the records and verdicts of 2).
             every = settings.trust.snapshot_every
             restarted = TrustService(settings)
             t0 = time.perf_counter()
@@ -614,10 +755,12 @@ class Bench:
                 await restarted.start()
                 took = time.perf_counter() - t0
                 replayed = restarted._feedback_log.applied
-                same = restarted.state.ledger.phases() == self.phases_after_live
+                same = (restarted.state.ledger.phases() == self.phases_after_live
+                        and restarted.state.refused_entries == 0)
             finally:
                 await restarted.stop()
             full = self.f["service_start_s"]
+            total = n + 3 * k  # the records (2 per investigation) and verdicts of 2
             # Worst case for any log length: the newest snapshot is up to snapshot_every entries old.
             worst = took + every / self.f["stream_replay_events_per_s"]
             self.f.update(restart_from_snapshot_s=round(took, 2), restart_replayed_entries=replayed,
@@ -625,7 +768,7 @@ class Bench:
                           restart_worst_case_s=round(worst, 1), snapshot_every=every,
                           restart_target_met=worst < TARGET_REPLAY_1M_S)
             say(f"\n2b. Restart from the snapshot (trust.snapshot_every = {every:,}): TrustService.start() over the "
-                f"same {n + k:,}-entry log: {took:.2f} s, {replayed:,} entries replayed after the snapshot; "
+                f"same {total:,}-entry log: {took:.2f} s, {replayed:,} entries replayed after the snapshot; "
                 f"phases match: {'yes' if same else 'NO'}")
             say(f"   same-run baseline: the full replay above took {full:.2f} s → ratio {took / full:.3f}; worst case "
                 f"for a log of any length (snapshot {every:,} entries old): {worst:.1f} s   "
@@ -719,7 +862,7 @@ class Bench:
         self.write_log()
         self.replay_memory()
         await self.broker()
-        self.bodies, self.ids = [], []  # free the log before the simulation
+        self.bodies, self.ids, self.types, self.legacy, self.legacy_ids = [], [], [], [], []  # free the log
         self.simulation()
         f = self.f
         f["duration_s"] = round(time.perf_counter() - t_begin, 1)
