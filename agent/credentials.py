@@ -5,8 +5,10 @@ the agent does and happens exactly once: if Vault says the wrapping token is
 not valid, somebody else unwrapped it (or it expired) — the agent fails closed
 with ``CredentialsUnavailable`` and the dispatcher reports the possible
 interception. With the unwrapped token the agent asks for what its phase's
-policy may grant: a PostgreSQL diagnostics user (a refusal is evidence for the
-finding, not a crash) and a RabbitMQ user for publishing results (required).
+policy may grant: a PostgreSQL user from its phase's database role (diagnostics
+in shadow and read-only, remediation — which may also terminate backends — in
+the phases that act; a refusal is evidence for the finding, not a crash) and a
+RabbitMQ user for publishing results (required).
 Leases are renewed only within the token's own lifetime (``renewal.py``), and
 ``revoke_self`` at the end revokes the token and, with it, every lease.
 
@@ -28,6 +30,7 @@ import hvac
 import hvac.exceptions
 import requests
 
+from schemas import Phase
 from schemas import vault_paths as vault_layout
 from schemas.logs import get_logger
 from schemas.redaction import mask_text
@@ -98,8 +101,11 @@ class VaultSession:
     """One agent identity in Vault: created by ``unwrap`` or ``login_kubernetes``."""
 
     def __init__(self, addr: str, *, timeout: float, clock: Clock = time.monotonic,
-                 verify: str | bool = True) -> None:
+                 verify: str | bool = True, phase: Phase | None = None) -> None:
         self._addr = addr
+        # The Job's phase (AGENTJOBS_PHASE), decided outside the model: picks the database role.
+        # None: the read-only role, the least a phase may get (a remediation policy refuses it).
+        self.phase = phase
         self._timeout = timeout  # seconds per request
         self._verify = verify  # a CA bundle path for a Vault behind a private CA, or the system's (True)
         # token="" (not None): hvac would otherwise pick up $VAULT_TOKEN or ~/.vault-token
@@ -208,7 +214,8 @@ class VaultSession:
         return DynamicSecret(username=str(data["username"]), password=str(data["password"]), lease=lease)
 
     async def database(self) -> DynamicSecret | Denied:
-        return await self.read_secret(vault_layout.database_creds_path())
+        """A PostgreSQL user from the database role of this session's phase."""
+        return await self.read_secret(vault_layout.database_creds_path(self.phase))
 
     async def llm_api_key(self) -> str | Denied:
         """The LLM endpoint's API key from KV (``agentjobs-kv/llm``, field ``api_key``)."""
@@ -312,7 +319,8 @@ class VaultSession:
 
 async def start(env: AgentEnv, *, clock: Clock = time.monotonic) -> VaultSession:
     """A Vault session for the Job's auth mode (not for mode ``none``)."""
-    session = VaultSession(env.vault_addr, timeout=env.vault_timeout, clock=clock, verify=env.vault_verify)
+    session = VaultSession(env.vault_addr, timeout=env.vault_timeout, clock=clock, verify=env.vault_verify,
+                           phase=env.phase)
     if env.auth_mode == "kubernetes":
         assert env.sa_token_file is not None  # config.load guarantees it
         identity = await session.login_kubernetes(vault_layout.kubernetes_role(env.phase), env.sa_token_file)

@@ -17,7 +17,14 @@ DISPATCHER_POLICY = "agentjobs-dispatcher"
 
 DATABASE_MOUNT = "database"
 DATABASE_CONNECTION = "agentjobs-postgres"
-DATABASE_ROLE = "agentjobs-diagnostics"  # read-only: pg_read_all_stats
+# One Vault database role per kind of phase (database/roles/<role>, database/creds/<role>); which
+# phase gets which is ``database_role_for`` below, and each phase's policy may read its own only.
+DATABASE_ROLE = "agentjobs-diagnostics"  # shadow, read-only: pg_read_all_stats, nothing to act with
+# limited-remediation, autonomous: the diagnostics grants plus pg_signal_backend (terminate_backend,
+# terminate_idle_backends). A second layer besides the action gate: a phase whose gate is bypassed
+# still holds a database user that cannot signal anyone's backend.
+DATABASE_REMEDIATION_ROLE = "agentjobs-remediation"
+DATABASE_ROLES = (DATABASE_ROLE, DATABASE_REMEDIATION_ROLE)  # what the connection allows
 RABBITMQ_MOUNT = "rabbitmq"
 RABBITMQ_ROLE = "agentjobs-results"  # may only write to agentjobs.results
 KV_MOUNT = "agentjobs-kv"  # kv-v2
@@ -45,8 +52,21 @@ def kubernetes_role(phase: Phase) -> str:
     return f"{TOKEN_ROLE_PREFIX}{phase.value}"
 
 
-def database_creds_path() -> str:
-    return f"{DATABASE_MOUNT}/creds/{DATABASE_ROLE}"
+def database_role_for(phase: Phase | None) -> str:
+    """The Vault database role a Job of ``phase`` gets its PostgreSQL user from.
+
+    Only the phases that may act (limited-remediation, autonomous) get the role that can
+    terminate backends; ``None`` (a caller that does not know the phase) gets the read-only
+    one, which fails closed in a remediation phase (its policy does not grant it).
+    """
+    if phase in (Phase.LIMITED_REMEDIATION, Phase.AUTONOMOUS):
+        return DATABASE_REMEDIATION_ROLE
+    return DATABASE_ROLE
+
+
+def database_creds_path(phase: Phase | None = None) -> str:
+    """``database/creds/<role>`` of ``phase`` (``None``: the read-only role; see ``database_role_for``)."""
+    return f"{DATABASE_MOUNT}/creds/{database_role_for(phase)}"
 
 
 def rabbitmq_creds_path() -> str:

@@ -3,7 +3,8 @@
 It owns the *server side* of agentjobs' credentials: the per-phase ACL policies
 (``k8s/vault/*.hcl``), the per-phase token roles the dispatcher mints agent
 tokens through, the kubernetes auth method and its per-phase roles, the
-database engine (dynamic read-only PostgreSQL users), the rabbitmq engine
+database engine (dynamic read-only PostgreSQL users: a diagnostics role for shadow and
+read-only, a remediation role that may also terminate backends for the phases that act), the rabbitmq engine
 (dynamic users that may only publish results), the kv-v2 mount for static keys
 and the dispatcher's own policy.
 
@@ -153,8 +154,22 @@ def database_connection(settings: Settings) -> DatabaseConnection:
     )
 
 
-def database_role(settings: Settings) -> dict[str, Any]:
-    """Body of database/roles/agentjobs-diagnostics."""
+def database_role(settings: Settings, role: str = layout.DATABASE_ROLE) -> dict[str, Any]:
+    """Body of database/roles/<role>: ``agentjobs-diagnostics`` or ``agentjobs-remediation``.
+
+    Both are read-only diagnostics users; the remediation role (limited-remediation and
+    autonomous, ``layout.database_role_for``) is also a member of ``pg_signal_backend``, so it
+    may cancel and terminate backends of non-superusers — what ``terminate_backend`` and
+    ``terminate_idle_backends`` need, and nothing more (no writes, no superuser's backends).
+    The admin in ``postgres.admin_dsn`` must be able to grant it (a superuser, or on
+    PostgreSQL 16+ a CREATEROLE user holding pg_signal_backend WITH ADMIN OPTION).
+    """
+    if role not in layout.DATABASE_ROLES:
+        raise ValueError(f"unknown database role {role!r}")
+    acting = (
+        # DROP ROLE in the revocation statements removes this membership with the role.
+        ['GRANT pg_signal_backend TO "{{name}}";'] if role == layout.DATABASE_REMEDIATION_ROLE else []
+    )
     return {
         "db_name": layout.DATABASE_CONNECTION,
         "creation_statements": [
@@ -163,6 +178,7 @@ def database_role(settings: Settings) -> dict[str, Any]:
                 "VALID UNTIL '{{expiration}}';"
             ),
             'GRANT pg_read_all_stats TO "{{name}}";',
+            *acting,
             # At connection exhaustion — the incident it is sent to diagnose — the agent must still
             # get in: PostgreSQL 16+ lets non-superusers use reserved_connections slots through
             # this role (set reserved_connections >= the agents that may run at once). PostgreSQL
@@ -183,6 +199,8 @@ def database_role(settings: Settings) -> dict[str, Any]:
         "revocation_statements": [
             # Sessions first, so a running query cannot outlive the credential.
             ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}';"),
+            # DROP ROLE also revokes the role's memberships (pg_read_all_stats, pg_signal_backend,
+            # pg_use_reserved_connections) and its per-role settings: nothing blocks it.
             'DROP ROLE IF EXISTS "{{name}}";',
         ],
         "default_ttl": settings.vault.database_ttl,
@@ -529,7 +547,7 @@ class _Bootstrap:
             "connection_url": conn.connection_url,
             "username": conn.username,
             "password": conn.password,
-            "allowed_roles": [layout.DATABASE_ROLE],
+            "allowed_roles": list(layout.DATABASE_ROLES),
             "verify_connection": True,
         }
         if not conn.password:
@@ -554,11 +572,12 @@ class _Bootstrap:
                 f"database connection {layout.DATABASE_CONNECTION}",
                 path,
             )
-        self._ensure(
-            f"database role {layout.DATABASE_ROLE}",
-            f"{mount}/roles/{layout.DATABASE_ROLE}",
-            database_role(self.settings),
-        )
+        for role in layout.DATABASE_ROLES:  # one per kind of phase: layout.database_role_for
+            self._ensure(
+                f"database role {role}",
+                f"{mount}/roles/{role}",
+                database_role(self.settings, role),
+            )
 
     def _rabbitmq(self) -> None:
         shared = layout.kv_rabbitmq_shared_path()

@@ -15,8 +15,11 @@
 # Job spec), not broader secret access. Add a creds path only together with
 # the action that needs it.
 
-# Dynamic PostgreSQL user for diagnostics (pg_read_all_stats, read-only by default).
-path "database/creds/agentjobs-diagnostics" {
+# Dynamic PostgreSQL user of the phases that act: the diagnostics grants (pg_read_all_stats,
+# read-only by default) plus membership in pg_signal_backend, for the terminate_backend and
+# terminate_idle_backends actions — a second limit besides the action gate. This phase reads
+# this role only; the diagnostics role is for shadow and read-only.
+path "database/creds/agentjobs-remediation" {
   capabilities = ["read"]
 }
 

@@ -10,15 +10,18 @@
 # with a per-investigation token whose metadata (investigation_id, incident_key,
 # phase) lands in the audit log.
 #
-# Limited remediation: identical Vault grants to read-only on purpose. The
-# remediation actions allowed in this phase (restart a pod, scale a Deployment)
-# are granted by the phase's Kubernetes ServiceAccount/RBAC and by the action
-# classes in the Job spec, not by Vault. When an action needs a secret of its
-# own (e.g. a write-capable database role), add exactly that creds path here,
-# with a comment saying which action uses it.
+# Limited remediation: the grants of read-only, except that its database user
+# comes from the remediation role (below) instead of the diagnostics role. The
+# Kubernetes actions allowed in this phase (the low-risk ones, e.g. a rollout restart) are
+# granted by the phase's ServiceAccount/RBAC and by the action classes in the
+# Job spec, not by Vault. When an action needs a secret of its own, add exactly
+# that creds path here, with a comment saying which action uses it.
 
-# Dynamic PostgreSQL user for diagnostics (pg_read_all_stats, read-only by default).
-path "database/creds/agentjobs-diagnostics" {
+# Dynamic PostgreSQL user of the phases that act: the diagnostics grants (pg_read_all_stats,
+# read-only by default) plus membership in pg_signal_backend, for the terminate_backend and
+# terminate_idle_backends actions — a second limit besides the action gate. This phase reads
+# this role only; the diagnostics role is for shadow and read-only.
+path "database/creds/agentjobs-remediation" {
   capabilities = ["read"]
 }
 

@@ -13,7 +13,9 @@
 # Read-only assist: identical grants to shadow. The phase changes who sees the
 # findings, not what the agent can read.
 
-# Dynamic PostgreSQL user for diagnostics (pg_read_all_stats, read-only by default).
+# Dynamic PostgreSQL user for diagnostics (pg_read_all_stats, read-only by default). This
+# phase may act on nothing, so it reads this role only — never database/creds/agentjobs-remediation,
+# whose users may terminate backends.
 path "database/creds/agentjobs-diagnostics" {
   capabilities = ["read"]
 }

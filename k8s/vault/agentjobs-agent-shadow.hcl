@@ -13,7 +13,9 @@
 # Shadow: findings are scored, never shown to operators; the agent still needs
 # the same evidence as later phases so that the comparison is fair.
 
-# Dynamic PostgreSQL user for diagnostics (pg_read_all_stats, read-only by default).
+# Dynamic PostgreSQL user for diagnostics (pg_read_all_stats, read-only by default). This
+# phase may act on nothing, so it reads this role only — never database/creds/agentjobs-remediation,
+# whose users may terminate backends.
 path "database/creds/agentjobs-diagnostics" {
   capabilities = ["read"]
 }

@@ -237,6 +237,7 @@ async def test_bootstrap_on_fresh_openbao_then_no_changes(
         "sys/mounts/database",
         "database/config/agentjobs-postgres",
         "database/roles/agentjobs-diagnostics",
+        "database/roles/agentjobs-remediation",
         "sys/mounts/rabbitmq",
         "rabbitmq/config/connection",
         "rabbitmq/roles/agentjobs-results",
@@ -270,6 +271,15 @@ async def test_bootstrap_on_fresh_openbao_then_no_changes(
     assert role["data"]["orphan"] is False
     assert role["data"]["renewable"] is True
     assert role["data"]["token_explicit_max_ttl"] == token_ttl(settings) == 1200 + 120
+
+    # And the connection allows both database roles, the remediation one alone signalling backends
+    connection = await asyncio.to_thread(bao.hvac_client().read, "database/config/agentjobs-postgres")
+    assert sorted(connection["data"]["allowed_roles"]) == ["agentjobs-diagnostics", "agentjobs-remediation"]
+    for name, signals in (("agentjobs-diagnostics", False), ("agentjobs-remediation", True)):
+        body = (await asyncio.to_thread(bao.hvac_client().read, f"database/roles/{name}"))["data"]
+        granted = " ".join(body["creation_statements"])
+        assert "pg_read_all_stats" in granted and "default_transaction_read_only = on" in granted
+        assert ("pg_signal_backend" in granted) is signals, name
 
 
 async def test_bootstrap_keeps_an_existing_llm_key(
@@ -453,6 +463,9 @@ FORBIDDEN_FOR_AGENTS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("write", "database/config/agentjobs-postgres", {"allowed_roles": ["*"]}),
     ("read", "database/config/agentjobs-postgres", None),
     ("write", "database/roles/agentjobs-diagnostics", {"db_name": "agentjobs-postgres"}),
+    ("write", "database/roles/agentjobs-remediation", {"db_name": "agentjobs-postgres"}),
+    # the database role of the phases that act (pg_signal_backend): not shadow's to read
+    ("read", "database/creds/agentjobs-remediation", None),
     ("write", "rabbitmq/config/connection", {"connection_uri": "http://evil"}),
     ("write", "rabbitmq/roles/agentjobs-results", {"vhosts": "{}"}),
     # Vault itself
@@ -482,6 +495,31 @@ async def test_shadow_token_is_denied(
 
     with pytest.raises(hvac.exceptions.Forbidden):
         await asyncio.to_thread(attempt)
+
+
+@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: p.value)
+async def test_each_phase_reads_the_database_role_of_its_phase_only(
+    bao: OpenBaoServer, dispatcher: hvac.Client, postgres: Postgres, phase: Phase
+) -> None:
+    # Given a token of the phase, as the dispatcher mints it
+    agent = await asyncio.to_thread(
+        mint_agent_token, bao, dispatcher, phase, f"inv-{uuid.uuid4().hex[:12]}"
+    )
+    try:
+        own = layout.database_creds_path(phase)
+        other = next(
+            layout.database_creds_path(p) for p in Phase if layout.database_creds_path(p) != own
+        )
+        acting = phase in (Phase.LIMITED_REMEDIATION, Phase.AUTONOMOUS)
+        assert own == ("database/creds/agentjobs-remediation" if acting else "database/creds/agentjobs-diagnostics")
+        # When it reads its own role's credentials: a real PostgreSQL user
+        creds = (await asyncio.to_thread(agent.client.read, own))["data"]
+        assert await pg_role_exists(postgres, creds["username"])
+        # Then the other role's are refused by Vault
+        with pytest.raises(hvac.exceptions.Forbidden):
+            await asyncio.to_thread(agent.client.adapter.get, f"/v1/{other}")
+    finally:
+        await asyncio.to_thread(agent.client.auth.token.revoke_self)
 
 
 async def test_shadow_token_reads_llm_secret(shadow: AgentToken) -> None:
@@ -533,6 +571,7 @@ async def test_revoke_by_accessor_removes_token_and_every_credential(
 DENIED_TO_DISPATCHER: list[tuple[str, dict[str, Any] | None, str | None]] = [
     # (path, body or None for a read, wrap_ttl)
     ("database/creds/agentjobs-diagnostics", None, None),
+    ("database/creds/agentjobs-remediation", None, None),
     ("rabbitmq/creds/agentjobs-results", None, None),
     ("agentjobs-kv/data/llm", None, None),
     ("auth/token/create", {"policies": ["agentjobs-agent-shadow"]}, "60s"),

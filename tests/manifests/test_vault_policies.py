@@ -1,0 +1,67 @@
+"""The phase policies in k8s/vault/ grant each phase the database role of its phase, and no other.
+
+The role that may terminate backends (pg_signal_backend) is the second layer besides the action
+gate: a shadow or read-only Job whose gate were bypassed still cannot get a user that acts.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dispatcher.credentials.bootstrap import POLICY_DIR, database_role
+from dispatcher.plumbing.settings import load_settings
+from schemas import Phase
+from schemas import vault_paths as vault_layout
+
+PATH_BLOCK = re.compile(r'^path\s+"([^"]+)"\s*\{(.*?)^\}', re.MULTILINE | re.DOTALL)
+ACTING = (Phase.LIMITED_REMEDIATION, Phase.AUTONOMOUS)
+
+
+def _paths(name: str) -> dict[str, str]:
+    """path -> body of every `path` block of policy `name` (comments stripped)."""
+    text = "\n".join(line.split("#", 1)[0] for line in (POLICY_DIR / f"{name}.hcl").read_text().splitlines())
+    return {m.group(1): m.group(2) for m in PATH_BLOCK.finditer(text)}
+
+
+def test_the_phase_picks_the_database_role() -> None:
+    assert {p: vault_layout.database_role_for(p) for p in Phase} == {
+        Phase.SHADOW: "agentjobs-diagnostics",
+        Phase.READ_ONLY: "agentjobs-diagnostics",
+        Phase.LIMITED_REMEDIATION: "agentjobs-remediation",
+        Phase.AUTONOMOUS: "agentjobs-remediation",
+    }
+    assert vault_layout.database_role_for(None) == vault_layout.DATABASE_ROLE  # the least one
+    assert vault_layout.database_creds_path(Phase.AUTONOMOUS) == "database/creds/agentjobs-remediation"
+    assert vault_layout.database_creds_path() == "database/creds/agentjobs-diagnostics"
+    assert set(vault_layout.DATABASE_ROLES) == {vault_layout.database_role_for(p) for p in Phase}
+
+
+@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: p.value)
+def test_each_phase_policy_reads_its_own_database_role_only(phase: Phase) -> None:
+    paths = _paths(vault_layout.policy(phase))
+    database = {p for p in paths if p.startswith(f"{vault_layout.DATABASE_MOUNT}/")}
+    assert database == {vault_layout.database_creds_path(phase)}
+    assert re.search(r'capabilities\s*=\s*\["read"\]', paths[vault_layout.database_creds_path(phase)])
+    assert not any("*" in p or "+" in p for p in paths)  # no globs that could reach the other role
+
+
+def test_the_dispatcher_policy_reads_no_database_credentials() -> None:
+    assert not any(p.startswith(f"{vault_layout.DATABASE_MOUNT}/") for p in _paths(vault_layout.DISPATCHER_POLICY))
+
+
+def test_only_the_remediation_role_may_signal_backends() -> None:
+    settings = load_settings(None, {})
+    diagnostics = database_role(settings, vault_layout.DATABASE_ROLE)
+    remediation = database_role(settings, vault_layout.DATABASE_REMEDIATION_ROLE)
+    assert not any("pg_signal_backend" in s for s in diagnostics["creation_statements"])
+    # the remediation role: the diagnostics statements and exactly one more grant
+    extra = [s for s in remediation["creation_statements"] if s not in diagnostics["creation_statements"]]
+    assert extra == ['GRANT pg_signal_backend TO "{{name}}";']
+    assert [s for s in remediation["creation_statements"] if s in diagnostics["creation_statements"]] == \
+        diagnostics["creation_statements"]
+    assert remediation["revocation_statements"] == diagnostics["revocation_statements"]
+    assert remediation["revocation_statements"][-1] == 'DROP ROLE IF EXISTS "{{name}}";'
+    with pytest.raises(ValueError):
+        database_role(settings, "agentjobs-other")
