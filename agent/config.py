@@ -26,6 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 INCIDENT_FILE = "incident.json"  # == dispatcher.jobs.jobspec.INCIDENT_FILE
 WRAPPED_TOKEN_FILE = "wrapped-token"  # == dispatcher.jobs.jobspec.WRAPPED_TOKEN_FILE
 VAULT_CA_FILE = "vault-ca.pem"  # == dispatcher.jobs.jobspec.VAULT_CA_FILE
+ACTION_LEDGER_FILE = "agentjobs-actions.jsonl"  # in the work dir: idempotency keys of actions taken
 
 
 class ConfigError(Exception):
@@ -82,6 +83,13 @@ class AgentEnv:
     tools: ToolEnv = field(default_factory=ToolEnv)
     llm: LlmEnv | None = None  # None: the rules reasoner
     traceparent: str = ""  # W3C trace context of the investigation (the Job's TRACEPARENT)
+    # The Job's writable working directory (AGENTJOBS_WORK_DIR, else TMPDIR: the pod's scratch
+    # emptyDir): where the action ledger lives, so a restarted agent process does not act twice.
+    work_dir: Path | None = None
+
+    @property
+    def action_ledger_file(self) -> Path | None:
+        return self.work_dir / ACTION_LEDGER_FILE if self.work_dir is not None else None
 
     @property
     def incident_file(self) -> Path:
@@ -223,4 +231,10 @@ def load(environ: Mapping[str, str]) -> AgentEnv:
         tools=_tools(environ, mount_root),
         llm=_llm(environ),
         traceparent=environ.get("TRACEPARENT", "").strip(),
+        work_dir=_work_dir(environ, mount_root),
     )
+
+
+def _work_dir(environ: Mapping[str, str], mount_root: Path | None) -> Path | None:
+    raw = environ.get("AGENTJOBS_WORK_DIR", "").strip() or environ.get("TMPDIR", "").strip()
+    return remap(raw, mount_root) if raw else None

@@ -5,12 +5,19 @@ reasoner is ``rules`` unless an OpenAI-compatible endpoint is configured, in
 which case ``llm`` runs with ``rules`` as its fallback. The agent's time budget
 ends well before the Job's deadline, so a finding — conclusive or honestly
 inconclusive — is always published. Whatever the phase does not allow is
-proposed, never executed (no executor is wired in this release).
+proposed, never executed. In the phases that may act (limited remediation,
+autonomous) the executors for the Job's tools are built — the PostgreSQL ones
+when the postgres tool is open, connecting as the same (phase's) database user —
+and the gate hands them what the phase allows; each execution follows the
+protocol of ``agent.remediation.protocol`` under the idempotency ledger in the
+Job's working directory (``AgentEnv.work_dir``), so a restarted agent process of
+the same Job does not act twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import msgspec
 
@@ -18,10 +25,12 @@ from schemas import Evidence, Finding, IncidentEvent, utcnow
 
 from . import tracing
 from .config import AgentEnv
+from .reasoning.actions import allowed_risks
 from .reasoning.base import Budget, Investigation, Price, Reasoner, Tally
 from .reasoning.finding import conclude
 from .reasoning.rules import RulesReasoner
 from .tools.base import Limits, Tool
+from .remediation.protocol import FileLedger, Ledger, MemoryLedger, RemediationExecutor
 from .tools.toolbox import Toolbox
 
 PUBLISH_RESERVE = 15.0  # seconds of the Job's deadline kept for publishing and revoking
@@ -95,6 +104,38 @@ def _has_user(url: str) -> bool:
         return False
 
 
+def ledger_for(env: AgentEnv) -> Ledger:
+    """The Job's idempotency ledger: a file in its working directory, else this process's memory."""
+    path = env.action_ledger_file
+    return FileLedger(path) if path is not None else MemoryLedger()
+
+
+def executors_for(env: AgentEnv, tools: Sequence[Tool]) -> tuple[dict[str, RemediationExecutor], list[Any]]:
+    """(executors by action, what to close afterwards) for the tools this Job has open.
+
+    None in a phase that may run nothing (shadow, read-only): the gate would not call them,
+    and the phase's database role could not signal a backend anyway. They act with the
+    credentials the tool was given — the Vault-issued user of this Job's phase.
+    """
+    if not allowed_risks(env.phase):
+        return {}, []
+    found: dict[str, RemediationExecutor] = {}
+    closers: list[Any] = []
+    for tool in tools:
+        if tool.name == "postgres":
+            from .remediation import postgres as pg_remediation
+            from .tools.postgres import PostgresTool
+
+            if not isinstance(tool, PostgresTool):
+                continue
+            db = pg_remediation.Database(
+                tool.dsn, user=tool._user, password=tool._password, timeout=tool.limits.timeout,  # noqa: SLF001
+                application_name=f"agentjobs-agent {env.investigation_id[:16]} remediation")
+            found |= pg_remediation.executors(db)
+            closers.append(db)
+    return found, closers
+
+
 def reasoner_for(env: AgentEnv, *, api_key: str) -> Reasoner:
     if env.llm is None:
         return RulesReasoner()
@@ -117,12 +158,36 @@ async def investigate(
     tally: Tally,
     prior_evidence: Sequence[Evidence] = (),
     api_key: str = "",
+    executors: Mapping[str, RemediationExecutor] | None = None,
+    ledger: Ledger | None = None,
 ) -> Finding:
     """Reason over the tools and conclude; never raises for a tool failure (that is evidence).
+
+    ``executors``: by default the ones ``executors_for`` builds for the Job's tools and phase
+    (closed before returning); ``ledger``: by default ``ledger_for(env)``.
 
     One trace: the investigation span continues the Job's TRACEPARENT; the reasoner and every
     tool call are spans below it; the Finding carries the trace id.
     """
+    closers: list[Any] = []
+    if executors is None:  # made now, before any observation: a session younger than them was never seen
+        executors, closers = executors_for(env, tools)
+    try:
+        finding = await _investigate(incident, env, tools=tools, tally=tally, api_key=api_key,
+                                     executors=executors, ledger=ledger if ledger is not None else ledger_for(env))
+    finally:
+        for closer in closers:
+            try:
+                await closer.close()
+            except Exception:  # noqa: BLE001 - closing must never hide the finding
+                pass
+    if prior_evidence:  # e.g. Vault refusing a credential the phase does not grant
+        finding = msgspec.structs.replace(finding, evidence=(*prior_evidence, *finding.evidence))
+    return finding
+
+
+async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequence[Tool], tally: Tally,
+                       api_key: str, executors: Mapping[str, RemediationExecutor], ledger: Ledger) -> Finding:
     with tracing.investigation_span(env.traceparent, **{"agentjobs.investigation_id": env.investigation_id,
                                                         "agentjobs.phase": env.phase.value}) as span:
         toolbox = Toolbox(tools)
@@ -135,12 +200,9 @@ async def investigate(
             reasoning.set_attribute("agentjobs.reasoner", assessment.reasoner)
         with tracing.tracer.start_as_current_span("conclude"):
             finding = await conclude(inv, assessment, investigation_id=env.investigation_id,
-                                     domain_label=env.domain_label)
+                                     domain_label=env.domain_label, executors=executors, ledger=ledger)
         trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""
-    finding = msgspec.structs.replace(finding, trace_id=trace_id or tracing.trace_id_of(env.traceparent))
-    if prior_evidence:  # e.g. Vault refusing a credential the phase does not grant
-        finding = msgspec.structs.replace(finding, evidence=(*prior_evidence, *finding.evidence))
-    return finding
+    return msgspec.structs.replace(finding, trace_id=trace_id or tracing.trace_id_of(env.traceparent))
 
 
 async def close_tools(tools: Sequence[Tool]) -> None:

@@ -12,21 +12,38 @@ limited-remediation    read, low
 autonomous             read, low, medium
 =====================  ==========================================
 
-High risk never runs automatically. ``gate`` marks an action executed only
-when its class is allowed, an executor for it exists, and the executor
-reported success; this issue registers no executor, so nothing destructive
-runs. The phase's RBAC and Vault policies are the second, independent layer.
+High risk never runs automatically. ``decide`` is the first layer: ``gate``
+hands an action to its executor only when its class is allowed and an executor
+for it exists in this Job; the executor then follows the protocol of
+``agent.remediation.protocol`` (re-check the precondition, act once under an
+idempotency key, verify, record undo information) and the action is marked
+``executed`` only if it acted. Everything is recorded in the action's params:
+``decision``, ``outcome``, ``reason``, ``before``/``after``, ``undo``, ``error``.
+An executor without the protocol (only ``execute``) is run once with no
+precondition and no verification (``executed_not_verified``). The phase's
+RBAC and Vault policies are the second, independent layer.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, MutableSet
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import msgspec
 
+from agent.remediation.protocol import (
+    RECORDED,
+    Execution,
+    Ledger,
+    MemoryLedger,
+    Outcome,
+    RemediationExecutor,
+    Result,
+    execute,
+    follows_protocol,
+)
 from schemas import logs
 from schemas import Phase, ProposedAction, RiskClass
 
@@ -140,46 +157,93 @@ def screen(actions: Iterable[ProposedAction], registry: Mapping[str, ActionSpec]
     return tuple(kept), tuple(notes)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Execution:
-    """What an executor did: enough to check it and to undo it."""
-
-    ok: bool
-    before: str = ""  # state before, e.g. "replicas=2"
-    after: str = ""
-    undo: str = ""  # how to undo, e.g. "kubectl -n shop rollout undo deployment/payments"
-    error: str = ""
-
-
 class Executor(Protocol):
-    """Carries out one registered action (adapters live with the tools that hold the credentials)."""
+    """An executor without the protocol: carries out one registered action, nothing else.
+
+    Executors that follow ``agent.remediation.protocol.RemediationExecutor`` (precondition,
+    act, verify, undo) are preferred; this one is run once, unchecked and unverified.
+    """
 
     async def execute(self, action: ProposedAction) -> Execution:
         ...
 
 
+class _Unverified:
+    """An ``Executor`` seen through the protocol: no precondition, no verification."""
+
+    verify_timeout = 0.0
+    volatile_params: frozenset[str] = frozenset()
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+
+    async def precondition(self, action: ProposedAction) -> str | None:
+        return None
+
+    async def act(self, action: ProposedAction) -> Execution:
+        return await self.inner.execute(action)
+
+    async def verify(self, action: ProposedAction, *, timeout: float) -> bool:
+        return False
+
+    def undo(self, action: ProposedAction, done: Execution) -> str:
+        return done.undo
+
+
+def why_not(decision: Decision, action: ProposedAction, phase: Phase) -> str:
+    """The recorded reason an action was not handed to an executor (pure)."""
+    if decision is Decision.RECORD_ONLY:
+        return "phase shadow: recorded what the agent would have done; nothing runs"
+    if decision is Decision.PROPOSE_ONLY:
+        runs = ", ".join(sorted(r.value for r in allowed_risks(phase))) or "nothing"
+        return f"phase {phase.value} runs {runs} automatically, not {action.risk.value}-risk actions: proposed only"
+    if decision is Decision.NEVER_AUTOMATIC:
+        return "high-risk actions never run automatically"
+    if decision is Decision.NO_EXECUTOR:
+        return f"allowed in phase {phase.value}, but this Job has no executor for {action.action}"
+    return ""
+
+
 async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
-               executors: Mapping[str, Executor] | None = None,
-               registry: Mapping[str, ActionSpec] = REGISTRY) -> tuple[ProposedAction, ...]:
-    """The actions as they stand after the phase gate; ``executed`` only when allowed, present and successful."""
+               executors: Mapping[str, RemediationExecutor | Executor] | None = None,
+               registry: Mapping[str, ActionSpec] = REGISTRY, investigation_id: str = "",
+               ledger: Ledger | MutableSet[str] | None = None) -> tuple[ProposedAction, ...]:
+    """The actions as they stand after the phase gate; ``executed`` only when allowed, present and acted.
+
+    ``ledger`` holds the idempotency keys already acted on (keyed by ``investigation_id``); without
+    one, a ledger for this call only.
+    """
     executors = executors or {}
+    done: Ledger | MutableSet[str] = ledger if ledger is not None else MemoryLedger()
     kept, notes = screen(actions, registry)
     for note in notes:
         log.warning("action_dropped", note=note)
     out: list[ProposedAction] = []
     for a in kept:
+        # What the gate and the executor record is theirs to write, never the proposer's.
+        a = msgspec.structs.replace(a, params={k: v for k, v in a.params.items() if k not in RECORDED})
         decision = decide(a.action, phase, executors=executors.keys(), registry=registry)
         params = {**a.params, "decision": decision.value}
         executed = False
         if decision is Decision.EXECUTE:
-            try:
-                done = await executors[a.action].execute(a)
-            except Exception as exc:  # noqa: BLE001 - a failed remediation is reported, not raised
-                done = Execution(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-            executed = done.ok
-            params |= {k: v for k, v in (("before", done.before), ("after", done.after), ("undo", done.undo),
-                                         ("error", done.error)) if v}
-            log.info("action_executed" if done.ok else "action_failed", action=a.action, target=a.target,
-                     phase=phase.value)
+            executor = executors[a.action]
+            checked = follows_protocol(executor)
+            runner: RemediationExecutor = executor if checked else _Unverified(executor)  # type: ignore[assignment]
+            result = await execute(a, runner, done=done, investigation_id=investigation_id)
+            if not checked and result.outcome is Outcome.EXECUTED_NOT_VERIFIED:
+                result = replace(result, reason="executed; this executor neither re-checks nor verifies")
+            executed = result.executed
+            params |= result.params()
+            _log_result(a, result, phase)
+        else:
+            params["reason"] = why_not(decision, a, phase)
         out.append(msgspec.structs.replace(a, params=params, executed=executed))
     return tuple(out)
+
+
+def _log_result(a: ProposedAction, result: Result, phase: Phase) -> None:
+    event = {Outcome.EXECUTED_VERIFIED: "action_executed", Outcome.EXECUTED_NOT_VERIFIED: "action_executed",
+             Outcome.FAILED: "action_failed", Outcome.SKIPPED_STALE: "action_skipped",
+             Outcome.ALREADY_EXECUTED: "action_skipped"}[result.outcome]
+    log.info(event, action=a.action, target=a.target, phase=phase.value, outcome=result.outcome.value,
+             reason=result.reason[:300], idempotency_key=result.key)

@@ -10,10 +10,11 @@ Alert text in the summary is quoted with ``quote_untrusted``, never trusted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableSet, Sequence
 
 import msgspec
 
+from agent.remediation.protocol import Ledger, RemediationExecutor
 from agent.tools.base import bounded
 from schemas import Evidence, Finding, ProposedAction, identify, utcnow
 from schemas import Hypothesis as WireHypothesis
@@ -93,11 +94,14 @@ async def conclude(
     assessment: Assessment,
     *,
     investigation_id: str,
-    executors: Mapping[str, Executor] | None = None,
+    executors: Mapping[str, RemediationExecutor | Executor] | None = None,
+    ledger: Ledger | MutableSet[str] | None = None,
     domain_label: str = "domain",
     supersedes: str | None = None,
 ) -> Finding:
-    """Gate the proposed actions by the investigation's phase, then assemble the Finding."""
-    actions = await gate(assessment.actions, inv.phase, executors=executors)
+    """Gate the proposed actions by the investigation's phase (executing what it allows, at most once per
+    idempotency key in ``ledger``), then assemble the Finding."""
+    actions = await gate(assessment.actions, inv.phase, executors=executors, investigation_id=investigation_id,
+                         ledger=ledger)
     return assemble(inv, assessment, investigation_id=investigation_id, actions=actions,
                     domain_label=domain_label, supersedes=supersedes)

@@ -218,6 +218,8 @@ class Session:
     seconds: float  # transaction age (idle in transaction) or query duration (long-running)
     state: str
     query: str
+    user: str = ""  # usename, when the tool reports it
+    backend_start: str = ""  # when the tool reports it (identifies the session beyond its pid)
 
 
 def _sessions(obs: Observation, seconds: tuple[str, ...]) -> list[Session]:
@@ -226,7 +228,8 @@ def _sessions(obs: Observation, seconds: tuple[str, ...]) -> list[Session]:
     return [Session(pid=_int(_pick(r, "pid")), application=_app(_pick(r, "application_name", "application", "app")),
                     client_addr=_str(_pick(r, "client_addr", "client")),
                     seconds=_float(_pick(r, *seconds), 0.0) or 0.0, state=_str(_pick(r, "state")),
-                    query=_str(_pick(r, "query")))
+                    query=_str(_pick(r, "query")), user=_str(_pick(r, "usename", "user")),
+                    backend_start=_str(_pick(r, "backend_start")))
             for r in rows(obs.data)]
 
 
@@ -721,7 +724,7 @@ async def connections_playbook(inv: Investigation, alert: AlertFacts) -> list[Dr
         pile_h.supports(chain_obs, f"{len(blocked)} sessions wait for locks", 2.0)
         if conn and conn.total:
             pile_h.supports(chain_obs, f"{len(blocked)} of {conn.total} connections are stuck waiting", 0.5)
-        _propose_root_blocker(pile_h, chains, idle, [], alert)
+        _propose_root_blocker(pile_h, chains, idle, [], alert, chain_obs)
     elif chain_obs.ok:
         pile_h.contradicts(chain_obs, "no session waits for a lock" if not chains
                            else f"only {len(blocked)} session(s) wait for locks", 2.0)
@@ -770,7 +773,7 @@ def _app_of(pid: int, chains: Iterable[Blocked], *sessions: Iterable[Session]) -
 
 
 def _propose_root_blocker(h: Draft, chains: list[Blocked], idle: list[Session], long: list[Session],
-                          alert: AlertFacts) -> tuple[int, int, str] | None:
+                          alert: AlertFacts, chain_obs: Observation | None = None) -> tuple[int, int, str] | None:
     roots = root_blockers(chains)
     if not roots:
         return None
@@ -779,8 +782,27 @@ def _propose_root_blocker(h: Draft, chains: list[Blocked], idle: list[Session], 
     target = f"pid {pid}" + (f" on {_q(alert.instance)}" if alert.instance else "")
     h.propose("terminate_backend", target,
               f"pid {pid} (application {_q(app)}) is the root of a lock chain blocking {n} session(s)",
-              pid=str(pid), application_name=app)
+              pid=str(pid), application_name=app, **_session_identity(pid, chain_obs))
     return pid, n, app
+
+
+def _session_identity(pid: int, chain_obs: Observation | None) -> dict[str, str]:
+    """What tells the blocker's session apart from a later one with the same pid (for the executor's
+    precondition): its user, its backend_start when reported, and when it was observed with how old
+    its transaction was then."""
+    if chain_obs is None or not chain_obs.ok:
+        return {}
+    seen = read_blockers(chain_obs).get(pid)
+    if seen is None:
+        return {}
+    out = {"observed_at": chain_obs.at.isoformat()}
+    if seen.user:
+        out["usename"] = seen.user
+    if seen.backend_start:
+        out["backend_start"] = seen.backend_start
+    if seen.seconds > 0:  # the transaction age when observed (blocker rows carry xact_age_s)
+        out["xact_age_s"] = f"{seen.seconds:.3f}"
+    return out
 
 
 async def locks_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
@@ -795,7 +817,7 @@ async def locks_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
     lock_h = Draft(cause="lock_contention", statement="lock contention")
     slow_h = Draft(cause="slow_queries", statement="slow queries without lock contention")
     blocked = {c.pid for c in chains}
-    root = _propose_root_blocker(lock_h, chains, idle, long, alert)
+    root = _propose_root_blocker(lock_h, chains, idle, long, alert, chain_obs)
     if root is not None:
         pid, n, app = root
         # What the root is doing: from the tool's blocker rows, else the idle/long-running lists.
