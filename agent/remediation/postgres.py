@@ -46,25 +46,24 @@ SLACK_S = 1.0  # seconds of tolerance when comparing the observation's clock wit
 POLL_S = 0.1
 MAX_SESSIONS = 50  # terminate_idle_backends: refuse to end more sessions than this at once
 
-SESSION_SQL = """\
+# Every lock wait with whom it waits for (pg_blocking_pids): who the blocker blocks, directly or through others.
+_LOCK_WAITS = """(SELECT coalesce(json_agg(json_build_array(w.pid, pg_blocking_pids(w.pid))), '[]')
+        FROM pg_stat_activity w WHERE w.wait_event_type = 'Lock')"""
+
+SESSION_SQL = f"""\
 SELECT a.backend_type, a.usename::text, coalesce(a.application_name, ''), a.backend_start,
        extract(epoch FROM now() - a.backend_start)::float8,
        extract(epoch FROM now() - a.xact_start)::float8,
-       a.pid = pg_backend_pid(), coalesce(a.state, ''),
-       ARRAY(SELECT w.pid FROM pg_stat_activity w
-             WHERE w.wait_event_type = 'Lock' AND a.pid = ANY(pg_blocking_pids(w.pid)) ORDER BY w.pid)
+       a.pid = pg_backend_pid(), coalesce(a.state, ''), {_LOCK_WAITS}
 FROM pg_stat_activity a WHERE a.pid = %(pid)s"""
 
 TERMINATE_SQL = """\
 SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
 WHERE a.pid = %(pid)s AND a.backend_start = %(backend_start)s"""
 
-GONE_SQL = """\
+GONE_SQL = f"""\
 SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %(pid)s AND backend_start = %(backend_start)s),
-       ARRAY(SELECT w.pid FROM pg_stat_activity w
-             WHERE w.wait_event_type = 'Lock' AND %(pid)s = ANY(pg_blocking_pids(w.pid)) ORDER BY w.pid),
-       ARRAY(SELECT w.pid FROM pg_stat_activity w
-             WHERE w.pid = ANY(%(waiters)s::int[]) AND w.wait_event_type = 'Lock' ORDER BY w.pid)"""
+       {_LOCK_WAITS}"""
 
 _IDLE_WHERE = """\
 a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
@@ -195,13 +194,41 @@ class Backend:
     ours: bool
     state: str
     waiters: tuple[int, ...]  # sessions waiting for a lock this one holds
+    blocked: tuple[int, ...] = ()  # sessions it blocks directly or through others (waiters included)
 
     def describe(self) -> str:
         started = self.backend_start.isoformat() if self.backend_start else "?"
+        blocked = self.blocked or self.waiters
         return (f"pid {self.pid} (user {self.usename or '?'}, application {self.application_name or '(none)'}, "
-                f"{self.state or 'no state'}, backend started {started}) blocked {len(self.waiters)} session(s): "
-                + ", ".join(map(str, self.waiters[:20]))
-                + (" …" if len(self.waiters) > 20 else ""))
+                f"{self.state or 'no state'}, backend started {started}) blocked {len(blocked)} session(s) "
+                f"({len(self.waiters)} directly): " + ", ".join(map(str, blocked[:20]))
+                + (" …" if len(blocked) > 20 else ""))
+
+
+def lock_waits(raw: Any) -> dict[int, frozenset[int]]:
+    """``[[pid, [blocking pids]], ...]`` as {waiting pid: who it waits for} (pure)."""
+    out: dict[int, frozenset[int]] = {}
+    for item in raw or ():
+        try:
+            pid, by = item
+            out[int(pid)] = frozenset(int(p) for p in by or ())
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def blocked_by(pid: int, waits: Mapping[int, frozenset[int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(sessions waiting on ``pid`` directly, all sessions it blocks directly or through others) (pure)."""
+    direct = tuple(sorted(w for w, by in waits.items() if pid in by))
+    seen: set[int] = set()
+    todo = list(direct)
+    while todo:
+        w = todo.pop()
+        if w in seen or w == pid:
+            continue
+        seen.add(w)
+        todo.extend(x for x, by in waits.items() if w in by)
+    return direct, tuple(sorted(seen))
 
 
 def stale_backend(action: ProposedAction, seen: Backend | None, *, pid: int, elapsed_s: float,
@@ -268,10 +295,11 @@ class TerminateBackend:
         rows = await self.db.rows(SESSION_SQL, {"pid": pid})
         if not rows:
             return None
-        btype, user, app, start, age, xact_age, ours, state, waiters = rows[0]
+        btype, user, app, start, age, xact_age, ours, state, waits = rows[0]
+        direct, blocked = blocked_by(pid, lock_waits(waits))
         return Backend(pid=pid, backend_type=btype or "", usename=user, application_name=app, backend_start=start,
-                       backend_age_s=age, xact_age_s=xact_age, ours=bool(ours), state=state,
-                       waiters=tuple(int(w) for w in waiters or ()))
+                       backend_age_s=age, xact_age_s=xact_age, ours=bool(ours), state=state, waiters=direct,
+                       blocked=blocked)
 
     def _elapsed(self, action: ProposedAction) -> float:
         observed = _time(action.params.get("observed_at"))
@@ -313,13 +341,16 @@ class TerminateBackend:
             return False
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
-            exists, waiting_on_it, still_waiting = (await self.db.rows(GONE_SQL, {
-                "pid": pid, "backend_start": seen.backend_start, "waiters": list(seen.waiters)}))[0]
-            drained = not exists and not waiting_on_it
+            exists, raw = (await self.db.rows(GONE_SQL, {"pid": pid, "backend_start": seen.backend_start}))[0]
+            waits = lock_waits(raw)
+            on_it = [w for w, by in waits.items() if pid in by]
+            drained = not exists and not on_it
+            blocked = seen.blocked or seen.waiters
+            still = [w for w in blocked if w in waits]
             self._after[pid] = (
-                f"pid {pid} {'still exists' if exists else 'is gone'}; {len(waiting_on_it)} session(s) wait on it; "
-                f"of the {len(seen.waiters)} it blocked, {len(seen.waiters) - len(still_waiting)} no longer wait "
-                "for a lock" + (f" ({len(still_waiting)} now wait on others)" if still_waiting and drained else ""))
+                f"pid {pid} {'still exists' if exists else 'is gone'}; {len(on_it)} session(s) wait on it; "
+                f"of the {len(blocked)} it blocked, {len(blocked) - len(still)} no longer wait for a lock"
+                + (f" ({len(still)} now wait on others)" if still and drained else ""))
             if drained or time.monotonic() >= deadline:
                 return drained
             await asyncio.sleep(POLL_S)

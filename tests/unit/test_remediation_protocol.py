@@ -15,7 +15,7 @@ import pytest
 
 from agent import config
 from agent.reasoning.actions import Execution, gate
-from agent.remediation.postgres import Backend, TerminateIdleBackends, stale_backend
+from agent.remediation.postgres import Backend, TerminateIdleBackends, blocked_by, lock_waits, stale_backend
 from agent.remediation.protocol import (
     FileLedger,
     MemoryLedger,
@@ -380,3 +380,12 @@ def test_terminate_idle_backends_names_exactly_one_set_of_sessions(params: dict[
     action = ProposedAction(action="terminate_idle_backends", target="t", risk=RiskClass.MEDIUM, params=params)
     got = TerminateIdleBackends.selector(action)
     assert got == expected if isinstance(expected, tuple) else (isinstance(got, str) and expected in got)
+
+
+def test_who_a_blocker_blocks_directly_and_through_others() -> None:
+    # 4242 holds the row; 11 waits on it; 12 and 13 queue behind 11's tuple lock; 14 waits on 13; 99 elsewhere
+    waits = lock_waits([[11, [4242]], [12, [11]], [13, [11]], [14, [13]], [99, [7]], ["bad"]])
+
+    assert blocked_by(4242, waits) == ((11,), (11, 12, 13, 14))
+    assert blocked_by(13, waits) == ((14,), (14,))
+    assert blocked_by(5, waits) == ((), ())
