@@ -130,7 +130,8 @@ def executors_for(env: AgentEnv, tools: Sequence[Tool]) -> tuple[dict[str, Remed
                 continue
             db = pg_remediation.Database(
                 tool.dsn, user=tool._user, password=tool._password, timeout=tool.limits.timeout,  # noqa: SLF001
-                application_name=f"agentjobs-agent {env.investigation_id[:16]} remediation")
+                application_name=f"agentjobs-agent {env.investigation_id[:16]} remediation",
+                before_connect=tool.close)  # its slot, on a server with none to spare
             found |= pg_remediation.executors(db)
             closers.append(db)
     return found, closers

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -88,8 +88,13 @@ class Database:
     """One lazily opened connection as the agent's own database user, shared by the executors."""
 
     def __init__(self, dsn: str, *, user: str | None = None, password: str | None = None,
-                 timeout: float = 5.0, application_name: str = f"{AGENT_APPLICATION} remediation") -> None:
+                 timeout: float = 5.0, application_name: str = f"{AGENT_APPLICATION} remediation",
+                 before_connect: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``before_connect``: run before opening the connection — the engine passes the postgres tool's
+        ``close``, so that on a server out of connection slots the executor takes the tool's slot
+        (the diagnosis is over by then) instead of needing one more."""
         self.dsn = dsn
+        self._before_connect = before_connect
         self.timeout = timeout
         self._user, self._password = user, password
         self._application_name = application_name[:63]
@@ -126,6 +131,9 @@ class Database:
 
         if self._conn is not None and not self._conn.closed:
             return self._conn
+        if self._before_connect is not None:
+            before, self._before_connect = self._before_connect, None
+            await before()
         kwargs: dict[str, Any] = {
             "connect_timeout": max(2, int(self.timeout + 0.999)),
             "application_name": self._application_name,
