@@ -2,14 +2,20 @@
 
 RBAC here is a flat allow list per user or group instead of Roles and
 RoleBindings: tests state "this ServiceAccount may create jobs in ns X" and
-everything else is 403 with the apiserver's message. Quota is read from real
+everything else is 403 with the apiserver's message. `Rbac.load` turns real
+(Cluster)Roles and (Cluster)RoleBindings — e.g. the ones k8s/ renders — into
+that list, as the API server would read them. Quota is read from real
 ResourceQuota objects (so the same test can create one on k3s) and enforces
 object-count quotas (`count/jobs.batch`, `pods`, `secrets`, …) at admission
-time. A rejected create stores nothing.
+time. A rejected create stores nothing. `ValidatingPolicy` stands in for a
+ValidatingAdmissionPolicy: the emulator has no CEL, so a test gives the check
+as a function of the UPDATE (old and new object, user), and a denial is the
+apiserver's 403.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from . import quantity, status
@@ -63,6 +69,38 @@ class Rbac:
         self.allow(sa_username(namespace, name), verbs, resources, group,
                    in_namespace or namespace)
 
+    def load(self, objects: Iterable[dict]) -> "Rbac":
+        """Allow what these Roles/ClusterRoles grant through these RoleBindings/ClusterRoleBindings.
+
+        A RoleBinding grants its role's rules in the binding's namespace, a ClusterRoleBinding
+        everywhere; subjects are ServiceAccounts, Users or Groups. Aggregated roles and
+        nonResourceURLs are refused (nothing here would enforce them).
+        """
+        objects = list(objects)
+        roles = {(o["kind"], (o["metadata"].get("namespace") if o["kind"] == "Role" else None),
+                  o["metadata"]["name"]): o for o in objects if o.get("kind") in ("Role", "ClusterRole")}
+        for binding in objects:
+            if binding.get("kind") not in ("RoleBinding", "ClusterRoleBinding"):
+                continue
+            where = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+            ref = binding["roleRef"]
+            role = roles.get((ref["kind"], where if ref["kind"] == "Role" else None, ref["name"]))
+            if role is None:
+                raise ValueError(f"{binding['kind']} {binding['metadata']['name']}: {ref['kind']} "
+                                 f"{ref['name']} is not among the objects")
+            if "aggregationRule" in role:
+                raise ValueError(f"{ref['name']}: aggregated roles are not supported")
+            for subject in binding.get("subjects") or []:
+                who = (sa_username(subject["namespace"], subject["name"])
+                       if subject["kind"] == "ServiceAccount" else subject["name"])
+                for rule in role.get("rules") or []:
+                    if rule.get("nonResourceURLs"):
+                        raise ValueError(f"{ref['name']}: nonResourceURLs are not supported")
+                    for group in rule.get("apiGroups") or []:
+                        self.allow(who, list(rule["verbs"]), list(rule.get("resources") or []), group, where,
+                                   list(rule["resourceNames"]) if rule.get("resourceNames") else None)
+        return self
+
     def check(self, ident: Identity, verb: str, rt: ResourceType, namespace: str | None,
               name: str | None, subresource: str | None) -> None:
         if not self.enabled or ident.is_admin:
@@ -74,6 +112,42 @@ class Rbac:
         raise status.forbidden(rt, None if verb in ("create", "list", "watch",
                                                     "deletecollection") else name,
                                ident.username, verb, namespace, subresource)
+
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    """What a validating admission policy sees of an UPDATE (a PUT or a PATCH is an UPDATE)."""
+
+    operation: str
+    rt: ResourceType
+    subresource: str | None
+    namespace: str | None
+    name: str
+    username: str
+    object: dict
+    old_object: dict
+
+
+@dataclass(frozen=True)
+class ValidatingPolicy:
+    """A ValidatingAdmissionPolicy with its binding (validationActions Deny), evaluated by ``check``.
+
+    ``check`` returns None to admit, or the message of the validation that denies the request.
+    """
+
+    name: str
+    check: Callable[[AdmissionRequest], str | None]
+    binding: str = ""
+
+    def validate(self, request: AdmissionRequest) -> None:
+        message = self.check(request)
+        if message is None:
+            return
+        rt = request.rt
+        raise status.ApiError(status.status(
+            403, "Forbidden", f'{rt.qualified} "{request.name}" is forbidden: ValidatingAdmissionPolicy '
+            f"'{self.name}' with binding '{self.binding or self.name}' denied request: {message}",
+            {"name": request.name, **({"group": rt.group} if rt.group else {}), "kind": rt.plural}))
 
 
 def quota_key(rt: ResourceType) -> list[str]:

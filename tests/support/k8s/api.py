@@ -19,10 +19,12 @@ from . import patch as patching
 from .jsoncopy import clone
 from .resources import (
     CONFIGMAPS,
+    DEPLOYMENTS,
     EVENTS,
     JOBS,
     NAMESPACES,
     PODS,
+    REPLICASETS,
     RESOURCEQUOTAS,
     SECRETS,
     SERVICEACCOUNTS,
@@ -35,7 +37,9 @@ if TYPE_CHECKING:
 
 SERVER_SET_META = ("uid", "resourceVersion", "creationTimestamp", "deletionTimestamp",
                    "deletionGracePeriodSeconds", "generation", "managedFields", "selfLink")
-HAS_STATUS = {JOBS.plural, PODS.plural, NAMESPACES.plural, RESOURCEQUOTAS.plural}
+HAS_STATUS = {JOBS.plural, PODS.plural, NAMESPACES.plural, RESOURCEQUOTAS.plural, DEPLOYMENTS.plural,
+              REPLICASETS.plural}
+GENERATED = (JOBS, DEPLOYMENTS, REPLICASETS)  # metadata.generation counts their spec changes
 PLACEHOLDER_CA = ("-----BEGIN CERTIFICATE-----\n"
                   "TUlJQkVtdWxhdG9yUGxhY2Vob2xkZXJOb3RBUmVhbENlcnRpZmljYXRl\n"
                   "-----END CERTIFICATE-----\n")
@@ -84,6 +88,8 @@ class Api:
             obj.pop("status", None)
         meta["uid"] = str(uuid.uuid4())
         self._default_and_validate(rt, obj)
+        if rt in GENERATED:
+            meta["generation"] = 1
         if rt.plural in HAS_STATUS:
             obj.setdefault("status", {})
         if rt.namespaced:
@@ -216,10 +222,10 @@ class Api:
                     merged["status"] = current["status"]
                 else:
                     merged.pop("status", None)
+            if rt in GENERATED and merged.get("spec") != current.get("spec"):
+                merged["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
             if rt is JOBS:
                 validation.job_update(current, merged)
-                if merged.get("spec") != current.get("spec"):
-                    merged["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
             elif rt is SECRETS:
                 defaults.secret(merged)
                 validation.secret(merged)
@@ -273,3 +279,71 @@ class Api:
         if dry_run:
             return 200, patched
         return 200, self.save(rt, current, patched, subresource)
+
+    # -- the scale subresource (autoscaling/v1 Scale of a Deployment) -----------------------
+    def scale(self, rt: ResourceType, namespace: str | None, name: str) -> dict:
+        return scale_of(self.get(rt, namespace, name))
+
+    def replace_scale(self, rt: ResourceType, namespace: str | None, name: str, body: Any) -> dict:
+        """PUT .../scale (also the end of a PATCH): only spec.replicas reaches the Deployment."""
+        current = self.get(rt, namespace, name)
+        if not isinstance(body, dict):
+            raise status.bad_request("the object provided is unrecognized (must be of type Scale)")
+        meta = body.get("metadata") or {}
+        if meta.get("name") and meta["name"] != name:
+            raise status.bad_request(f"the name of the object ({meta['name']}) does not match the name on "
+                                     f"the URL ({name})")
+        replicas = (body.get("spec") or {}).get("replicas", 0)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise status.invalid(SCALE, name, [{
+                "field": "spec.replicas", "reason": "FieldValueInvalid",
+                "message": f"Invalid value: {json.dumps(replicas)}: must be greater than or equal to 0"}])
+        new = clone(current)
+        new.setdefault("spec", {})["replicas"] = replicas
+        return scale_of(self.save(rt, current, new, expect_rv=meta.get("resourceVersion") or None))
+
+    def patch_scale(self, rt: ResourceType, namespace: str | None, name: str, raw: bytes,
+                    content_type: str) -> dict:
+        ctype = content_type.split(";")[0].strip().lower()
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            raise status.bad_request(f"error decoding patch: {exc}")
+        current = self.scale(rt, namespace, name)
+        if ctype == "application/json-patch+json":
+            if not isinstance(body, list):
+                raise status.bad_request("json patch must be a list of operations")
+            patched = patching.json_patch(current, body)
+        elif ctype == "application/merge-patch+json":
+            patched = patching.merge_patch(current, body)
+        elif ctype == "application/strategic-merge-patch+json":
+            patched = patching.strategic_merge(current, body)
+        else:
+            raise status.ApiError(status.status(
+                415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
+                "media types include: application/json-patch+json, application/merge-patch+json, "
+                "application/strategic-merge-patch+json"))
+        wanted_rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
+        if wanted_rv is not None and str(wanted_rv) != current["metadata"]["resourceVersion"]:
+            raise status.conflict(rt, name)
+        patched.setdefault("metadata", {})["resourceVersion"] = None  # checked above, not again
+        return self.replace_scale(rt, namespace, name, patched)
+
+
+SCALE = ResourceType("autoscaling", "v1", "scale", "Scale", True)  # how errors about a Scale name it
+
+
+def scale_of(obj: dict) -> dict:
+    """The autoscaling/v1 Scale the API server serves for a Deployment (pure)."""
+    meta, spec, st = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    selector = spec.get("selector") or {}
+    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    for expr in selector.get("matchExpressions") or []:
+        op, values = expr.get("operator"), ",".join(expr.get("values") or [])
+        terms.append({"In": f"{expr['key']} in ({values})", "NotIn": f"{expr['key']} notin ({values})",
+                      "Exists": expr["key"], "DoesNotExist": f"!{expr['key']}"}.get(op, ""))
+    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                         if k in meta},
+            "spec": {"replicas": spec.get("replicas", 1)},
+            "status": {"replicas": st.get("replicas", 0), "selector": ",".join(t for t in terms if t)}}

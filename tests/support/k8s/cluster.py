@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import admission
-from .admission import Rbac
+from .admission import Rbac, ValidatingPolicy
 from .api import Api
 from .clock import Clock
 from .controller import JobController
@@ -45,6 +45,7 @@ class Cluster:
         self.store = Store(self.clock, history_limit)
         self.tokens = Tokens(self.clock, self.store)
         self.rbac = Rbac()
+        self.policies: list[ValidatingPolicy] = []  # validating admission of UPDATEs (see admission.py)
         self.faults = Faults()
         self.recorder = Recorder(self.store, self.clock)
         self.api = Api(self)

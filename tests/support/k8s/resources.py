@@ -47,8 +47,9 @@ NAMESPACES = ResourceType("", "v1", "namespaces", "Namespace", False,
 TOKENREVIEWS = ResourceType("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False,
                             verbs=("create",))
 
-# Stored and served (read by the agent's kubernetes tool); no controller rolls them out.
-DEPLOYMENTS = ResourceType("apps", "v1", "deployments", "Deployment", True, subresources=("status",),
+# Stored and served (read by the agent's kubernetes tool); no controller rolls them out. A Deployment
+# has the scale subresource (autoscaling/v1 Scale: what `kubectl scale` and the agent's executor use).
+DEPLOYMENTS = ResourceType("apps", "v1", "deployments", "Deployment", True, subresources=("status", "scale"),
                            short_names=("deploy",))
 REPLICASETS = ResourceType("apps", "v1", "replicasets", "ReplicaSet", True, subresources=("status",),
                            short_names=("rs",))
@@ -77,10 +78,13 @@ def api_resource_list(api_version: str) -> dict:
         resources.append(entry)
         for sub in rt.subresources:
             verbs = {"status": ["get", "patch", "update"], "log": ["get"],
-                     "token": ["create"]}[sub]
-            kind = {"log": "Pod", "token": "TokenRequest"}.get(sub, rt.kind)
-            resources.append({"name": f"{rt.plural}/{sub}", "singularName": "",
-                              "namespaced": rt.namespaced, "kind": kind, "verbs": verbs})
+                     "token": ["create"], "scale": ["get", "patch", "update"]}[sub]
+            kind = {"log": "Pod", "token": "TokenRequest", "scale": "Scale"}.get(sub, rt.kind)
+            entry = {"name": f"{rt.plural}/{sub}", "singularName": "",
+                     "namespaced": rt.namespaced, "kind": kind, "verbs": verbs}
+            if sub == "scale":
+                entry.update(group="autoscaling", version="v1")
+            resources.append(entry)
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api_version,
             "resources": resources}
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from . import resources, status
+from .admission import AdmissionRequest
 from .clock import rfc3339
 from .cluster import Cluster, RequestRecord
 from .faults import Fault
@@ -163,6 +164,10 @@ class Server:
         if sub == "log":
             return await self._pod_log(request, ns, name)
         dry_run = q.get("dryRun") == "All"
+        if sub == "scale":
+            return await self._scale(request, rt, ns, name)
+        if method in ("PUT", "PATCH") and name and sub is None and c.policies:
+            await self._admit_update(request, ident, rt, ns, name)
         if method == "GET":
             if name:
                 return json_response(c.api.get(rt, ns, name))
@@ -202,6 +207,33 @@ class Server:
             return json_response({"kind": "Status", "apiVersion": "v1", "metadata": {},
                                   "status": "Success"})
         raise status.method_not_supported(rt, method)
+
+    async def _scale(self, request: web.Request, rt: ResourceType, ns: str | None,
+                     name: str) -> web.Response:
+        api = self.cluster.api
+        if request.method == "GET":
+            return json_response(api.scale(rt, ns, name))
+        if request.method == "PUT":
+            return json_response(api.replace_scale(rt, ns, name, await self._json(request)))
+        if request.method == "PATCH":
+            return json_response(api.patch_scale(rt, ns, name, await request.read(),
+                                                 request.headers.get("Content-Type", "")))
+        raise status.method_not_supported(rt, request.method)
+
+    async def _admit_update(self, request: web.Request, ident: Identity, rt: ResourceType,
+                            ns: str | None, name: str) -> None:
+        """Run the validating policies on the object this PUT or PATCH would store."""
+        c = self.cluster
+        old = c.api.get(rt, ns, name)
+        if request.method == "PATCH":
+            _, new = c.api.patch(rt, ns, name, await request.read(),
+                                 request.headers.get("Content-Type", ""), None,
+                                 request.query.get("fieldManager"), dry_run=True)
+        else:
+            new = await self._json(request)
+        admission = AdmissionRequest("UPDATE", rt, None, ns, name, ident.username, new, old)
+        for policy in c.policies:
+            policy.validate(admission)
 
     # -- helpers -------------------------------------------------------------------------
     def _non_resource(self, path: str) -> dict | None:
