@@ -229,6 +229,33 @@ class VaultSession:
             return Denied(path=path, reason="no api_key stored")
         return key
 
+    async def read_kv(self, path: str) -> dict[str, Any] | None | Denied:
+        """The data of the kv-v2 secret at ``path`` (``<mount>/data/<name>``), read fresh.
+
+        None: Vault says there is no such secret (404 without errors; also a deleted version).
+        ``Denied``: it could not be read — 403, Vault down or sealed, no such mount (a 404 *with*
+        errors, "no handler for route"), or not a kv-v2 answer. Callers that must fail closed
+        (the kill switch) can tell "nothing stored" from "cannot know".
+        """
+        try:
+            response = await self._call(lambda: self._client.adapter.get(f"/v1/{path}"))
+        except hvac.exceptions.InvalidPath as exc:
+            if exc.errors:
+                return Denied(path=path, reason=_describe(exc))
+            return None
+        except (hvac.exceptions.VaultError, *_TRANSPORT_ERRORS) as exc:
+            return Denied(path=path, reason=_describe(exc))
+        body = response if isinstance(response, dict) else {}
+        outer = body.get("data")
+        if not isinstance(outer, dict):
+            return Denied(path=path, reason="not a kv-v2 secret (no data)")
+        data = outer.get("data")
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            return Denied(path=path, reason="not a kv-v2 secret (data is not an object)")
+        return data
+
     async def rabbitmq(self) -> DynamicSecret:
         """The RabbitMQ user for publishing results; without it there is nothing to do.
 

@@ -30,7 +30,7 @@ from .reasoning.base import Budget, Investigation, Price, Reasoner, Tally
 from .reasoning.finding import conclude
 from .reasoning.rules import RulesReasoner
 from .tools.base import Limits, Tool
-from .remediation.protocol import FileLedger, Ledger, MemoryLedger, RemediationExecutor
+from .remediation.protocol import FileLedger, Guard, Ledger, MemoryLedger, RemediationExecutor, guarded
 from .tools.toolbox import Toolbox
 
 PUBLISH_RESERVE = 15.0  # seconds of the Job's deadline kept for publishing and revoking
@@ -161,11 +161,13 @@ async def investigate(
     api_key: str = "",
     executors: Mapping[str, RemediationExecutor] | None = None,
     ledger: Ledger | None = None,
+    guard: Guard | None = None,
 ) -> Finding:
     """Reason over the tools and conclude; never raises for a tool failure (that is evidence).
 
     ``executors``: by default the ones ``executors_for`` builds for the Job's tools and phase
-    (closed before returning); ``ledger``: by default ``ledger_for(env)``.
+    (closed before returning); ``ledger``: by default ``ledger_for(env)``; ``guard``: asked right
+    before each action runs — the kill switch (``agent.main`` always passes one; None: unchecked).
 
     One trace: the investigation span continues the Job's TRACEPARENT; the reasoner and every
     tool call are spans below it; the Finding carries the trace id.
@@ -175,7 +177,8 @@ async def investigate(
         executors, closers = executors_for(env, tools)
     try:
         finding = await _investigate(incident, env, tools=tools, tally=tally, api_key=api_key,
-                                     executors=executors, ledger=ledger if ledger is not None else ledger_for(env))
+                                     executors=executors, ledger=ledger if ledger is not None else ledger_for(env),
+                                     guard=guard)
     finally:
         for closer in closers:
             try:
@@ -188,7 +191,8 @@ async def investigate(
 
 
 async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequence[Tool], tally: Tally,
-                       api_key: str, executors: Mapping[str, RemediationExecutor], ledger: Ledger) -> Finding:
+                       api_key: str, executors: Mapping[str, RemediationExecutor], ledger: Ledger,
+                       guard: Guard | None = None) -> Finding:
     with tracing.investigation_span(env.traceparent, **{"agentjobs.investigation_id": env.investigation_id,
                                                         "agentjobs.phase": env.phase.value}) as span:
         toolbox = Toolbox(tools)
@@ -199,7 +203,7 @@ async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequenc
             assessment = await reasoner.investigate(inv)
             reasoning.set_attribute("agentjobs.conclusion", assessment.conclusion.value)
             reasoning.set_attribute("agentjobs.reasoner", assessment.reasoner)
-        with tracing.tracer.start_as_current_span("conclude"):
+        with tracing.tracer.start_as_current_span("conclude"), guarded(guard):
             finding = await conclude(inv, assessment, investigation_id=env.investigation_id,
                                      domain_label=env.domain_label, executors=executors, ledger=ledger)
         trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""

@@ -1,8 +1,10 @@
 """``agentjobs agent``: one investigation, start to end, inside its Job.
 
 bootstrap (unwrap or log in, dynamic credentials) → investigate (``engine``: tools,
-reasoner, phase gate) → publish the
-finding with confirms → revoke-self. The exit code tells the dispatcher how it
+reasoner, phase gate; the kill switch read from Vault right before each action, and without
+a Vault identity — auth mode none — nothing acts) → publish the
+finding with confirms, then one ``ActionRecord`` per gated action (best effort: the finding
+carries the same facts) → revoke-self. The exit code tells the dispatcher how it
 ended — it maps them to lifecycle reasons:
 
 ====  ===========================================================================
@@ -45,6 +47,7 @@ from schemas import (
 from . import config, credentials, engine, publish, tracing
 from .config import AgentEnv, ConfigError
 from .credentials import CredentialsUnavailable, Denied, VaultSession
+from .remediation import killswitch
 from .reasoning.base import Tally
 
 log = logs.get_logger("agentjobs.agent")
@@ -156,9 +159,12 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
                                                      postgres_available=db_unavailable is None,
                                                      amqp_user=amqp_user, amqp_password=amqp_password)
         prior.extend(unavailable)
+        # Read fresh right before each action: a switch flipped while this Job investigates still holds.
+        guard = (killswitch.VaultKillSwitch(session) if session is not None
+                 else killswitch.without_vault("no Vault identity in auth mode none"))
         try:
             finding = await engine.investigate(incident, env, tools=tools, tally=tally, prior_evidence=prior,
-                                               api_key=api_key)
+                                               api_key=api_key, guard=guard)
         finally:
             await engine.close_tools(tools)
         finding = msgspec.structs.replace(finding, cost=tally.cost())
@@ -172,6 +178,17 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
         )
         log.info("finding_published", routing_key=routing_key, conclusion=finding.conclusion.value,
                  confidence=finding.confidence, tool_calls=finding.cost.tool_calls)
+        try:
+            keys = await publish.publish_action_records(
+                finding, amqp_url=env.amqp_url, username=amqp_user, password=amqp_password,
+                timeout=env.publish_timeout, connection_name=f"agentjobs-agent {env.job_name}",
+                headers={"investigation_id": env.investigation_id, "job_name": env.job_name},
+            )
+        except publish.PublishFailed as exc:  # the finding, confirmed, carries the same facts
+            log.error("action_records_unpublished", error=str(exc))
+        else:
+            if keys:
+                log.info("action_records_published", routing_keys=keys)
     finally:
         stop.set()
         if renewer is not None:

@@ -6,13 +6,22 @@ AMQP ``user_id`` = that user, which RabbitMQ verifies against the connection:
 consumers can attribute every finding to the investigation's own identity.
 Anything short of a broker confirm — refused connection, missing permission,
 unroutable (mandatory), nack, timeout — is ``PublishFailed``.
+
+After the finding, ``publish_action_records`` sends one ``ActionRecord`` per gated action
+(``action.<outcome>.<domain>``) over one connection, each confirmed. They are not
+mandatory: no queue of the product's topology binds ``action.#`` — they are copies for
+whoever listens (``agentjobs tail actions``, the ``up`` board, a ticketing or audit
+consumer) — and the finding, routed and mandatory, carries the same facts in its actions'
+params. Their headers repeat what tells them apart (investigation, action, target,
+outcome, domain), for consumers that route or filter on headers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -22,9 +31,10 @@ import msgspec
 from aio_pika.abc import DeliveryMode
 from yarl import URL
 
-from schemas import Finding, encode
+from schemas import ActionRecord, Finding, encode, utcnow
+from schemas.actions import records_for
 from schemas.redaction import mask_text
-from schemas.routing import RESULTS, finding_key
+from schemas.routing import RESULTS, action_key, finding_key
 
 
 class PublishFailed(Exception):
@@ -79,17 +89,64 @@ async def publish_message(
     timestamp: datetime | None = None,
 ) -> None:
     """Publish a wire message to ``agentjobs.results`` as the agent's user; confirmed or ``PublishFailed``."""
-    kind = getattr(type(body).__struct_config__, "tag", None)
-    message = aio_pika.Message(
-        encode(body),
-        content_type="application/json",
-        delivery_mode=DeliveryMode.PERSISTENT,
-        message_id=message_id,
-        type=kind if isinstance(kind, str) else None,
-        user_id=username,  # verified by the broker: who published is who Vault issued
-        headers=dict(headers or {}),
-        timestamp=timestamp,
+    await publish_all(
+        [Outgoing(body=body, routing_key=routing_key, message_id=message_id, headers=dict(headers or {}),
+                  timestamp=timestamp)],
+        amqp_url=amqp_url, username=username, password=password, timeout=timeout, connection_name=connection_name,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outgoing:
+    """One message for ``publish_all``."""
+
+    body: msgspec.Struct
+    routing_key: str
+    message_id: str
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    timestamp: datetime | None = None
+    mandatory: bool = True  # unroutable is an error (PublishFailed)
+
+
+def action_messages(records: Sequence[ActionRecord], headers: Mapping[str, Any] | None = None) -> list[Outgoing]:
+    """The messages for ``records`` (pure): ``action.<outcome>.<domain>``, not mandatory."""
+    return [
+        Outgoing(body=r, routing_key=action_key(r.outcome, r.domain), message_id=r.record_id, timestamp=r.at,
+                 headers={**(headers or {}), "investigation_id": r.investigation_id, "action": r.action,
+                          "target": r.target, "outcome": r.outcome, "domain": r.domain, "executed": r.executed},
+                 mandatory=False)
+        for r in records
+    ]
+
+
+async def publish_action_records(
+    finding: Finding,
+    *,
+    amqp_url: str,
+    username: str | None,
+    password: str | None,
+    timeout: float,
+    connection_name: str,
+    headers: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Publish one ``ActionRecord`` per gated action of ``finding`` (confirmed); returns their routing keys."""
+    messages = action_messages(records_for(finding, at=finding.produced_at or utcnow()), headers)
+    if messages:
+        await publish_all(messages, amqp_url=amqp_url, username=username, password=password, timeout=timeout,
+                          connection_name=connection_name)
+    return [m.routing_key for m in messages]
+
+
+async def publish_all(
+    messages: Sequence[Outgoing],
+    *,
+    amqp_url: str,
+    username: str | None,
+    password: str | None,
+    timeout: float,
+    connection_name: str,
+) -> None:
+    """Publish ``messages`` in order over one connection, each confirmed; ``PublishFailed`` at the first failure."""
     connection: aio_pika.abc.AbstractConnection | None = None
     try:
         connection = await aio_pika.connect(
@@ -98,7 +155,8 @@ async def publish_message(
         )
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(RESULTS, ensure=False)  # no configure permission needed
-        await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
+        for m in messages:
+            await exchange.publish(_message(m, username), m.routing_key, mandatory=m.mandatory, timeout=timeout)
     except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError, OSError,
             TimeoutError, RuntimeError) as exc:
         raise PublishFailed(_safe(exc, password)) from None
@@ -107,3 +165,17 @@ async def publish_message(
             # The outcome is decided; closing is best effort.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=timeout)
+
+
+def _message(m: Outgoing, username: str | None) -> aio_pika.Message:
+    kind = getattr(type(m.body).__struct_config__, "tag", None)
+    return aio_pika.Message(
+        encode(m.body),
+        content_type="application/json",
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=m.message_id,
+        type=kind if isinstance(kind, str) else None,
+        user_id=username,  # verified by the broker: who published is who Vault issued
+        headers=dict(m.headers),
+        timestamp=m.timestamp,
+    )

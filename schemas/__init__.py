@@ -3,6 +3,7 @@
 Import from here: ``from schemas import IncidentEvent, decode_incident``.
 """
 
+from .actions import ActionRecord, KillSwitch
 from .alertmanager import AlertmanagerWebhook, to_incident
 from .base import Phase, RiskClass, Severity, utcnow
 from .control import CancelInvestigation
@@ -18,6 +19,7 @@ from .lifecycle import AgentExit, FailureReason, LifecycleEvent, LifecycleState
 from .phase import PhaseChanged, PhasePin
 
 __all__ = [
+    "ActionRecord",
     "AgentExit",
     "KINDS",
     "MAX_BODY_BYTES",
@@ -38,6 +40,7 @@ __all__ = [
     "Finding",
     "Hypothesis",
     "Identity",
+    "KillSwitch",
     "IncidentEvent",
     "LifecycleEvent",
     "LifecycleState",

@@ -42,3 +42,8 @@ def finding_key(severity: Severity, domain: str, phase: Phase | None = None) -> 
     so operators' queues (bound by severity) never receive what is only being scored."""
     level = "shadow" if phase is Phase.SHADOW else severity.value
     return f"finding.{level}.{routing_word(domain)}"
+
+
+def action_key(outcome: str, domain: str) -> str:
+    """``action.<outcome>.<domain>`` for an ``ActionRecord`` (e.g. ``action.executed_verified.database``)."""
+    return f"action.{routing_word(outcome)}.{routing_word(domain)}"

@@ -32,6 +32,11 @@ KV_LLM = "llm"  # agentjobs-kv/data/llm: {"api_key": ...}
 # agentjobs-kv/data/rabbitmq-shared: {"username", "password"} — only in `up`'s reduced mode (no
 # management API, so no rabbitmq engine): the one broker user every agent then publishes as.
 KV_RABBITMQ_SHARED = "rabbitmq-shared"
+# agentjobs-kv/data/actions: the global kill switch {"enabled": bool, "by", "reason", "at"}
+# (schemas.actions.KillSwitch). Operators write it (`agentjobs actions disable|enable`); every agent
+# phase policy may read it and none may write it; each agent reads it right before acting and
+# acts on nothing when it says disabled or cannot be read. No document: never disabled.
+KV_ACTIONS = "actions"
 
 # Token metadata keys: they appear in the audit log of every request the agent makes.
 META_INVESTIGATION = "investigation_id"
@@ -79,3 +84,8 @@ def kv_llm_path() -> str:
 
 def kv_rabbitmq_shared_path() -> str:
     return f"{KV_MOUNT}/data/{KV_RABBITMQ_SHARED}"
+
+
+def kv_actions_path() -> str:
+    """``agentjobs-kv/data/actions``: the kill switch (kv-v2 data path)."""
+    return f"{KV_MOUNT}/data/{KV_ACTIONS}"

@@ -244,6 +244,6 @@ async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
 def _log_result(a: ProposedAction, result: Result, phase: Phase) -> None:
     event = {Outcome.EXECUTED_VERIFIED: "action_executed", Outcome.EXECUTED_NOT_VERIFIED: "action_executed",
              Outcome.FAILED: "action_failed", Outcome.SKIPPED_STALE: "action_skipped",
-             Outcome.ALREADY_EXECUTED: "action_skipped"}[result.outcome]
+             Outcome.ALREADY_EXECUTED: "action_skipped"}.get(result.outcome, "action_refused")
     log.info(event, action=a.action, target=a.target, phase=phase.value, outcome=result.outcome.value,
              reason=result.reason[:300], idempotency_key=result.key)

@@ -20,17 +20,25 @@ acting) also counts as done: at most once, never twice.
 ``FileLedger`` keeps the ledger as append-only JSON lines in the Job's working
 directory (fsynced before acting, ``flock``-ed so two processes in one Job cannot both
 claim a key); ``MemoryLedger`` (or a plain set) serves a single process and tests.
+
+A ``Guard`` — the global kill switch (``agent.remediation.killswitch``) — is asked right
+before acting: after the precondition, before the claim. A ``Refusal`` ends the execution
+``refused_kill_switch`` with nothing claimed and nothing done; a guard that raises refuses
+too (fail closed). ``execute`` takes it as ``guard=``; otherwise the one the engine installed
+for the conclusion with ``guarded(...)`` (a context variable, so every executor the gate
+hands an action to is covered, whoever built it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, MutableSet
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -46,6 +54,7 @@ class Outcome(enum.StrEnum):
     SKIPPED_STALE = "skipped_stale"  # the precondition no longer holds: nothing done
     FAILED = "failed"  # could not check, could not claim, or the act itself failed
     ALREADY_EXECUTED = "already_executed"  # the key was claimed before (a retry): not done again
+    REFUSED_KILL_SWITCH = "refused_kill_switch"  # actions are disabled (or the switch is unreadable): not done
 
 
 ACTED = frozenset({Outcome.EXECUTED_VERIFIED, Outcome.EXECUTED_NOT_VERIFIED})
@@ -255,6 +264,42 @@ def as_ledger(done: Ledger | MutableSet[str]) -> Ledger:
     return SetLedger(done) if isinstance(done, MutableSet) else done
 
 
+# --- the guard: asked right before acting -------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Refusal:
+    """Why a guard stops an action that the gate allowed and whose precondition holds."""
+
+    reason: str
+    outcome: Outcome = Outcome.REFUSED_KILL_SWITCH
+
+
+Guard = Callable[[ProposedAction], Awaitable[Refusal | None]]  # None: go ahead
+
+_guard: contextvars.ContextVar[Guard | None] = contextvars.ContextVar("agentjobs_action_guard", default=None)
+
+
+@contextlib.contextmanager
+def guarded(guard: Guard | None) -> Iterator[None]:
+    """Within this block (this task and what it awaits), ``execute`` asks ``guard`` before acting."""
+    token = _guard.set(guard)
+    try:
+        yield
+    finally:
+        _guard.reset(token)
+
+
+def current_guard() -> Guard | None:
+    return _guard.get()
+
+
+async def _ask(guard: Guard, action: ProposedAction) -> Refusal | None:
+    try:
+        return await guard(action)
+    except Exception as exc:  # noqa: BLE001 - a guard that cannot answer stops the action
+        return Refusal(reason=f"kill switch unreadable ({_error(exc)}): not acting")
+
+
 # --- the protocol ------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
@@ -316,8 +361,12 @@ def already(key: str, entry: Entry) -> Result:
 
 
 async def execute(action: ProposedAction, executor: RemediationExecutor, *, done: Ledger | MutableSet[str],
-                  investigation_id: str = "", verify_timeout: float | None = None) -> Result:
-    """Re-check → claim → act once → verify; never raises for the executor's failures."""
+                  investigation_id: str = "", verify_timeout: float | None = None,
+                  guard: Guard | None = None) -> Result:
+    """Re-check → guard → claim → act once → verify; never raises for the executor's failures.
+
+    ``guard``: asked right before acting (default: the one installed with ``guarded``, if any).
+    """
     ledger = as_ledger(done)
     key = idempotency_key(investigation_id, action, volatile=frozenset(getattr(executor, "volatile_params", ())))
     try:
@@ -333,6 +382,9 @@ async def execute(action: ProposedAction, executor: RemediationExecutor, *, done
         return Result(outcome=Outcome.FAILED, key=key, reason=f"could not check the precondition: {_error(exc)}")
     if stale is not None:
         return Result(outcome=Outcome.SKIPPED_STALE, key=key, reason=stale)
+    check = guard if guard is not None else current_guard()
+    if check is not None and (refusal := await _ask(check, action)) is not None:
+        return Result(outcome=refusal.outcome, key=key, reason=refusal.reason)  # nothing claimed, nothing done
     try:
         claimed = ledger.claim(key, action=action.action, target=action.target)
     except OSError as exc:

@@ -3,7 +3,9 @@
 ``Board`` is fed the messages that appear on ``agentjobs.results`` and
 ``agentjobs.phases`` (through an exclusive copy queue, never a real consumer's)
 and keeps a small picture of them: the investigations still running, the last
-outcomes, where findings went and the phase per scope. ``observe`` returns the
+outcomes, where findings went, the remediation actions decided (a line per
+``ActionRecord`` — published on its own, or carried in a finding's actions) and the phase
+per scope. ``observe`` returns the
 readable line for a message (for logs and non-terminal output); ``table``
 renders the picture for a rich live view. Both are pure over the board's state.
 """
@@ -14,9 +16,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import datetime
 
+from rich.markup import escape
 from rich.table import Table
 
-from schemas import Finding, LifecycleEvent, LifecycleState, Phase, PhaseChanged
+from schemas import ActionRecord, Finding, LifecycleEvent, LifecycleState, Phase, PhaseChanged
+from schemas.actions import ACTED, records_for
+from schemas.routing import action_key
 
 RECENT = 8  # outcomes kept for the table
 RUNNING_SHOWN = 12  # running investigations listed (the rest are counted)
@@ -41,6 +46,9 @@ class Board:
         self.findings: dict[str, Finding] = {}
         self.phases: dict[str, str] = {}  # scope → phase
         self.finding_keys: set[str] = set()  # routing keys findings were published with
+        self.actions: deque[ActionRecord] = deque(maxlen=RECENT)  # newest first
+        self.action_ids: set[str] = set()  # records shown (a record and its finding's copy count once)
+        self.action_outcomes: dict[str, int] = {}
 
     def observe(self, message: object, routing_key: str) -> str | None:
         """Take one message into the picture; the line worth printing for it, if any."""
@@ -52,11 +60,26 @@ class Board:
             row = self.running.get(message.investigation_id)
             if row is not None:
                 row.finding = message.summary
-            return f"  finding     {routing_key}: {message.summary[:90]} (confidence {message.confidence:.2f})"
+            lines = [f"  finding     {routing_key}: {message.summary[:90]} (confidence {message.confidence:.2f})"]
+            if message.produced_at is not None:
+                lines += [line for r in records_for(message) if (line := self._action(r)) is not None]
+            return "\n".join(lines)
+        if isinstance(message, ActionRecord):
+            return self._action(message)
         if isinstance(message, PhaseChanged):
             self.phases[message.scope] = message.to_phase.value
             return f"  phase       {message.scope}: {message.from_phase or '-'} → {message.to_phase} ({message.reason})"
         return None
+
+    def _action(self, record: ActionRecord) -> str | None:
+        if record.record_id in self.action_ids:
+            return None
+        self.action_ids.add(record.record_id)
+        self.actions.appendleft(record)
+        self.action_outcomes[record.outcome] = self.action_outcomes.get(record.outcome, 0) + 1
+        undo = f"; undo: {record.undo[:60]}" if record.undo and record.outcome in ACTED else ""
+        return (f"  action      {action_key(record.outcome, record.domain)}: {record.action} {record.target}"
+                f" ({record.reason[:90]}{undo})")
 
     def _lifecycle(self, event: LifecycleEvent) -> str | None:
         key = event.investigation_id
@@ -93,10 +116,12 @@ class Board:
     def table(self, now: datetime) -> Table:
         """The live view: running investigations first, then recent outcomes, then phases."""
         phases = ", ".join(f"{scope}={phase}" for scope, phase in sorted(self.phases.items()))
+        acted = ", ".join(f"{outcome} {n}" for outcome, n in sorted(self.action_outcomes.items()))
         table = Table(
             title=f"agentjobs — {len(self.running)} running, {len(self.ended)} ended",
             caption=f"phases: {phases or f'all scopes {self.default_phase.value}'}"
-                    + (f" · findings → {', '.join(sorted(self.finding_keys))}" if self.finding_keys else ""),
+                    + (f" · findings → {', '.join(sorted(self.finding_keys))}" if self.finding_keys else "")
+                    + (f" · actions: {acted}" if acted else ""),
             expand=True,
         )
         table.add_column("investigation", no_wrap=True, overflow="ellipsis", max_width=32)
@@ -112,6 +137,11 @@ class Board:
         for row in self.recent:
             colour = {"succeeded": "green", "failed": "red"}.get(row.state.split(" ")[0], "yellow")
             table.add_row(row.job_name, row.phase, f"[{colour}]{row.state}[/]", _age(now, row.since), row.finding)
+        for record in self.actions:
+            colour = "green" if record.outcome in ACTED else "red" if record.outcome.startswith(("refused",
+                                                                                                "failed")) else "yellow"
+            table.add_row(f"↳ {escape(record.action)}", record.phase.value, f"[{colour}]{escape(record.outcome)}[/]",
+                          _age(now, record.at), escape(f"{record.target}: {record.reason}"))
         return table
 
 

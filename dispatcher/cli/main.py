@@ -256,7 +256,8 @@ def feedback_from_options(
 
 
 @app.command("tail")
-@click.argument("stream", type=click.Choice(["findings", "lifecycle", "dead", "phases", "feedback", "all"]),
+@click.argument("stream", type=click.Choice(["findings", "lifecycle", "actions", "dead", "phases", "feedback",
+                                             "all"]),
                 default="all")
 @click.option("--follow", "-f", is_flag=True, help="Keep listening (default: stop after 2 s without messages).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines for scripts.")
@@ -416,6 +417,94 @@ def _send_pin(ctx: click.Context, pin: PhasePin, wait: float) -> None:
                    f"{wait:g} s — is `agentjobs trust` running? (`agentjobs tail phases` shows when it lands)")
         return
     click.echo(f"{pin.scope}: {change.from_phase or '-'} → {change.to_phase.value} ({change.reason})")
+
+
+@app.group()
+def actions() -> None:
+    """The global kill switch for remediation actions, outside the model (Vault KV agentjobs-kv/actions).
+
+    Every agent reads it right before each action, also Jobs already running: disabled, or
+    unreadable, nothing runs (the action is recorded refused_kill_switch).
+    """
+
+
+_TOKEN_HELP = ("An operator's Vault token (default: $VAULT_TOKEN, $BAO_TOKEN, vault.token, vault.token_file; only if "
+               "none of these is configured, the root token of the OpenBao that `agentjobs up` runs from this "
+               "directory, read from <runtime.state_dir>/openbao/openbao.log).")
+
+
+def _vault_options(fn: Any) -> Any:
+    fn = click.option("--token", default=None, envvar=["VAULT_TOKEN", "BAO_TOKEN"], help=_TOKEN_HELP)(fn)
+    return click.option("--addr", default=None, help="Vault/OpenBao address (default: vault.addr).")(fn)
+
+
+def _switch_client(ctx: click.Context, addr: str | None, token: str | None) -> tuple[Any, str]:
+    from dispatcher.cli.actions import ActionsError, client_for, operator_token
+
+    settings = settings_from(ctx)
+    try:
+        found = operator_token(token, settings)
+    except ActionsError as exc:
+        _fail(str(exc))
+        raise
+    return client_for(settings, found.token, addr), found.source
+
+
+def _set_switch(ctx: click.Context, *, enabled: bool, reason: str, operator: str, addr: str | None,
+                token: str | None) -> None:
+    from dispatcher.cli.actions import ActionsError, set_switch
+
+    client, source = _switch_client(ctx, addr, token)
+    try:
+        status = set_switch(client, enabled=enabled, reason=reason, operator=operator or "operator", source=source)
+    except ActionsError as exc:
+        _fail(str(exc))
+        return
+    click.echo(status.line())
+    if enabled:
+        click.echo("agents act again from their next action on, within what their phase allows")
+    else:
+        click.echo("running agents refuse from their next action on, new Jobs from their first "
+                   "(recorded refused_kill_switch)")
+
+
+@actions.command("disable")
+@click.option("--reason", required=True, help="Why (kept in the switch and in every refusal it causes).")
+@click.option("--operator", default=lambda: os.environ.get("USER", ""), help="Who (default: $USER).")
+@_vault_options
+@click.pass_context
+def actions_disable_cmd(ctx: click.Context, reason: str, operator: str, addr: str | None, token: str | None) -> None:
+    """Stop every remediation action: new Jobs and running agents act on nothing."""
+    _set_switch(ctx, enabled=False, reason=reason, operator=operator, addr=addr, token=token)
+
+
+@actions.command("enable")
+@click.option("--reason", required=True, help="Why (kept in the switch).")
+@click.option("--operator", default=lambda: os.environ.get("USER", ""), help="Who (default: $USER).")
+@_vault_options
+@click.pass_context
+def actions_enable_cmd(ctx: click.Context, reason: str, operator: str, addr: str | None, token: str | None) -> None:
+    """Let agents act again, each within what its phase allows."""
+    _set_switch(ctx, enabled=True, reason=reason, operator=operator, addr=addr, token=token)
+
+
+@actions.command("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+@_vault_options
+@click.pass_context
+def actions_status_cmd(ctx: click.Context, as_json: bool, addr: str | None, token: str | None) -> None:
+    """Show the kill switch as agents read it. Exit 1 if it is unreadable (agents then refuse every action)."""
+    from dispatcher.cli.actions import ActionsError, read_status, status_json
+
+    client, source = _switch_client(ctx, addr, token)
+    try:
+        status = read_status(client, source=source)
+    except ActionsError as exc:
+        _fail(str(exc))
+        return
+    click.echo(status_json(status) if as_json else status.line())
+    if status.switch is None:
+        sys.exit(EXIT_PROBLEM)
 
 
 @app.command("status")

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 STREAMS: dict[str, tuple[str, str]] = {  # name → (exchange, binding)
     "findings": (RESULTS, "finding.#"),
     "lifecycle": (RESULTS, "lifecycle.#"),
+    "actions": (RESULTS, "action.#"),  # ActionRecords: action.<outcome>.<domain>
     "dead": (DEAD, "#"),
     "phases": (PHASES, "#"),
     "feedback": (FEEDBACK, "#"),
@@ -205,7 +206,36 @@ def render(stream: str, routing_key: str, record: Mapping[str, Any], headers: Ma
     if kind == "lifecycle":
         reason = f" ({record['reason']})" if record.get("reason") else ""
         return f"{record.get('state', ''):<10} {record.get('job_name', '')}{reason}"
+    if kind == "action_record" or routing_key.startswith("action."):
+        return render_action(routing_key, record, headers)
     return f"{routing_key}  {json.dumps(record)[:160]}"
+
+
+def render_action(routing_key: str, record: Mapping[str, Any], headers: Mapping[str, Any]) -> str:
+    """One line for an ActionRecord (pure): what, on what, how it ended, why, how to undo it.
+
+    ``record`` is the decoded record; when the generic decoder did not know its kind it holds
+    only the (cut) ``body``: then the record is decoded from that, and failing that the line
+    comes from the message's headers (action, target, outcome, investigation_id), which the
+    agent sets on every record.
+    """
+    fields: Mapping[str, Any] = record
+    if record.get("kind") != "action_record":
+        fields = dict(headers)
+        body = record.get("body")
+        if isinstance(body, str):
+            from schemas import ActionRecord
+
+            with contextlib.suppress(DecodeError):
+                fields = redact(msgspec.to_builtins(decode(body.encode(), ActionRecord)))
+    what = " ".join(str(x) for x in (fields.get("action", ""), fields.get("target", "")) if x)
+    line = (f"action   {routing_key}  {what}  {fields.get('outcome', '')}  "
+            f"{str(fields.get('investigation_id', ''))[:16]}")
+    if fields.get("reason"):
+        line += f"  {str(fields['reason'])[:120]}"
+    if fields.get("undo"):
+        line += f"  undo: {str(fields['undo'])[:100]}"
+    return line
 
 
 async def tail(

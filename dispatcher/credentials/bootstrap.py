@@ -13,8 +13,14 @@ a second run writes nothing and reports no changes. Two configurations cannot
 be read back with their secret (``database/config/*`` hides the password,
 ``rabbitmq/config/connection`` is write-only); for those a salted HMAC of the
 full configuration is kept at ``agentjobs-kv/data/bootstrap`` (readable only by
-the bootstrap's admin token — agent policies grant ``agentjobs-kv/data/llm``
-alone), so a changed password is noticed without ever storing or logging it.
+the bootstrap's admin token — agent policies grant ``agentjobs-kv/data/llm``,
+``rabbitmq-shared`` and the kill switch ``actions``, all read-only), so a changed password is
+noticed without ever storing or logging it.
+
+The kill switch (``agentjobs-kv/data/actions``) is not written here: no document means
+"never disabled"; operators write it with ``agentjobs actions disable|enable``, every
+agent phase policy may read it and none may write it (the dispatcher's policy does not
+grant it at all).
 """
 
 from __future__ import annotations

@@ -36,6 +36,13 @@ path "agentjobs-kv/data/llm" {
   capabilities = ["read"]
 }
 
+# The global kill switch (`agentjobs actions disable|enable`, {"enabled", "by", "reason", "at"}):
+# read right before every action; disabled or unreadable (this grant missing included), nothing
+# runs. Read only, in every phase: no agent can switch it back on, or off for others.
+path "agentjobs-kv/data/actions" {
+  capabilities = ["read"]
+}
+
 # Keep its own leases alive within the token's max TTL (lease ids are only known
 # to their holder). No sys/leases/revoke: revoke-self below revokes every lease.
 path "sys/leases/renew" {

@@ -65,3 +65,19 @@ def test_only_the_remediation_role_may_signal_backends() -> None:
     assert remediation["revocation_statements"][-1] == 'DROP ROLE IF EXISTS "{{name}}";'
     with pytest.raises(ValueError):
         database_role(settings, "agentjobs-other")
+
+
+@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: p.value)
+def test_every_phase_may_read_the_kill_switch_and_none_may_write_it(phase: Phase) -> None:
+    paths = _paths(vault_layout.policy(phase))
+    switch = vault_layout.kv_actions_path()
+    assert switch == "agentjobs-kv/data/actions"
+    assert re.fullmatch(r'\s*capabilities\s*=\s*\["read"\]\s*', paths[switch])
+    # no other grant reaches it: no metadata/, delete/, destroy/ paths and no globs over the mount
+    assert not any(p.startswith(f"{vault_layout.KV_MOUNT}/") and vault_layout.KV_ACTIONS in p and p != switch
+                   for p in paths)
+    assert not any(p.startswith(vault_layout.KV_MOUNT) and ("*" in p or "+" in p) for p in paths)
+
+
+def test_the_dispatcher_policy_does_not_reach_the_kill_switch() -> None:
+    assert not any(p.startswith(f"{vault_layout.KV_MOUNT}/") for p in _paths(vault_layout.DISPATCHER_POLICY))
