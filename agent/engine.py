@@ -115,7 +115,9 @@ def executors_for(env: AgentEnv, tools: Sequence[Tool]) -> tuple[dict[str, Remed
 
     None in a phase that may run nothing (shadow, read-only): the gate would not call them,
     and the phase's database role could not signal a backend anyway. They act with the
-    credentials the tool was given — the Vault-issued user of this Job's phase.
+    credentials the tool was given — the Vault-issued user of this Job's phase; the
+    Kubernetes ones through the kubernetes tool's own ApiClient (the Job's phase
+    ServiceAccount, whose RBAC and admission policy still apply), which the tool closes.
     """
     if not allowed_risks(env.phase):
         return {}, []
@@ -134,6 +136,14 @@ def executors_for(env: AgentEnv, tools: Sequence[Tool]) -> tuple[dict[str, Remed
                 before_connect=tool.close)  # its slot, on a server with none to spare
             found |= pg_remediation.executors(db)
             closers.append(db)
+        if tool.name == "kubernetes":
+            from .remediation import kubernetes as k8s_remediation
+            from .tools.kubernetes import KubernetesTool
+
+            if not isinstance(tool, KubernetesTool):
+                continue
+            found |= k8s_remediation.executors(tool.api_client, namespace=tool.namespace,
+                                               timeout=tool.limits.timeout)
     return found, closers
 
 

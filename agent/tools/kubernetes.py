@@ -169,6 +169,12 @@ class KubernetesTool:
         self._core = CoreV1Api(api_client)
         self._apps = AppsV1Api(api_client)
 
+    @property
+    def api_client(self) -> ApiClient:
+        """The ApiClient this tool reads with (the Job's ServiceAccount); the remediation executors act
+        through it too. Closed by ``close`` when the tool owns it: never close it elsewhere."""
+        return self._client
+
     def operations(self) -> Mapping[str, OperationSpec]:
         return OPERATIONS
 
