@@ -13,7 +13,8 @@ mandatory: no queue of the product's topology binds ``action.#`` — they are co
 whoever listens (``agentjobs tail actions``, the ``up`` board, a ticketing or audit
 consumer) — and the finding, routed and mandatory, carries the same facts in its actions'
 params. Their headers repeat what tells them apart (investigation, action, target,
-outcome, domain), for consumers that route or filter on headers.
+outcome, domain) and the start of reason and undo, for consumers that route or filter on
+headers and for readers that only see a cut body.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from schemas import ActionRecord, Finding, encode, utcnow
 from schemas.actions import records_for
 from schemas.redaction import mask_text
 from schemas.routing import RESULTS, action_key, finding_key
+
+
+HEADER_CHARS = 200  # an ActionRecord's reason and undo repeated in its headers, cut to this
 
 
 class PublishFailed(Exception):
@@ -113,7 +117,8 @@ def action_messages(records: Sequence[ActionRecord], headers: Mapping[str, Any] 
     return [
         Outgoing(body=r, routing_key=action_key(r.outcome, r.domain), message_id=r.record_id, timestamp=r.at,
                  headers={**(headers or {}), "investigation_id": r.investigation_id, "action": r.action,
-                          "target": r.target, "outcome": r.outcome, "domain": r.domain, "executed": r.executed},
+                          "target": r.target, "outcome": r.outcome, "domain": r.domain, "executed": r.executed,
+                          "reason": r.reason[:HEADER_CHARS], "undo": r.undo[:HEADER_CHARS]},
                  mandatory=False)
         for r in records
     ]

@@ -216,8 +216,8 @@ def render_action(routing_key: str, record: Mapping[str, Any], headers: Mapping[
 
     ``record`` is the decoded record; when the generic decoder did not know its kind it holds
     only the (cut) ``body``: then the record is decoded from that, and failing that the line
-    comes from the message's headers (action, target, outcome, investigation_id), which the
-    agent sets on every record.
+    comes from the message's headers (action, target, outcome, investigation_id, the start of
+    reason and undo), which the agent sets on every record.
     """
     fields: Mapping[str, Any] = record
     if record.get("kind") != "action_record":

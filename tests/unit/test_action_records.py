@@ -78,7 +78,8 @@ def test_the_messages_are_routed_by_outcome_not_mandatory_and_say_what_they_are_
     assert not any(m.mandatory for m in messages)  # no queue of the topology binds action.#
     assert messages[0].headers == {"job_name": "aj-inv-1", "investigation_id": "inv-1",
                                    "action": "terminate_backend", "target": "pid 4242",
-                                   "outcome": "executed_verified", "domain": "database", "executed": True}
+                                   "outcome": "executed_verified", "domain": "database", "executed": True,
+                                   "reason": "executed and verified: gone", "undo": UNDO}
     assert messages[0].message_id == "inv-1:terminate_backend:abc:executed_verified"
 
 
