@@ -294,28 +294,12 @@ async def test_autonomous_deletes_a_crash_looping_pod_and_verifies_a_ready_repla
     assert victim["metadata"]["uid"] not in {p["metadata"]["uid"] for p in pods}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "k8s/base/rbac/agents.yaml grants `delete pods` only to autonomous (agentjobs-agent-remediate-medium) while "
-    "the registry classes delete_pod LOW, which limited remediation runs: the RBAC refuses it (see the next test)"))
 async def test_limited_remediation_deletes_a_crash_looping_pod_and_verifies_it(world: World):
     victim = world.crash_loop((await world.settled(3))[0]["metadata"]["name"])
 
     by = await run_gate(world, Phase.LIMITED_REMEDIATION, [delete_pod(victim)])
 
     assert by["delete_pod"].params["outcome"] == "executed_verified"
-
-
-async def test_limited_remediation_gate_hands_delete_pod_over_and_its_rbac_refuses_it_today(world: World):
-    victim = world.crash_loop((await world.settled(3))[0]["metadata"]["name"])
-
-    by = await run_gate(world, Phase.LIMITED_REMEDIATION, [delete_pod(victim)])
-
-    a = by["delete_pod"]
-    assert a.params["decision"] == "execute" and a.params["outcome"] == "failed" and not a.executed
-    assert "HTTP 403 Forbidden" in a.params["reason"]
-    assert (f'User "system:serviceaccount:{RUNS}:{SA[Phase.LIMITED_REMEDIATION]}" cannot delete resource "pods"'
-            in a.params["reason"])
-    assert world.store.get(PODS, WORKLOADS, victim["metadata"]["name"])["metadata"]["uid"] == victim["metadata"]["uid"]
 
 
 async def test_a_pod_already_replaced_is_skipped_stale(world: World):
@@ -357,8 +341,8 @@ async def test_the_same_ledger_twice_deletes_once(world: World):
     assert ledger.seen(first["delete_pod"].params["idempotency_key"]).outcome is Outcome.EXECUTED_VERIFIED
 
 
-@pytest.mark.parametrize("phase", [Phase.SHADOW, Phase.READ_ONLY, Phase.LIMITED_REMEDIATION])
-async def test_below_autonomous_the_service_account_cannot_delete_a_pod_directly(world: World, phase: Phase):
+@pytest.mark.parametrize("phase", [Phase.SHADOW, Phase.READ_ONLY])
+async def test_shadow_and_read_only_service_accounts_cannot_delete_a_pod_directly(world: World, phase: Phase):
     victim = (await world.settled(3))[0]["metadata"]["name"]
 
     async with world.as_phase(phase) as api:

@@ -135,12 +135,13 @@ def test_phases_only_ever_add_rights(overlay, deployed) -> None:
         assert lower <= higher
 
 
-def test_limited_remediation_adds_only_patch_deployments_in_workload_namespaces(overlay, deployed) -> None:
+def test_limited_remediation_adds_only_restarts_and_pod_deletes_in_workload_namespaces(overlay, deployed) -> None:
     added = _agent(overlay, deployed, Phase.LIMITED_REMEDIATION) - _agent(overlay, deployed, Phase.READ_ONLY)
     namespaces = _workload_namespaces(overlay)
 
     assert namespaces and CLUSTER not in namespaces
-    assert added == {Grant(ns, "apps", "deployments", "patch") for ns in namespaces}
+    assert added == {Grant(ns, verb_group, resource, verb) for ns in namespaces
+                     for verb_group, resource, verb in [("apps", "deployments", "patch"), ("", "pods", "delete")]}
 
 
 def test_autonomous_adds_only_medium_risk_actions_in_workload_namespaces(overlay, deployed) -> None:
@@ -154,7 +155,6 @@ def test_autonomous_adds_only_medium_risk_actions_in_workload_namespaces(overlay
             ("apps", "deployments/scale", "get"),
             ("apps", "deployments/scale", "patch"),
             ("apps", "deployments/scale", "update"),
-            ("", "pods", "delete"),
         ]
     }
 
