@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from . import alertmanager, cloudevents
+from .actions import ActionRecord
 from .control import CancelInvestigation
 from .credentials import CredentialsIssued
 from .deadletter import DeadLetter
@@ -42,6 +43,7 @@ WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     CancelInvestigation,
     CredentialsIssued,
     PhasePin,
+    ActionRecord,
 )
 KINDS = {t.__struct_config__.tag: t for t in WIRE_TYPES}
 
