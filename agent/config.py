@@ -19,6 +19,8 @@ from typing import Literal, cast
 
 from schemas import Phase
 
+from .remediation.limits import ActionLimits
+
 AuthMode = Literal["per-investigation", "kubernetes", "none"]
 AUTH_MODES: tuple[AuthMode, ...] = ("per-investigation", "kubernetes", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -86,6 +88,9 @@ class AgentEnv:
     # The Job's writable working directory (AGENTJOBS_WORK_DIR, else TMPDIR: the pod's scratch
     # emptyDir): where the action ledger lives, so a restarted agent process does not act twice.
     work_dir: Path | None = None
+    # Blast-radius limits the dispatcher computed for this Job (AGENTJOBS_ACTIONS__*); what it did not
+    # give allows nothing (no allowance, no allow-list): agent.remediation.limits.
+    actions: ActionLimits = field(default_factory=ActionLimits)
 
     @property
     def action_ledger_file(self) -> Path | None:
@@ -188,6 +193,40 @@ def _llm(environ: Mapping[str, str]) -> LlmEnv | None:
     )
 
 
+def _whole(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ConfigError(f"{name}={raw!r} is not a whole number (0 or more)")
+    return int(raw)
+
+
+def _names(environ: Mapping[str, str], name: str) -> frozenset[str] | None:
+    """A JSON list of strings; None when the variable is not set at all (pure)."""
+    if name not in environ:
+        return None
+    raw = environ[name].strip() or "[]"
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{name}={raw[:80]!r} is not a JSON list of strings")
+    return frozenset(names)
+
+
+def _actions(environ: Mapping[str, str]) -> ActionLimits:
+    """The limits the dispatcher gave; absent allowance or allow-lists allow nothing (fail closed)."""
+    return ActionLimits(
+        max_per_investigation=_whole(environ, "AGENTJOBS_ACTIONS__MAX_PER_INVESTIGATION", 1),
+        allowance=_whole(environ, "AGENTJOBS_ACTIONS__ALLOWANCE", 0),
+        namespaces=_names(environ, "AGENTJOBS_ACTIONS__NAMESPACES"),
+        databases=_names(environ, "AGENTJOBS_ACTIONS__DATABASES"),
+        exhausted_targets=_names(environ, "AGENTJOBS_ACTIONS__EXHAUSTED_TARGETS") or frozenset(),
+    )
+
+
 def load(environ: Mapping[str, str]) -> AgentEnv:
     """Parse the Job's environment; raises ``ConfigError`` naming the first bad variable."""
     root_raw = environ.get("AGENTJOBS_MOUNT_ROOT", "").strip()
@@ -232,6 +271,7 @@ def load(environ: Mapping[str, str]) -> AgentEnv:
         llm=_llm(environ),
         traceparent=environ.get("TRACEPARENT", "").strip(),
         work_dir=_work_dir(environ, mount_root),
+        actions=_actions(environ),
     )
 
 

@@ -30,6 +30,7 @@ from .reasoning.base import Budget, Investigation, Price, Reasoner, Tally
 from .reasoning.finding import conclude
 from .reasoning.rules import RulesReasoner
 from .tools.base import Limits, Tool
+from .remediation import limits as blast_radius
 from .remediation.protocol import FileLedger, Guard, Ledger, MemoryLedger, RemediationExecutor, guarded
 from .tools.toolbox import Toolbox
 
@@ -213,7 +214,8 @@ async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequenc
             assessment = await reasoner.investigate(inv)
             reasoning.set_attribute("agentjobs.conclusion", assessment.conclusion.value)
             reasoning.set_attribute("agentjobs.reasoner", assessment.reasoner)
-        with tracing.tracer.start_as_current_span("conclude"), guarded(guard):
+        job_limits = blast_radius.for_job(env.actions, postgres_dsn=env.postgres_dsn, tools=tools)
+        with tracing.tracer.start_as_current_span("conclude"), guarded(guard), blast_radius.limited(job_limits):
             finding = await conclude(inv, assessment, investigation_id=env.investigation_id,
                                      domain_label=env.domain_label, executors=executors, ledger=ledger)
         trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""

@@ -22,6 +22,14 @@ idempotency key, verify, record undo information) and the action is marked
 An executor without the protocol (only ``execute``) is run once with no
 precondition and no verification (``executed_not_verified``). The phase's
 RBAC and Vault policies are the second, independent layer.
+
+Blast-radius limits (``agent.remediation.limits``: destructive executions per
+investigation, the scope's hourly allowance the dispatcher computed, per-target
+limits, namespace/database allow-lists) are applied to each action the phase
+allows before it reaches its executor: ``refused_limit`` / ``refused_target``,
+recorded like any outcome, with the resolved target in ``limit_target``. They
+come from ``limits=`` or the ones the engine installed (``limits.limited``);
+without either, none apply.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Protocol
 
 import msgspec
 
+from agent.remediation import limits as blast_radius
 from agent.remediation.protocol import (
     RECORDED,
     Execution,
@@ -207,13 +216,17 @@ def why_not(decision: Decision, action: ProposedAction, phase: Phase) -> str:
 async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
                executors: Mapping[str, RemediationExecutor | Executor] | None = None,
                registry: Mapping[str, ActionSpec] = REGISTRY, investigation_id: str = "",
-               ledger: Ledger | MutableSet[str] | None = None) -> tuple[ProposedAction, ...]:
+               ledger: Ledger | MutableSet[str] | None = None,
+               limits: blast_radius.ActionLimits | None = None) -> tuple[ProposedAction, ...]:
     """The actions as they stand after the phase gate; ``executed`` only when allowed, present and acted.
 
     ``ledger`` holds the idempotency keys already acted on (keyed by ``investigation_id``); without
-    one, a ledger for this call only.
+    one, a ledger for this call only. ``limits``: the Job's blast-radius limits (default: the ones
+    installed with ``limits.limited``, if any).
     """
     executors = executors or {}
+    bounds = limits if limits is not None else blast_radius.current_limits()
+    spent = 0  # destructive executions (or attempts that may have acted) in this investigation
     done: Ledger | MutableSet[str] = ledger if ledger is not None else MemoryLedger()
     kept, notes = screen(actions, registry)
     for note in notes:
@@ -221,7 +234,8 @@ async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
     out: list[ProposedAction] = []
     for a in kept:
         # What the gate and the executor record is theirs to write, never the proposer's.
-        a = msgspec.structs.replace(a, params={k: v for k, v in a.params.items() if k not in RECORDED})
+        a = msgspec.structs.replace(a, params={k: v for k, v in a.params.items()
+                                               if k not in RECORDED and k != blast_radius.LIMIT_TARGET})
         decision = decide(a.action, phase, executors=executors.keys(), registry=registry)
         params = {**a.params, "decision": decision.value}
         executed = False
@@ -229,11 +243,16 @@ async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
             executor = executors[a.action]
             checked = follows_protocol(executor)
             runner: RemediationExecutor = executor if checked else _Unverified(executor)  # type: ignore[assignment]
-            result = await execute(a, runner, done=done, investigation_id=investigation_id)
+            verdict = blast_radius.judge(a, bounds, spent=spent) if bounds is not None else None
+            result = await execute(a, runner, done=done, investigation_id=investigation_id,
+                                   refusal=verdict.refusal if verdict is not None else None)
             if not checked and result.outcome is Outcome.EXECUTED_NOT_VERIFIED:
                 result = replace(result, reason="executed; this executor neither re-checks nor verifies")
+            spent += blast_radius.counts(a, result)
             executed = result.executed
             params |= result.params()
+            if verdict is not None and verdict.target:
+                params[blast_radius.LIMIT_TARGET] = verdict.target
             _log_result(a, result, phase)
         else:
             params["reason"] = why_not(decision, a, phase)
@@ -244,6 +263,6 @@ async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
 def _log_result(a: ProposedAction, result: Result, phase: Phase) -> None:
     event = {Outcome.EXECUTED_VERIFIED: "action_executed", Outcome.EXECUTED_NOT_VERIFIED: "action_executed",
              Outcome.FAILED: "action_failed", Outcome.SKIPPED_STALE: "action_skipped",
-             Outcome.ALREADY_EXECUTED: "action_skipped"}.get(result.outcome, "action_refused")
+             Outcome.ALREADY_EXECUTED: "action_skipped"}.get(result.outcome, "action_refused")  # kill switch, limits
     log.info(event, action=a.action, target=a.target, phase=phase.value, outcome=result.outcome.value,
              reason=result.reason[:300], idempotency_key=result.key)

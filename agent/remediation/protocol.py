@@ -21,6 +21,12 @@ acting) also counts as done: at most once, never twice.
 directory (fsynced before acting, ``flock``-ed so two processes in one Job cannot both
 claim a key); ``MemoryLedger`` (or a plain set) serves a single process and tests.
 
+A limit decided before — ``agent.remediation.limits`` (per investigation, the scope's hourly
+allowance, per target, the namespace/database allow-lists) — is passed as ``refusal=``: it ends
+the execution ``refused_limit`` / ``refused_target`` right after the ledger check (a retried
+Job still answers ``already_executed`` for what it did), before the precondition; nothing is
+claimed and nothing done.
+
 A ``Guard`` — the global kill switch (``agent.remediation.killswitch``) — is asked right
 before acting: after the precondition, before the claim. A ``Refusal`` ends the execution
 ``refused_kill_switch`` with nothing claimed and nothing done; a guard that raises refuses
@@ -55,6 +61,8 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"  # could not check, could not claim, or the act itself failed
     ALREADY_EXECUTED = "already_executed"  # the key was claimed before (a retry): not done again
     REFUSED_KILL_SWITCH = "refused_kill_switch"  # actions are disabled (or the switch is unreadable): not done
+    REFUSED_LIMIT = "refused_limit"  # a blast-radius limit (per investigation, scope, target) is reached: not done
+    REFUSED_TARGET = "refused_target"  # the target is outside the Job's allow-lists: not done
 
 
 ACTED = frozenset({Outcome.EXECUTED_VERIFIED, Outcome.EXECUTED_NOT_VERIFIED})
@@ -362,10 +370,12 @@ def already(key: str, entry: Entry) -> Result:
 
 async def execute(action: ProposedAction, executor: RemediationExecutor, *, done: Ledger | MutableSet[str],
                   investigation_id: str = "", verify_timeout: float | None = None,
-                  guard: Guard | None = None) -> Result:
+                  guard: Guard | None = None, refusal: Refusal | None = None) -> Result:
     """Re-check → guard → claim → act once → verify; never raises for the executor's failures.
 
     ``guard``: asked right before acting (default: the one installed with ``guarded``, if any).
+    ``refusal``: a limit already decided (``agent.remediation.limits``): after the ledger check,
+    the execution ends with it; nothing is claimed or done.
     """
     ledger = as_ledger(done)
     key = idempotency_key(investigation_id, action, volatile=frozenset(getattr(executor, "volatile_params", ())))
@@ -376,6 +386,8 @@ async def execute(action: ProposedAction, executor: RemediationExecutor, *, done
                       reason=f"the idempotency ledger is unreadable, not acting: {_error(exc)}")
     if entry is not None:
         return already(key, entry)
+    if refusal is not None:
+        return Result(outcome=refusal.outcome, key=key, reason=refusal.reason)  # nothing claimed, nothing done
     try:
         stale = await executor.precondition(action)
     except Exception as exc:  # noqa: BLE001 - an unchecked precondition means: do not act

@@ -40,6 +40,7 @@ from schemas.errors import DecodeError, PermanentError, TemporaryError
 from schemas.identity import Identity
 
 from dispatcher.jobs import jobspec
+from dispatcher.intake.actions_log import ActionLog
 from dispatcher.intake.admission import AdmissionGate
 from dispatcher.plumbing.amqp import Publisher
 from dispatcher.credentials.tokens import Credentials, Expected, Kind, NoCredentials, WrappedToken, vault_ca
@@ -91,6 +92,7 @@ class Intake:
         credentials: Credentials | None = None,
         backoff: Backoff | None = None,
         clock: Callable[[], datetime] = utcnow,
+        actions: ActionLog | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -103,6 +105,8 @@ class Intake:
         self.metrics = metrics
         self.backoff = backoff or Backoff.of(settings.retry)
         self.clock = clock
+        # Blast-radius limits each Job is handed; without an action log, Jobs get nothing to spend.
+        self.actions = actions
         self._locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, frozenset[str]] = {}  # investigation id → alerts being launched
         self._launching: set[str] = set()  # accessors of tokens minted for Jobs not created yet
@@ -198,7 +202,7 @@ class Intake:
 
         domain = jobspec.domain_of(event, self.settings)
         class_name = jobspec.choose_class(event, self.settings)
-        phase = self.phases.phase_for(event.label(self.settings.trust.scope_label) or domain)
+        phase = self.phases.phase_for(self._scope(event, domain))
         plan = jobspec.JobPlan(identity=ident, event=event, class_name=class_name, phase=phase, domain=domain,
                                traceparent=traceparent)
 
@@ -229,6 +233,9 @@ class Intake:
             if token is not None:
                 self._launching.add(token.accessor)
                 plan = msgspec.structs.replace(plan, token_accessor=token.accessor)
+            if self.actions is not None:  # computed and reserved in one step, right before the manifest
+                plan = msgspec.structs.replace(plan, actions=self.actions.grant(
+                    ident.investigation_id, scope=self._scope(event, plan.domain), phase=plan.phase))
             manifest = jobspec.build_job(plan, self.settings)
             files = {jobspec.INCIDENT_FILE: encode(event)}
             if token is not None:
@@ -244,6 +251,8 @@ class Intake:
             slot.cancel()
             raise
         finally:
+            if self.actions is not None:  # a Job that was not created here holds no reservation
+                self.actions.launched(ident.investigation_id, created=launched is LaunchOutcome.CREATED)
             if token is not None and launched is not LaunchOutcome.CREATED:
                 await self._revoke_unused(token, ident.investigation_id)  # the Job that exists has its own token
             if token is not None:
@@ -261,6 +270,10 @@ class Intake:
         log.info("job_dispatched", job_name=ident.job_name, launch=launched.value, job_class=plan.class_name,
                  phase=plan.phase.value)
         return Outcome.ACK, "dispatched" if launched is LaunchOutcome.CREATED else "already_dispatched"
+
+    def _scope(self, event: IncidentEvent, domain: str) -> str:
+        """The trust scope of an incident: its phase and its action limits."""
+        return event.label(self.settings.trust.scope_label) or domain
 
     def launching(self) -> frozenset[str]:
         """Accessors of tokens minted for Jobs being created right now (the sweeper leaves them)."""

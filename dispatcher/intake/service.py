@@ -16,6 +16,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
+from dispatcher.intake.actions_log import ActionLog
 from dispatcher.intake.admission import AdmissionGate
 from dispatcher.plumbing.amqp import Publisher, connect
 from dispatcher.intake.consumer import Consumer
@@ -35,7 +36,7 @@ from dispatcher.plumbing.streamlog import StreamFollower
 from dispatcher.plumbing.tasks import run_until_signalled, spawn
 from dispatcher.credentials.token_sweep import TokenSweeper
 from dispatcher.plumbing.topology import declare, dispatcher_topology
-from schemas.routing import CONTROL, COSTS, CREDENTIALS, DEAD_LOG, INCIDENTS, PHASE_LOG
+from schemas.routing import ACTION_LOG, CONTROL, COSTS, CREDENTIALS, DEAD_LOG, INCIDENTS, PHASE_LOG
 from dispatcher.intake.tracker import Tracker
 from dispatcher.intake.watcher import Watcher
 
@@ -75,6 +76,10 @@ class DispatcherService:
             class_caps={k: c.max_active for k, c in settings.classes.items()},
         )
         self.tracker = Tracker()
+        # Executions agents reported (agentjobs.action-log) and the reservations of running Jobs.
+        self.actions = ActionLog(settings=settings.actions, identities=settings.identities,
+                                 running=self._running)
+        self.action_log = StreamFollower(ACTION_LOG, self.actions.on_log_entry, name="action-log")
         self.crashed = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._consumers: list[Consumer] = []
@@ -86,6 +91,10 @@ class DispatcherService:
     @property
     def ready(self) -> bool:
         return bool(self._consumers) and all(c.consuming for c in self._consumers) and not self.crashed.is_set()
+
+    def _running(self, investigation_id: str) -> bool:
+        tracked = self.tracker.get(investigation_id)
+        return tracked is not None and not tracked.finished
 
     def _on_crash(self, name: str, exc: BaseException) -> None:
         self.crashed.set()
@@ -99,11 +108,15 @@ class DispatcherService:
         if self.phase_log is not None:  # replay every phase change before the first Job is built
             await self.phase_log.start(self._connection)
             await self.phase_log.catch_up(self._connection, timeout=60)
+        # the last hour's executions before the first Job's allowance is computed
+        await self.action_log.start(self._connection)
+        await self.action_log.catch_up(self._connection, timeout=60)
         publisher = await Publisher.open(self._connection, s.amqp)
         reporter = Reporter(publisher)
         self.intake = Intake(
             settings=s, runtime=self.runtime, publisher=publisher, gate=self.gate, tracker=self.tracker,
             phases=self.phases, metrics=self.metrics, backoff=Backoff.of(s.retry), credentials=self.credentials,
+            actions=self.actions,
         )
         watcher = Watcher(runtime=self.runtime, reporter=reporter, gate=self.gate, tracker=self.tracker,
                           metrics=self.metrics, credentials=self.credentials)
@@ -172,6 +185,7 @@ class DispatcherService:
             await consumer.stop(drain_timeout=drain_timeout)
         if self.phase_log is not None:
             await self.phase_log.stop()
+        await self.action_log.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -70,6 +70,19 @@ VAULT_CA_FILE = "vault-ca.pem"  # vault.ca_cert, when Vault's certificate comes 
 NONROOT_UID = 65532  # distroless "nonroot"
 
 
+class ActionGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """The blast-radius limits a Job is handed (computed by ``dispatcher.intake.actions_log``).
+
+    The default grants nothing: a Job whose limits nobody computed may not act.
+    """
+
+    allowance: int = 0  # destructive executions left for this Job of its scope's hourly cap
+    max_per_investigation: int = 0
+    namespaces: tuple[str, ...] = ()  # the scope's allow-lists
+    databases: tuple[str, ...] = ()
+    exhausted_targets: tuple[str, ...] = ()  # per-target hourly cap reached
+
+
 class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
     """What admission decided for one investigation; input to ``build_job``."""
 
@@ -80,6 +93,7 @@ class JobPlan(msgspec.Struct, frozen=True, kw_only=True):
     domain: str = ""
     token_accessor: str = ""  # per-investigation Vault identity, if any
     traceparent: str = ""  # the trace context the incident arrived with, if any
+    actions: ActionGrant = ActionGrant()  # what the Job may still execute, and where
 
 
 def domain_of(event: IncidentEvent, settings: Settings) -> str:
@@ -190,12 +204,25 @@ def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
         # the agent's own time budget: it concludes (and publishes) before the Job's deadline
         "AGENTJOBS_DEADLINE_SECONDS": str(settings.classes[plan.class_name].deadline),
         **_tool_env(settings),
+        **_action_env(plan.actions),
     }
     items: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
     items.append({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     if settings.vault.auth_mode == "kubernetes":
         items.append({"name": "AGENTJOBS_SA_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})
     return items
+
+
+def _action_env(grant: ActionGrant) -> dict[str, str]:
+    """The Job's blast-radius limits (agent/config.py reads them; what is not given allows nothing)."""
+    names = msgspec.json.encode
+    return {
+        "AGENTJOBS_ACTIONS__ALLOWANCE": str(grant.allowance),
+        "AGENTJOBS_ACTIONS__MAX_PER_INVESTIGATION": str(grant.max_per_investigation),
+        "AGENTJOBS_ACTIONS__NAMESPACES": names(list(grant.namespaces)).decode(),
+        "AGENTJOBS_ACTIONS__DATABASES": names(list(grant.databases)).decode(),
+        "AGENTJOBS_ACTIONS__EXHAUSTED_TARGETS": names(list(grant.exhausted_targets)).decode(),
+    }
 
 
 def _tool_env(settings: Settings) -> dict[str, str]:

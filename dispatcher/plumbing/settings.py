@@ -253,6 +253,39 @@ class LlmSettings(Section):
     prices: dict[str, ModelPrice] = {}  # model name or prefix → price
 
 
+class ScopeActions(Section):
+    """Where the agents of one scope may act: targets outside these lists are refused (refused_target)."""
+
+    namespaces: list[str] = []  # Kubernetes namespaces; empty: none; "*": any
+    databases: list[str] = []  # database names (of the Job's PostgreSQL DSN); empty: none; "*": any
+
+
+def _default_scopes() -> dict[str, ScopeActions]:
+    return {"default": ScopeActions()}
+
+
+class ActionsSettings(Section):
+    """Blast-radius limits on remediation, decided by the dispatcher and handed to each Job.
+
+    Executions are learnt from the agents' ``action.executed_*`` ActionRecords (the stream
+    agentjobs.action-log); a Job in a phase that may act gets what is left of its scope's hourly
+    cap (minus what running Jobs of the scope hold in reserve), at most ``max_per_investigation``.
+    """
+
+    max_per_scope_per_hour: NonNegative = 3  # executions per scope in any hour
+    max_per_target_per_hour: NonNegative = 1  # executions per target (object, application on a database)
+    max_per_investigation: NonNegative = 1  # destructive executions one investigation may carry out
+    # per scope (the trust scope label's value); scopes without an entry get "default"
+    scopes: dict[str, ScopeActions] = msgspec.field(default_factory=_default_scopes)
+
+    def __post_init__(self) -> None:
+        if "default" not in self.scopes:
+            raise ValueError("actions.scopes must define a 'default' entry")
+
+    def scope(self, name: str) -> ScopeActions:
+        return self.scopes.get(name) or self.scopes["default"]
+
+
 class MetricsSettings(Section):
     host: str = "127.0.0.1"
     port: Port = 9464  # Prometheus scrape port; 0 disables
@@ -274,6 +307,7 @@ class Settings(Section):
     postgres: PostgresSettings = PostgresSettings()
     bridge: BridgeSettings = BridgeSettings()
     llm: LlmSettings = LlmSettings()
+    actions: ActionsSettings = ActionsSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
 

@@ -20,6 +20,8 @@ import msgspec
 
 from dispatcher.plumbing.settings import AmqpSettings, IdentitySettings
 from schemas.routing import (
+    ACTION_LOG,
+    ACTION_LOG_KEYS,
     INCIDENTS,
     RESULTS,
     DEAD,
@@ -83,6 +85,10 @@ def _quorum(dead_letter: bool, delivery_limit: int) -> dict[str, Any]:
     return args
 
 
+# The action log is read for the last hour only (the hourly limits): a day of it is plenty.
+ACTION_LOG_MAX_AGE = "1D"
+
+
 def _stream() -> dict[str, Any]:
     return {"x-queue-type": "stream", "x-max-length-bytes": STREAM_MAX_BYTES}
 
@@ -103,6 +109,7 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Queue(TRUST_RESULTS, _quorum(True, amqp.delivery_limit) | {"x-single-active-consumer": True}),
             Queue(FEEDBACK_LOG, _stream()),
             Queue(PHASE_LOG, _stream()),
+            Queue(ACTION_LOG, _stream() | {"x-max-age": ACTION_LOG_MAX_AGE}),
             Queue(TRUST_SNAPSHOTS, {"x-queue-type": "stream", "x-max-length-bytes": SNAPSHOT_STREAM_MAX_BYTES,
                                     "x-stream-max-segment-size-bytes": SNAPSHOT_SEGMENT_BYTES}),
         ),
@@ -116,6 +123,7 @@ def dispatcher_topology(amqp: AmqpSettings) -> Topology:
             Binding(FEEDBACK, FEEDBACK),
             *(Binding(RESULTS, TRUST_RESULTS, key) for key in TRUST_RESULTS_KEYS),
             Binding(PHASES, PHASE_LOG),
+            *(Binding(RESULTS, ACTION_LOG, key) for key in ACTION_LOG_KEYS),
         ),
     )
 
