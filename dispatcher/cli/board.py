@@ -8,6 +8,9 @@ outcomes, where findings went, the remediation actions decided (a line per
 per scope. ``observe`` returns the
 readable line for a message (for logs and non-terminal output); ``table``
 renders the picture for a rich live view. Both are pure over the board's state.
+``action_summary`` says in one sentence what the agent did about what (executed: what it saw
+before, what verification saw after, how to undo it; otherwise why not), and
+``actions_summary`` closes a demo with it — or with how to let the agent act when nothing ran.
 """
 
 from __future__ import annotations
@@ -141,8 +144,57 @@ class Board:
             colour = "green" if record.outcome in ACTED else "red" if record.outcome.startswith(("refused",
                                                                                                 "failed")) else "yellow"
             table.add_row(f"↳ {escape(record.action)}", record.phase.value, f"[{colour}]{escape(record.outcome)}[/]",
-                          _age(now, record.at), escape(f"{record.target}: {record.reason}"))
+                          _age(now, record.at), escape(_action_cell(record)))
         return table
+
+    def actions_summary(self) -> list[str]:
+        """Lines closing a demo: one ``action_summary`` per action seen, executed ones first; when none
+        was executed, which phase kept it so and the command that lets the agent act (pure)."""
+        records = sorted(self.actions, key=lambda r: (r.outcome not in ACTED, r.at))
+        lines = [action_summary(r) for r in records]
+        if any(r.outcome in ACTED for r in records):
+            return lines
+        if any(r.outcome == "refused_kill_switch" for r in records):
+            lines.append("nothing was executed: the kill switch is off (`agentjobs actions status`; "
+                         "`agentjobs actions enable --reason ...` turns it back on)")
+        elif held := sorted({(r.domain or "-", r.phase.value) for r in records
+                             if r.outcome in ("record_only", "propose_only")}):
+            phases = ", ".join(f"{scope} {phase}" for scope, phase in held)
+            lines.append(f"nothing was executed (phase: {phases}): `agentjobs phase pin {held[0][0]} autonomous "
+                         "--reason demo` lets the agent run medium-risk actions such as terminate_backend "
+                         "(`agentjobs actions disable` stops them all)")
+        return lines
+
+
+def action_summary(record: ActionRecord) -> str:
+    """One sentence for an operator about one ActionRecord (pure): what was done to what, in which
+    phase; for an executed action what the agent saw before, what verification saw after and how
+    to undo it; otherwise the outcome and why."""
+    what = f"{record.action} {record.target}".strip()
+    if record.outcome in ACTED:
+        verified = "verified" if record.outcome == "executed_verified" else "NOT verified"
+        line = f"EXECUTED {what} (phase {record.phase.value}, {verified})"
+        if record.before:
+            line += f" — before: {_clip(record.before, 200)}"
+        line += f" — after: {_clip(record.after or record.reason, 200)}"
+        return line + f" — undo: {_clip(record.undo or 'not recorded', 120)}"
+    return f"not executed ({record.outcome}): {what} (phase {record.phase.value}) — {_clip(record.reason, 200)}"
+
+
+def _action_cell(record: ActionRecord) -> str:
+    """The table's last column: for an executed action what verification saw and the undo, else why not."""
+    if record.outcome in ACTED:
+        return f"{record.target}: {record.after or record.reason}" + (f" · undo: {record.undo}" if record.undo else "")
+    return f"{record.target}: {record.reason}"
+
+
+def _clip(text: str, n: int) -> str:
+    """``text`` on one line, cut at a word boundary to at most ``n`` characters, with … when cut (pure)."""
+    flat = " ".join(text.split())
+    if len(flat) <= n:
+        return flat
+    cut = flat[: n - 1].rsplit(" ", 1)[0] if " " in flat[: n - 1] else flat[: n - 1]
+    return cut.rstrip(" ,;:") + "…"
 
 
 def _age(now: datetime, since: datetime) -> str:

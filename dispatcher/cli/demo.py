@@ -185,20 +185,24 @@ class DemoProblems:
         return await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5,
                                                      application_name="agentjobs-demo")
 
-    async def _app(self, application: str) -> Any:
+    async def _app(self, application: str, *, autocommit: bool = False) -> Any:
+        """A session of the demo's own role — a plain LOGIN role, never a superuser, so an agent of a
+        remediation phase (``pg_signal_backend``) may terminate it, as it may an application's."""
         import psycopg
 
         dsn = with_dsn_parts(self.settings.postgres.admin_dsn, user=self.names.role,
                              password=self._password, database=self.names.database)
-        return await psycopg.AsyncConnection.connect(dsn, connect_timeout=5, application_name=application)
+        return await psycopg.AsyncConnection.connect(dsn, connect_timeout=5, application_name=application,
+                                                     autocommit=autocommit)
 
     async def _database(self) -> None:
         from psycopg import sql
 
         n = self.names
         async with await self._admin() as admin:
-            await admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(n.role), sql.Literal(self._password)))
+            # NOSUPERUSER, said explicitly: pg_signal_backend cannot signal a superuser's backend
+            await admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}")
+                                .format(sql.Identifier(n.role), sql.Literal(self._password)))
             self.created.append(f"PostgreSQL role {n.role}")
             await admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
                 sql.Identifier(n.database), sql.Identifier(n.role)))
@@ -213,12 +217,14 @@ class DemoProblems:
             await setup.execute("CREATE TABLE orders (id int PRIMARY KEY, status text NOT NULL)")
             await setup.execute("INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 100) g")
             await setup.commit()
-        # Lock contention: the holder's transaction stays open; each waiter blocks on its row.
+        # Lock contention: the holder's transaction stays open; each waiter blocks on its row. The
+        # waiters commit as they get it (autocommit): once the holder ends (an agent terminated it),
+        # they all proceed, one after the other.
         holder = await self._app(HOLDER_APP)
         self._sessions.append(holder)
         await holder.execute("UPDATE orders SET status = 'invoicing' WHERE id = 42")
         for _ in range(WAITERS):
-            waiter = await self._app(WAITER_APP)
+            waiter = await self._app(WAITER_APP, autocommit=True)
             self._sessions.append(waiter)
             self._waits.append(asyncio.create_task(
                 waiter.execute("UPDATE orders SET status = 'paid' WHERE id = 42")))

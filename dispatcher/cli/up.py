@@ -17,6 +17,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiohttp
@@ -39,7 +40,7 @@ from schemas.redaction import mask_text
 from dispatcher.jobs.local import LocalRuntime
 from dispatcher.intake.service import DispatcherService
 from dispatcher.plumbing import identities
-from dispatcher.plumbing.settings import IdentitySettings, Settings
+from dispatcher.plumbing.settings import ActionsSettings, IdentitySettings, ScopeActions, Settings
 from dispatcher.plumbing.signals import cancel_on, stop_event
 from schemas.routing import FEEDBACK, INCIDENTS, PHASES, RESULTS
 from dispatcher.trust.service import TrustService
@@ -55,14 +56,30 @@ def _agent_command() -> list[str]:
 
 
 def embedded_settings(settings: Settings, *, vault_token: str) -> Settings:
-    """Settings for the embedded default: local runtime, our OpenBao, our agent command (pure)."""
+    """Settings for the embedded default: local runtime, our OpenBao, our agent command, and where
+    the agents may act (``embedded_actions``) (pure)."""
     return msgspec.structs.replace(
         settings,
         runtime=msgspec.structs.replace(settings.runtime, kind="local"),
         vault=msgspec.structs.replace(settings.vault, token=vault_token, token_file="",
                                       auth_mode="per-investigation"),
         k8s=msgspec.structs.replace(settings.k8s, agent_command=_agent_command()),
+        actions=embedded_actions(settings),
     )
+
+
+def embedded_actions(settings: Settings) -> ActionsSettings:
+    """The allow-lists of the embedded default (pure): with ``[actions.scopes]`` left as shipped (every
+    list empty: nothing allowed anywhere), the agents may act on the database they are given
+    (``postgres.dsn``'s: by default this machine's server), so that a scope an operator pins to a phase
+    that may act does act (the phases, the limits and the kill switch still decide whether and how
+    often). Configured allow-lists are kept as they are."""
+    actions = settings.actions
+    database = unquote(urlsplit(settings.postgres.dsn).path.lstrip("/")) if "://" in settings.postgres.dsn else ""
+    if actions.scopes != {"default": ScopeActions()} or not database:
+        return actions
+    default = ScopeActions(databases=[database])
+    return msgspec.structs.replace(actions, scopes={"default": default})
 
 
 def as_component(settings: Settings, url: str) -> Settings:
@@ -239,6 +256,11 @@ async def run_up(
         phases = ", ".join(f"{k}={v.value}" for k, v in trust.state.ledger.phases().items())
         echo(f"trust: tallying operator feedback from {FEEDBACK}; phases: "
              f"{phases or 'all scopes ' + settings.trust.initial_phase.value}")
+        allowed = "; ".join(f"database {', '.join(a.databases) or '(none)'} in scope {scope}"
+                            for scope, a in sorted(embedded.actions.scopes.items()))
+        echo(f"remediation: limited-remediation and autonomous agents may act on {allowed}, at most "
+             f"{embedded.actions.max_per_scope_per_hour} execution(s) per scope an hour (`agentjobs phase pin "
+             "SCOPE autonomous --reason ...` lets a scope act; `agentjobs actions disable --reason ...` stops all)")
         echo(f"dispatcher: consuming {INCIDENTS} on {settings.amqp.url.rpartition('@')[2]}, local runtime in "
              f"{state / 'local'}, metrics on http://{settings.metrics.host}:{settings.metrics.port}/metrics")
         watch = ResultsWatch(board, None if live else echo)
@@ -316,5 +338,7 @@ async def _demo(
         top = finding.hypotheses[0] if finding.hypotheses else None
         echo(f"demo: {finding.summary.splitlines()[0][:240]}"
              + (f" — evidence: {top.evidence_for[0].excerpt[:160]}" if top and top.evidence_for else ""))
+    for line in board.actions_summary():  # what the agents did about it, or what would let them act
+        echo(f"demo: {line}")
     if exit_after:
         stop.set()
