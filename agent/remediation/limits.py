@@ -127,6 +127,9 @@ def target_of(action: ProposedAction, limits: ActionLimits) -> tuple[str, str] |
         p = action.params
         who = next(((k, p[k]) for k in ("application_name", "client_addr") if p.get(k)), None)
         target = f"{who[0]} {who[1]!r} on database {db}" if who else f"database {db}"
+        named = p.get("datname") or p.get("database") or ""
+        if named and named != db:  # the proposal says the session is in another database than the Job's
+            return target, f"the proposal names database {named[:80]!r}, not this Job's database {db!r}"
         if not _allowed(db, limits.databases):
             return target, f"database {db!r} is outside this Job's allow-list ({_listed('database', limits.databases)})"
         return target, ""

@@ -106,6 +106,12 @@ def test_the_database_is_the_jobs_not_what_the_proposal_says() -> None:
     assert judge(action, OPEN).target == "database app"
 
 
+def test_a_proposal_naming_another_database_than_the_jobs_is_refused_target() -> None:
+    action = msgspec.structs.replace(terminate(), params={**terminate().params, "datname": "billing"})
+    verdict = judge(action, OPEN)
+    assert verdict.refusal.outcome is Outcome.REFUSED_TARGET and "names database 'billing'" in verdict.refusal.reason
+
+
 def test_a_star_allows_any_namespace_or_database() -> None:
     anything = ActionLimits(allowance=1, namespaces=frozenset({"*"}), databases=frozenset({"*"}), database="x")
     assert judge(delete_pod(ns="anywhere"), anything).refusal is None
