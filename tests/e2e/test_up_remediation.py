@@ -263,9 +263,10 @@ class Up:
     async def pin(self, phase: str) -> None:
         pinned = await cli(self.env, "phase", "pin", "database", phase, "--reason", "demo", "--operator", "e2e")
         assert pinned.returncode == 0 and f"→ {phase}" in pinned.stdout, (pinned.stdout, pinned.stderr)
-        assert self.out is not None  # and the board saw it (the dispatcher follows the same phase log)
-        await self.out.wait_for(lambda line: line.startswith("  phase       database:") and f"→ {phase}" in line,
-                                30, f"the board showing database → {phase}")
+        assert self.out is not None  # and the board saw this very change (the dispatcher follows the same log)
+        change = pinned.stdout.strip()  # database: <from> → <to> (pinned: demo)
+        await self.out.wait_for(lambda line: line.startswith("  phase       ") and line.endswith(change),
+                                30, f"the board showing {change}")
 
     async def publish(self, body: bytes) -> str:
         published = await cli(self.env, "publish", "incident", "-", stdin=body)
