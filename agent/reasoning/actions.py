@@ -245,7 +245,7 @@ async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
             runner: RemediationExecutor = executor if checked else _Unverified(executor)  # type: ignore[assignment]
             verdict = blast_radius.judge(a, bounds, spent=spent) if bounds is not None else None
             result = await execute(a, runner, done=done, investigation_id=investigation_id,
-                                   refusal=verdict.refusal if verdict is not None else None)
+                                   limit=verdict.refusal if verdict is not None else None)
             if not checked and result.outcome is Outcome.EXECUTED_NOT_VERIFIED:
                 result = replace(result, reason="executed; this executor neither re-checks nor verifies")
             spent += blast_radius.counts(a, result)

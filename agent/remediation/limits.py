@@ -20,7 +20,8 @@ object its target/params name, in the Kubernetes tool's namespace unless they na
 The resolved target is recorded in the action's params as ``limit_target`` — the key the
 dispatcher's per-target limit counts (it reads it from the ``ActionRecord``).
 
-The gate asks ``judge`` before handing an action to the protocol (``protocol.execute(refusal=)``),
+The gate asks ``judge`` before handing an action to the protocol (``protocol.execute(limit=)``,
+applied after the precondition and the kill switch, before the claim),
 and counts what was executed — or may have been — against the budget. The engine installs the
 Job's limits for the conclusion with ``limited(...)`` (a context variable, like the kill switch's
 guard); a gate called without any (tests, tools) applies none.

@@ -22,10 +22,11 @@ directory (fsynced before acting, ``flock``-ed so two processes in one Job canno
 claim a key); ``MemoryLedger`` (or a plain set) serves a single process and tests.
 
 A limit decided before — ``agent.remediation.limits`` (per investigation, the scope's hourly
-allowance, per target, the namespace/database allow-lists) — is passed as ``refusal=``: it ends
-the execution ``refused_limit`` / ``refused_target`` right after the ledger check (a retried
-Job still answers ``already_executed`` for what it did), before the precondition; nothing is
-claimed and nothing done.
+allowance, per target, the namespace/database allow-lists) — is passed as ``limit=``: it ends
+the execution ``refused_limit`` / ``refused_target`` after the guard, before the claim (a
+retried Job still answers ``already_executed`` for what it did, a stale action is still
+``skipped_stale``, a disabled switch still ``refused_kill_switch``); nothing is claimed and
+nothing done.
 
 A ``Guard`` — the global kill switch (``agent.remediation.killswitch``) — is asked right
 before acting: after the precondition, before the claim. A ``Refusal`` ends the execution
@@ -370,12 +371,12 @@ def already(key: str, entry: Entry) -> Result:
 
 async def execute(action: ProposedAction, executor: RemediationExecutor, *, done: Ledger | MutableSet[str],
                   investigation_id: str = "", verify_timeout: float | None = None,
-                  guard: Guard | None = None, refusal: Refusal | None = None) -> Result:
+                  guard: Guard | None = None, limit: Refusal | None = None) -> Result:
     """Re-check → guard → claim → act once → verify; never raises for the executor's failures.
 
     ``guard``: asked right before acting (default: the one installed with ``guarded``, if any).
-    ``refusal``: a limit already decided (``agent.remediation.limits``): after the ledger check,
-    the execution ends with it; nothing is claimed or done.
+    ``limit``: a blast-radius limit already decided (``agent.remediation.limits``): once the
+    precondition holds and the guard let it pass, the execution ends with it; nothing is claimed or done.
     """
     ledger = as_ledger(done)
     key = idempotency_key(investigation_id, action, volatile=frozenset(getattr(executor, "volatile_params", ())))
@@ -386,8 +387,6 @@ async def execute(action: ProposedAction, executor: RemediationExecutor, *, done
                       reason=f"the idempotency ledger is unreadable, not acting: {_error(exc)}")
     if entry is not None:
         return already(key, entry)
-    if refusal is not None:
-        return Result(outcome=refusal.outcome, key=key, reason=refusal.reason)  # nothing claimed, nothing done
     try:
         stale = await executor.precondition(action)
     except Exception as exc:  # noqa: BLE001 - an unchecked precondition means: do not act
@@ -397,6 +396,8 @@ async def execute(action: ProposedAction, executor: RemediationExecutor, *, done
     check = guard if guard is not None else current_guard()
     if check is not None and (refusal := await _ask(check, action)) is not None:
         return Result(outcome=refusal.outcome, key=key, reason=refusal.reason)  # nothing claimed, nothing done
+    if limit is not None:
+        return Result(outcome=limit.outcome, key=key, reason=limit.reason)  # nothing claimed, nothing done
     try:
         claimed = ledger.claim(key, action=action.action, target=action.target)
     except OSError as exc:
