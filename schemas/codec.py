@@ -31,7 +31,7 @@ MAX_BODY_BYTES = 1024 * 1024  # 1 MiB; Alertmanager groups of thousands of alert
 
 WireMessage = (
     IncidentEvent | LifecycleEvent | Finding | OperatorFeedback | PhaseChanged | DeadLetter | CancelInvestigation
-    | CredentialsIssued | PhasePin
+    | CredentialsIssued | PhasePin | ActionRecord
 )
 WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     IncidentEvent,

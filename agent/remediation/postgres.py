@@ -55,18 +55,19 @@ SELECT a.backend_type, a.usename::text, coalesce(a.application_name, ''), a.back
        extract(epoch FROM now() - a.backend_start)::float8,
        extract(epoch FROM now() - a.xact_start)::float8,
        a.pid = pg_backend_pid(), coalesce(a.state, ''), {_LOCK_WAITS}
-FROM pg_stat_activity a WHERE a.pid = %(pid)s"""
+FROM pg_stat_activity a WHERE a.pid = %(pid)s AND a.datname = current_database()"""
 
+# Only sessions of the Job's own database: its allow-list names that one, and a server hosts others.
 TERMINATE_SQL = """\
 SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
-WHERE a.pid = %(pid)s AND a.backend_start = %(backend_start)s"""
+WHERE a.pid = %(pid)s AND a.backend_start = %(backend_start)s AND a.datname = current_database()"""
 
 GONE_SQL = f"""\
 SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %(pid)s AND backend_start = %(backend_start)s),
        {_LOCK_WAITS}"""
 
 _IDLE_WHERE = """\
-a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
+a.backend_type = 'client backend' AND a.pid <> pg_backend_pid() AND a.datname = current_database()
   AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
   AND now() - a.state_change >= make_interval(secs => %(min_s)s)
   AND coalesce(a.application_name, '') NOT LIKE 'agentjobs-agent%%'
@@ -78,7 +79,7 @@ IDLE_SQL = f"SELECT a.pid, a.backend_start FROM pg_stat_activity a WHERE {_IDLE_
 TERMINATE_IDLE_SQL = """\
 SELECT a.pid, a.backend_start, pg_terminate_backend(a.pid) FROM pg_stat_activity a
 WHERE (a.pid, a.backend_start) IN (SELECT * FROM unnest(%(pids)s::int[], %(starts)s::timestamptz[]))
-  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')"""
+  AND a.state IN ('idle in transaction', 'idle in transaction (aborted)') AND a.datname = current_database()"""
 STILL_THERE_SQL = """\
 SELECT a.pid FROM pg_stat_activity a
 WHERE (a.pid, a.backend_start) IN (SELECT * FROM unnest(%(pids)s::int[], %(starts)s::timestamptz[]))"""

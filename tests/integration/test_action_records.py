@@ -33,6 +33,7 @@ from tests.integration.test_remediation_postgres import (  # noqa: F401 - db is 
     LOCK_ALERT,
     UNDO,
     Db,
+    granted,
     alive,
     db,
     lock_pileup,
@@ -72,7 +73,7 @@ async def job(vault: Vault, db: Db, amqp_vhost: Vhost, phase: Phase, tmp_path: P
         "AGENTJOBS_PHASE": phase.value, "AGENTJOBS_INPUT_DIR": str(base / "input"),
         "AGENTJOBS_VAULT__ADDR": vault.server.addr, "AGENTJOBS_VAULT__AUTH_MODE": "per-investigation",
         "AGENTJOBS_AMQP__URL": without_credentials(amqp_vhost.amqp_url), "AGENTJOBS_POSTGRES__DSN": db.address,
-        "AGENTJOBS_TOOLS__RABBITMQ": "false", "AGENTJOBS_WORK_DIR": str(base / "work"),
+        "AGENTJOBS_TOOLS__RABBITMQ": "false", "AGENTJOBS_WORK_DIR": str(base / "work"), **granted(db.address),
     })
     env.wrapped_token_file.write_text(wrapped.wrapping_token)
     env.incident_file.write_bytes(encode(incident("PostgresLockWaits", expr=LOCK_ALERT, instance="pg-0:9187")))

@@ -196,6 +196,23 @@ async def test_a_blocker_gone_before_acting_is_skipped_stale(db, agent_db):
     assert not gone.executed and "undo" not in gone.params()
 
 
+async def test_a_blocker_in_another_database_of_the_server_is_never_terminated(db):
+    # The Job's database is another one on the same server (its allow-list names that one only)
+    other = db.address.rsplit("/", 1)[0] + "/postgres"
+    elsewhere = Database(other, user=db.agent, password=db.password, timeout=5,
+                         application_name="agentjobs-agent test remediation")
+    try:
+        async with lock_pileup(db, waiters=3) as chain:
+            action = await terminate_action(db, chain)
+            result = await execute(action, TerminateBackend(elsewhere), done=MemoryLedger(),
+                                   investigation_id="inv-elsewhere")
+            assert await alive(db, [chain.holder_pid]) == {chain.holder_pid}
+    finally:
+        await elsewhere.close()
+    assert result.outcome is Outcome.SKIPPED_STALE and not result.executed
+    assert result.reason == f"pid {chain.holder_pid} no longer exists"
+
+
 async def _gone(db: Db, pid: int) -> bool:
     return not await alive(db, [pid])
 
@@ -285,11 +302,20 @@ async def test_idle_sessions_of_one_application_are_terminated_and_others_left_a
 
 # --- the whole agent path: investigate → conclude → gate → executor -------------------------------
 
+def granted(dsn: str) -> dict[str, str]:
+    """What the dispatcher grants a Job that may act once on its own database (``[actions]``)."""
+    import json
+    from urllib.parse import urlsplit
+
+    return {"AGENTJOBS_ACTIONS__ALLOWANCE": "1",
+            "AGENTJOBS_ACTIONS__DATABASES": json.dumps([urlsplit(dsn).path.lstrip("/") or "postgres"])}
+
+
 def agent_env(db: Db, phase: Phase, tmp_path: Path, investigation_id: str) -> config.AgentEnv:
     return config.load({"AGENTJOBS_INVESTIGATION_ID": investigation_id, "AGENTJOBS_PHASE": phase.value,
                         "AGENTJOBS_INPUT_DIR": "/in", "AGENTJOBS_AMQP__URL": "amqp://127.0.0.1/",
                         "AGENTJOBS_VAULT__AUTH_MODE": "none", "AGENTJOBS_POSTGRES__DSN": db.address,
-                        "AGENTJOBS_TOOLS__RABBITMQ": "false", "TMPDIR": str(tmp_path)})
+                        "AGENTJOBS_TOOLS__RABBITMQ": "false", "TMPDIR": str(tmp_path), **granted(db.address)})
 
 
 async def investigate(db: Db, env: config.AgentEnv, user: str) -> Any:
