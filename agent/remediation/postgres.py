@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 from schemas import ProposedAction
 
+from ..tools.postgres import connect_kwargs
 from .protocol import Execution, no_undo
 
 AGENT_APPLICATION = "agentjobs-agent"  # prefix of the agent's own sessions (tool and executors)
@@ -135,17 +136,8 @@ class Database:
         if self._before_connect is not None:
             before, self._before_connect = self._before_connect, None
             await before()
-        kwargs: dict[str, Any] = {
-            "connect_timeout": max(2, int(self.timeout + 0.999)),
-            "application_name": self._application_name,
-            "options": f"-c statement_timeout={max(1, int(self.timeout * 1000))} "
-                       "-c default_transaction_read_only=on -c lock_timeout=1000",
-            "autocommit": True,
-        }
-        if self._user is not None:
-            kwargs["user"] = self._user
-        if self._password is not None:
-            kwargs["password"] = self._password
+        kwargs = connect_kwargs(timeout=self.timeout, application_name=self._application_name,
+                                user=self._user, password=self._password)
         self._conn = await psycopg.AsyncConnection.connect(self.dsn, **kwargs)
         return self._conn
 

@@ -153,6 +153,23 @@ def mask_query(text: str | None) -> str:
     return _PASSWORD_LITERAL.sub(r"\1'******'", text or "")
 
 
+
+def connect_kwargs(*, timeout: float, application_name: str, user: str | None,
+                   password: str | None) -> dict[str, Any]:
+    """psycopg connect arguments of every agent session: bounded, read-only, autocommit (pure)."""
+    kwargs: dict[str, Any] = {
+        "connect_timeout": max(2, int(timeout + 0.999)),
+        "application_name": application_name,
+        "options": f"-c statement_timeout={max(1, int(timeout * 1000))} "
+                   "-c default_transaction_read_only=on -c lock_timeout=1000",
+        "autocommit": True,
+    }
+    if user is not None:
+        kwargs["user"] = user
+    if password is not None:
+        kwargs["password"] = password
+    return kwargs
+
 class PostgresTool:
     """Read-only diagnostics on one PostgreSQL server as ``user`` (the dynamic Vault user)."""
 
@@ -214,17 +231,8 @@ class PostgresTool:
 
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        kwargs: dict[str, Any] = {
-            "connect_timeout": max(2, int(self.limits.timeout + 0.999)),
-            "application_name": self._application_name,
-            "options": f"-c statement_timeout={max(1, int(self.limits.timeout * 1000))} "
-                       "-c default_transaction_read_only=on -c lock_timeout=1000",
-            "autocommit": True,
-        }
-        if self._user is not None:
-            kwargs["user"] = self._user
-        if self._password is not None:
-            kwargs["password"] = self._password
+        kwargs = connect_kwargs(timeout=self.limits.timeout, application_name=self._application_name,
+                                user=self._user, password=self._password)
         self._conn = await psycopg.AsyncConnection.connect(self.dsn, **kwargs)
         return self._conn
 
