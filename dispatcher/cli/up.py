@@ -32,7 +32,7 @@ from dispatcher.plumbing.amqp import broker_user
 
 from schemas import vault_paths as vault_layout
 from dispatcher.cli.board import Board
-from dispatcher.cli.demo import DemoProblems
+from dispatcher.cli.demo import DemoProblems, with_dsn_parts
 from dispatcher.bridge.webhook import BridgeService, StartRefused
 from dispatcher.credentials.embedded_openbao import EmbeddedOpenBao, EmbeddedVaultError
 from schemas.logs import get_logger
@@ -225,6 +225,11 @@ async def run_up(
             if problems.own_vhost:
                 settings = msgspec.structs.replace(settings, vault=msgspec.structs.replace(
                     settings.vault, rabbitmq_inspect_vhosts=[*settings.vault.rabbitmq_inspect_vhosts, problems.vhost]))
+            if problems.postgres is not None and settings.postgres.dsn:
+                # The agents look at (and may act in) the demo's database: an executor ends sessions of
+                # its Job's own database only, and the embedded allow-list names that one.
+                settings = msgspec.structs.replace(settings, postgres=msgspec.structs.replace(
+                    settings.postgres, dsn=with_dsn_parts(settings.postgres.dsn, database=problems.names.database)))
         root = hvac.Client(url=bao.addr, token=bao.root_token)
         # Its warnings are summarised in the line below; as log lines they would only repeat it.
         logging.getLogger("dispatcher.credentials.bootstrap").setLevel(logging.ERROR)
