@@ -50,7 +50,7 @@ from tests.integration.dispatcher_harness import (
 )
 from tests.integration.k8s_helpers import prepare_cluster, settings_for
 from tests.integration.test_dispatcher import running_dispatcher
-from tests.support.k8s.resources import JOBS, PODS
+from tests.support.k8s.resources import CONFIGMAPS, JOBS, PODS
 from tests.support.payloads import storm
 from tests.support.services import wait_until
 
@@ -161,6 +161,11 @@ async def test_kubernetes_api_faults_at_twenty_percent_lose_nothing_and_duplicat
             if done:
                 break
             with_timeout.cancel()
+            # An unrelated write first, so history moves past whatever the job watch last saw:
+            # its resume is then always older than the compaction (a 410), not only when a
+            # Job event happened to land in between.
+            handle.cluster.store.create(CONFIGMAPS, {"metadata": {"name": f"compaction-{compactions}",
+                                                                  "namespace": handle.namespace}, "data": {}})
             handle.cluster.compact()
             handle.cluster.store.close_watches()
             compactions += 1
