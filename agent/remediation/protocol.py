@@ -64,6 +64,7 @@ class Outcome(enum.StrEnum):
     REFUSED_KILL_SWITCH = "refused_kill_switch"  # actions are disabled (or the switch is unreadable): not done
     REFUSED_LIMIT = "refused_limit"  # a blast-radius limit (per investigation, scope, target) is reached: not done
     REFUSED_TARGET = "refused_target"  # the target is outside the Job's allow-lists: not done
+    REFUSED_EXPIRED = "refused_expired"  # an approved action whose approval expired before it could run: not done
 
 
 ACTED = frozenset({Outcome.EXECUTED_VERIFIED, Outcome.EXECUTED_NOT_VERIFIED})
