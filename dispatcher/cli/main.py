@@ -450,42 +450,45 @@ def _switch_client(ctx: click.Context, addr: str | None, token: str | None) -> t
     return client_for(settings, found.token, addr), found.source
 
 
-def _set_switch(ctx: click.Context, *, enabled: bool, reason: str, operator: str, addr: str | None,
+def _switch_command(name: str, *, enabled: bool, doc: str, reason_help: str, after: str) -> Any:
+    """``actions disable`` and ``actions enable``: one code path; direction and words are data."""
+
+    @actions.command(name, help=doc)
+    @click.option("--reason", required=True, help=reason_help)
+    @click.option("--operator", default=lambda: os.environ.get("USER", ""),
+                  help="Who (default: $USER).")
+    @_vault_options
+    @click.pass_context
+    def command(ctx: click.Context, reason: str, operator: str, addr: str | None,
                 token: str | None) -> None:
-    from dispatcher.cli.actions import ActionsError, set_switch
+        from dispatcher.cli.actions import ActionsError, set_switch
 
-    client, source = _switch_client(ctx, addr, token)
-    try:
-        status = set_switch(client, enabled=enabled, reason=reason, operator=operator or "operator", source=source)
-    except ActionsError as exc:
-        _fail(str(exc))
-        return
-    click.echo(status.line())
-    if enabled:
-        click.echo("agents act again from their next action on, within what their phase allows")
-    else:
-        click.echo("running agents refuse from their next action on, new Jobs from their first "
-                   "(recorded refused_kill_switch)")
+        client, source = _switch_client(ctx, addr, token)
+        try:
+            status = set_switch(client, enabled=enabled, reason=reason,
+                                operator=operator or "operator", source=source)
+        except ActionsError as exc:
+            _fail(str(exc))
+            return
+        click.echo(status.line())
+        click.echo(after)
 
-
-@actions.command("disable")
-@click.option("--reason", required=True, help="Why (kept in the switch and in every refusal it causes).")
-@click.option("--operator", default=lambda: os.environ.get("USER", ""), help="Who (default: $USER).")
-@_vault_options
-@click.pass_context
-def actions_disable_cmd(ctx: click.Context, reason: str, operator: str, addr: str | None, token: str | None) -> None:
-    """Stop every remediation action: new Jobs and running agents act on nothing."""
-    _set_switch(ctx, enabled=False, reason=reason, operator=operator, addr=addr, token=token)
+    return command
 
 
-@actions.command("enable")
-@click.option("--reason", required=True, help="Why (kept in the switch).")
-@click.option("--operator", default=lambda: os.environ.get("USER", ""), help="Who (default: $USER).")
-@_vault_options
-@click.pass_context
-def actions_enable_cmd(ctx: click.Context, reason: str, operator: str, addr: str | None, token: str | None) -> None:
-    """Let agents act again, each within what its phase allows."""
-    _set_switch(ctx, enabled=True, reason=reason, operator=operator, addr=addr, token=token)
+actions_disable_cmd = _switch_command(
+    "disable", enabled=False,
+    doc="Stop every remediation action: new Jobs and running agents act on nothing.",
+    reason_help="Why (kept in the switch and in every refusal it causes).",
+    after=("running agents refuse from their next action on, new Jobs from their first "
+           "(recorded refused_kill_switch)"),
+)
+actions_enable_cmd = _switch_command(
+    "enable", enabled=True,
+    doc="Let agents act again, each within what its phase allows.",
+    reason_help="Why (kept in the switch).",
+    after="agents act again from their next action on, within what their phase allows",
+)
 
 
 @actions.command("status")
