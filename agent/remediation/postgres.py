@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 from schemas import ProposedAction
 
-from ..tools.postgres import connect_kwargs
+from ..tools.postgres import connect_kwargs, discard
 from .protocol import Execution, no_undo
 
 AGENT_APPLICATION = "agentjobs-agent"  # prefix of the agent's own sessions (tool and executors)
@@ -143,11 +143,7 @@ class Database:
 
     async def _discard(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await asyncio.wait_for(conn.close(), timeout=2)
-            except Exception:  # being thrown away
-                pass
+        await discard(conn)
 
 
 class DatabaseError(Exception):

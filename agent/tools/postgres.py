@@ -170,6 +170,19 @@ def connect_kwargs(*, timeout: float, application_name: str, user: str | None,
         kwargs["password"] = password
     return kwargs
 
+
+async def discard(conn: Any) -> None:
+    """Close a connection being thrown away (its state unknown after a failure or a
+    cancellation), within 2 s and never raising; ``None`` is nothing to close.
+
+    The tool and the remediation executors (agent.remediation.postgres) both use it."""
+    if conn is not None:
+        try:
+            await asyncio.wait_for(conn.close(), timeout=2)
+        except Exception:  # the connection is being thrown away; nothing left to do
+            pass
+
+
 class PostgresTool:
     """Read-only diagnostics on one PostgreSQL server as ``user`` (the dynamic Vault user)."""
 
@@ -238,11 +251,7 @@ class PostgresTool:
 
     async def _discard(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await asyncio.wait_for(conn.close(), timeout=2)
-            except Exception:  # the connection is being thrown away; nothing left to do
-                pass
+        await discard(conn)
 
     # -- operations: each returns (data, excerpt, truncated) ------------------------------
 
