@@ -262,20 +262,8 @@ class Api:
             patched = patching.strategic_merge(current, body)
         elif current is None:
             raise status.not_found(rt, name)
-        elif ctype == "application/json-patch+json":
-            if not isinstance(body, list):
-                raise status.bad_request("json patch must be a list of operations")
-            patched = patching.json_patch(current, body)
-        elif ctype == "application/merge-patch+json":
-            patched = patching.merge_patch(current, body)
-        elif ctype == "application/strategic-merge-patch+json":
-            patched = patching.strategic_merge(current, body)
         else:
-            raise status.ApiError(status.status(
-                415, "UnsupportedMediaType", "the body of the request was in an unknown "
-                "format - accepted media types include: application/json-patch+json, "
-                "application/merge-patch+json, application/apply-patch+yaml, "
-                "application/strategic-merge-patch+json"))
+            patched = apply_patch(current, body, ctype, PATCH_TYPES)
         if dry_run:
             return 200, patched
         return 200, self.save(rt, current, patched, subresource)
@@ -310,19 +298,7 @@ class Api:
         except ValueError as exc:
             raise status.bad_request(f"error decoding patch: {exc}")
         current = self.scale(rt, namespace, name)
-        if ctype == "application/json-patch+json":
-            if not isinstance(body, list):
-                raise status.bad_request("json patch must be a list of operations")
-            patched = patching.json_patch(current, body)
-        elif ctype == "application/merge-patch+json":
-            patched = patching.merge_patch(current, body)
-        elif ctype == "application/strategic-merge-patch+json":
-            patched = patching.strategic_merge(current, body)
-        else:
-            raise status.ApiError(status.status(
-                415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
-                "media types include: application/json-patch+json, application/merge-patch+json, "
-                "application/strategic-merge-patch+json"))
+        patched = apply_patch(current, body, ctype, SCALE_PATCH_TYPES)
         wanted_rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
         if wanted_rv is not None and str(wanted_rv) != current["metadata"]["resourceVersion"]:
             raise status.conflict(rt, name)
@@ -331,6 +307,28 @@ class Api:
 
 
 SCALE = ResourceType("autoscaling", "v1", "scale", "Scale", True)  # how errors about a Scale name it
+
+# The media types a PATCH accepts, in the order the real server's 415 lists them; the scale
+# subresource takes no server-side apply.
+PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json",
+               "application/apply-patch+yaml", "application/strategic-merge-patch+json")
+SCALE_PATCH_TYPES = tuple(t for t in PATCH_TYPES if t != "application/apply-patch+yaml")
+
+
+def apply_patch(current: dict, body: Any, ctype: str, accepted: tuple[str, ...]) -> dict:
+    """``current`` patched by a JSON, merge or strategic-merge patch ``body`` (pure; server-side
+    apply is the caller's); any other media type is a 415 naming ``accepted``."""
+    if ctype == "application/json-patch+json":
+        if not isinstance(body, list):
+            raise status.bad_request("json patch must be a list of operations")
+        return patching.json_patch(current, body)
+    if ctype == "application/merge-patch+json":
+        return patching.merge_patch(current, body)
+    if ctype == "application/strategic-merge-patch+json":
+        return patching.strategic_merge(current, body)
+    raise status.ApiError(status.status(
+        415, "UnsupportedMediaType", "the body of the request was in an unknown format - accepted "
+        f"media types include: {', '.join(accepted)}"))
 
 
 def scale_of(obj: dict) -> dict:
