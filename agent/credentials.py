@@ -8,7 +8,9 @@ interception. With the unwrapped token the agent asks for what its phase's
 policy may grant: a PostgreSQL user from its phase's database role (diagnostics
 in shadow and read-only, remediation — which may also terminate backends — in
 the phases that act; a refusal is evidence for the finding, not a crash) and a
-RabbitMQ user for publishing results (required).
+RabbitMQ user for publishing results (required). In the phases that act, the same token creates
+the action claims (``create_kv``: create-only, ``agent.remediation.claims``) that keep a retried
+pod or Job from acting twice.
 Leases are renewed only within the token's own lifetime (``renewal.py``), and
 ``revoke_self`` at the end revokes the token and, with it, every lease.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,45 @@ class Denied:
 
     path: str
     reason: str  # e.g. "permission denied (403)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Created:
+    """A create-only KV write that created the secret (``version`` 1: nobody had written it)."""
+
+    path: str
+    version: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlreadyExists:
+    """A create-only KV write refused because the secret is already there: not an error, an answer.
+
+    ``data``: what is stored there, when it could be read back (None: the write was refused as a
+    check-and-set mismatch by a token that may not read it).
+    """
+
+    path: str
+    data: dict[str, Any] | None = None
+
+
+CAS_MISMATCH = "check-and-set parameter did not match"
+
+
+def judge_refused_create(path: str, refused: str, stored: dict[str, Any] | None | Denied) -> AlreadyExists | Denied:
+    """A create-only write got 403 ``refused``; what a read of ``path`` returned decides what it means (pure).
+
+    A policy with ``create`` but no ``update`` makes Vault answer 403 — not a check-and-set
+    mismatch — for a secret that exists (kv-v2 checks existence first: a write to an existing
+    secret is an update). So: stored data → ``AlreadyExists``; nothing readable (no such secret,
+    a deleted version whose metadata remains, or the read refused too) → ``Denied``: cannot know,
+    and a caller that must fail closed does not act.
+    """
+    if isinstance(stored, dict):
+        return AlreadyExists(path=path, data=stored)
+    if stored is None:
+        return Denied(path=path, reason=f"{refused}: not permitted to create it (or a deleted version remains)")
+    return Denied(path=path, reason=refused)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +296,32 @@ class VaultSession:
         if not isinstance(data, dict):
             return Denied(path=path, reason="not a kv-v2 secret (data is not an object)")
         return data
+
+    async def create_kv(self, path: str, data: Mapping[str, Any]) -> Created | AlreadyExists | Denied:
+        """Write the kv-v2 secret at ``path`` only if it does not exist yet (``options: {"cas": 0}``).
+
+        ``Created``: this call created it. ``AlreadyExists``: somebody did before — a check-and-set
+        mismatch (a token that may update), or a 403 followed by a read that finds it (a create-only
+        policy; see ``judge_refused_create``). ``Denied``: refused for another reason, or Vault down —
+        the caller cannot know whether it exists.
+        """
+        body = {"options": {"cas": 0}, "data": dict(data)}
+        try:
+            response = await self._call(lambda: self._client.adapter.post(f"/v1/{path}", json=body))
+        except hvac.exceptions.InvalidRequest as exc:
+            if any(CAS_MISMATCH in str(e) for e in (exc.errors or [])):
+                stored = await self.read_kv(path)
+                return AlreadyExists(path=path, data=stored if isinstance(stored, dict) else None)
+            return Denied(path=path, reason=_describe(exc))
+        except hvac.exceptions.Forbidden as exc:
+            return judge_refused_create(path, _describe(exc), await self.read_kv(path))
+        except (hvac.exceptions.VaultError, *_TRANSPORT_ERRORS) as exc:
+            return Denied(path=path, reason=_describe(exc))
+        meta = (response if isinstance(response, dict) else {}).get("data")
+        version = meta.get("version") if isinstance(meta, dict) else None
+        if not isinstance(version, int):
+            return Denied(path=path, reason="not a kv-v2 answer (no version)")
+        return Created(path=path, version=version)
 
     async def rabbitmq(self) -> DynamicSecret:
         """The RabbitMQ user for publishing results; without it there is nothing to do.

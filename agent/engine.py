@@ -31,7 +31,16 @@ from .reasoning.finding import conclude
 from .reasoning.rules import RulesReasoner
 from .tools.base import Limits, Tool
 from .remediation import limits as blast_radius
-from .remediation.protocol import FileLedger, Guard, Ledger, MemoryLedger, RemediationExecutor, guarded
+from .remediation.protocol import (
+    ClaimStore,
+    FileLedger,
+    Guard,
+    Ledger,
+    MemoryLedger,
+    RemediationExecutor,
+    guarded,
+    shared_claims,
+)
 from .tools.toolbox import Toolbox
 
 PUBLISH_RESERVE = 15.0  # seconds of the Job's deadline kept for publishing and revoking
@@ -173,12 +182,15 @@ async def investigate(
     executors: Mapping[str, RemediationExecutor] | None = None,
     ledger: Ledger | None = None,
     guard: Guard | None = None,
+    claims: ClaimStore | None = None,
 ) -> Finding:
     """Reason over the tools and conclude; never raises for a tool failure (that is evidence).
 
     ``executors``: by default the ones ``executors_for`` builds for the Job's tools and phase
     (closed before returning); ``ledger``: by default ``ledger_for(env)``; ``guard``: asked right
-    before each action runs — the kill switch (``agent.main`` always passes one; None: unchecked).
+    before each action runs — the kill switch (``agent.main`` always passes one; None: unchecked);
+    ``claims``: the investigation's claim store shared by its pods and Jobs
+    (``agent.remediation.claims.VaultClaims``), consulted besides ``ledger`` (None: the local ledger only).
 
     One trace: the investigation span continues the Job's TRACEPARENT; the reasoner and every
     tool call are spans below it; the Finding carries the trace id.
@@ -189,7 +201,7 @@ async def investigate(
     try:
         finding = await _investigate(incident, env, tools=tools, tally=tally, api_key=api_key,
                                      executors=executors, ledger=ledger if ledger is not None else ledger_for(env),
-                                     guard=guard)
+                                     guard=guard, claims=claims)
     finally:
         for closer in closers:
             try:
@@ -203,7 +215,7 @@ async def investigate(
 
 async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequence[Tool], tally: Tally,
                        api_key: str, executors: Mapping[str, RemediationExecutor], ledger: Ledger,
-                       guard: Guard | None = None) -> Finding:
+                       guard: Guard | None = None, claims: ClaimStore | None = None) -> Finding:
     with tracing.investigation_span(env.traceparent, **{"agentjobs.investigation_id": env.investigation_id,
                                                         "agentjobs.phase": env.phase.value}) as span:
         toolbox = Toolbox(tools)
@@ -215,7 +227,8 @@ async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequenc
             reasoning.set_attribute("agentjobs.conclusion", assessment.conclusion.value)
             reasoning.set_attribute("agentjobs.reasoner", assessment.reasoner)
         job_limits = blast_radius.for_job(env.actions, postgres_dsn=env.postgres_dsn, tools=tools)
-        with tracing.tracer.start_as_current_span("conclude"), guarded(guard), blast_radius.limited(job_limits):
+        with (tracing.tracer.start_as_current_span("conclude"), guarded(guard), shared_claims(claims),
+              blast_radius.limited(job_limits)):
             finding = await conclude(inv, assessment, investigation_id=env.investigation_id,
                                      domain_label=env.domain_label, executors=executors, ledger=ledger)
         trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""

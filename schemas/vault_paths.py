@@ -8,6 +8,9 @@ what a Job may read.
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 from schemas import Phase
 
 TOKEN_ROLE_PREFIX = "agentjobs-agent-"  # auth/token/roles/<prefix><phase>
@@ -37,6 +40,13 @@ KV_RABBITMQ_SHARED = "rabbitmq-shared"
 # phase policy may read it and none may write it; each agent reads it right before acting and
 # acts on nothing when it says disabled or cannot be read. No document: never disabled.
 KV_ACTIONS = "actions"
+# agentjobs-kv/data/claims/<investigation>/<digest of the idempotency key>: the claim an acting agent
+# creates (create-only, cas=0) right before it acts, and .../outcome once it knows how it ended
+# (agent.remediation.claims). Shared by every pod and every Job of the investigation, so a retried pod
+# (a new emptyDir, no local ledger) or a relaunched Job finds it. The acting phases' policies may
+# create and read them, never update or delete.
+KV_CLAIMS = "claims"
+OUTCOME = "outcome"
 
 # Token metadata keys: they appear in the audit log of every request the agent makes.
 META_INVESTIGATION = "investigation_id"
@@ -89,3 +99,33 @@ def kv_rabbitmq_shared_path() -> str:
 def kv_actions_path() -> str:
     """``agentjobs-kv/data/actions``: the kill switch (kv-v2 data path)."""
     return f"{KV_MOUNT}/data/{KV_ACTIONS}"
+
+
+def _segment(text: str) -> str:
+    """``text`` as one safe path segment: itself if plain, else a digest (pure)."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", text) and ".." not in text:
+        return text
+    return "x-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def kv_claim_path(key: str) -> str:
+    """``agentjobs-kv/data/claims/<investigation>/<digest>`` of an idempotency key (pure).
+
+    The key is ``<investigation>:<action>:<digest>`` (``agent.remediation.protocol.idempotency_key``);
+    the investigation groups an investigation's claims (an id that is not a plain path segment, or
+    none, becomes a digest of itself), and the last segment is a digest of the whole key.
+    """
+    parts = key.rsplit(":", 2)
+    investigation = parts[0] if len(parts) == 3 and parts[0] else "_"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+    return f"{KV_MOUNT}/data/{KV_CLAIMS}/{_segment(investigation)}/{digest}"
+
+
+def kv_claims_policy_path() -> str:
+    """``agentjobs-kv/data/claims/*``: what the acting phases' policies grant (create, read)."""
+    return f"{KV_MOUNT}/data/{KV_CLAIMS}/*"
+
+
+def kv_claim_outcome_path(key: str) -> str:
+    """``<claim path>/outcome``: a second create-only secret, so settling needs no update capability."""
+    return f"{kv_claim_path(key)}/{OUTCOME}"

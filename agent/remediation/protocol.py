@@ -34,6 +34,14 @@ before acting: after the precondition, before the claim. A ``Refusal`` ends the 
 too (fail closed). ``execute`` takes it as ``guard=``; otherwise the one the engine installed
 for the conclusion with ``guarded(...)`` (a context variable, so every executor the gate
 hands an action to is covered, whoever built it).
+
+The local ledger does not outlive the pod. A ``ClaimStore`` shared by every pod and Job of the
+investigation (``agent.remediation.claims.VaultClaims``: create-only claims in Vault KV) is
+consulted besides it — ``shared=``, else the one installed with ``shared_claims(...)``: a key
+seen in either is ``already_executed``; before acting the key is claimed in the shared store
+first (the authoritative claim: if it cannot be written, ``failed`` and nothing is done — fail
+closed), then in the local ledger; the outcome is settled in both (a failure to settle is never
+raised: the claim alone prevents a second act). Without a shared store, nothing changes.
 """
 
 from __future__ import annotations
@@ -310,6 +318,45 @@ async def _ask(guard: Guard, action: ProposedAction) -> Refusal | None:
         return Refusal(reason=f"kill switch unreadable ({_error(exc)}): not acting")
 
 
+# --- the shared claim store: every pod and Job of the investigation -----------------------------
+
+class ClaimStore(Protocol):
+    """The async ledger shared across pods and Jobs (``agent.remediation.claims.VaultClaims``).
+
+    ``seen`` and ``claim`` raise when the store cannot answer (``execute`` then does not act).
+    """
+
+    async def seen(self, key: str) -> Entry | None:
+        ...
+
+    async def claim(self, key: str, *, action: str = "", target: str = "") -> bool:
+        ...
+
+    async def settle(self, key: str, outcome: Outcome, *, reason: str = "") -> None:
+        ...
+
+
+_shared: contextvars.ContextVar[ClaimStore | None] = contextvars.ContextVar("agentjobs_shared_claims",
+                                                                            default=None)
+
+
+@contextlib.contextmanager
+def shared_claims(store: ClaimStore | None) -> Iterator[None]:
+    """Within this block, ``execute`` also claims every action in ``store`` (None: only the local ledger)."""
+    token = _shared.set(store)
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
+def current_shared() -> ClaimStore | None:
+    return _shared.get()
+
+
+SHARED = "in the investigation's shared claims (another pod or Job of it)"
+
+
 # --- the protocol ------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
@@ -359,9 +406,9 @@ def outcome_of(done: Execution, verified: bool) -> Outcome:
     return Outcome.EXECUTED_VERIFIED if verified else Outcome.EXECUTED_NOT_VERIFIED
 
 
-def already(key: str, entry: Entry) -> Result:
-    """A key claimed before (pure)."""
-    when = f" at {entry.claimed_at}" if entry.claimed_at else ""
+def already(key: str, entry: Entry, *, where: str = "") -> Result:
+    """A key claimed before (pure); ``where``: which ledger knew it, when not the local one."""
+    when = (f" at {entry.claimed_at}" if entry.claimed_at else "") + (f" {where}" if where else "")
     if entry.outcome is None:
         reason = (f"an earlier attempt claimed this action{when} and its outcome was never recorded "
                   "(it may have stopped while acting); not acting twice")
@@ -372,14 +419,18 @@ def already(key: str, entry: Entry) -> Result:
 
 async def execute(action: ProposedAction, executor: RemediationExecutor, *, done: Ledger | MutableSet[str],
                   investigation_id: str = "", verify_timeout: float | None = None,
-                  guard: Guard | None = None, limit: Refusal | None = None) -> Result:
+                  guard: Guard | None = None, limit: Refusal | None = None,
+                  shared: ClaimStore | None = None) -> Result:
     """Re-check → guard → claim → act once → verify; never raises for the executor's failures.
 
     ``guard``: asked right before acting (default: the one installed with ``guarded``, if any).
     ``limit``: a blast-radius limit already decided (``agent.remediation.limits``): once the
     precondition holds and the guard let it pass, the execution ends with it; nothing is claimed or done.
+    ``shared``: the investigation's claim store (default: the one installed with ``shared_claims``,
+    if any), consulted besides ``done`` and claimed first (see the module docstring).
     """
     ledger = as_ledger(done)
+    store = shared if shared is not None else current_shared()
     key = idempotency_key(investigation_id, action, volatile=frozenset(getattr(executor, "volatile_params", ())))
     try:
         entry = ledger.seen(key)
@@ -388,6 +439,14 @@ async def execute(action: ProposedAction, executor: RemediationExecutor, *, done
                       reason=f"the idempotency ledger is unreadable, not acting: {_error(exc)}")
     if entry is not None:
         return already(key, entry)
+    if store is not None:
+        try:
+            entry = await store.seen(key)
+        except Exception as exc:  # noqa: BLE001 - cannot tell whether another attempt acted: do not act
+            return Result(outcome=Outcome.FAILED, key=key,
+                          reason=f"the shared action claims are unreadable, not acting: {_error(exc)}")
+        if entry is not None:
+            return already(key, entry, where=SHARED)
     try:
         stale = await executor.precondition(action)
     except Exception as exc:  # noqa: BLE001 - an unchecked precondition means: do not act
@@ -399,18 +458,41 @@ async def execute(action: ProposedAction, executor: RemediationExecutor, *, done
         return Result(outcome=refusal.outcome, key=key, reason=refusal.reason)  # nothing claimed, nothing done
     if limit is not None:
         return Result(outcome=limit.outcome, key=key, reason=limit.reason)  # nothing claimed, nothing done
+    if store is not None:  # the authoritative claim first: it is what another pod or Job sees
+        try:
+            won = await store.claim(key, action=action.action, target=action.target)
+        except Exception as exc:  # noqa: BLE001 - unclaimed means unprotected: do not act
+            return Result(outcome=Outcome.FAILED, key=key,
+                          reason=f"could not claim the action in the shared action claims, not acting: {_error(exc)}")
+        if not won:  # another pod or Job claimed it between seen and claim
+            try:
+                before = await store.seen(key)
+            except Exception:  # noqa: BLE001 - it exists; what it says is extra
+                before = None
+            return already(key, before or Entry(key=key), where=SHARED)
     try:
         claimed = ledger.claim(key, action=action.action, target=action.target)
     except OSError as exc:
-        return Result(outcome=Outcome.FAILED, key=key,
-                      reason=f"could not record the action in the idempotency ledger, not acting: {_error(exc)}")
+        failed = Result(outcome=Outcome.FAILED, key=key,
+                        reason=f"could not record the action in the idempotency ledger, not acting: {_error(exc)}")
+        await _settle_shared(store, failed)  # claimed there, not done: say so
+        return failed
     if not claimed:  # another process of this Job claimed it between seen and claim
         return already(key, ledger.seen(key) or Entry(key=key))
     # Cancelled while acting (SIGTERM): the claim stays and the outcome stays unknown, so it counts as done.
     result = await _act_and_verify(action, executor, key, verify_timeout)
     with contextlib.suppress(OSError):  # the claim is what prevents a second act; the outcome is extra
         ledger.settle(key, result.outcome, reason=result.reason)
+    await _settle_shared(store, result)
     return result
+
+
+async def _settle_shared(store: ClaimStore | None, result: Result) -> None:
+    """Record the outcome in the shared claims; never raises (the claim alone prevents a second act)."""
+    if store is None:
+        return
+    with contextlib.suppress(Exception):
+        await store.settle(result.key, result.outcome, reason=result.reason)
 
 
 async def _act_and_verify(action: ProposedAction, executor: RemediationExecutor, key: str,

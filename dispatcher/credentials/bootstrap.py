@@ -14,8 +14,9 @@ be read back with their secret (``database/config/*`` hides the password,
 ``rabbitmq/config/connection`` is write-only); for those a salted HMAC of the
 full configuration is kept at ``agentjobs-kv/data/bootstrap`` (readable only by
 the bootstrap's admin token — agent policies grant ``agentjobs-kv/data/llm``,
-``rabbitmq-shared`` and the kill switch ``actions``, all read-only), so a changed password is
-noticed without ever storing or logging it.
+``rabbitmq-shared`` and the kill switch ``actions``, all read-only, and to the phases that act
+create and read under ``claims/``), so a changed password is noticed without ever storing or
+logging it.
 
 The kill switch (``agentjobs-kv/data/actions``) is not written here: no document means
 "never disabled"; operators write it with ``agentjobs actions disable|enable``, every

@@ -5,7 +5,8 @@
 # auth role of the same name (token_no_default_policy = true, so not even the
 # `default` policy's cubbyhole or sys/tools paths come along).
 #
-# Read-only by construction: no create/update/delete on any secrets path, no
+# Read-only by construction: no create/update/delete on any secrets path (the one
+# exception: creating its own action claims, below — never updating or deleting them), no
 # other kv paths, no sys/* beyond renewing its own leases. Every request is made
 # with a per-investigation token whose metadata (investigation_id, incident_key,
 # phase) lands in the audit log.
@@ -44,6 +45,18 @@ path "agentjobs-kv/data/llm" {
 # runs. Read only, in every phase: no agent can switch it back on, or off for others.
 path "agentjobs-kv/data/actions" {
   capabilities = ["read"]
+}
+
+# Action claims (agent.remediation.claims): right before acting, the agent creates
+# agentjobs-kv/data/claims/<investigation>/<digest of the idempotency key> (create-only, cas=0), and
+# <that>/outcome once it knows how the action ended. Every pod and Job of the investigation reads them,
+# so a retried pod (a new emptyDir) or a relaunched Job answers already_executed instead of acting
+# twice. create and read only — no update, no delete: a claim cannot be rewritten or undone by an
+# agent. Not scoped per investigation (token metadata cannot template an ACL path), so an agent of
+# another investigation could pre-claim a key; that only stops an action (it ends already_executed,
+# nothing runs): it fails safe. Shadow and read-only act on nothing and get no grant here.
+path "agentjobs-kv/data/claims/*" {
+  capabilities = ["create", "read"]
 }
 
 # Keep its own leases alive within the token's max TTL (lease ids are only known

@@ -1,7 +1,9 @@
 """The phase policies in k8s/vault/ grant each phase the database role of its phase, and no other.
 
 The role that may terminate backends (pg_signal_backend) is the second layer besides the action
-gate: a shadow or read-only Job whose gate were bypassed still cannot get a user that acts.
+gate: a shadow or read-only Job whose gate were bypassed still cannot get a user that acts. The
+phases that act may create and read action claims (``agentjobs-kv/data/claims/*``) — the only glob
+in any agent policy, and never update or delete; the others may not touch them.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def test_each_phase_policy_reads_its_own_database_role_only(phase: Phase) -> Non
     database = {p for p in paths if p.startswith(f"{vault_layout.DATABASE_MOUNT}/")}
     assert database == {vault_layout.database_creds_path(phase)}
     assert re.search(r'capabilities\s*=\s*\["read"\]', paths[vault_layout.database_creds_path(phase)])
-    assert not any("*" in p or "+" in p for p in paths)  # no globs that could reach the other role
+    assert not any(("*" in p or "+" in p) and p != vault_layout.kv_claims_policy_path()
+                   for p in paths)  # no globs that could reach the other role
 
 
 def test_the_dispatcher_policy_reads_no_database_credentials() -> None:
@@ -76,7 +79,36 @@ def test_every_phase_may_read_the_kill_switch_and_none_may_write_it(phase: Phase
     # no other grant reaches it: no metadata/, delete/, destroy/ paths and no globs over the mount
     assert not any(p.startswith(f"{vault_layout.KV_MOUNT}/") and vault_layout.KV_ACTIONS in p and p != switch
                    for p in paths)
-    assert not any(p.startswith(vault_layout.KV_MOUNT) and ("*" in p or "+" in p) for p in paths)
+    assert not any(p.startswith(vault_layout.KV_MOUNT) and ("*" in p or "+" in p)
+                   and p != vault_layout.kv_claims_policy_path() for p in paths)
+    assert not _glob_matches(vault_layout.kv_claims_policy_path(), switch)
+
+
+def _glob_matches(glob: str, path: str) -> bool:
+    """Vault's ACL path match for a trailing ``*`` (prefix) or an exact path (no ``+`` here)."""
+    assert "+" not in glob
+    return path.startswith(glob[:-1]) if glob.endswith("*") else path == glob
+
+
+@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: p.value)
+def test_only_the_acting_phases_may_create_action_claims_and_none_may_update_or_delete_them(phase: Phase) -> None:
+    paths = _paths(vault_layout.policy(phase))
+    glob = vault_layout.kv_claims_policy_path()
+    assert glob == "agentjobs-kv/data/claims/*"
+    claims = {p for p in paths if p.startswith(f"{vault_layout.KV_MOUNT}/") and vault_layout.KV_CLAIMS in p}
+    if phase in ACTING:
+        assert claims == {glob}
+        assert re.fullmatch(r'\s*capabilities\s*=\s*\["create",\s*"read"\]\s*', paths[glob])
+    else:
+        assert claims == set()
+    key = "inv-1:restart_deployment:0123abcd"
+    for path in (vault_layout.kv_claim_path(key), vault_layout.kv_claim_outcome_path(key)):
+        assert _glob_matches(glob, path)
+    # the glob reaches nothing else in the mount: not the kill switch, the LLM key, the bootstrap HMAC
+    for other in (vault_layout.kv_actions_path(), vault_layout.kv_llm_path(),
+                  vault_layout.kv_rabbitmq_shared_path(), f"{vault_layout.KV_MOUNT}/data/bootstrap",
+                  f"{vault_layout.KV_MOUNT}/metadata/claims/inv-1/x", f"{vault_layout.KV_MOUNT}/delete/claims/x"):
+        assert not _glob_matches(glob, other)
 
 
 def test_the_dispatcher_policy_does_not_reach_the_kill_switch() -> None:
