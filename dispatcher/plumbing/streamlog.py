@@ -45,6 +45,7 @@ class StreamFollower:
         self.applied = 0
         self._channel: AbstractChannel | None = None
         self._markers: dict[str, asyncio.Event] = {}
+        self._moved = asyncio.Event()  # set each time an entry or marker moves offset or applied
         self._unacked = 0
 
     def resume_after(self, offset: int) -> None:
@@ -101,7 +102,8 @@ class StreamFollower:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     while self.applied == progress and self.offset < end:
-                        await asyncio.sleep(0.02)
+                        self._moved.clear()
+                        await self._moved.wait()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         offset = (message.headers or {}).get("x-stream-offset")
@@ -124,6 +126,8 @@ class StreamFollower:
         # catch_up() must not have an ack in flight on a closing channel.
         if fresh and marker and (seen := self._markers.get(message.message_id or "")) is not None:
             seen.set()
+        if fresh:
+            self._moved.set()
 
     async def stop(self) -> None:
         if self._channel is not None:
