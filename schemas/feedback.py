@@ -4,6 +4,11 @@ Trust is measured by operator behaviour, not by the agent's confidence:
 ``accepted`` / ``modified`` / ``rejected`` / ``action_overridden`` verdicts,
 a ``harmful`` flag, and in shadow phase a comparison of the operator's own
 resolution with the agent's finding.
+
+``action`` (optional) names the one proposed action the verdict is about — its registry
+name, e.g. ``terminate_backend`` — and ``action_key`` (optional, with ``action``) one
+execution of it: the ``idempotency_key`` of its ``ActionRecord``. Without them the verdict
+is about the finding as a whole, as before.
 """
 
 from __future__ import annotations
@@ -45,4 +50,7 @@ class OperatorFeedback(Wire, tag="feedback", kw_only=True):
     changed_fields: tuple[Short, ...] = ()
     harmful: bool = False  # an executed or proposed action would have hurt
     shadow: ShadowComparison | None = None
+    # The proposed action this verdict is about (registry name); "": the finding as a whole.
+    action: Short = ""
+    action_key: Short = ""  # with ``action``: the ActionRecord's idempotency_key (one execution)
     comment: Annotated[str, msgspec.Meta(max_length=16384)] = ""

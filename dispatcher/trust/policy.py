@@ -32,6 +32,10 @@ Choices, so that an SRE reading ``agentjobs phase explain`` is not surprised:
 - **Harmful.** A harmful flag demotes at once to ``harmful_demotes_to`` when
   the scope is above it, whatever the feedback's phase or age (safety first),
   and blocks promotion while it is in the window.
+- **Per action.** A feedback naming an action (``OperatorFeedback.action``) counts like any
+  other in the window and, besides, for that action: ``Explanation.actions`` has, per action,
+  the verdicts in the window, how many were modifications, ``action_overridden`` and harmful
+  (``action_tallies``). A harmful flag on an action demotes exactly as any harmful flag.
 - **Pin.** A pinned scope makes no automatic change at all, harmful included;
   tallies go on. After unpin the policy resumes on the next feedback (a
   harmful flag still in the window then demotes).
@@ -192,6 +196,40 @@ def decide(
     return None
 
 
+class ActionTally(msgspec.Struct, frozen=True, kw_only=True):
+    """The window's verdicts naming one action."""
+
+    action: str
+    feedbacks: int
+    modifications: int
+    overridden: int  # action_overridden verdicts
+    harmful: int
+
+
+# What a window entry said about its action: (action, modified, overridden, harmful).
+_ActionNote = tuple[str, bool, bool, bool]
+
+
+def action_note(fb: OperatorFeedback, modified: bool) -> _ActionNote | None:
+    """What a counted feedback says about the action it names; None when it names none (pure)."""
+    if not fb.action:
+        return None
+    return fb.action, modified, fb.verdict is Verdict.ACTION_OVERRIDDEN, fb.harmful
+
+
+def action_tallies(notes: Iterable[_ActionNote]) -> tuple[ActionTally, ...]:
+    """Per-action counts of the window's verdicts that name an action, by action name (pure)."""
+    by: dict[str, list[int]] = {}
+    for action, modified, overridden, harmful in notes:
+        c = by.setdefault(action, [0, 0, 0, 0])
+        c[0] += 1
+        c[1] += modified
+        c[2] += overridden
+        c[3] += harmful
+    return tuple(ActionTally(action=a, feedbacks=n, modifications=m, overridden=o, harmful=h)
+                 for a, (n, m, o, h) in sorted(by.items()))
+
+
 class Explanation(msgspec.Struct, frozen=True, kw_only=True):
     """Where a scope stands and why: what ``agentjobs phase explain`` prints."""
 
@@ -226,6 +264,7 @@ class Explanation(msgspec.Struct, frozen=True, kw_only=True):
     modifications_to_demote: int | None  # consecutive modifications that would demote; None: never
     harmful_demotes_to: Phase | None  # where a harmful flag sends this scope; None: nowhere lower
     notes: tuple[str, ...]  # the same, in sentences
+    actions: tuple[ActionTally, ...] = ()  # the window's verdicts naming an action, per action
 
 
 # One counted feedback: (at, arrival seq, modified, harmful); the window is sorted on it.
@@ -240,6 +279,7 @@ class _Scope:
         "entered_at",
         "first_seen",
         "harmful",
+        "actions",
         "last_change_at",
         "modifications",
         "phase",
@@ -270,6 +310,8 @@ class _Scope:
         self.seen_order: deque[str] = deque()
         # investigation id -> (at, seq) of its counted verdict; insertion order = oldest first
         self.verdicts: dict[str, tuple[datetime, int]] = {}
+        # seq of a window entry naming an action -> what it said about it (see action_note)
+        self.actions: dict[int, _ActionNote] = {}
 
     def in_phase_s(self, now: datetime) -> float:
         return (now - (self.entered_at or self.first_seen)).total_seconds()
@@ -278,7 +320,8 @@ class _Scope:
         return None if self.last_change_at is None else (now - self.last_change_at).total_seconds()
 
     def drop_oldest(self) -> None:
-        _, _, modified, harmful = self.window.pop(0)
+        _, seq, modified, harmful = self.window.pop(0)
+        self.actions.pop(seq, None)
         self.modifications -= modified
         self.harmful -= harmful
 
@@ -286,7 +329,8 @@ class _Scope:
         """Take the window entry ``key`` (at, seq) out, if it is still there."""
         i = bisect.bisect_left(self.window, key)
         if i < len(self.window) and self.window[i][:2] == key:
-            _, _, modified, harmful = self.window.pop(i)
+            _, seq, modified, harmful = self.window.pop(i)
+            self.actions.pop(seq, None)
             self.modifications -= modified
             self.harmful -= harmful
             return True
@@ -299,6 +343,7 @@ class _Scope:
     def reset_window(self) -> None:
         self.window.clear()
         self.verdicts.clear()
+        self.actions.clear()
         self.modifications = 0
         self.harmful = 0
 
@@ -321,6 +366,8 @@ class ScopeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     seen: list[str]  # remembered feedback ids, oldest first
     # investigation id, at, seq of each investigation's counted verdict, oldest first
     verdicts: list[tuple[str, datetime, int]] = []
+    # seq, action, modified, overridden, harmful of each window entry naming an action
+    actions: list[tuple[int, str, bool, bool, bool]] = []
 
 
 class LedgerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -356,7 +403,8 @@ class TrustLedger:
                 phase=s.phase, entered_at=s.entered_at, first_seen=s.first_seen, last_change_at=s.last_change_at,
                 clock=s.clock, pinned=s.pinned, pin_reason=s.pin_reason, pinned_by=s.pinned_by,
                 window=list(s.window), modifications=s.modifications, harmful=s.harmful, seq=s.seq,
-                seen=list(s.seen_order), verdicts=[(inv, at, seq) for inv, (at, seq) in s.verdicts.items()])
+                seen=list(s.seen_order), verdicts=[(inv, at, seq) for inv, (at, seq) in s.verdicts.items()],
+                actions=[(seq, *note) for seq, note in s.actions.items()])
             for name, s in self._scopes.items()})
 
     @classmethod
@@ -372,6 +420,7 @@ class TrustLedger:
             s.seen_order = deque(snap.seen)
             s.seen = set(snap.seen)
             s.verdicts = {inv: (at, seq) for inv, at, seq in snap.verdicts}
+            s.actions = {seq: (action, m, o, h) for seq, action, m, o, h in snap.actions}
             ledger._scopes[name] = s
         return ledger
 
@@ -425,6 +474,9 @@ class TrustLedger:
             s.modifications += modified
             s.harmful += fb.harmful
             s.verdicts[fb.investigation_id] = (fb.at, s.seq)
+            note = action_note(fb, modified)
+            if note is not None:
+                s.actions[s.seq] = note
             if len(s.verdicts) > self.dedup_capacity:
                 del s.verdicts[next(iter(s.verdicts))]
             if len(s.window) > self.settings.window:
@@ -489,6 +541,7 @@ class TrustLedger:
             phase, pinned, pin_reason, pinned_by = st.initial_phase, False, "", ""
             at = now
             flags: list[tuple[bool, bool]] = []
+            action_notes: list[_ActionNote] = []
             in_phase = 0.0
             since_change: float | None = None
         else:
@@ -496,6 +549,7 @@ class TrustLedger:
             at = s.clock if now is None or now < s.clock else now
             cutoff = at - self._max_age
             flags = [(m, h) for (t, _, m, h) in s.window if t >= cutoff]
+            action_notes = [s.actions[seq] for (t, seq, _, _) in s.window if t >= cutoff and seq in s.actions]
             in_phase = s.in_phase_s(at)
             since_change = s.since_change_s(at)
         n = len(flags)
@@ -550,6 +604,7 @@ class TrustLedger:
             if rank > _RANK[st.harmful_demotes_to]
             else None,
             notes=(),
+            actions=action_tallies(action_notes),
         )
         return msgspec.structs.replace(explanation, notes=_notes(explanation))
 
@@ -684,6 +739,9 @@ def _notes(e: Explanation) -> tuple[str, ...]:
             f"demotes to {e.previous_phase} after {e.modifications_to_demote} more consecutive "
             f"modifications (lower bound {e.wilson_lower:.3f} vs {e.demote_threshold})"
         )
+    for a in e.actions:
+        out.append(f"action {a.action}: {a.feedbacks} verdict(s) in the window, {a.overridden} overridden, "
+                   f"{a.harmful} harmful, {a.modifications} modified")
     if e.harmful_demotes_to is not None:
         out.append(f"a harmful flag demotes at once to {e.harmful_demotes_to}")
     if e.pinned:

@@ -10,7 +10,9 @@ of them, fed — like everything else it knows — from the feedback log, in log
   user of that Job; with kubernetes auth, any agent user of this installation) or from the
   dispatcher (the failure result of a Job that ended without one). Its ``domain`` is the scope when
   the lifecycle event named none (the scope is the incident's domain unless ``trust.scope_label``
-  says otherwise; see ``scope_of``);
+  says otherwise; see ``scope_of``). It lists the actions the finding proposed (``ActionSeen``:
+  registry name, the idempotency key of its ``ActionRecord``, executed or not), so a verdict naming
+  an action can be checked against them;
 - ``AdmittedFeedback`` / ``AdmittedPin``: an operator's verdict or an admin's pin as admitted,
   with the trust consumer's own clock at admission (``admitted_at``). Dwell, cool-down and the
   window run on that time, never on the sender's ``at``: a sender cannot backdate, and a replay
@@ -18,7 +20,9 @@ of them, fed — like everything else it knows — from the feedback log, in log
 
 ``InvestigationLedger.check`` is what admission asks: is this feedback about an investigation we
 saw, with a finding, in the scope and phase we recorded? The reasons it gives are dead-letter
-reasons (``unknown_investigation``, ``no_finding``, ``scope_mismatch``, ``phase_mismatch``).
+reasons (``unknown_investigation``, ``no_finding``, ``scope_mismatch``, ``phase_mismatch``, and
+``unknown_action`` for a verdict naming an action — or one execution of it — the finding did not
+propose, ``action_refusal``).
 
 Memory is bounded and deterministic (it depends only on the log): investigations are forgotten
 ``trust.max_age`` after they were recorded (feedback on them could not be admitted any more) and
@@ -30,11 +34,12 @@ made-up ids can never push real investigations out.
 from __future__ import annotations
 
 from collections import OrderedDict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from schemas import OperatorFeedback, Phase, PhasePin
+from schemas import Finding, OperatorFeedback, Phase, PhasePin
+from schemas.actions import record_of
 
 from dispatcher.intake import senders
 from dispatcher.plumbing.settings import IdentitySettings
@@ -42,11 +47,13 @@ from dispatcher.plumbing.settings import IdentitySettings
 MAX_INVESTIGATIONS = 200_000  # investigations remembered (~30 days of a busy installation)
 MAX_PENDING = 10_000  # findings remembered whose investigation was not reported yet
 MAX_PENDING_SENDERS = 4  # different senders remembered per pending finding
+MAX_ACTIONS = 64  # proposed actions remembered per finding
 
 UNKNOWN = "unknown_investigation"
 NO_FINDING = "no_finding"
 SCOPE_MISMATCH = "scope_mismatch"
 PHASE_MISMATCH = "phase_mismatch"
+UNKNOWN_ACTION = "unknown_action"
 
 
 # --------------------------------------------------------------------------- #
@@ -83,6 +90,14 @@ class InvestigationDispatched(msgspec.Struct, frozen=True, kw_only=True, tag_fie
     sender: str
 
 
+class ActionSeen(msgspec.Struct, frozen=True, kw_only=True):
+    """One action a finding proposed, as trust remembers it."""
+
+    action: str  # registry name, e.g. terminate_backend
+    key: str = ""  # the idempotency_key of its ActionRecord ("" for an action the gate never saw)
+    executed: bool = False
+
+
 class FindingSeen(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="trust_finding"):
     """A finding for ``investigation_id`` from ``sender`` (checked again against the Job when applied)."""
 
@@ -91,6 +106,39 @@ class FindingSeen(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", t
     phase: Phase
     recorded_at: datetime
     sender: str
+    actions: tuple[ActionSeen, ...] = ()  # what it proposed (entries written before this field: none)
+
+
+def actions_of(finding: Finding) -> tuple[ActionSeen, ...]:
+    """The actions ``finding`` proposed, with the keys their ``ActionRecord`` carries (pure, bounded)."""
+    at = finding.produced_at or datetime(1970, 1, 1, tzinfo=UTC)  # the key does not depend on it
+    out = []
+    for a in finding.proposed_actions[:MAX_ACTIONS]:
+        record = record_of(a, finding, at=at)
+        key = a.params.get("idempotency_key") or (record.idempotency_key if record is not None else "")
+        out.append(ActionSeen(action=a.action, key=key, executed=a.executed))
+    return tuple(out)
+
+
+def action_refusal(fb: OperatorFeedback, proposed: tuple[ActionSeen, ...]) -> tuple[str, str] | None:
+    """Why a verdict naming an action may not count, as (reason, detail); None: it may (pure).
+
+    A verdict names no action (the finding as a whole), or one the finding proposed — and, with
+    ``action_key``, one execution of it: the key of that action's ``ActionRecord``.
+    """
+    if not fb.action:
+        if fb.action_key:
+            return UNKNOWN_ACTION, f"action_key {fb.action_key!r} without action: name the action it is a key of"
+        return None
+    names = sorted({a.action for a in proposed})
+    same = [a for a in proposed if a.action == fb.action]
+    if not same:
+        return UNKNOWN_ACTION, (f"investigation {fb.investigation_id!r}'s finding did not propose {fb.action!r} "
+                                f"(it proposed: {', '.join(names) or 'no action'})")
+    if fb.action_key and all(a.key != fb.action_key for a in same):
+        return UNKNOWN_ACTION, (f"investigation {fb.investigation_id!r}'s finding has no {fb.action!r} with key "
+                                f"{fb.action_key!r}")
+    return None
 
 
 LogEntry = AdmittedFeedback | AdmittedPin | InvestigationDispatched | FindingSeen
@@ -152,6 +200,7 @@ class Investigation(msgspec.Struct, kw_only=True):
     dispatched_at: datetime
     recorded_at: datetime
     finding_at: datetime | None = None  # when a finding from an allowed sender was recorded
+    actions: tuple[ActionSeen, ...] = ()  # what that finding proposed
 
 
 class Pending(msgspec.Struct, kw_only=True):
@@ -159,6 +208,7 @@ class Pending(msgspec.Struct, kw_only=True):
 
     investigation_id: str
     findings: list[tuple[str, str, datetime]]
+    actions: dict[str, tuple[ActionSeen, ...]] = {}  # sender -> what its finding proposed
 
 
 class InvestigationsSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -205,7 +255,7 @@ class InvestigationLedger:
         if pending is not None:
             for sender, domain, at in pending.findings:
                 if self.finding_refusal(sender, record.job_name) is None:
-                    self._saw_finding(record, domain, at)
+                    self._saw_finding(record, domain, at, pending.actions.get(sender, ()))
                     break
         self._records[entry.investigation_id] = record
         while len(self._records) > self.capacity:
@@ -225,11 +275,13 @@ class InvestigationLedger:
                     self._pending.popitem(last=False)
             if len(pending.findings) < MAX_PENDING_SENDERS and all(s != entry.sender for s, _, _ in pending.findings):
                 pending.findings.append((entry.sender, entry.domain, entry.recorded_at))
+                if entry.actions:
+                    pending.actions[entry.sender] = entry.actions[:MAX_ACTIONS]
                 return True
             return False
         if record.finding_at is not None or self.finding_refusal(entry.sender, record.job_name) is not None:
             return False
-        self._saw_finding(record, entry.domain, entry.recorded_at)
+        self._saw_finding(record, entry.domain, entry.recorded_at, entry.actions)
         return True
 
     def needs_finding(self, investigation_id: str) -> bool:
@@ -238,8 +290,9 @@ class InvestigationLedger:
         return record is None or record.finding_at is None
 
     @staticmethod
-    def _saw_finding(record: Investigation, domain: str, at: datetime) -> None:
+    def _saw_finding(record: Investigation, domain: str, at: datetime, actions: tuple[ActionSeen, ...]) -> None:
         record.finding_at = at
+        record.actions = tuple(actions[:MAX_ACTIONS])
         if not record.scope:
             record.scope = domain
 
@@ -269,19 +322,19 @@ class InvestigationLedger:
         if fb.phase is not record.phase:
             return PHASE_MISMATCH, (f"feedback says phase {fb.phase.value}, investigation {fb.investigation_id!r} "
                                     f"ran in phase {record.phase.value}")
-        return None
+        return action_refusal(fb, record.actions)
 
     # -- snapshots ---------------------------------------------------------------------------
 
     def snapshot(self) -> InvestigationsSnapshot:
         return InvestigationsSnapshot(
             investigations=[msgspec.structs.replace(r) for r in self._records.values()],
-            pending=[Pending(investigation_id=p.investigation_id, findings=list(p.findings))
+            pending=[Pending(investigation_id=p.investigation_id, findings=list(p.findings), actions=dict(p.actions))
                      for p in self._pending.values()])
 
     def restore(self, snapshot: InvestigationsSnapshot) -> None:
         self._records = OrderedDict((r.investigation_id, msgspec.structs.replace(r)) for r in snapshot.investigations)
         self._pending = OrderedDict((p.investigation_id, Pending(investigation_id=p.investigation_id,
-                                                                 findings=list(p.findings)))
+                                                                 findings=list(p.findings), actions=dict(p.actions)))
                                     for p in snapshot.pending)
 

@@ -14,9 +14,11 @@ only from the dispatcher, findings only from the agent of that investigation's J
 the dispatcher. Anything else is dead-lettered ``forbidden_sender``, counted, never
 applied. Feedback counts only for an investigation trust has recorded, whose finding it
 has seen, in the scope and phase recorded (else ``unknown_investigation``, ``no_finding``,
-``scope_mismatch``, ``phase_mismatch``); one verdict per investigation (a correction
-replaces, ``dispatcher/trust/policy.py``). Time is this consumer's clock at admission,
-written into the log entry: senders cannot backdate, and replay is deterministic.
+``scope_mismatch``, ``phase_mismatch``), and — when it names an action — only for an action that
+finding proposed (else ``unknown_action``); one verdict per investigation (a correction
+replaces, ``dispatcher/trust/policy.py``). Verdicts naming an action are counted per action
+too (``agentjobs_action_feedback_total``, ``agentjobs phase explain``). Time is this consumer's
+clock at admission, written into the log entry: senders cannot backdate, and replay is deterministic.
 
 Handling one delivery from the ``agentjobs.feedback`` queue (single active
 consumer: one process tallies at a time, a second one waits to take over):
@@ -114,6 +116,10 @@ class TrustMetrics:
             "Trust inputs refused, never applied (forbidden sender, unknown investigation, scope or phase "
             "mismatch, ...), by reason and kind (feedback, phase_pin, lifecycle, finding, log_entry)",
             ["reason", "kind"], registry=r)
+        self.action_feedback = Counter(
+            "agentjobs_action_feedback_total",
+            "Feedback naming one proposed action, tallied (first delivery), by action, verdict and harmful",
+            ["action", "verdict", "harmful"], registry=r)
         self.investigations = Gauge("agentjobs_trust_investigations",
                                     "Investigations the trust consumer has recorded (and remembers)", registry=r)
 
@@ -231,6 +237,9 @@ class TrustState:
         change = self.ledger.apply_feedback(fb)
         if first and self.metrics is not None:
             self.metrics.feedback.labels(verdict=fb.verdict.value).inc()
+            if fb.action:
+                self.metrics.action_feedback.labels(action=fb.action, verdict=fb.verdict.value,
+                                                    harmful=str(fb.harmful).lower()).inc()
         return self._decided(fb.scope, change)
 
     def _pin(self, pin: PhasePin) -> PhaseChanged | None:
@@ -597,7 +606,7 @@ class TrustService:
             if not self.state.investigations.needs_finding(finding.investigation_id):
                 return None
             return FindingSeen(investigation_id=finding.investigation_id, domain=finding.domain, phase=finding.phase,
-                               recorded_at=_EPOCH, sender=delivery.user_id)
+                               recorded_at=_EPOCH, sender=delivery.user_id, actions=records.actions_of(finding))
         return None  # not bound here; nothing to record
 
     # -- snapshots ---------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from dispatcher.trust.policy import LedgerSnapshot
 from dispatcher.trust.records import InvestigationsSnapshot
 
 log = get_logger("agentjobs.trust.snapshots")
-FORMAT = 2  # bump when TrustSnapshot or LedgerSnapshot change shape (2: investigations, verdicts, admission clock)
+FORMAT = 3  # bump when TrustSnapshot or LedgerSnapshot change shape (2: investigations, verdicts, admission
+# clock; 3: the actions each finding proposed, the window's per-action verdicts)
 CONTENT_TYPE = "application/msgpack"
 SNAPSHOT_TYPE = "agentjobs.trust-snapshot"
 
