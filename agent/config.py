@@ -26,6 +26,7 @@ AUTH_MODES: tuple[AuthMode, ...] = ("per-investigation", "kubernetes", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 INCIDENT_FILE = "incident.json"  # == dispatcher.jobs.jobspec.INCIDENT_FILE
+APPROVAL_FILE = "approval.json"  # == dispatcher.jobs.jobspec.APPROVAL_FILE: only in a follow-up Job
 WRAPPED_TOKEN_FILE = "wrapped-token"  # == dispatcher.jobs.jobspec.WRAPPED_TOKEN_FILE
 VAULT_CA_FILE = "vault-ca.pem"  # == dispatcher.jobs.jobspec.VAULT_CA_FILE
 ACTION_LEDGER_FILE = "agentjobs-actions.jsonl"  # in the work dir: idempotency keys of actions taken
@@ -99,6 +100,10 @@ class AgentEnv:
     @property
     def incident_file(self) -> Path:
         return self.input_dir / INCIDENT_FILE
+
+    @property
+    def approval_file(self) -> Path:
+        return self.input_dir / APPROVAL_FILE
 
     @property
     def wrapped_token_file(self) -> Path:

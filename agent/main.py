@@ -44,7 +44,7 @@ from schemas import (
     utcnow,
 )
 
-from . import config, credentials, engine, publish, tracing
+from . import approved, config, credentials, engine, publish, tracing
 from .config import AgentEnv, ConfigError
 from .credentials import CredentialsUnavailable, Denied, VaultSession
 from .remediation import killswitch
@@ -127,6 +127,7 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
         if env.auth_mode != "none":
             session = await credentials.start(env, clock=clock)
         incident = read_incident(env)
+        approval = approved.read_approval(env)  # a follow-up Job runs one approved action, nothing else
         amqp_user = amqp_password = None
         if session is not None:
             rabbit = await session.rabbitmq()  # required: without it a finding cannot leave the Job
@@ -162,6 +163,17 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
         # Read fresh right before each action: a switch flipped while this Job investigates still holds.
         guard = (killswitch.VaultKillSwitch(session) if session is not None
                  else killswitch.without_vault("no Vault identity in auth mode none"))
+        if approval is not None:
+            try:
+                done = await approved.run(approval, env, tools=tools, guard=guard)
+            finally:
+                await engine.close_tools(tools)
+            await publish.publish_all(  # required: these records are all a follow-up Job reports
+                publish.action_messages(done, {"investigation_id": env.investigation_id, "job_name": env.job_name}),
+                amqp_url=env.amqp_url, username=amqp_user, password=amqp_password, timeout=env.publish_timeout,
+                connection_name=f"agentjobs-agent {env.job_name}")
+            log.info("approved_action_records_published", outcome=[r.outcome for r in done])
+            return
         try:
             finding = await engine.investigate(incident, env, tools=tools, tally=tally, prior_evidence=prior,
                                                api_key=api_key, guard=guard)

@@ -6,7 +6,7 @@ Import from here: ``from schemas import IncidentEvent, decode_incident``.
 from .actions import ActionRecord, KillSwitch
 from .alertmanager import AlertmanagerWebhook, to_incident
 from .base import Phase, RiskClass, Severity, utcnow
-from .control import CancelInvestigation
+from .control import ApproveAction, CancelInvestigation
 from .credentials import CredentialsIssued
 from .codec import KINDS, MAX_BODY_BYTES, WIRE_TYPES, WireMessage, decode, decode_incident, encode
 from .deadletter import DeadLetter, ErrorKind, preview
@@ -28,6 +28,7 @@ __all__ = [
     "Alert",
     "AlertStatus",
     "AlertmanagerWebhook",
+    "ApproveAction",
     "CancelInvestigation",
     "Conclusion",
     "Cost",

@@ -69,6 +69,9 @@ class ActionRecord(Wire, tag="action_record", kw_only=True):
     idempotency_key: Id
     incident_key: Short = ""
     finding_key: Short = ""  # idempotency key of the Finding that carries the same action
+    rationale: Text = ""  # why the agent proposed it (the evidence it saw), for whoever approves it
+    approval_id: Short = ""  # set when an operator's approval decided (or ran) it
+    approved_by: Short = ""  # the approving operator's broker user (validated by the broker, not claimed)
 
     @property
     def record_id(self) -> str:
@@ -96,7 +99,7 @@ def record_of(action: ProposedAction, finding: Finding, *, at: datetime) -> Acti
         before=p.get("before", ""), after=p.get("after", ""), undo=p.get("undo", ""), error=p.get("error", ""),
         previous_outcome=p.get("previous_outcome", ""), params=ident, phase=finding.phase, domain=finding.domain,
         at=at, idempotency_key=p.get("idempotency_key") or _digest_key(finding.investigation_id, action, ident),
-        incident_key=finding.incident_key, finding_key=finding.idempotency_key,
+        incident_key=finding.incident_key, finding_key=finding.idempotency_key, rationale=action.rationale,
     )
 
 
@@ -106,6 +109,51 @@ def records_for(finding: Finding, *, at: datetime | None = None) -> tuple[Action
     if when is None:
         raise ValueError("records_for: the finding has no produced_at; pass at=")
     return tuple(r for a in finding.proposed_actions if (r := record_of(a, finding, at=when)) is not None)
+
+
+# --- approvals: an operator runs one proposal the phase did not allow -------------------------
+
+APPROVABLE = frozenset({"propose_only", "never_automatic"})  # gate decisions an operator may approve
+APPROVED = "approved"  # the dispatcher accepted an approval and launched its follow-up Job
+APPROVAL_REFUSED = "approval_refused"  # the dispatcher refused an approval (expired, approved before, ...)
+
+
+class ApprovedAction(msgspec.Struct, frozen=True, kw_only=True):
+    """What a follow-up Job is handed (``approval.json`` in its Secret): one proposal, approved.
+
+    Built by the dispatcher from the agent's own proposal record and the approval's broker-validated
+    sender, never from what the approval said. The follow-up agent runs ``action`` through the
+    execution protocol keyed by ``investigation_id`` (the proposing investigation), so the action
+    runs at most once however often it is approved, and not at all after ``expires_at``.
+    """
+
+    approval_id: Short
+    investigation_id: Short  # the investigation that proposed it
+    incident_key: Short = ""
+    scope: Short = ""
+    domain: Short = ""
+    action: ProposedAction  # as proposed: registry name, target, risk, identifying params, rationale
+    proposal_key: Short  # the proposal record's idempotency key
+    approved_by: Short
+    reason: Text
+    approved_at: datetime
+    expires_at: datetime
+
+
+def proposal_action(record: ActionRecord) -> ProposedAction:
+    """The proposal a record describes, as the agent proposed it (pure)."""
+    return ProposedAction(action=record.action, target=record.target, risk=record.risk, rationale=record.rationale,
+                          params=dict(record.params))
+
+
+def approval_phase(risk: RiskClass) -> Phase:
+    """The phase whose credentials an approved action runs with (pure): the lowest that may run it."""
+    return Phase.LIMITED_REMEDIATION if risk is RiskClass.LOW else Phase.AUTONOMOUS
+
+
+def follow_up_id(proposal_key: str) -> str:
+    """The follow-up investigation of one proposal (pure, 40 hex): one Job per proposal, ever."""
+    return hashlib.sha1(f"approval\0{proposal_key}".encode()).hexdigest()
 
 
 # --- the kill switch's document in Vault KV ----------------------------------------------------

@@ -17,7 +17,7 @@ import msgspec
 
 from . import alertmanager, cloudevents
 from .actions import ActionRecord
-from .control import CancelInvestigation
+from .control import ApproveAction, CancelInvestigation
 from .credentials import CredentialsIssued
 from .deadletter import DeadLetter
 from .errors import DecodeError
@@ -31,7 +31,7 @@ MAX_BODY_BYTES = 1024 * 1024  # 1 MiB; Alertmanager groups of thousands of alert
 
 WireMessage = (
     IncidentEvent | LifecycleEvent | Finding | OperatorFeedback | PhaseChanged | DeadLetter | CancelInvestigation
-    | CredentialsIssued | PhasePin | ActionRecord
+    | CredentialsIssued | PhasePin | ActionRecord | ApproveAction
 )
 WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     IncidentEvent,
@@ -44,6 +44,7 @@ WIRE_TYPES: tuple[type[msgspec.Struct], ...] = (
     CredentialsIssued,
     PhasePin,
     ActionRecord,
+    ApproveAction,
 )
 KINDS = {t.__struct_config__.tag: t for t in WIRE_TYPES}
 

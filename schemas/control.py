@@ -18,3 +18,21 @@ class CancelInvestigation(Wire, tag="cancel", kw_only=True):
     reason: Short = "cancelled by operator"
     requested_by: Short = ""
     at: Timestamp | None = None
+
+
+class ApproveAction(Wire, tag="approve_action", kw_only=True):
+    """An operator approves one proposed action of one investigation (``agentjobs actions approve``).
+
+    Only the broker-validated sender (an operator or admin user) says who approved; ``requested_by``
+    is informational. What runs is the proposal as the dispatcher recorded it from the agent's own
+    ``ActionRecord`` — never anything this command says about target or params: ``action`` only
+    picks it, by registry name (when the investigation proposed that action once) or by the
+    record's ``idempotency_key``.
+    """
+
+    approval_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]  # one per approval; redeliveries share it
+    investigation_id: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    action: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    requested_by: Short = ""
+    at: Timestamp | None = None

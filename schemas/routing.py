@@ -24,8 +24,10 @@ FEEDBACK_LOG = "agentjobs.feedback-log"  # stream: every trust input, in the ord
 PHASES = "agentjobs.phases"  # exchange: PhaseChanged
 PHASE_LOG = "agentjobs.phase-log"  # stream bound to agentjobs.phases, replayed by dispatchers
 TRUST_SNAPSHOTS = "agentjobs.trust-snapshots"  # stream: the trust ledger now and then, for fast starts
-ACTION_LOG = "agentjobs.action-log"  # stream: agents' action.executed_* records, replayed by dispatchers
-ACTION_LOG_KEYS = ("action.executed_verified.#", "action.executed_not_verified.#")  # bound on agentjobs.results
+ACTION_LOG = "agentjobs.action-log"  # stream: executions, proposals and approvals, replayed by dispatchers
+# bound on agentjobs.results: executions (the limits), proposals an operator may approve, approvals accepted
+ACTION_LOG_KEYS = ("action.executed_verified.#", "action.executed_not_verified.#", "action.propose_only.#",
+                   "action.never_automatic.#", "action.approved.#")
 
 _ROUTING_WORD = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -131,17 +131,22 @@ def canonical(name: str, registry: Mapping[str, ActionSpec] = REGISTRY) -> str |
 
 
 def decide(action: str, phase: Phase, *, executors: Iterable[str] = (),
-           registry: Mapping[str, ActionSpec] = REGISTRY) -> Decision:
-    """What happens to a proposed action in ``phase`` (pure)."""
+           registry: Mapping[str, ActionSpec] = REGISTRY, approved: bool = False) -> Decision:
+    """What happens to a proposed action in ``phase`` (pure).
+
+    ``approved``: an operator approved exactly this action (a follow-up Job, ``agent.approved``):
+    neither its risk class nor the phase's automatic allowance holds it back — the phase's
+    credentials, the limits, the kill switch and the protocol still do; shadow still runs nothing.
+    """
     name = canonical(action, registry)
     if name is None:
         return Decision.UNKNOWN
     risk = registry[name].risk
-    if risk is RiskClass.HIGH:
+    if risk is RiskClass.HIGH and not approved:
         return Decision.NEVER_AUTOMATIC
     if phase is Phase.SHADOW:
         return Decision.RECORD_ONLY
-    if risk not in allowed_risks(phase):
+    if risk not in allowed_risks(phase) and not approved:
         return Decision.PROPOSE_ONLY
     return Decision.EXECUTE if name in set(executors) else Decision.NO_EXECUTOR
 
@@ -217,7 +222,7 @@ async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
                executors: Mapping[str, RemediationExecutor | Executor] | None = None,
                registry: Mapping[str, ActionSpec] = REGISTRY, investigation_id: str = "",
                ledger: Ledger | MutableSet[str] | None = None,
-               limits: blast_radius.ActionLimits | None = None) -> tuple[ProposedAction, ...]:
+               limits: blast_radius.ActionLimits | None = None, approved: bool = False) -> tuple[ProposedAction, ...]:
     """The actions as they stand after the phase gate; ``executed`` only when allowed, present and acted.
 
     ``ledger`` holds the idempotency keys already acted on (keyed by ``investigation_id``); without
@@ -236,7 +241,7 @@ async def gate(actions: Iterable[ProposedAction], phase: Phase, *,
         # What the gate and the executor record is theirs to write, never the proposer's.
         a = msgspec.structs.replace(a, params={k: v for k, v in a.params.items()
                                                if k not in RECORDED and k != blast_radius.LIMIT_TARGET})
-        decision = decide(a.action, phase, executors=executors.keys(), registry=registry)
+        decision = decide(a.action, phase, executors=executors.keys(), registry=registry, approved=approved)
         params = {**a.params, "decision": decision.value}
         executed = False
         if decision is Decision.EXECUTE:

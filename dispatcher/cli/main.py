@@ -421,10 +421,11 @@ def _send_pin(ctx: click.Context, pin: PhasePin, wait: float) -> None:
 
 @app.group()
 def actions() -> None:
-    """The global kill switch for remediation actions, outside the model (Vault KV agentjobs-kv/actions).
+    """Remediation actions: the global kill switch (Vault KV agentjobs-kv/actions) and approvals.
 
-    Every agent reads it right before each action, also Jobs already running: disabled, or
-    unreadable, nothing runs (the action is recorded refused_kill_switch).
+    Every agent reads the switch right before each action, also Jobs already running: disabled, or
+    unreadable, nothing runs (the action is recorded refused_kill_switch). `list` shows proposals
+    their phase did not allow; `approve` runs one, once, in a follow-up Job.
     """
 
 
@@ -489,6 +490,76 @@ actions_enable_cmd = _switch_command(
     reason_help="Why (kept in the switch).",
     after="agents act again from their next action on, within what their phase allows",
 )
+
+
+@actions.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also approved and expired proposals of the last hour.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array for scripts.")
+@click.pass_context
+def actions_list_cmd(ctx: click.Context, show_all: bool, as_json: bool) -> None:
+    """Proposals their phase did not allow, awaiting an operator: what, where, why, until when."""
+    from datetime import timedelta
+
+    from dispatcher.cli import approvals
+    from dispatcher.cli.ops import OpsError
+    from dispatcher.plumbing import tasks
+
+    settings = settings_from(ctx)
+    try:
+        view = tasks.run(approvals.action_log(settings))
+    except OpsError as exc:
+        _fail(str(exc))
+        return
+    now, ttl = utcnow(), timedelta(seconds=settings.actions.proposal_ttl)
+    rows = [approvals.row(p, now=now, ttl=ttl) for p in view.proposals()]
+    rows = rows if show_all else [r for r in rows if r["state"] == "pending"]
+    if as_json:
+        click.echo(approvals.as_json(rows))
+        return
+    if not rows:
+        click.echo("no proposals awaiting approval" + ("" if show_all else " (--all shows approved and expired ones)"))
+    for item in rows:
+        click.echo(approvals.render(item))
+
+
+@actions.command("approve")
+@click.argument("investigation_id")
+@click.argument("action")
+@click.option("--reason", required=True, help="Why (kept in the approval record and the follow-up Job).")
+@click.option("--operator", default=lambda: os.environ.get("USER", ""), help="Who (default: $USER; the broker "
+              "user is what counts).")
+@click.option("--wait", type=float, default=15.0, help="Seconds to wait for the dispatcher's answer.")
+@click.pass_context
+def actions_approve_cmd(ctx: click.Context, investigation_id: str, action: str, reason: str, operator: str,
+                        wait: float) -> None:
+    """Run ACTION (a registry name, or a proposal's key) that INVESTIGATION_ID proposed, once, in a follow-up Job.
+
+    The proposal is the agent's own record; the follow-up Job runs it with the credentials of the
+    phase that action needs, through the same protocol (precondition, kill switch, limits, at most
+    once), and not after the approval expires (actions.approval_ttl). Exit 1 if it was refused.
+    """
+    from datetime import timedelta
+
+    from schemas import ApproveAction
+
+    from dispatcher.cli import approvals
+    from dispatcher.cli.ops import OpsError
+    from dispatcher.plumbing import tasks
+
+    settings = settings_from(ctx)
+    command = ApproveAction(approval_id=uuid.uuid4().hex, investigation_id=investigation_id, action=action,
+                            reason=reason, requested_by=operator or "operator", at=utcnow())
+    try:
+        view = tasks.run(approvals.action_log(settings))
+        approvals.check(view, command, now=utcnow(), ttl=timedelta(seconds=settings.actions.proposal_ttl))
+        got = tasks.run(approvals.approve(settings, command, wait=wait))
+    except OpsError as exc:
+        _fail(str(exc))
+        return
+    line, accepted = approvals.answer_line(got, command, wait)
+    click.echo(line)
+    if not accepted:
+        sys.exit(EXIT_PROBLEM)
 
 
 @actions.command("status")

@@ -41,6 +41,7 @@ from dispatcher.intake import senders
 from dispatcher.jobs.jobspec import ActionGrant
 from dispatcher.plumbing.settings import ActionsSettings, IdentitySettings
 from schemas import ActionRecord, DecodeError, Phase, decode, utcnow
+from schemas.actions import APPROVABLE, APPROVED
 from schemas.logs import get_logger
 
 log = get_logger("agentjobs.actions_log")
@@ -112,6 +113,40 @@ def agent_user(ids: IdentitySettings, user_id: str) -> senders.Refusal | None:
     return refused
 
 
+@dataclass(frozen=True, kw_only=True)
+class Proposal:
+    """An action an agent proposed that its phase did not allow: an operator may approve it."""
+
+    record: ActionRecord
+    at: datetime  # when it was proposed: the record's time, never later than when it was read
+    approval_id: str = ""  # once approved: which approval (the first)
+    approved_at: datetime | None = None
+
+
+def pick(proposals: Iterable[Proposal], investigation_id: str, action: str) -> Proposal | str:
+    """The proposal ``action`` names in ``investigation_id`` — by registry name if it proposed that
+    action once, else by the record's idempotency key — or why none can be picked (pure)."""
+    mine = [p for p in proposals if p.record.investigation_id == investigation_id]
+    if not mine:
+        return f"investigation {investigation_id} has no proposal awaiting approval (in the action log's last hour)"
+    by_key = [p for p in mine if p.record.idempotency_key == action]
+    if by_key:
+        return by_key[0]
+    named = [p for p in mine if p.record.action == action]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        keys = ", ".join(p.record.idempotency_key for p in named)
+        return f"investigation {investigation_id} proposed {action} {len(named)} times: name one by key ({keys})"
+    have = ", ".join(sorted({p.record.action for p in mine}))
+    return f"investigation {investigation_id} proposed no {action} (it proposed: {have})"
+
+
+def expired(proposal: Proposal, *, now: datetime, ttl: timedelta) -> bool:
+    """A proposal older than ``ttl`` can no longer be approved: what it saw is too old (pure)."""
+    return now - proposal.at > ttl
+
+
 @dataclass(kw_only=True)
 class Reservation:
     scope: str
@@ -135,6 +170,7 @@ class ActionLog:
     _seen: dict[str, datetime] = field(default_factory=dict)  # record ids applied → at (duplicates)
     _reservations: dict[str, Reservation] = field(default_factory=dict)
     _scopes: OrderedDict[str, str] = field(default_factory=OrderedDict)  # investigation → launch scope
+    _proposals: dict[str, Proposal] = field(default_factory=dict)  # proposal idempotency key → proposal
 
     # -- the log ----------------------------------------------------------------------------
 
@@ -143,7 +179,11 @@ class ActionLog:
             record = decode(message.body, ActionRecord)
         except DecodeError:
             return  # markers and foreign messages are not records
-        refused = agent_user(self.identities, message.user_id or "")
+        user = message.user_id or ""
+        if record.outcome == APPROVED:  # the dispatcher's own record of an approval it accepted
+            refused = senders.one_of(user, [self.identities.dispatcher], "approval records")
+        else:
+            refused = agent_user(self.identities, user)
         if refused is not None:
             self.refused += 1
             if self.on_refused is not None:
@@ -151,7 +191,56 @@ class ActionLog:
             log.warning("action_record_refused", reason=refused.reason, detail=refused.detail,
                         investigation_id=record.investigation_id[:64], outcome=record.outcome[:64])
             return
-        self.apply(record)
+        if record.outcome in APPROVABLE:
+            self.propose(record)
+        elif record.outcome == APPROVED:
+            self.approved(record)
+        else:
+            self.apply(record)
+
+    # -- proposals and approvals --------------------------------------------------------------
+
+    def propose(self, record: ActionRecord) -> None:
+        """Keep a proposal an operator may approve (the first copy of each key; newer than the window)."""
+        now = self.clock()
+        self._prune_proposals(now)
+        at = min(record.at, now)  # a record dated ahead is as old as when it was read
+        if record.idempotency_key in self._proposals or now - at > self.proposal_window:
+            return
+        self._proposals[record.idempotency_key] = Proposal(record=record, at=at)
+
+    def approved(self, record: ActionRecord) -> None:
+        """The dispatcher accepted an approval of this proposal (its record, replayed or just published)."""
+        held = self._proposals.get(record.idempotency_key)
+        if held is not None and not held.approval_id:
+            self._proposals[record.idempotency_key] = Proposal(record=held.record, at=held.at,
+                                                               approval_id=record.approval_id,
+                                                               approved_at=record.at)
+
+    def scope_for(self, record: ActionRecord) -> str:
+        """The scope ``record``'s investigation was launched in here, else its domain."""
+        return self._scopes.get(record.investigation_id) or record.domain
+
+    def proposals(self) -> list[Proposal]:
+        """Proposals of the window, approved or not, oldest first."""
+        self._prune_proposals(self.clock())
+        return sorted(self._proposals.values(), key=lambda p: p.at)
+
+    def pending(self) -> list[Proposal]:
+        """Proposals still awaiting approval and not expired, oldest first."""
+        now = self.clock()
+        ttl = timedelta(seconds=self.settings.proposal_ttl)
+        return [p for p in self.proposals() if not p.approval_id and not expired(p, now=now, ttl=ttl)]
+
+    @property
+    def proposal_window(self) -> timedelta:
+        """How long proposals are kept: their ttl, and an hour more to tell a late approval it expired."""
+        return timedelta(seconds=self.settings.proposal_ttl) + WINDOW
+
+    def _prune_proposals(self, now: datetime) -> None:
+        window = self.proposal_window
+        for key in [k for k, p in self._proposals.items() if now - p.at > window]:
+            del self._proposals[key]
 
     def apply(self, record: ActionRecord) -> bool:
         """Count an execution (once per record id); False if it is none, a duplicate or older than the window."""

@@ -2,7 +2,8 @@
 
 ``ControlHandler`` executes ``CancelInvestigation`` commands (the Job is
 deleted / the process killed; the watcher then reports ``cancelled``) — from operators,
-admins or the dispatcher only (``senders.control_sender``).
+admins or the dispatcher only (``senders.control_sender``) — and hands ``ApproveAction``
+commands to ``dispatcher.intake.approvals`` (operators and admins only).
 ``LoginTokenRecorder`` records the login-token accessor an agent reports (kubernetes auth),
 only from that Job's own agent and only for a token that is that Job's login.
 ``DeadLetterRecorder`` reads a copy of every dead letter and publishes its
@@ -18,13 +19,14 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from schemas import CancelInvestigation, CredentialsIssued, Phase, decode, utcnow
-from schemas.errors import DecodeError, PermanentError
+from schemas import ApproveAction, CancelInvestigation, CredentialsIssued, Phase, decode, utcnow
+from schemas.errors import DecodeError, PermanentError, TemporaryError
 
 from dispatcher.jobs import jobspec
 from dispatcher.plumbing.amqp import Publisher
 from dispatcher.credentials.tokens import Credentials, Expected, Kind, Revocation, revocable
 from dispatcher.intake import senders
+from dispatcher.intake.approvals import Approvals
 from dispatcher.intake.deadletters import HEADER_RECORD, Delivery, dead_letter, explain, from_error
 from dispatcher.intake.incidents import Outcome
 from schemas.logs import get_logger
@@ -63,10 +65,12 @@ class ControlHandler:
     def __init__(
         self, *, runtime: JobRuntime, publisher: Publisher, identities: IdentitySettings,
         metrics: Metrics | None = None, backoff: Backoff | None = None, clock: Callable[[], datetime] = utcnow,
+        approvals: Approvals | None = None,
     ) -> None:
         self.runtime = runtime
         self.publisher = publisher
         self.identities = identities
+        self.approvals = approvals
         self.metrics = metrics
         self.backoff = backoff or Backoff()
         self.clock = clock
@@ -77,10 +81,12 @@ class ControlHandler:
             return await reject(self.publisher, delivery, _forbidden(refused), backoff=self.backoff,
                                 at=self.clock(), component="dispatcher.intake.control", metrics=self.metrics)
         try:
-            command = decode(delivery.body, CancelInvestigation)
+            command = decode(delivery.body, CancelInvestigation | ApproveAction)
         except DecodeError as exc:
             return await reject(self.publisher, delivery, exc, backoff=self.backoff,
                                 at=self.clock(), component="dispatcher.intake.control", metrics=self.metrics)
+        if isinstance(command, ApproveAction):
+            return await self._approve(command, delivery)
         try:
             existed = await retry(lambda: self.runtime.cancel(command.job_name), self.backoff)
         except RetriesExhausted:
@@ -88,6 +94,20 @@ class ControlHandler:
         log.info("investigation_cancel_requested", job_name=command.job_name, existed=existed,
                  reason=command.reason, requested_by=command.requested_by, sender=delivery.user_id)
         return Outcome.ACK
+
+    async def _approve(self, command: ApproveAction, delivery: Delivery) -> Outcome:
+        if self.approvals is None:
+            error = PermanentError("approvals_unavailable", "this dispatcher runs no action log: approvals are off")
+        else:
+            try:
+                await self.approvals.handle(command, delivery.user_id)
+                return Outcome.ACK
+            except PermanentError as exc:  # forbidden sender, no such proposal, a launch refused
+                error = exc
+            except (TemporaryError, RetriesExhausted):
+                return Outcome.REQUEUE
+        return await reject(self.publisher, delivery, error, backoff=self.backoff, at=self.clock(),
+                            component="dispatcher.intake.approvals", metrics=self.metrics)
 
 
 def login_user_of(ids: IdentitySettings, user_id: str, *, namespace: str, service_account: str) -> bool:

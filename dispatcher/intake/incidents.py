@@ -27,6 +27,8 @@ from typing import TypeVar
 import msgspec
 
 from schemas import (
+    Alert,
+    AlertStatus,
     FailureReason,
     IncidentEvent,
     LifecycleEvent,
@@ -36,8 +38,9 @@ from schemas import (
     identify,
     utcnow,
 )
+from schemas.actions import ApprovedAction, approval_phase, follow_up_id
 from schemas.errors import DecodeError, PermanentError, TemporaryError
-from schemas.identity import Identity
+from schemas.identity import Identity, job_name
 
 from dispatcher.jobs import jobspec
 from dispatcher.intake.actions_log import ActionLog
@@ -212,8 +215,26 @@ class Intake:
         finally:
             del self._pending[ident.investigation_id]
 
+    # -- approvals ---------------------------------------------------------------------------
+
+    async def launch_approved(self, approved: ApprovedAction) -> str:
+        """Launch (once: its name is the proposal's) the follow-up Job that runs an approved action."""
+        event, ident = approval_incident(approved, self.settings)
+        phase = approval_phase(approved.action.risk)
+        plan = jobspec.JobPlan(identity=ident, event=event, class_name=jobspec.choose_class(event, self.settings),
+                               phase=phase, domain=approved.domain)
+        async with self._one_at_a_time(ident.investigation_id):
+            known = self.tracker.get(ident.investigation_id)
+            if known is not None and known.dispatch_reported:
+                return ident.job_name
+            await self._launch(event, ident, plan, _fingerprints(event),
+                               files={jobspec.APPROVAL_FILE: msgspec.json.encode(approved)},
+                               scope=approved.scope or approved.domain)
+        return ident.job_name
+
     async def _launch(
-        self, event: IncidentEvent, ident: Identity, plan: jobspec.JobPlan, fingerprints: frozenset[str]
+        self, event: IncidentEvent, ident: Identity, plan: jobspec.JobPlan, fingerprints: frozenset[str], *,
+        files: dict[str, bytes] | None = None, scope: str | None = None,
     ) -> tuple[Outcome, str]:
         tracked = Tracked(
             investigation_id=ident.investigation_id,
@@ -235,9 +256,9 @@ class Intake:
                 plan = msgspec.structs.replace(plan, token_accessor=token.accessor)
             if self.actions is not None:  # computed and reserved in one step, right before the manifest
                 plan = msgspec.structs.replace(plan, actions=self.actions.grant(
-                    ident.investigation_id, scope=self._scope(event, plan.domain), phase=plan.phase))
+                    ident.investigation_id, scope=scope or self._scope(event, plan.domain), phase=plan.phase))
             manifest = jobspec.build_job(plan, self.settings)
-            files = {jobspec.INCIDENT_FILE: encode(event)}
+            files = {**(files or {}), jobspec.INCIDENT_FILE: encode(event)}
             if token is not None:
                 files[jobspec.WRAPPED_TOKEN_FILE] = token.wrapping_token.encode()
             if self._vault_ca is not None:
@@ -349,3 +370,35 @@ class Intake:
             event_id=event.event_id,
             alert_count=len(event.alerts),
         )
+
+
+APPROVAL_ALERT = "ApprovedAction"  # the alertname of a follow-up Job's incident
+
+
+def approval_incident(approved: ApprovedAction, settings: Settings) -> tuple[IncidentEvent, Identity]:
+    """The incident and identity of the follow-up Job that runs ``approved`` (pure).
+
+    Its investigation is ``follow_up_id(proposal key)``, so approving the same proposal again
+    finds the same Job; it carries the proposing incident's key, domain and scope labels, so the
+    ticket, the limits and the Job's labels are the proposing incident's.
+    """
+    labels = {"alertname": APPROVAL_ALERT, "agentjobs_action": approved.action.action[:200],
+              "agentjobs_approved_investigation": approved.investigation_id[:200]}
+    if approved.domain:
+        labels[settings.admission.domain_label] = approved.domain
+    if approved.scope:
+        labels[settings.trust.scope_label] = approved.scope
+    inv = follow_up_id(approved.proposal_key)
+    event = IncidentEvent(
+        event_id=f"approval:{approved.approval_id}"[:512], source="agentjobs:approvals",
+        group_key=f"approval/{approved.proposal_key}"[:512], status=AlertStatus.FIRING,
+        alerts=(Alert(status=AlertStatus.FIRING, labels=labels, starts_at=approved.approved_at,
+                      annotations={"summary": f"{approved.action.action} {approved.action.target}"[:1024],
+                                   "description": f"approved by {approved.approved_by}: {approved.reason}"[:4096]},
+                      fingerprint=inv[:16]),),
+        common_labels=labels, received_at=approved.approved_at,
+    )
+    ident = Identity(incident_key=approved.incident_key or inv[:32], investigation_key=f"approval\x1f{approved.proposal_key}",
+                     investigation_id=inv, job_name=job_name(inv, f"approved-{approved.action.action}"),
+                     started_at=approved.approved_at)
+    return event, ident

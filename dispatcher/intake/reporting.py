@@ -12,6 +12,7 @@ consumer can drop the duplicates an at-least-once redelivery may cause.
 from __future__ import annotations
 
 from schemas import (
+    ActionRecord,
     AgentExit,
     Conclusion,
     DeadLetter,
@@ -27,7 +28,7 @@ from schemas import (
 from dispatcher.plumbing.amqp import Publisher
 from dispatcher.jobs.runtime import JobState, RuntimeEvent
 from schemas.routing import RESULTS
-from schemas.routing import finding_key, lifecycle_key, routing_word
+from schemas.routing import action_key, finding_key, lifecycle_key, routing_word
 from dispatcher.intake.tracker import Tracked
 
 STATE_OF = {
@@ -123,6 +124,11 @@ class Reporter:
         await self._publisher.publish_message(
             RESULTS, finding_key(finding.severity, finding.domain, finding.phase), finding, message_id=finding.idempotency_key
         )
+
+    async def action(self, record: ActionRecord) -> None:
+        """A decision the dispatcher made about an action (an approval accepted or refused)."""
+        await self._publisher.publish_message(RESULTS, action_key(record.outcome, record.domain), record,
+                                              message_id=f"{record.record_id}:{record.approval_id}"[:512])
 
     async def dead_letter(self, record: DeadLetter, *, message_id: str) -> None:
         await self._publisher.publish_message(

@@ -20,6 +20,7 @@ from dispatcher.intake.actions_log import ActionLog
 from dispatcher.intake.admission import AdmissionGate
 from dispatcher.plumbing.amqp import Publisher, connect
 from dispatcher.intake.consumer import Consumer
+from dispatcher.intake.approvals import Approvals
 from dispatcher.intake.control import ControlHandler, DeadLetterRecorder, LoginTokenRecorder
 from dispatcher.intake.costs import CostRecorder
 from dispatcher.credentials.tokens import Credentials, VaultCredentials, open_credentials
@@ -29,7 +30,7 @@ from schemas.logs import get_logger
 from dispatcher.plumbing.metrics import Metrics
 from dispatcher.intake.phases import LoggedPhases, PhaseSource
 from dispatcher.intake.reporting import Reporter
-from dispatcher.plumbing.retry import Backoff
+from dispatcher.plumbing.retry import Backoff, retry
 from dispatcher.jobs.runtime import JobRuntime
 from dispatcher.plumbing.settings import Settings
 from dispatcher.plumbing.streamlog import StreamFollower
@@ -126,8 +127,14 @@ class DispatcherService:
         if self.sweeper is not None:
             self._tasks.append(spawn(self.sweeper.run(), name="token-sweeper", on_crash=self._on_crash))
         backoff = Backoff.of(s.retry)
+        connection = self._connection
+        approvals = Approvals(log_=self.actions, settings=s.actions, identities=s.identities,
+                              launch=self.intake.launch_approved,
+                              publish=lambda record: retry(lambda: reporter.action(record), backoff),
+                              catch_up=lambda: self.action_log.catch_up(connection, timeout=5),
+                              scope_of=self.actions.scope_for)
         control = ControlHandler(runtime=self.runtime, publisher=publisher, identities=s.identities,
-                                 metrics=self.metrics, backoff=backoff)
+                                 metrics=self.metrics, backoff=backoff, approvals=approvals)
         recorder = DeadLetterRecorder(reporter=reporter, metrics=self.metrics, backoff=backoff)
         self._consumers = [
             Consumer(INCIDENTS, self.intake.handle, prefetch=s.amqp.prefetch, name="incidents"),

@@ -66,6 +66,7 @@ TOKEN_DIR = "/var/run/secrets/agentjobs/serviceaccount"  # projected token, kube
 API_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 INCIDENT_FILE = "incident.json"
 WRAPPED_TOKEN_FILE = "wrapped-token"
+APPROVAL_FILE = "approval.json"  # a follow-up Job's approved action (schemas.actions.ApprovedAction)
 VAULT_CA_FILE = "vault-ca.pem"  # vault.ca_cert, when Vault's certificate comes from a private CA
 NONROOT_UID = 65532  # distroless "nonroot"
 

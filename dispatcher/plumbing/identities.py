@@ -70,7 +70,7 @@ def grants(ids: IdentitySettings) -> tuple[Grant, ...]:
     private = PRIVATE
     ops_read = "^(" + "|".join(re.escape(n) for n in (RESULTS, PHASES, FEEDBACK, "agentjobs.dead", "agentjobs.feedback-log",
                                                        "agentjobs.phase-log", "agentjobs.trust-snapshots",
-                                                       "agentjobs.incidents", "agentjobs.control"))
+                                                       "agentjobs.incidents", "agentjobs.control", "agentjobs.action-log"))
     ops_read += "|" + private + ")$"
     human_write = "^(" + "|".join(re.escape(n) for n in (INCIDENTS, FEEDBACK, CONTROL)) + "|" + private + ")$"
     out = [

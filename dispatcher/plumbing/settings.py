@@ -275,6 +275,10 @@ class ActionsSettings(Section):
     max_per_scope_per_hour: NonNegative = 3  # executions per scope in any hour
     max_per_target_per_hour: NonNegative = 1  # executions per target (object, application on a database)
     max_per_investigation: NonNegative = 1  # destructive executions one investigation may carry out
+    # Approvals (`agentjobs actions approve`): a proposal may be approved this long after it was made
+    # (what its agent saw gets old), and an accepted approval must run within approval_ttl seconds.
+    proposal_ttl: Seconds = 3600.0
+    approval_ttl: Seconds = 900.0
     # per scope (the trust scope label's value); scopes without an entry get "default"
     scopes: dict[str, ScopeActions] = msgspec.field(default_factory=_default_scopes)
 
