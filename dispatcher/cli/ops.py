@@ -233,6 +233,8 @@ def render_action(routing_key: str, record: Mapping[str, Any], headers: Mapping[
             f"{str(fields.get('investigation_id', ''))[:16]}")
     if fields.get("reason"):
         line += f"  {str(fields['reason'])[:120]}"
+    if fields.get("approved_by") and fields.get("outcome") not in ("approved", "approval_refused"):
+        line += f"  (approved by {str(fields['approved_by'])[:64]})"
     if fields.get("undo"):
         line += f"  undo: {str(fields['undo'])[:100]}"
     return line
