@@ -35,7 +35,16 @@ from . import engine
 from .config import AgentEnv
 from .reasoning.actions import gate
 from .remediation import limits as blast_radius
-from .remediation.protocol import Guard, Ledger, Outcome, Refusal, RemediationExecutor, guarded
+from .remediation.protocol import (
+    ClaimStore,
+    Guard,
+    Ledger,
+    Outcome,
+    Refusal,
+    RemediationExecutor,
+    guarded,
+    shared_claims,
+)
 from .tools.base import Tool
 
 log = get_logger("agentjobs.agent.approved")
@@ -101,14 +110,17 @@ def records(approved: ApprovedAction, finding: Finding) -> tuple[ActionRecord, .
 
 async def run(approved: ApprovedAction, env: AgentEnv, *, tools: Sequence[Tool], guard: Guard | None,
               executors: dict[str, RemediationExecutor] | None = None, ledger: Ledger | None = None,
-              clock: Callable[[], datetime] = utcnow) -> tuple[ActionRecord, ...]:
-    """Gate and execute the approved action; the records of what happened."""
+              claims: ClaimStore | None = None, clock: Callable[[], datetime] = utcnow) -> tuple[ActionRecord, ...]:
+    """Gate and execute the approved action; the records of what happened.
+
+    ``claims``: the investigation's shared claim store (``VaultClaims``): the proposing
+    investigation's Jobs and every follow-up see one claim per action."""
     closers: list[object] = []
     if executors is None:
         executors, closers = engine.executors_for(env, tools)
     job_limits = blast_radius.for_job(env.actions, postgres_dsn=env.postgres_dsn, tools=tools)
     try:
-        with guarded(expiry_guard(approved, guard, clock)), blast_radius.limited(job_limits):
+        with guarded(expiry_guard(approved, guard, clock)), blast_radius.limited(job_limits), shared_claims(claims):
             actions = await gate([approved.action], env.phase, executors=executors,
                                  investigation_id=approved.investigation_id,
                                  ledger=ledger if ledger is not None else engine.ledger_for(env), approved=True)

@@ -48,6 +48,7 @@ from . import approved, config, credentials, engine, publish, tracing
 from .config import AgentEnv, ConfigError
 from .credentials import CredentialsUnavailable, Denied, VaultSession
 from .remediation import killswitch
+from .remediation.claims import VaultClaims
 from .reasoning.base import Tally
 
 log = logs.get_logger("agentjobs.agent")
@@ -163,9 +164,11 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
         # Read fresh right before each action: a switch flipped while this Job investigates still holds.
         guard = (killswitch.VaultKillSwitch(session) if session is not None
                  else killswitch.without_vault("no Vault identity in auth mode none"))
+        # Claims every pod and Job of the investigation see (a retried pod has a fresh work dir).
+        claims = VaultClaims(session) if session is not None else None
         if approval is not None:
             try:
-                done = await approved.run(approval, env, tools=tools, guard=guard)
+                done = await approved.run(approval, env, tools=tools, guard=guard, claims=claims)
             finally:
                 await engine.close_tools(tools)
             await publish.publish_all(  # required: these records are all a follow-up Job reports
@@ -176,7 +179,7 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
             return
         try:
             finding = await engine.investigate(incident, env, tools=tools, tally=tally, prior_evidence=prior,
-                                               api_key=api_key, guard=guard)
+                                               api_key=api_key, guard=guard, claims=claims)
         finally:
             await engine.close_tools(tools)
         finding = msgspec.structs.replace(finding, cost=tally.cost())
