@@ -19,6 +19,16 @@ How it decides:
    of the runner-up; otherwise the assessment is "inconclusive", says why and
    proposes no action.
 
+Kubernetes proposals carry what the executors' preconditions re-check
+(``agent/remediation/kubernetes.py``), as observed: ``delete_pod`` for one
+crash-looping pod of a Deployment whose other replicas are ready (its
+ReplicaSet recreates it; params ``namespace``, ``pod``, ``uid``, ``restarts``,
+``observed_at``), ``restart_deployment`` when every replica crash-loops or
+pods are stuck unready (``pods``: the pods seen), and ``scale_deployment`` when
+every ready pod is saturated (the alert's expression holds for each of them)
+— one replica more than the Deployment's ``from_replicas``, at most
+``SCALE_MAX_REPLICAS``, with the ``trigger``.
+
 Reading tool output is tolerant and isolated: one small ``read_*`` function
 per observation kind, so shape changes in the tools are fixed in one place.
 """
@@ -53,6 +63,7 @@ CULPRIT_SHARE = 0.5  # share of the idle-in-transaction sessions one application
 LONG_RUNNING_MIN = 30  # seconds before a query counts as long-running
 LOCK_WAIT_LONG = 30  # seconds of lock wait that hurts
 CRASH_RESTARTS = 3  # restarts from which a pod is crash-looping
+SCALE_MAX_REPLICAS = 20  # scale_deployment is never proposed beyond this many replicas
 ROLLOUT_RECENT = timedelta(minutes=30)  # a rollout this close before the alert is the prime suspect
 ROLLOUT_WINDOW = timedelta(hours=2)  # ... and within this window still a suspect
 LOG_WINDOW = "30m"  # logs.error_counts window
@@ -307,6 +318,9 @@ class Pod:
     last_reason: str  # last termination reason, e.g. OOMKilled, Error
     exit_code: int | None
     waiting: str  # waiting reason, e.g. CrashLoopBackOff
+    uid: str = ""  # metadata.uid, when the tool reports it
+    owner: str = ""  # the controller, e.g. ReplicaSet/checkout-api-7d9f8b6c5d
+    deleting: bool = False
 
 
 def _ready(v: Any) -> bool | None:
@@ -321,9 +335,9 @@ def _ready(v: Any) -> bool | None:
 
 
 def read_pods(obs: Observation) -> list[Pod]:
-    """kubernetes.pods ``pods``: ``name``, ``phase``, ``ready``, ``restarts``, ``waiting_reason``,
-    ``last_termination{reason, exit_code}`` (or ``last_termination_reason``/``exit_code``, or the
-    containers' ``last_reason``/``last_exit_code``)."""
+    """kubernetes.pods ``pods``: ``name``, ``uid``, ``owner``, ``deleting``, ``phase``, ``ready``, ``restarts``,
+    ``waiting_reason``, ``last_termination{reason, exit_code}`` (or ``last_termination_reason``/``exit_code``,
+    or the containers' ``last_reason``/``last_exit_code``)."""
     if not obs.ok:
         return []
     out = []
@@ -342,8 +356,32 @@ def read_pods(obs: Observation) -> list[Pod]:
                        ready=_ready(_pick(r, "ready")),
                        restarts=_int(_pick(r, "restarts", "restart_count", "restartCount"), 0) or 0,
                        last_reason=_str(reason), exit_code=_int(code),
-                       waiting=_str(_pick(r, "waiting_reason", "waiting"))))
+                       waiting=_str(_pick(r, "waiting_reason", "waiting")), uid=_str(_pick(r, "uid")),
+                       owner=_str(_pick(r, "owner", "controller")), deleting=bool(r.get("deleting"))))
     return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploymentStatus:
+    name: str
+    replicas: int  # desired (spec.replicas)
+    ready: int
+    available: int
+    unavailable: int
+
+
+def read_deployment(obs: Observation) -> DeploymentStatus | None:
+    """kubernetes.rollouts ``deployment``: ``name``, ``replicas`` (desired), ``ready_replicas``,
+    ``available_replicas``, ``unavailable_replicas``; None without a desired count."""
+    d = _pick(obs.data, "deployment") if obs.ok else None
+    replicas = _int(_pick(d, "replicas", "spec_replicas"))
+    if not isinstance(d, Mapping) or replicas is None:
+        return None
+    ready = _int(_pick(d, "ready_replicas", "readyReplicas"), 0) or 0
+    available = _int(_pick(d, "available_replicas", "availableReplicas"), ready) or 0
+    unavailable = _int(_pick(d, "unavailable_replicas", "unavailableReplicas"))
+    return DeploymentStatus(name=_str(_pick(d, "name")), replicas=max(0, replicas), ready=ready, available=available,
+                            unavailable=max(0, replicas - available) if unavailable is None else unavailable)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -545,6 +583,9 @@ PATTERNS: Mapping[str, re.Pattern[str]] = {
                            r"|instance.?down|target.?down|endpoint|probe|blackbox|unreachable|health.?check"
                            r"|service.?down"),
     "queues": re.compile(r"queue|backlog|messages.?ready|consumer|rabbitmq"),
+    # Workload saturation only: a saturated connection pool or queue is the connections/queues playbooks'.
+    "saturation": re.compile(r"cpu|throttl|overload|high.?load|too.?busy|max.?replicas|hpa\b"
+                             r"|(pod|replica|deployment|workload|container)s?.?saturat"),
 }
 # Where a match counts how much: the alert's name and expression are chosen by whoever wrote the rule,
 # the annotations are free text.
@@ -966,6 +1007,8 @@ def assess_pods(alert: AlertFacts, pods_obs: Observation, events_obs: Observatio
                       f"pods of {wl} exceed their memory limit; raise it (and look for a leak)",
                       deployment=wl, namespace=alert.namespace or "", increase="50%",
                       **({"container": container} if container else {}))
+    healthy = [p for p in pods if p.ready and p not in crashing]
+    alone = errored[0] if len(errored) == 1 and not oom and healthy else None  # one pod crash-loops, others fine
     if errored:
         codes = sorted({str(p.exit_code) for p in errored if p.exit_code is not None})
         crash_h.supports(pods_obs, f"{len(errored)} pod(s) crash-looping, last reason "
@@ -973,11 +1016,22 @@ def assess_pods(alert: AlertFacts, pods_obs: Observation, events_obs: Observatio
                                    + (f", exit code {', '.join(codes)}" if codes else ""), 2.0)
         if backoff:
             crash_h.supports(events_obs, f"{len(backoff)} back-off event(s) restarting the failed container", 1.0)
+        if alone is not None:
+            crash_h.statement = (f"pod {alone.name} of {wl} crash-loops while its other {len(healthy)} "
+                                 "replica(s) run fine: that pod, not the workload, is broken")
+            crash_h.supports(pods_obs, f"only {alone.name} crash-loops; {len(healthy)} other pod(s) of {wl} are "
+                                       "ready", 1.5)
+        if not oom:
+            propose_crash_loop(crash_h, alert, pods_obs, pods, errored, alone)
     elif pods and not oom:
         crash_h.contradicts(pods_obs, "no pod is crash-looping", 2.0)
     if assess_rollout(rollout_h, rollouts_obs, alert) and errored:
-        # A crash loop right after a rollout is explained by it; an OOM kill is explained by the limit first.
-        rollout_h.supports(pods_obs, "the pods started crash-looping after it", 1.5)
+        if alone is not None:
+            rollout_h.contradicts(pods_obs, f"{len(healthy)} other pod(s) of {wl} run fine: the rollout does not "
+                                            "make every pod crash", 1.0)
+        else:
+            # A crash loop right after a rollout is explained by it; an OOM kill is explained by the limit first.
+            rollout_h.supports(pods_obs, "the pods started crash-looping after it", 1.5)
     if unready and not crashing:
         unready_h.supports(pods_obs, f"{len(unready)} of {len(pods)} pod(s) not ready with few restarts", 1.5)
         if len(unready) == len(pods):
@@ -991,6 +1045,36 @@ def assess_pods(alert: AlertFacts, pods_obs: Observation, events_obs: Observatio
     elif pods and not unready:
         unready_h.contradicts(pods_obs, f"all {len(pods)} pod(s) are ready", 2.0)
     return [oom_h, crash_h, rollout_h, unready_h, none_h]
+
+
+def _observed_at(obs: Observation) -> str:
+    return obs.at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _of_deployment(p: Pod, workload: str) -> bool:
+    """The pod's controller is a ReplicaSet of Deployment ``workload`` (it recreates a deleted pod) (pure)."""
+    kind, _, name = p.owner.partition("/")
+    return kind == "ReplicaSet" and name.startswith(f"{workload}-") and not p.deleting
+
+
+def propose_crash_loop(h: Draft, alert: AlertFacts, pods_obs: Observation, pods: list[Pod], errored: list[Pod],
+                       alone: Pod | None) -> None:
+    """The crash loop's action: delete the one pod that crash-loops beside healthy replicas (its
+    ReplicaSet recreates it), or restart the Deployment when every replica crash-loops (pure)."""
+    wl, ns = alert.workload or "", alert.namespace or ""
+    if alone is not None and _of_deployment(alone, wl) and k8s_name(alone.name):
+        h.propose("delete_pod", f"pod/{alone.name} in namespace {ns}",
+                  f"only pod {alone.name} of {wl} crash-loops ({alone.restarts} restarts); deleting it lets its "
+                  f"ReplicaSet recreate it while the other replicas serve",
+                  namespace=ns, pod=alone.name, restarts=str(alone.restarts), observed_at=_observed_at(pods_obs),
+                  **({"uid": alone.uid} if alone.uid else {}))
+    elif len(errored) == len(pods):
+        names = [p.name for p in errored if k8s_name(p.name)][:50]
+        h.propose("restart_deployment", _deployment_target(alert),
+                  f"every pod of {wl} crash-loops; a rolling restart replaces them (if the cause is in the code "
+                  "or its configuration, it comes back: roll back or fix it)",
+                  deployment=wl, namespace=ns, observed_at=_observed_at(pods_obs),
+                  **({"pods": ",".join(names)} if names else {}))
 
 
 async def pods_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
@@ -1078,6 +1162,80 @@ async def endpoint_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft
     return [*drafts, path_h]
 
 
+# --- saturation: every ready pod busy, one replica more ------------------------------------------
+
+def _failing(p: Pod) -> bool:
+    return (p.restarts >= CRASH_RESTARTS or p.waiting.lower() == "crashloopbackoff"
+            or p.last_reason.lower() == "oomkilled")
+
+
+def assess_saturation(alert: AlertFacts, pods_obs: Observation, rollouts_obs: Observation,
+                      expr_obs: Observation | None) -> Draft:
+    """Are the workload's replicas too few for the load? From its pods, its Deployment's counts and
+    the alert's own expression re-run (its series name the pods over the threshold) (pure)."""
+    wl, ns = alert.workload or "", alert.namespace or ""
+    h = Draft(cause="saturated", statement=f"every ready pod of {wl} is saturated: its replicas are too few for "
+                                           "the load")
+    if expr_obs is None or not expr_obs.ok or not pods_obs.ok:
+        return h  # nothing says how busy the pods are: not examined
+    pods, dep, series = read_pods(pods_obs), read_deployment(rollouts_obs), read_series(expr_obs)
+    if not series:
+        h.contradicts(expr_obs, "the alert's expression returns nothing now: no pod is over its threshold", 2.0)
+        return h
+    ready = [p for p in pods if p.ready and not _failing(p)]
+    failing = [p for p in pods if _failing(p)]
+    if not ready:
+        h.contradicts(pods_obs, f"no pod of {wl} is ready and stable: there is no load to share", 1.5)
+        return h
+    named = {s.labels["pod"] for s in series if s.labels.get("pod")}
+    hot = [p for p in ready if p.name in named]
+    every = bool(named) and len(hot) == len(ready)
+    if not named:
+        h.supports(expr_obs, f"the alert's expression holds ({len(series)} series), though not per pod", 0.5)
+    elif every:
+        shown = ", ".join(p.name for p in hot[:5]) + (", ..." if len(hot) > 5 else "")
+        h.supports(expr_obs, f"all {len(ready)} ready pod(s) of {wl} are over the alert's threshold ({shown})", 2.5)
+    else:
+        h.contradicts(expr_obs, f"only {len(hot)} of {len(ready)} ready pod(s) of {wl} are over the alert's "
+                                "threshold: the load is uneven, more replicas would not spread it", 2.0)
+    if failing:
+        h.contradicts(pods_obs, f"{len(failing)} pod(s) of {wl} crash-loop or were OOM-killed: more replicas of a "
+                                "failing pod do not help", 1.5)
+    else:
+        h.supports(pods_obs, f"no pod of {wl} crash-loops or was OOM-killed: the pods are busy, not broken", 0.5)
+    if suspect_rollout(read_rollouts(rollouts_obs), alert):
+        h.contradicts(rollouts_obs, f"{wl} was rolled out just before: a new version may need more, scaling would "
+                                    "hide it", 1.0)
+    below = dep is not None and not failing and dep.unavailable > 0 and dep.available < dep.replicas
+    if below:
+        h.supports(rollouts_obs, f"{dep.available} of {dep.replicas} desired replica(s) of {wl} are available: the "
+                                 "others are unready under the load, not crashing", 1.0)
+    if every and not failing and dep is not None and 1 <= dep.replicas < SCALE_MAX_REPLICAS:
+        target = dep.replicas + 1
+        why = (f"{dep.available} of {dep.replicas} replicas available and every ready pod saturated" if below
+               else f"all {len(ready)} ready pod(s) saturated")
+        h.propose("scale_deployment", _deployment_target(alert),
+                  f"{why}: scale deployment {wl} from {dep.replicas} to {target} replicas",
+                  namespace=ns, deployment=wl, from_replicas=str(dep.replicas), replicas=str(target),
+                  trigger="below_available_under_load" if below else "all_ready_pods_saturated",
+                  observed_at=_observed_at(expr_obs))
+    return h
+
+
+async def saturation_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
+    """CPU or load saturation: are all ready pods over the alert's threshold (then one replica more), or do
+    crashes, OOM kills or a rollout explain it?"""
+    got = await _kubernetes_observations(inv, alert)
+    if got is None:
+        return []
+    pods_obs, events_obs, rollouts_obs = got
+    expr_obs = None
+    if alert.generator_url and inv.offers("prometheus", "alert_expression"):  # cached: investigate ran it
+        expr_obs = await inv.call("prometheus", "alert_expression", {"generator_url": alert.generator_url})
+    return [*assess_pods(alert, pods_obs, events_obs, rollouts_obs),
+            assess_saturation(alert, pods_obs, rollouts_obs, expr_obs)]
+
+
 # --- message queues: backlog without consumers, or consumers falling behind --------------------
 
 def _queue_where(alert: AlertFacts) -> str:
@@ -1150,6 +1308,7 @@ PLAYBOOKS: Mapping[str, Playbook] = {
     "rollout": rollout_playbook,
     "endpoint": endpoint_playbook,
     "queues": queues_playbook,
+    "saturation": saturation_playbook,
     "sweep": sweep_playbook,
 }
 
@@ -1225,7 +1384,7 @@ class RulesReasoner:
             drafts += await PLAYBOOKS[name](inv, alert)
         notes: tuple[str, ...] = ()
         if alert.namespace is None or alert.workload is None:
-            if any(pb in chosen for pb in ("pods", "rollout", "endpoint")):
+            if any(pb in chosen for pb in ("pods", "rollout", "endpoint", "saturation")):
                 notes = ("the alert's labels name no valid namespace and workload: Kubernetes was not consulted",)
         if alert.queue is None and "queues" in chosen:
             notes += ("the alert's labels name no queue (label queue, with vhost): the broker was not consulted",)

@@ -130,7 +130,8 @@ def summarize_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
     owner = next((f"{o.get('kind')}/{o.get('name')}" for o in meta.get("ownerReferences") or []
                   if o.get("controller")), None)
     return {
-        "name": meta.get("name"), "phase": status.get("phase"), "reason": status.get("reason"),
+        "name": meta.get("name"), "uid": meta.get("uid"), "phase": status.get("phase"),
+        "reason": status.get("reason"),
         "ready": bool(containers) and all(c["ready"] for c in containers),
         "restarts": sum(c["restarts"] for c in containers), "waiting_reason": waiting,
         "last_termination": last, "node": spec.get("nodeName"), "started_at": status.get("startTime"),
