@@ -213,6 +213,9 @@ def publish_incident_cmd(ctx: click.Context, file: Any) -> None:
 @click.option("--verdict", type=click.Choice([v.value for v in Verdict]))
 @click.option("--changed", "changed_fields", multiple=True, metavar="FIELD", help="For `modified`: e.g. cause.")
 @click.option("--harmful", is_flag=True, help="An executed or proposed action would have hurt.")
+@click.option("--action", default="", help="The action the verdict is about (registry name, e.g. terminate_backend): "
+              "counted per action.")
+@click.option("--action-key", default="", help="One execution: its ActionRecord's idempotency_key.")
 @click.option("--shadow-agreed/--shadow-disagreed", "shadow_agreed", default=None,
               help="Shadow phase: did your own resolution agree with the agent's finding?")
 @click.option("--operator", default="", help="Who gives this feedback.")
@@ -244,13 +247,14 @@ def publish_feedback_cmd(ctx: click.Context, file: Any, **fields: Any) -> None:
 
 def feedback_from_options(
     *, investigation_id: str, scope: str, phase: str, verdict: str, changed_fields: tuple[str, ...], harmful: bool,
-    shadow_agreed: bool | None, operator: str, comment: str, feedback_id: str | None,
+    shadow_agreed: bool | None, operator: str, comment: str, feedback_id: str | None, action: str = "",
+    action_key: str = "",
 ) -> OperatorFeedback:
     """The feedback the ``publish feedback`` options describe, stamped now."""
     return OperatorFeedback(
         feedback_id=feedback_id or uuid.uuid4().hex, investigation_id=investigation_id, scope=scope,
         phase=Phase(phase), verdict=Verdict(verdict), at=utcnow(), operator=operator,
-        changed_fields=tuple(changed_fields), harmful=harmful, comment=comment,
+        changed_fields=tuple(changed_fields), harmful=harmful, comment=comment, action=action, action_key=action_key,
         shadow=None if shadow_agreed is None else ShadowComparison(agreed=shadow_agreed),
     )
 

@@ -253,3 +253,14 @@ async def test_the_follow_up_refuses_to_act_once_the_approval_expired() -> None:
     assert (await expiry_guard(doc, kill_switch, late)(doc.action)).outcome is Outcome.REFUSED_EXPIRED
     assert asked == []  # expired: the switch is not even asked
     assert await expiry_guard(doc, kill_switch, Clock())(doc.action) is None and asked == ["terminate_backend"]
+
+
+def test_publish_feedback_options_name_the_action_the_verdict_is_about() -> None:
+    from dispatcher.cli.main import feedback_from_options
+
+    fb = feedback_from_options(investigation_id="inv-1", scope="database", phase="autonomous",
+                               verdict="action_overridden", changed_fields=(), harmful=True, shadow_agreed=None,
+                               operator="e2e", comment="", feedback_id="f-1", action="terminate_backend",
+                               action_key="inv-1:terminate_backend:42")
+    assert (fb.action, fb.action_key, fb.harmful, fb.verdict.value) == (
+        "terminate_backend", "inv-1:terminate_backend:42", True, "action_overridden")
