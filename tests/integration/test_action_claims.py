@@ -6,16 +6,16 @@ and is created at most once (create-only, cas=0), by a policy that may create an
 update or delete. What must hold: a retried pod — a fresh working directory, so an empty local
 ledger — or a relaunched Job of the same investigation answers ``already_executed``.
 
-The must-show test runs the agent's engine in a real process (this module run as ``__main__``:
-config from the environment, its Vault identity from a wrapping token, the kubernetes tool as the
-phase's ServiceAccount, the rules reasoner, the gate, the executors) against the Kubernetes API
-emulator with the deployed RBAC and admission policy (``test_remediation_kubernetes``'s world).
-The emulator applies the restart's PATCH and, in the same instant — before it even answers —
+The must-show test runs ``agentjobs agent`` as a Job's pod runs it (the environment the dispatcher
+gives it, a wrapping token minted as the dispatcher mints it, its own RabbitMQ user, the kubernetes
+tool as the phase's ServiceAccount, the rules reasoner, the gate, the executors) against the
+Kubernetes API emulator with the deployed RBAC and admission policy (``test_remediation_kubernetes``'s
+world). The emulator applies the restart's PATCH and, in the same instant — before it even answers —
 the test SIGKILLs the agent: the side effect happened, the agent never settled or published. A
-second process of the same investigation in another working directory (the retried pod) then
-answers ``already_executed`` with the Deployment still unhealthy, and the emulator saw one PATCH.
-A third, without the shared claims (the local ledger only, as before), does patch again: the
-retry was stopped by the claim, not by a precondition.
+second agent of the same investigation in another working directory (the retried pod) then
+answers ``already_executed`` (its ActionRecord on ``agentjobs.results``) with the Deployment still
+unhealthy, and the emulator saw one PATCH. A third run, without the shared claims (the local
+ledger only, as before), does patch again: the retry was stopped by the claim, not by a precondition.
 """
 
 from __future__ import annotations
@@ -31,21 +31,26 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import hvac
 import hvac.exceptions
 import pytest
 import pytest_asyncio
 
 from agent import config as agent_config
-from agent import credentials
+from agent import credentials, engine
 from agent.credentials import AlreadyExists, Created, Denied, VaultSession
 from agent.remediation.claims import ClaimsUnavailable, VaultClaims
 from agent.remediation.kubernetes import RESTARTED_AT, RestartDeployment
+from agent.reasoning import Tally
 from agent.remediation.protocol import FileLedger, Outcome, execute, idempotency_key
 from dispatcher.credentials.tokens import VaultCredentials
+from dispatcher.jobs.jobspec import without_credentials
 from dispatcher.plumbing.settings import load_settings
-from schemas import Phase, ProposedAction, RiskClass
+from schemas import ActionRecord, Phase, ProposedAction, RiskClass, decode, encode
 from schemas import vault_paths as layout
+from schemas.routing import RESULTS
+from tests.integration.dispatcher_harness import declare_topology
 from tests.integration.test_remediation_kubernetes import (  # noqa: F401 - manifests and world are fixtures
     APP,
     RUNS,
@@ -56,20 +61,22 @@ from tests.integration.test_remediation_kubernetes import (  # noqa: F401 - mani
     world,
 )
 from tests.integration.vault_helpers import Vault, bootstrapped_vault
+from tests.support.fake_tools import incident
+from tests.support.k8s.fixtures import kubeconfig
 from tests.support.k8s.resources import DEPLOYMENTS, PODS
 from tests.support.services import Postgres, RabbitMQ, Vhost, free_port
 from tests.unit.test_remediation_protocol import Scripted
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 ACTING = (Phase.LIMITED_REMEDIATION, Phase.AUTONOMOUS)
-RESULT = "AGENTJOBS_TEST_RESULT"  # where the agent process writes its actions (not part of the agent)
-NO_SHARED = "AGENTJOBS_TEST_NO_SHARED_CLAIMS"
+_SCRIPT = Path(sys.executable).with_name("agentjobs")
+AGENT_ARGV = [str(_SCRIPT), "agent"] if _SCRIPT.exists() else [sys.executable, "-m", "dispatcher.cli.main", "agent"]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def vault(postgres: Postgres, rabbitmq: RabbitMQ, amqp_vhost: Vhost) -> AsyncIterator[Vault]:
+    await declare_topology(amqp_vhost.amqp_url, load_settings(None, {}))
     async with bootstrapped_vault(postgres, rabbitmq, amqp_vhost.name) as vault:
         yield vault
 
@@ -286,56 +293,81 @@ def patches(w: World) -> list[Any]:
 
 
 class Agent:
-    """The agent's engine in a process of its own, as one pod of the Job."""
+    """``agentjobs agent`` as one pod of the Job: the environment the dispatcher gives it, its own working directory."""
 
-    def __init__(self, w: World, vault: Vault, investigation_id: str, tmp_path: Path, pod: str) -> None:
-        self.w, self.vault, self.inv = w, vault, investigation_id
+    def __init__(self, w: World, vault: Vault, vhost: Vhost, investigation_id: str, tmp_path: Path, pod: str) -> None:
+        self.w, self.vault, self.vhost, self.inv = w, vault, vhost, investigation_id
         self.dir = tmp_path / pod
-        (self.dir / "in").mkdir(parents=True)
-        (self.dir / "work").mkdir()
-        self.result = self.dir / "result.json"
+        for sub in ("in", "work", "home"):
+            (self.dir / sub).mkdir(parents=True)
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, *, shared: bool = True) -> asyncio.subprocess.Process:
-        from schemas.codec import encode
-        from tests.support.fake_tools import incident
-        from tests.support.k8s.fixtures import kubeconfig
-
+    def environ(self) -> dict[str, str]:
         kube = self.dir / "kubeconfig.json"
         kube.write_text(json.dumps(kubeconfig(self.w.handle.url, self.w.tokens[Phase.AUTONOMOUS],
                                               namespace=WORKLOADS)))
-        environ = job_environ(self.vault, Phase.AUTONOMOUS, self.inv, self.dir / "in",
-                              AGENTJOBS_TOOLS__RABBITMQ="false", AGENTJOBS_TOOLS__KUBERNETES="true",
-                              AGENTJOBS_TOOLS__KUBECONFIG=str(kube), TMPDIR=str(self.dir / "work"),
-                              AGENTJOBS_ACTIONS__ALLOWANCE="1", AGENTJOBS_ACTIONS__MAX_PER_INVESTIGATION="1",
-                              AGENTJOBS_ACTIONS__NAMESPACES=json.dumps([WORKLOADS]),
-                              AGENTJOBS_ACTIONS__DATABASES="[]", AGENTJOBS_ACTIONS__EXHAUSTED_TARGETS="[]")
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir / "home"),
+            **job_environ(self.vault, Phase.AUTONOMOUS, self.inv, self.dir / "in"),
+            "AGENTJOBS_JOB_NAME": f"aj-{self.inv[:20]}", "AGENTJOBS_CLASS": "kubernetes",
+            "AGENTJOBS_AMQP__URL": without_credentials(self.vhost.amqp_url),
+            "AGENTJOBS_TOOLS__RABBITMQ": "false", "AGENTJOBS_TOOLS__KUBERNETES": "true",
+            "AGENTJOBS_TOOLS__KUBECONFIG": str(kube), "AGENTJOBS_WORK_DIR": str(self.dir / "work"),
+            "AGENTJOBS_ACTIONS__ALLOWANCE": "1", "AGENTJOBS_ACTIONS__MAX_PER_INVESTIGATION": "1",
+            "AGENTJOBS_ACTIONS__NAMESPACES": json.dumps([WORKLOADS]), "AGENTJOBS_ACTIONS__DATABASES": "[]",
+            "AGENTJOBS_ACTIONS__EXHAUSTED_TARGETS": "[]",
+        }
+
+    async def start(self) -> asyncio.subprocess.Process:
+        environ = self.environ()
         env = agent_config.load(environ)
-        env.incident_file.write_bytes(encode(incident("TargetDown", expr=f'up{{job="{APP}"}} == 0',
-                                                      namespace=WORKLOADS, app=APP)))
+        env.incident_file.write_bytes(encode(target_down()))
         env.wrapped_token_file.write_text(await mint(self.vault, Phase.AUTONOMOUS, self.inv))
-        keep = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTJOBS_", "VAULT_"))}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.integration.test_action_claims", cwd=ROOT,
-            env={**keep, **environ, "PYTHONPATH": str(ROOT), RESULT: str(self.result),
-                 **({NO_SHARED: "1"} if not shared else {})},
+            *AGENT_ARGV, env=environ, cwd=self.dir / "home", stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         return self.proc
 
     async def finish(self, timeout: float = 90.0) -> tuple[int, str]:
         assert self.proc is not None
         out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        assert self.proc.returncode is not None
         return self.proc.returncode, out.decode(errors="replace")
-
-    def actions(self) -> dict[str, dict[str, Any]]:
-        return {a["action"]: a for a in json.loads(self.result.read_text())["proposed_actions"]}
 
     @property
     def ledger(self) -> FileLedger:
         return FileLedger(self.dir / "work" / agent_config.ACTION_LEDGER_FILE)
 
 
-async def test_a_retried_pod_does_not_restart_the_deployment_again(world: World, vault: Vault, tmp_path: Path):
+def target_down() -> Any:
+    return incident("TargetDown", expr=f'up{{job="{APP}"}} == 0', namespace=WORKLOADS, app=APP)
+
+
+class Records:
+    """An exclusive queue bound to action.# on agentjobs.results: the ActionRecords agents publish."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def __aenter__(self) -> Records:
+        self.connection = await aio_pika.connect(self.url)
+        self.queue = await (await self.connection.channel()).declare_queue(exclusive=True)
+        await self.queue.bind(RESULTS, "action.#")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.connection.close()
+
+    async def drain(self, settle: float = 0.5) -> list[tuple[str, ActionRecord]]:
+        got: list[tuple[str, ActionRecord]] = []
+        await asyncio.sleep(settle)
+        while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
+            got.append((message.routing_key or "", decode(message.body, ActionRecord)))
+        return got
+
+
+async def test_a_retried_pod_does_not_restart_the_deployment_again(world: World, vault: Vault, amqp_vhost: Vhost,
+                                                                   tmp_path: Path):
     for p in await world.settled(3):  # the endpoint is down: every pod fails its readiness probe
         make_unready(world, p["metadata"]["name"])
     await world.handle.cluster.wait_for(DEPLOYMENTS, WORKLOADS, lambda items: any(
@@ -344,7 +376,8 @@ async def test_a_retried_pod_does_not_restart_the_deployment_again(world: World,
     # so the Deployment still looks exactly as unhealthy as when the first pod decided to restart it.
     world.store._listeners.remove(world.controllers._on_event)  # noqa: SLF001
     inv = new_investigation()
-    first = Agent(world, vault, inv, tmp_path, "pod-1")
+    key = idempotency_key(inv, restart_action(), volatile=RestartDeployment.volatile_params)
+    first = Agent(world, vault, amqp_vhost, inv, tmp_path, "pod-1")
     killed: list[int] = []
 
     def kill_when_restarted(ev: Any) -> None:
@@ -359,68 +392,44 @@ async def test_a_retried_pod_does_not_restart_the_deployment_again(world: World,
             killed.append(ev.rv)
 
     world.store.subscribe(kill_when_restarted)
-    await first.start()
-    code, out = await first.finish()
-    assert code == -signal.SIGKILL and killed, out
-    assert not first.result.exists()  # it never got to record (or publish) anything
-    [patch] = patches(world)
-    assert patch.user == f"system:serviceaccount:{RUNS}:{SA[Phase.AUTONOMOUS]}"  # the agent did it
-    assert world.deployment()["metadata"]["generation"] == 2
-    key = idempotency_key(inv, restart_action(), volatile=RestartDeployment.volatile_params)
-    pending = first.ledger.seen(key)
-    assert pending is not None and pending.outcome is None  # claimed locally too, never settled
-    in_vault = await VaultClaims(root_session(vault)).seen(key)
-    assert in_vault is not None and in_vault.outcome is None  # claimed in Vault before acting, never settled
+    async with Records(amqp_vhost.amqp_url) as records:
+        await first.start()
+        code, out = await first.finish()
+        assert code == -signal.SIGKILL and killed, out
+        assert [r for _, r in await records.drain() if r.investigation_id == inv] == []  # it published nothing
+        [patch] = patches(world)
+        assert patch.user == f"system:serviceaccount:{RUNS}:{SA[Phase.AUTONOMOUS]}"  # the agent did it
+        assert world.deployment()["metadata"]["generation"] == 2
+        pending = first.ledger.seen(key)
+        assert pending is not None and pending.outcome is None  # claimed locally too, never settled
+        in_vault = await VaultClaims(root_session(vault)).seen(key)
+        assert in_vault is not None and in_vault.outcome is None  # claimed in Vault before acting, never settled
 
-    retried = Agent(world, vault, inv, tmp_path, "pod-2")  # a new pod: a new emptyDir, an empty ledger
-    await retried.start()
-    code, out = await retried.finish()
-    assert code == 0, out
-    again = retried.actions()["restart_deployment"]
-    assert again["params"]["outcome"] == "already_executed" and not again["executed"], again
-    assert "shared claims" in again["params"]["reason"] and "outcome was never recorded" in again["params"]["reason"]
-    assert again["params"]["idempotency_key"] == key
+        retried = Agent(world, vault, amqp_vhost, inv, tmp_path, "pod-2")  # a new emptyDir: an empty ledger
+        await retried.start()
+        code, out = await retried.finish()
+        assert code == 0, out
+        [(routing_key, again)] = [(k, r) for k, r in await records.drain() if r.investigation_id == inv]
+
+    assert routing_key.startswith("action.already_executed.")
+    assert (again.action, again.decision, again.outcome, again.executed) == (
+        "restart_deployment", "execute", "already_executed", False)
+    assert again.idempotency_key == key
+    assert "shared claims" in again.reason and "outcome was never recorded" in again.reason
     assert len(patches(world)) == 1 and world.deployment()["metadata"]["generation"] == 2  # acted exactly once
     status = world.deployment()["status"]
     assert status["readyReplicas"] == 0 and status["observedGeneration"] == 1  # and it still looks unhealthy
-    assert retried.ledger.seen(key) is None
+    assert retried.ledger.seen(key) is None  # it knew from Vault
 
     # Did the claim do it? The same retry with the local ledger only (how it was before) restarts again.
     world.store.subscribe(world.controllers._on_event)  # noqa: SLF001 - let this rollout complete
-    control = Agent(world, vault, inv, tmp_path, "pod-3")
-    await control.start(shared=False)
-    code, out = await control.finish()
-    assert code == 0, out
-    assert control.actions()["restart_deployment"]["params"]["outcome"].startswith("executed"), out
-    assert len(patches(world)) == 2
-
-
-# --- the agent process of the must-show test ---------------------------------------------------------
-
-async def _agent_main() -> None:
-    """One pod of the Job: what ``agent.main.run`` does up to the finding, with the shared claims installed."""
-    import msgspec
-
-    from agent import engine
-    from agent.main import read_incident
-    from agent.reasoning import Tally
-    from agent.remediation.killswitch import VaultKillSwitch
-
-    env = agent_config.load(os.environ)
-    session = await credentials.start(env)
+    control = Agent(world, vault, amqp_vhost, inv, tmp_path, "pod-3")
+    env = agent_config.load({**control.environ(), "AGENTJOBS_VAULT__AUTH_MODE": "none"})
+    tools, _ = await engine.open_tools(env, db_user=None, db_password=None, postgres_available=False)
     try:
-        incident = read_incident(env)
-        tools, unavailable = await engine.open_tools(env, db_user=None, db_password=None, postgres_available=False)
-        assert not unavailable, unavailable
-        claims = None if os.environ.get(NO_SHARED) else VaultClaims(session)
-        try:
-            finding = await engine.investigate(incident, env, tools=tools, tally=Tally(),
-                                               guard=VaultKillSwitch(session), claims=claims)
-        finally:
-            await engine.close_tools(tools)
-        Path(os.environ[RESULT]).write_bytes(msgspec.json.encode(finding))
+        finding = await engine.investigate(target_down(), env, tools=tools, tally=Tally())  # no claims, no guard
     finally:
-        await session.revoke_self()
-
-if __name__ == "__main__":
-    asyncio.run(_agent_main())
+        await engine.close_tools(tools)
+    [restart] = [a for a in finding.proposed_actions if a.action == "restart_deployment"]
+    assert restart.params["outcome"] == "executed_verified" and restart.params["idempotency_key"] == key
+    assert len(patches(world)) == 2
