@@ -12,15 +12,13 @@ from dispatcher.jobs.runtime import RuntimeEvent
 from dispatcher.jobs.kubernetes import KubernetesRuntime
 from dispatcher.plumbing.settings import Settings, load_settings
 from schemas import IncidentEvent, Phase, decode_incident, identify
-from tests.support.identities import url_for
 from tests.support.payloads import am_alert, dumps, group
 
 
 def settings_for(namespace: str, **env: str) -> Settings:
-    """The dispatcher's settings; a broker URL given connects as the dispatcher identity (any URL of
-    the vhost will do: only its user is replaced), never as the broker administrator."""
-    if "AGENTJOBS_AMQP__URL" in env:
-        env["AGENTJOBS_AMQP__URL"] = url_for(env["AGENTJOBS_AMQP__URL"], "dispatcher")
+    """The dispatcher's settings from ``env``, taken as given: a test that connects them passes the
+    dispatcher identity's URL (``AGENTJOBS_AMQP__URL=vhost.url("dispatcher")``), never the broker
+    administrator's."""
     return load_settings(None, {"AGENTJOBS_K8S__NAMESPACE": namespace, "AGENTJOBS_VAULT__AUTH_MODE": "none", **env})
 
 

@@ -16,7 +16,7 @@ from dispatcher.jobs.kubernetes import KubernetesRuntime
 from dispatcher.intake.service import DispatcherService
 from schemas.routing import DEAD, RESULTS
 from schemas import Conclusion, DeadLetter, FailureReason, Finding, decode_incident, identify
-from tests.support.identities import agent_user
+from tests.support.identities import agent_user, url_for
 from tests.integration.dispatcher_harness import (
     PodDriver,
     Results,
@@ -37,7 +37,8 @@ def _consumed(metrics: Metrics) -> float:
 
 @contextlib.asynccontextmanager
 async def running_dispatcher(handle, amqp_url: str, **env: str):
-    settings = settings_for(handle.namespace, AGENTJOBS_AMQP__URL=amqp_url, **env)
+    settings = settings_for(handle.namespace, AGENTJOBS_AMQP__URL=url_for(amqp_url, "dispatcher"),
+                            **env)
     runtime = KubernetesRuntime(handle.api_client, namespace=handle.namespace, request_timeout=2,
                                 watch_timeout=30, claim_timeout=5)
     service = DispatcherService(settings, runtime, health_port=0)
