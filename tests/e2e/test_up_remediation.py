@@ -211,17 +211,21 @@ class ActionCopies:
         return self.got
 
     async def of(self, investigation_id: str, timeout: float) -> tuple[str, ActionRecord]:
+        """The first record about ``investigation_id``: one taken already, else the first delivered.
+
+        Consumes while it waits; what the consumer holds unread when it stops goes back to the queue
+        (nacked, requeued) for the next call or ``drain``."""
         assert self._queue is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                mine = [(k, r) for k, r in self.got if r.investigation_id == investigation_id]
-                if mine:
-                    return mine[0]
-                message = await self._queue.get(no_ack=True, fail=False)
-                if message is None:
-                    await asyncio.sleep(0.1)
-                    continue
+        mine = [(k, r) for k, r in self.got if r.investigation_id == investigation_id]
+        if mine:
+            return mine[0]
+        async with asyncio.timeout(timeout), self._queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
                 self.got.append((message.routing_key or "", decode(message.body, ActionRecord)))
+                if self.got[-1][1].investigation_id == investigation_id:
+                    return self.got[-1]
+        raise AssertionError("the action.# consumer was cancelled")
 
 
 class Up:
