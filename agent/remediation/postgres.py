@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 from schemas import ProposedAction
 
-from ..tools.postgres import connect_kwargs, discard
+from ..tools.postgres import LazySession
 from .protocol import Execution, no_undo
 
 AGENT_APPLICATION = "agentjobs-agent"  # prefix of the agent's own sessions (tool and executors)
@@ -86,7 +86,7 @@ SELECT a.pid FROM pg_stat_activity a
 WHERE (a.pid, a.backend_start) IN (SELECT * FROM unnest(%(pids)s::int[], %(starts)s::timestamptz[]))"""
 
 
-class Database:
+class Database(LazySession):
     """One lazily opened connection as the agent's own database user, shared by the executors."""
 
     def __init__(self, dsn: str, *, user: str | None = None, password: str | None = None,
@@ -124,26 +124,13 @@ class Database:
             text = text.replace(secret, "******")
         return text
 
-    async def close(self) -> None:
-        async with self._lock:
-            await self._discard()
-
     async def _connection(self) -> Any:
-        import psycopg
-
         if self._conn is not None and not self._conn.closed:
             return self._conn
         if self._before_connect is not None:
             before, self._before_connect = self._before_connect, None
             await before()
-        kwargs = connect_kwargs(timeout=self.timeout, application_name=self._application_name,
-                                user=self._user, password=self._password)
-        self._conn = await psycopg.AsyncConnection.connect(self.dsn, **kwargs)
-        return self._conn
-
-    async def _discard(self) -> None:
-        conn, self._conn = self._conn, None
-        await discard(conn)
+        return await self._open(self.timeout)
 
 
 class DatabaseError(Exception):

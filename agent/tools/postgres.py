@@ -171,19 +171,42 @@ def connect_kwargs(*, timeout: float, application_name: str, user: str | None,
     return kwargs
 
 
-async def discard(conn: Any) -> None:
-    """Close a connection being thrown away (its state unknown after a failure or a
-    cancellation), within 2 s and never raising; ``None`` is nothing to close.
+class LazySession:
+    """One agent session, opened on first use and thrown away after any failure: the ``postgres``
+    tool's and the remediation executors' (agent.remediation.postgres.Database). A subclass sets
+    ``dsn``, ``_user``, ``_password``, ``_application_name``, ``_conn = None`` and ``_lock``."""
 
-    The tool and the remediation executors (agent.remediation.postgres) both use it."""
-    if conn is not None:
-        try:
-            await asyncio.wait_for(conn.close(), timeout=2)
-        except Exception:  # the connection is being thrown away; nothing left to do
-            pass
+    dsn: str
+    _user: str | None
+    _password: str | None
+    _application_name: str
+    _conn: Any  # psycopg.AsyncConnection, opened on first use
+    _lock: asyncio.Lock
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._discard()
+
+    async def _open(self, timeout: float) -> Any:
+        import psycopg  # an agent without PostgreSQL configured never needs it
+
+        kwargs = connect_kwargs(timeout=timeout, application_name=self._application_name,
+                                user=self._user, password=self._password)
+        self._conn = await psycopg.AsyncConnection.connect(self.dsn, **kwargs)
+        return self._conn
+
+    async def _discard(self) -> None:
+        """Close the connection within 2 s, never raising (its state is unknown after a failure or
+        a cancellation); the next call opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2)
+            except Exception:  # the connection is being thrown away; nothing left to do
+                pass
 
 
-class PostgresTool:
+class PostgresTool(LazySession):
     """Read-only diagnostics on one PostgreSQL server as ``user`` (the dynamic Vault user)."""
 
     name: ClassVar[str] = "postgres"
@@ -203,10 +226,6 @@ class PostgresTool:
 
     def operations(self) -> Mapping[str, OperationSpec]:
         return OPERATIONS
-
-    async def close(self) -> None:
-        async with self._lock:
-            await self._discard()
 
     async def run(self, operation: str, params: Mapping[str, Any]) -> Observation:
         if operation not in OPERATIONS:
@@ -240,18 +259,9 @@ class PostgresTool:
     # -- connection ----------------------------------------------------------------------
 
     async def _connection(self) -> Any:
-        import psycopg
-
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        kwargs = connect_kwargs(timeout=self.limits.timeout, application_name=self._application_name,
-                                user=self._user, password=self._password)
-        self._conn = await psycopg.AsyncConnection.connect(self.dsn, **kwargs)
-        return self._conn
-
-    async def _discard(self) -> None:
-        conn, self._conn = self._conn, None
-        await discard(conn)
+        return await self._open(self.limits.timeout)
 
     # -- operations: each returns (data, excerpt, truncated) ------------------------------
 
