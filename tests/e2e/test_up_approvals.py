@@ -106,7 +106,7 @@ async def test_limited_remediation_proposes_and_an_operators_approval_runs_it_on
         # When up stops: two Jobs (the investigation and its follow-up), one execution, nothing left
         text = await up.finish()
         assert len([line for line in text.splitlines() if line.strip().startswith("dispatched")]) == 2, text
-        mine = [r for _, r in await up.actions.drain() if r.investigation_id == investigation]
+        mine = [r for _, r in up.actions.now(investigation)]
         assert [r.outcome for r in mine].count("executed_verified") == 1, [r.outcome for r in mine]
         assert "approved" in [r.outcome for r in mine], [r.outcome for r in mine]
         up.nothing_left()

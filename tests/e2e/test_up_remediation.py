@@ -46,8 +46,8 @@ from psycopg import sql
 
 from dispatcher.plumbing.settings import AmqpSettings
 from dispatcher.plumbing.topology import declare, dispatcher_topology
-from schemas import ActionRecord, decode
-from schemas.routing import RESULTS
+from schemas import ActionRecord
+from tests.support.action_records import ActionRecords
 from tests.support.identities import seed_up_credentials
 from tests.support.lines import Lines
 from tests.support.observability import wait_for_activity
@@ -191,43 +191,6 @@ async def cli(env: dict[str, str], *args: str, stdin: bytes | None = None) -> su
                                        done.stderr.decode(errors="replace"))
 
 
-class ActionCopies:
-    """A Results consumer of our own: an exclusive queue bound to ``action.#`` on ``agentjobs.results``,
-    each message decoded strictly as an ``ActionRecord`` (routing key, record)."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[str, ActionRecord]] = []
-        self._queue: aio_pika.abc.AbstractQueue | None = None
-
-    async def bind(self, connection: aio_pika.abc.AbstractConnection) -> None:
-        self._queue = await (await connection.channel()).declare_queue(exclusive=True)
-        await self._queue.bind(RESULTS, "action.#")
-
-    async def drain(self) -> list[tuple[str, ActionRecord]]:
-        """Everything queued so far (after ``up`` ended: every record it saw published)."""
-        assert self._queue is not None
-        while (message := await self._queue.get(no_ack=True, fail=False)) is not None:
-            self.got.append((message.routing_key or "", decode(message.body, ActionRecord)))
-        return self.got
-
-    async def of(self, investigation_id: str, timeout: float) -> tuple[str, ActionRecord]:
-        """The first record about ``investigation_id``: one taken already, else the first delivered.
-
-        Consumes while it waits; what the consumer holds unread when it stops goes back to the queue
-        (nacked, requeued) for the next call or ``drain``."""
-        assert self._queue is not None
-        mine = [(k, r) for k, r in self.got if r.investigation_id == investigation_id]
-        if mine:
-            return mine[0]
-        async with asyncio.timeout(timeout), self._queue.iterator() as messages:
-            async for message in messages:
-                await message.ack()
-                self.got.append((message.routing_key or "", decode(message.body, ActionRecord)))
-                if self.got[-1][1].investigation_id == investigation_id:
-                    return self.got[-1]
-        raise AssertionError("the action.# consumer was cancelled")
-
-
 class Up:
     """``agentjobs up`` (plain or ``--demo --exit``) and ``agentjobs tail all --json --follow`` beside it."""
 
@@ -237,7 +200,7 @@ class Up:
         self.tail: asyncio.subprocess.Process | None = None
         self.out: Lines | None = None
         self.results: Lines | None = None
-        self.actions = ActionCopies()
+        self.actions = ActionRecords()  # every ActionRecord on agentjobs.results, from before up starts
 
     async def start(self, stack: contextlib.AsyncExitStack, *args: str) -> Up:
         # the topology as up declares it, the tail bound to it, then up: nothing published is missed
@@ -304,7 +267,7 @@ class Up:
                                   routing_key="lifecycle.", state=("succeeded", "failed", "cancelled"))
         assert ended["state"] == "succeeded", self.report()
         try:  # ... and our own Results consumer decodes it as what it is
-            return finding, await self.actions.of(investigation_id, 30)
+            return finding, (await self.actions.of(investigation_id, timeout=30))[0]
         except TimeoutError:
             raise AssertionError(f"no ActionRecord on agentjobs.results\n\n{self.report()}") from None
 
@@ -453,7 +416,7 @@ async def test_up_demo_with_the_database_scope_pinned_autonomous_the_agent_ends_
         report = demo.report()
         # Then the lock contention's Job ran in autonomous and terminated the demo's lock holder, verified:
         # its session belonged to the demo's own role (no superuser), and its 3 waiters got the row
-        records = [(k, r) for k, r in await demo.actions.drain() if r.action == "terminate_backend"]
+        records = [(k, r) for k, r in demo.actions.now() if r.action == "terminate_backend"]
         assert len(records) == 1, report
         [(key, record)] = records
         assert key == "action.executed_verified.database" and record.phase.value == "autonomous", report

@@ -31,7 +31,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import hvac
 import hvac.exceptions
 import pytest
@@ -47,9 +46,8 @@ from agent.remediation.protocol import FileLedger, Outcome, execute, idempotency
 from dispatcher.credentials.tokens import VaultCredentials
 from dispatcher.jobs.jobspec import without_credentials
 from dispatcher.plumbing.settings import load_settings
-from schemas import ActionRecord, Phase, ProposedAction, RiskClass, decode, encode
+from schemas import Phase, ProposedAction, RiskClass, encode
 from schemas import vault_paths as layout
-from schemas.routing import RESULTS
 from tests.integration.dispatcher_harness import declare_topology
 from tests.integration.test_remediation_kubernetes import (  # noqa: F401 - manifests and world are fixtures
     APP,
@@ -61,6 +59,7 @@ from tests.integration.test_remediation_kubernetes import (  # noqa: F401 - mani
     world,
 )
 from tests.integration.vault_helpers import Vault, bootstrapped_vault
+from tests.support.action_records import action_records
 from tests.support.fake_tools import incident
 from tests.support.k8s.fixtures import kubeconfig
 from tests.support.k8s.resources import DEPLOYMENTS, PODS
@@ -343,29 +342,6 @@ def target_down() -> Any:
     return incident("TargetDown", expr=f'up{{job="{APP}"}} == 0', namespace=WORKLOADS, app=APP)
 
 
-class Records:
-    """An exclusive queue bound to action.# on agentjobs.results: the ActionRecords agents publish."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    async def __aenter__(self) -> Records:
-        self.connection = await aio_pika.connect(self.url)
-        self.queue = await (await self.connection.channel()).declare_queue(exclusive=True)
-        await self.queue.bind(RESULTS, "action.#")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.connection.close()
-
-    async def drain(self, settle: float = 0.5) -> list[tuple[str, ActionRecord]]:
-        got: list[tuple[str, ActionRecord]] = []
-        await asyncio.sleep(settle)
-        while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
-            got.append((message.routing_key or "", decode(message.body, ActionRecord)))
-        return got
-
-
 async def test_a_retried_pod_does_not_restart_the_deployment_again(world: World, vault: Vault, amqp_vhost: Vhost,
                                                                    tmp_path: Path):
     for p in await world.settled(3):  # the endpoint is down: every pod fails its readiness probe
@@ -392,11 +368,11 @@ async def test_a_retried_pod_does_not_restart_the_deployment_again(world: World,
             killed.append(ev.rv)
 
     world.store.subscribe(kill_when_restarted)
-    async with Records(amqp_vhost.amqp_url) as records:
+    async with action_records(amqp_vhost.amqp_url) as records:
         await first.start()
         code, out = await first.finish()
         assert code == -signal.SIGKILL and killed, out
-        assert [r for _, r in await records.drain() if r.investigation_id == inv] == []  # it published nothing
+        assert records.now(inv) == []  # it published nothing (checked again below: one record in all)
         [patch] = patches(world)
         assert patch.user == f"system:serviceaccount:{RUNS}:{SA[Phase.AUTONOMOUS]}"  # the agent did it
         assert world.deployment()["metadata"]["generation"] == 2
@@ -409,7 +385,8 @@ async def test_a_retried_pod_does_not_restart_the_deployment_again(world: World,
         await retried.start()
         code, out = await retried.finish()
         assert code == 0, out
-        [(routing_key, again)] = [(k, r) for k, r in await records.drain() if r.investigation_id == inv]
+        await records.of(inv, timeout=30)
+        [(routing_key, again)] = records.now(inv)
 
     assert routing_key.startswith("action.already_executed.")
     assert (again.action, again.decision, again.outcome, again.executed) == (

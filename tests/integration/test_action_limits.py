@@ -48,6 +48,7 @@ from tests.support.fake_tools import incident
 from tests.support.identities import agent_user
 from tests.support.k8s.resources import JOBS
 from tests.support.payloads import am_alert, dumps, group
+from tests.support.services import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -193,24 +194,27 @@ async def publish_records(url: str, user: str | None, records: list[ActionRecord
 
 
 async def launch(url: str, handle, name: str) -> dict[str, str]:
-    """An incident of scope database; the env of the Job it became."""
+    """An incident of scope database; the env of the Job it became (awaited as the emulator stores it)."""
     body = dumps(group([am_alert(starts_at="2026-11-26T02:00:00Z", alertname=name, domain="database")],
                        group_key=f"limits-{name}"))
+    stored: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+
+    def on_write(ev) -> None:  # noqa: ANN001 - the emulator's store event
+        if ev.rt is JOBS and name.lower() in ev.obj["metadata"]["name"] and not stored.done():
+            stored.set_result(ev.obj)
+
+    handle.cluster.store.subscribe(on_write)
     await publish(url, [body])
-    async with asyncio.timeout(30):
-        while True:
-            jobs = [j for j in handle.cluster.store.list(JOBS, handle.namespace)
-                    if name.lower() in j["metadata"]["name"]]
-            if jobs:
-                container = jobs[0]["spec"]["template"]["spec"]["containers"][0]
-                return {e["name"]: e.get("value", "") for e in container["env"]}
-            await asyncio.sleep(0.05)
+    job = await asyncio.wait_for(stored, 30)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
 
 
 async def until(predicate, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
+    async def holds() -> bool:
+        return predicate()
+
+    await wait_until(holds, timeout=timeout, what="the dispatcher's action log")
 
 
 async def test_three_executions_of_a_scope_within_the_hour_leave_the_next_job_nothing(

@@ -16,7 +16,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import aio_pika
 import pytest
 import pytest_asyncio
 
@@ -26,8 +25,7 @@ from dispatcher.cli.ops import tail
 from dispatcher.credentials.tokens import VaultCredentials
 from dispatcher.jobs.jobspec import without_credentials
 from dispatcher.plumbing.settings import load_settings
-from schemas import ActionRecord, Phase, decode, encode
-from schemas.routing import RESULTS
+from schemas import Phase, encode
 from tests.integration.dispatcher_harness import declare_topology
 from tests.integration.test_remediation_postgres import (  # noqa: F401 - db is a fixture
     LOCK_ALERT,
@@ -40,6 +38,7 @@ from tests.integration.test_remediation_postgres import (  # noqa: F401 - db is 
     waiters_proceed,
 )
 from tests.integration.vault_helpers import Vault, bootstrapped_vault
+from tests.support.action_records import action_records
 from tests.support.fake_tools import incident
 from tests.support.services import Postgres, RabbitMQ, Vhost
 
@@ -80,54 +79,27 @@ async def job(vault: Vault, db: Db, amqp_vhost: Vhost, phase: Phase, tmp_path: P
     return env
 
 
-class Copies:
-    """An exclusive queue bound to action.# on agentjobs.results: (routing key, record) as they arrive."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.got: list[tuple[str, ActionRecord, dict]] = []
-
-    async def __aenter__(self) -> Copies:
-        self.connection = await aio_pika.connect(self.url)
-        channel = await self.connection.channel()
-        self.queue = await channel.declare_queue(exclusive=True)
-        await self.queue.bind(RESULTS, "action.#")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.connection.close()
-
-    async def wait_for(self, investigation_id: str, n: int = 1, timeout: float = 10) -> list[tuple[str, ActionRecord]]:
-        async with asyncio.timeout(timeout):
-            while True:
-                mine = [(k, r) for k, r, _ in self.got if r.investigation_id == investigation_id]
-                if len(mine) >= n:
-                    return mine
-                message = await self.queue.get(no_ack=True, fail=False)
-                if message is None:
-                    await asyncio.sleep(0.05)
-                    continue
-                self.got.append((message.routing_key or "", decode(message.body, ActionRecord),
-                                 dict(message.headers or {})))
-
-
 async def test_an_autonomous_run_publishes_executed_verified_and_tail_shows_it(vault, db, amqp_vhost, tmp_path):
     env = await job(vault, db, amqp_vhost, Phase.AUTONOMOUS, tmp_path)
     settings = load_settings(None, {"AGENTJOBS_AMQP__URL": amqp_vhost.url("operator"),
                                     "AGENTJOBS_RUNTIME__STATE_DIR": str(tmp_path / "state")})
     lines: list[str] = []
-    bound = asyncio.Event()
+    bound, shown = asyncio.Event(), asyncio.Event()
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if env.investigation_id[:16] in line:
+            shown.set()
+
     tailing = asyncio.create_task(tail(settings, "actions", follow=False, as_json=False, filters={},
-                                       echo=lines.append, idle_seconds=20, status=lambda _: bound.set()))
-    async with Copies(amqp_vhost.amqp_url) as copies, lock_pileup(db, waiters=3) as chain:
+                                       echo=echo, idle_seconds=20, status=lambda _: bound.set()))
+    async with action_records(amqp_vhost.amqp_url) as copies, lock_pileup(db, waiters=3) as chain:
         await asyncio.wait_for(bound.wait(), 10)
         await agent_main.run(env)
-        [(key, record)] = await copies.wait_for(env.investigation_id)
+        [(key, record)] = await copies.of(env.investigation_id)
         await waiters_proceed(chain)
         assert await alive(db, [chain.holder_pid]) == set()
-    async with asyncio.timeout(30):
-        while not any(env.investigation_id[:16] in line for line in lines):
-            await asyncio.sleep(0.1)
+    await asyncio.wait_for(shown.wait(), 30)
     tailing.cancel()
 
     assert key == "action.executed_verified.database"
@@ -147,9 +119,9 @@ async def test_an_autonomous_run_publishes_executed_verified_and_tail_shows_it(v
 
 async def test_a_read_only_run_publishes_propose_only_and_the_blocker_survives(vault, db, amqp_vhost, tmp_path):
     env = await job(vault, db, amqp_vhost, Phase.READ_ONLY, tmp_path)
-    async with Copies(amqp_vhost.amqp_url) as copies, lock_pileup(db, waiters=3) as chain:
+    async with action_records(amqp_vhost.amqp_url) as copies, lock_pileup(db, waiters=3) as chain:
         await agent_main.run(env)
-        [(key, record)] = await copies.wait_for(env.investigation_id)
+        [(key, record)] = await copies.of(env.investigation_id)
         assert await alive(db, [chain.holder_pid]) == {chain.holder_pid}
 
     assert key == "action.propose_only.database"
