@@ -21,9 +21,9 @@ proposing investigation, published with confirms; it is what this Job reports (e
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -115,7 +115,7 @@ async def run(approved: ApprovedAction, env: AgentEnv, *, tools: Sequence[Tool],
 
     ``claims``: the investigation's shared claim store (``VaultClaims``): the proposing
     investigation's Jobs and every follow-up see one claim per action."""
-    closers: list[object] = []
+    closers: list[Any] = []
     if executors is None:
         executors, closers = engine.executors_for(env, tools)
     job_limits = blast_radius.for_job(env.actions, postgres_dsn=env.postgres_dsn, tools=tools)
@@ -125,9 +125,7 @@ async def run(approved: ApprovedAction, env: AgentEnv, *, tools: Sequence[Tool],
                                  investigation_id=approved.investigation_id,
                                  ledger=ledger if ledger is not None else engine.ledger_for(env), approved=True)
     finally:
-        for closer in closers:
-            with contextlib.suppress(Exception):
-                await closer.close()  # type: ignore[attr-defined]
+        await engine.close_tools(closers)
     done = records(approved, carrier(approved, actions, env, at=clock()))
     for record in done:
         log.info("approved_action_ran", action=record.action, target=record.target, outcome=record.outcome,

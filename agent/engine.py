@@ -203,11 +203,7 @@ async def investigate(
                                      executors=executors, ledger=ledger if ledger is not None else ledger_for(env),
                                      guard=guard, claims=claims)
     finally:
-        for closer in closers:
-            try:
-                await closer.close()
-            except Exception:  # noqa: BLE001 - closing must never hide the finding
-                pass
+        await close_tools(closers)
     if prior_evidence:  # e.g. Vault refusing a credential the phase does not grant
         finding = msgspec.structs.replace(finding, evidence=(*prior_evidence, *finding.evidence))
     return finding
@@ -235,7 +231,8 @@ async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequenc
     return msgspec.structs.replace(finding, trace_id=trace_id or tracing.trace_id_of(env.traceparent))
 
 
-async def close_tools(tools: Sequence[Tool]) -> None:
+async def close_tools(tools: Sequence[Any]) -> None:
+    """Close each of ``tools`` (tools, executors' sessions): every one tried, none may raise."""
     for tool in tools:
         try:
             await tool.close()

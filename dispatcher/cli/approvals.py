@@ -26,8 +26,9 @@ from schemas.errors import TemporaryError
 
 from dispatcher.cli.ops import OpsError, _connect, _exchange, _url
 from dispatcher.intake.actions_log import ActionLog, Proposal, expired, pick
+from dispatcher.intake.approvals import Verdict, decide
 from dispatcher.plumbing.amqp import broker_user
-from dispatcher.plumbing.settings import Settings
+from dispatcher.plumbing.settings import ActionsSettings, Settings
 
 
 async def action_log(settings: Settings) -> ActionLog:
@@ -73,17 +74,17 @@ def render(item: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check(view: ActionLog, command: ApproveAction, *, now: datetime, ttl: timedelta) -> Proposal:
-    """The proposal ``command`` approves, or ``OpsError`` saying why it cannot be (the dispatcher decides again)."""
+def check(view: ActionLog, command: ApproveAction, *, settings: ActionsSettings, now: datetime) -> Proposal:
+    """The proposal ``command`` approves, or ``OpsError`` saying why not — the dispatcher's own
+    ``decide`` on the same log (the dispatcher decides again when the command arrives)."""
     found = pick(view.proposals(), command.investigation_id, command.action)
     if isinstance(found, str):
         raise OpsError(found)
-    if found.approval_id:
-        raise OpsError(f"{found.record.action} of {command.investigation_id} was approved already "
-                       f"(approval {found.approval_id}); its follow-up Job runs it once")
-    if expired(found, now=now, ttl=ttl):
-        raise OpsError(f"the proposal is older than actions.proposal_ttl ({ttl.total_seconds():g} s): "
-                       "what the agent saw is stale; a new investigation has to propose it again")
+    decision = decide(found, command, settings=settings, now=now)
+    if decision.verdict is Verdict.APPROVED_BEFORE:
+        raise OpsError(f"{found.record.action} of {command.investigation_id} was approved already: {decision.reason}")
+    if decision.verdict is not Verdict.RUN:
+        raise OpsError(decision.reason)
     return found
 
 

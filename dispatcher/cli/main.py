@@ -542,8 +542,6 @@ def actions_approve_cmd(ctx: click.Context, investigation_id: str, action: str, 
     phase that action needs, through the same protocol (precondition, kill switch, limits, at most
     once), and not after the approval expires (actions.approval_ttl). Exit 1 if it was refused.
     """
-    from datetime import timedelta
-
     from schemas import ApproveAction
 
     from dispatcher.cli import approvals
@@ -555,7 +553,7 @@ def actions_approve_cmd(ctx: click.Context, investigation_id: str, action: str, 
                             reason=reason, requested_by=operator or "operator", at=utcnow())
     try:
         view = tasks.run(approvals.action_log(settings))
-        approvals.check(view, command, now=utcnow(), ttl=timedelta(seconds=settings.actions.proposal_ttl))
+        approvals.check(view, command, settings=settings.actions, now=utcnow())
         got = tasks.run(approvals.approve(settings, command, wait=wait))
     except OpsError as exc:
         _fail(str(exc))
