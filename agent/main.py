@@ -88,6 +88,8 @@ def stderr_line(exc: BaseException) -> str:
         return f"bad_environment: {exc}"
     if isinstance(exc, IncidentUnreadable):
         return f"incident_unreadable: {exc}"
+    if isinstance(exc, approved.ApprovalUnreadable):
+        return f"approval_unreadable: {exc}"
     if isinstance(exc, Terminated):
         return f"terminated: {exc}"
     return f"agent_error: {type(exc).__name__}"
@@ -252,7 +254,8 @@ def main(environ: Mapping[str, str], *, stderr: TextIO | None = None) -> int:
         log.info("agent_started", auth_mode=env.auth_mode, job_class=env.class_name)
         try:
             asyncio.run(_run_until_terminated(env))
-        except (CredentialsUnavailable, publish.PublishFailed, IncidentUnreadable, Terminated) as exc:
+        except (CredentialsUnavailable, publish.PublishFailed, IncidentUnreadable, approved.ApprovalUnreadable,
+                Terminated) as exc:
             failure = exc
             log.error("agent_failed", outcome=type(exc).__name__, reason=getattr(exc, "reason", ""), error=str(exc))
         except Exception as exc:
