@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from agent.tools.base import Observation, bounded
@@ -1367,10 +1367,21 @@ def conclude(hypotheses: tuple[Hypothesis, ...], failures: list[Observation], *,
         hypotheses=hypotheses, notes=notes)
 
 
+Selection = Literal["evidence", "names"]
+
+
 class RulesReasoner:
-    """Deterministic playbooks over the tools; no network beyond the tools."""
+    """Deterministic playbooks over the tools; no network beyond the tools.
+
+    ``selection``: ``"evidence"`` (default) sweeps every domain whose sources the Job offers, the
+    alert's name and expression only ordering the work; ``"names"`` is the earlier behaviour — only
+    the playbooks the alert's words match run — kept as the benchmark's baseline.
+    """
 
     name = NAME
+
+    def __init__(self, *, selection: Selection = "evidence") -> None:
+        self.selection: Selection = selection
 
     async def investigate(self, inv: Investigation) -> Assessment:
         """Run the playbooks the alert calls for and conclude (never raises for a tool failure)."""
