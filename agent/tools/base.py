@@ -75,3 +75,19 @@ class Tool(Protocol):
 
 def bounded(text: str, limit: int = EXCERPT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cut_at_word(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, marked with "…" (pure).
+
+    For summaries: the full text stays in the evidence. A single word longer than a third of the
+    limit is cut where the limit falls rather than leaving almost nothing.
+    """
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    head = text[: max(1, limit - 1)]
+    space = head.rfind(" ")
+    if space >= limit // 3:
+        head = head[:space]
+    return head.rstrip(" ,;:-") + "…"
