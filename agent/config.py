@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal, cast
+from urllib.parse import urlsplit
 
 from schemas import Phase
 
@@ -48,6 +49,8 @@ class ToolEnv:
     timeout: float = 5.0  # seconds per call
     max_rows: int = 200
     max_tool_calls: int = 40
+    # URL prefixes the http probe tool may GET (AGENTJOBS_TOOLS__HTTP_TARGETS, a JSON list); empty: no probe
+    http_targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,7 +178,27 @@ def _tools(environ: Mapping[str, str], mount_root: Path | None) -> ToolEnv:
         timeout=_seconds(environ, "AGENTJOBS_TOOLS__TIMEOUT", 5.0),
         max_rows=_count(environ, "AGENTJOBS_TOOLS__MAX_ROWS", 200),
         max_tool_calls=_count(environ, "AGENTJOBS_TOOLS__MAX_TOOL_CALLS", 40),
+        http_targets=_url_prefixes(environ, "AGENTJOBS_TOOLS__HTTP_TARGETS"),
     )
+
+
+def _url_prefixes(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A JSON list of absolute http(s) URL prefixes, in order; empty when unset (pure)."""
+    raw = environ.get(name, "").strip() or "[]"
+    try:
+        prefixes = json.loads(raw)
+    except ValueError:
+        prefixes = None
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+        raise ConfigError(f"{name}={raw[:80]!r} is not a JSON list of URL prefixes")
+    for prefix in prefixes:
+        try:
+            url = urlsplit(prefix)
+        except ValueError:
+            url = urlsplit("")
+        if url.scheme not in ("http", "https") or not url.hostname or "@" in url.netloc:
+            raise ConfigError(f"{name}: {prefix[:80]!r} is not an http(s) URL prefix with a host and no credentials")
+    return tuple(prefixes)
 
 
 def _llm(environ: Mapping[str, str]) -> LlmEnv | None:

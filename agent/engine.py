@@ -78,6 +78,14 @@ async def open_tools(env: AgentEnv, *, db_user: str | None, db_password: str | N
         from .tools.logs import LogsTool
 
         tools.append(LogsTool(env.tools.loki_url, limits=limits))
+    if env.tools.http_targets:
+        from .tools.probe import ProbeTool, TargetError
+
+        try:
+            tools.append(ProbeTool(env.tools.http_targets, limits=limits))
+        except TargetError as exc:  # a prefix the probe cannot honour: say so, never probe around it
+            unavailable.append(Evidence(source="http", query="AGENTJOBS_TOOLS__HTTP_TARGETS", at=utcnow(), ok=False,
+                                        excerpt=f"http probe tool unavailable: {exc}"[:2000]))
     if env.tools.rabbitmq and env.amqp_url and (amqp_user is not None or _has_user(env.amqp_url)):
         from .tools.rabbitmq import RabbitMQTool
 

@@ -239,6 +239,8 @@ def _tool_env(settings: Settings) -> dict[str, str]:
         env["AGENTJOBS_TOOLS__PROMETHEUS_URL"] = tools.prometheus_url
     if tools.loki_url:
         env["AGENTJOBS_TOOLS__LOKI_URL"] = tools.loki_url
+    if tools.http_targets:
+        env["AGENTJOBS_TOOLS__HTTP_TARGETS"] = msgspec.json.encode(list(tools.http_targets)).decode()
     if tools.kubernetes:
         env["AGENTJOBS_TOOLS__KUBERNETES"] = "true"
         if tools.kubeconfig:  # absolute: the agent runs in its own working directory

@@ -236,6 +236,8 @@ class ToolsSettings(Section):
     timeout: Seconds = 5.0  # seconds per tool call
     max_rows: Positive = 200  # rows/series/lines/objects kept from one answer
     max_tool_calls: Positive = 40  # per investigation
+    # URL prefixes the agent's http probe may GET, e.g. ["http://checkout.shop:8080/"]; empty: no probe
+    http_targets: list[str] = []
 
 
 class ModelPrice(Section):
