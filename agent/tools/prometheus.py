@@ -67,6 +67,16 @@ OPERATIONS: dict[str, OperationSpec] = {
                                             "description": "resolution: seconds or e.g. '30s', '1m' "
                                                            f"(default: at most {MAX_POINTS} points)"}}},
     ),
+    "targets": OperationSpec(
+        name="targets",
+        description="The active scrape targets (/api/v1/targets), optionally only one job's and/or one "
+                    "instance's: health (up/down/unknown), lastError, lastScrape, scrapeDuration (seconds), "
+                    "scrapeUrl and the target's job and instance labels.",
+        parameters={"type": "object", "additionalProperties": False,
+                    "properties": {"job": {"type": "string", "description": "the target's job label"},
+                                   "instance": {"type": "string",
+                                                "description": "the target's instance label, e.g. host:port"}}},
+    ),
     "alert_expression": OperationSpec(
         name="alert_expression",
         description="Re-run the alert's own PromQL expression (the g0.expr parameter of its "
@@ -88,6 +98,20 @@ def expression_from_generator_url(url: str) -> str:
     return exprs[0].strip()
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def scrape_target(raw: Any) -> dict[str, Any]:
+    """One entry of ``activeTargets`` reduced to what diagnosis needs (pure)."""
+    item = raw if isinstance(raw, Mapping) else {}
+    labels = item.get("labels") if isinstance(item.get("labels"), Mapping) else {}
+    return {"job": str(labels.get("job", item.get("scrapePool", ""))), "instance": str(labels.get("instance", "")),
+            "health": str(item.get("health", "unknown")), "lastError": bounded(str(item.get("lastError") or ""), 500),
+            "lastScrape": str(item.get("lastScrape", "")), "scrapeDuration": _finite(number(item.get("lastScrapeDuration"))),
+            "scrapeUrl": bounded(str(item.get("scrapeUrl", "")), 500)}
+
+
 def _labels(metric: Mapping[str, str]) -> str:
     name = metric.get("__name__", "")
     rest = ",".join(f'{k}="{v}"' for k, v in sorted(metric.items()) if k != "__name__")
@@ -107,6 +131,8 @@ class PrometheusTool(HttpTool):
     async def run(self, operation: str, params: Mapping[str, Any]) -> Observation:
         if operation not in OPERATIONS:
             return unknown_operation(self.name, operation, OPERATIONS)
+        if operation == "targets":
+            return await self._targets(params)
         query = ""
         try:
             now = self._now()
@@ -152,6 +178,38 @@ class PrometheusTool(HttpTool):
             return failure(self.name, operation, query, f"HTTP {status} {reason}", secrets=self._secrets)
         when += "".join(f"; warning: {w}" for w in payload.get("warnings") or [])
         return self._observation(operation, query, when, payload.get("data") or {})
+
+    async def _targets(self, params: Mapping[str, Any]) -> Observation:
+        """The active targets, filtered by ``job``/``instance`` (exact label values), at most ``max_rows``."""
+        wanted = {k: str(params[k]) for k in ("job", "instance") if params.get(k) not in (None, "")}
+        unknown = sorted(set(params) - {"job", "instance"})
+        query = "/api/v1/targets?state=active" + "".join(f" {k}={v!r}" for k, v in sorted(wanted.items()))
+        if unknown:
+            return failure(self.name, "targets", query, f"invalid parameters: unknown {', '.join(unknown)}")
+        request = {"state": "active", **({"scrapePool": wanted["job"]} if "job" in wanted else {})}
+        try:
+            async with asyncio.timeout(self.limits.timeout):
+                status, raw = await self._fetch("GET", "/api/v1/targets", params=request)
+            payload = json.loads(raw)
+        except (TimeoutError, BodyTooLarge, aiohttp.ClientError, OSError, ValueError) as exc:
+            return failure(self.name, "targets", query,
+                           f"{self.base_url}/api/v1/targets: {describe_error(exc, self.limits.timeout)}",
+                           secrets=self._secrets)
+        if not isinstance(payload, dict) or payload.get("status") != "success":
+            reason = (f"{payload.get('errorType', 'error')}: {payload.get('error', '')}"
+                      if isinstance(payload, dict) else "unexpected answer")
+            return failure(self.name, "targets", query, f"HTTP {status} {reason}", secrets=self._secrets)
+        found = [t for t in map(scrape_target, (payload.get("data") or {}).get("activeTargets") or [])
+                 if all(t[k] == v for k, v in wanted.items())]
+        truncated = len(found) > self.limits.max_rows
+        kept = found[: self.limits.max_rows]
+        lines = [f"{len(found)} active target(s)" + (f", first {len(kept)} kept" if truncated else "")]
+        for t in kept:
+            line = (f"job={t['job']} instance={t['instance']} health={t['health']} "
+                    f"scrapeDuration={_fmt(t['scrapeDuration']) if t['scrapeDuration'] is not None else '?'}s lastScrape={t['lastScrape']}")
+            lines.append(line + (f" lastError={t['lastError']}" if t["lastError"] else ""))
+        return Observation(tool=self.name, operation="targets", query=query, ok=True, at=utcnow(), data=kept,
+                           excerpt=bounded(redact("\n".join(lines), self._secrets)), truncated=truncated)
 
     async def _post(self, path: str, form: dict[str, str]) -> tuple[int, Any]:
         # form-encoded POST: long expressions do not hit URL length limits

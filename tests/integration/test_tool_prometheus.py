@@ -53,14 +53,17 @@ async def observed(postgres) -> AsyncIterator[Observed]:
             "checkout_db_pool_in_use": 19.0,
         })
         with workdir("prometheus") as wd:
-            jobs = [{"job_name": "app", "static_configs": [{"targets": [app.target]}]}]
+            jobs = [{"job_name": "app", "static_configs": [{"targets": [app.target]}]},
+                    # a target nothing listens on: Prometheus records it down with "connection refused"
+                    {"job_name": "gone", "static_configs": [{"targets": [f"127.0.0.1:{free_port()}"]}]}]
             exporter = PostgresExporter(wd, dsn) if POSTGRES_EXPORTER else None
             if exporter is not None:
                 await exporter.start()
                 jobs.append({"job_name": "postgres", "static_configs": [{"targets": [exporter.target]}]})
             try:
                 async with running(Prometheus(wd, scrape_configs=jobs)) as prom:
-                    await prom.wait_for_targets()  # the tests read the app's, the exporter's and its own
+                    for job in prom.jobs:  # the tests read every job's first scrape: up, or down for "gone"
+                        await prom.wait_for_series(f'up{{job="{job}"}} == {0 if job == "gone" else 1}')
                     yield Observed(prom, app, dbname, dsn, exporter is not None)
             finally:
                 if exporter is not None:
@@ -210,3 +213,40 @@ async def test_idle_in_transaction_sessions_show_up_through_the_postgres_exporte
 
     # Then the saturation ratio is there to be reasoned about
     assert obs.ok and obs.data and 0 < obs.data[0]["value"] < 1
+
+
+async def test_the_scrape_targets_say_which_is_down_and_why(tool, observed):
+    obs = await tool.run("targets", {})
+
+    assert obs.ok, obs.excerpt
+    by_job = {t["job"]: t for t in obs.data}
+    assert {"prometheus", "app", "gone"} <= set(by_job)
+    assert by_job["app"]["health"] == "up" and by_job["app"]["lastError"] == ""
+    assert by_job["app"]["instance"] == observed.app.target
+    assert by_job["app"]["scrapeDuration"] >= 0 and by_job["app"]["lastScrape"]
+    gone = by_job["gone"]
+    assert gone["health"] == "down" and "connection refused" in gone["lastError"]
+    assert "health=down" in obs.excerpt and "connection refused" in obs.excerpt
+
+
+async def test_the_scrape_targets_are_filtered_by_job_and_instance(tool, observed):
+    by_job = await tool.run("targets", {"job": "app"})
+    by_instance = await tool.run("targets", {"instance": observed.app.target})
+    nothing = await tool.run("targets", {"job": "app", "instance": "127.0.0.1:1"})
+
+    assert [t["instance"] for t in by_job.data] == [observed.app.target]
+    assert [t["job"] for t in by_instance.data] == ["app"]
+    assert nothing.ok and nothing.data == [] and nothing.excerpt.startswith("0 active target")
+    assert 'job=\'app\'' in by_job.query
+
+
+async def test_at_most_max_rows_targets_are_kept_and_unknown_parameters_are_refused(observed):
+    prom = PrometheusTool(observed.prometheus.url, limits=Limits(max_rows=1))
+    try:
+        cut = await prom.run("targets", {})
+        wrong = await prom.run("targets", {"state": "dropped"})
+    finally:
+        await prom.close()
+
+    assert cut.ok and cut.truncated and len(cut.data) == 1
+    assert not wrong.ok and "state" in wrong.excerpt
