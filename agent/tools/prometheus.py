@@ -106,9 +106,12 @@ def scrape_target(raw: Any) -> dict[str, Any]:
     """One entry of ``activeTargets`` reduced to what diagnosis needs (pure)."""
     item = raw if isinstance(raw, Mapping) else {}
     labels = item.get("labels") if isinstance(item.get("labels"), Mapping) else {}
-    return {"job": str(labels.get("job", item.get("scrapePool", ""))), "instance": str(labels.get("instance", "")),
-            "health": str(item.get("health", "unknown")), "lastError": bounded(str(item.get("lastError") or ""), 500),
-            "lastScrape": str(item.get("lastScrape", "")), "scrapeDuration": _finite(number(item.get("lastScrapeDuration"))),
+    return {"job": str(labels.get("job", item.get("scrapePool", ""))),
+            "instance": str(labels.get("instance", "")),
+            "health": str(item.get("health", "unknown")),
+            "lastError": bounded(str(item.get("lastError") or ""), 500),
+            "lastScrape": str(item.get("lastScrape", "")),
+            "scrapeDuration": _finite(number(item.get("lastScrapeDuration"))),  # seconds
             "scrapeUrl": bounded(str(item.get("scrapeUrl", "")), 500)}
 
 
@@ -205,8 +208,9 @@ class PrometheusTool(HttpTool):
         kept = found[: self.limits.max_rows]
         lines = [f"{len(found)} active target(s)" + (f", first {len(kept)} kept" if truncated else "")]
         for t in kept:
+            took = _fmt(t["scrapeDuration"]) if t["scrapeDuration"] is not None else "?"
             line = (f"job={t['job']} instance={t['instance']} health={t['health']} "
-                    f"scrapeDuration={_fmt(t['scrapeDuration']) if t['scrapeDuration'] is not None else '?'}s lastScrape={t['lastScrape']}")
+                    f"scrapeDuration={took}s lastScrape={t['lastScrape']}")
             lines.append(line + (f" lastError={t['lastError']}" if t["lastError"] else ""))
         return Observation(tool=self.name, operation="targets", query=query, ok=True, at=utcnow(), data=kept,
                            excerpt=bounded(redact("\n".join(lines), self._secrets)), truncated=truncated)
