@@ -7,15 +7,18 @@ on a free loopback port; only its ``/svc/`` prefix is an allowed target, so
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
+from agent import config, engine
 from agent.tools.base import Limits
 from agent.tools.probe import BODY_EXCERPT_BYTES, ProbeTool
 from tests.support.endpoints import SECRET_HEADER_VALUE, FlakyService
 from tests.support.services import free_port
+from tests.unit.test_agent_config import BASE
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +163,24 @@ async def test_a_large_body_is_read_only_to_max_bytes_and_only_an_excerpt_is_kep
     assert obs.ok and obs.truncated
     assert obs.data["status"] == 200
     assert len(obs.data["body_excerpt"].encode()) == BODY_EXCERPT_BYTES
+
+
+async def test_the_job_environment_opens_the_probe_on_exactly_its_targets(service):
+    env = config.load(BASE | {"AGENTJOBS_TOOLS__HTTP_TARGETS": json.dumps([f"{service.base}/svc/"])})
+    tools, unavailable = await engine.open_tools(env, db_user=None, db_password=None, postgres_available=False)
+    try:
+        (probe,) = [t for t in tools if t.name == "http"]
+        assert unavailable == []
+        assert (await probe.run("probe", {"url": service.url("ok")})).data["status"] == 200
+        assert not (await probe.run("probe", {"url": f"{service.base}/admin"})).ok
+    finally:
+        await engine.close_tools(tools)
+
+
+async def test_a_target_prefix_the_probe_cannot_honour_leaves_it_out_and_says_why():
+    env = config.load(BASE | {"AGENTJOBS_TOOLS__HTTP_TARGETS": json.dumps(["http://svc:8080/a/../"])})
+    tools, unavailable = await engine.open_tools(env, db_user=None, db_password=None, postgres_available=False)
+    await engine.close_tools(tools)
+
+    assert not [t for t in tools if t.name == "http"]
+    assert [e.source for e in unavailable] == ["http"] and "dot segments" in unavailable[0].excerpt
