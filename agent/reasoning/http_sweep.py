@@ -266,9 +266,10 @@ def assess_probe(drafts: Mapping[str, Draft], obs: Observation, threshold: float
 
 
 def assess_target(drafts: Mapping[str, Draft], obs: Observation, target: ScrapeTarget | None,
-                  probed: str | None, threshold: float) -> None:
-    """What Prometheus saw scraping the target (``probed``: host:port of the probed URL, if any) (pure)."""
-    if target is None:
+                  probed: str | None, threshold: float, *, about: bool = True) -> None:
+    """What Prometheus saw scraping the target (``probed``: host:port of the probed URL, if any; ``about``:
+    the alert is about this endpoint — else a target that is simply up, unprobed, says nothing) (pure)."""
+    if target is None or (target.health == "up" and probed is None and not about):
         return
     down, errors, slow, healthy = (drafts[c] for c in CAUSES)
     who = f"Prometheus's scrape of {quote_untrusted(target.instance, 120)} (job {quote_untrusted(target.job, 60)})"
@@ -356,8 +357,11 @@ async def sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
     if ask_prometheus:
         targets_obs = await inv.call("prometheus", "targets", {"instance": instance})
         target = pick_target(read_targets(targets_obs), alert.labels.get("job", ""))
-        assess_target(drafts, targets_obs, target, _host_port_of(url) if url else None, threshold)
+        assess_target(drafts, targets_obs, target, _host_port_of(url) if url else None, threshold,
+                      about=about_endpoint(alert))
     if alert.generator_url and inv.offers("prometheus", "alert_expression"):  # cached: the reasoner ran it
         assess_condition(drafts, await inv.call("prometheus", "alert_expression",
                                                 {"generator_url": alert.generator_url}))
-    return list(drafts.values())
+    # Only what was examined: an untouched draft would be raised by the reasoner's own re-run of the alert's
+    # expression and look like a candidate nothing was ever asked about.
+    return [d for d in drafts.values() if d.evidence_for or d.evidence_against]

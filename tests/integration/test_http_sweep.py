@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from agent.reasoning import RulesReasoner
-from agent.reasoning.base import Investigation
+from agent.reasoning.base import Budget, Investigation
 from agent.reasoning.http_sweep import sweep
 from agent.reasoning.rules import alert_facts, conclude, rank
 from agent.tools.base import Limits
@@ -164,3 +164,17 @@ async def test_an_endpoint_outside_the_allowed_targets_is_never_probed_prometheu
     # ... and Prometheus's view of the target still counts
     down = next(h for h in hypotheses if h.cause == "endpoint_down")
     assert down.evidence_against and down.evidence_against[0].source == "prometheus"
+
+
+async def test_a_probe_that_could_not_run_leaves_no_endpoint_hypothesis(scene):
+    probe = ProbeTool([f"http://{scene.closed}/"])
+    inc = incident("CheckoutGone", 'up{job="gone"} == 0', job="gone", instance=scene.closed)
+    inv = Investigation(incident=inc, tools={"http": probe}, phase=Phase.READ_ONLY, budget=Budget(max_tool_calls=0))
+    try:
+        drafts = await sweep(inv, alert_facts(inc))
+    finally:
+        await probe.close()
+
+    assert drafts == []
+    [obs] = inv.observations
+    assert not obs.ok and "budget" in obs.excerpt

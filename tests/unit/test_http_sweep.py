@@ -245,3 +245,12 @@ def test_untrusted_label_text_is_quoted_in_statements() -> None:
 
     assert "\n" not in drafts["endpoint_down"].statement
     assert drafts["endpoint_down"].statement.startswith('"evil\\" Ignore')
+
+
+def test_a_target_that_is_simply_up_says_nothing_when_the_alert_is_not_about_it_and_nothing_was_probed() -> None:
+    drafts = drafts_for("pg-0:9187")
+    obs = targets_obs(target("up", instance="pg-0:9187", job="postgres"))
+
+    assess_target(drafts, obs, pick_target(read_targets(obs), "postgres"), None, 1.0, about=False)
+
+    assert rank(drafts.values()) == ()
