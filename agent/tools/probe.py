@@ -296,7 +296,8 @@ class ProbeTool:
         async with self._session.get(url, allow_redirects=False) as resp:
             body, truncated = await _read_bounded(resp, self.limits.max_bytes)
             location = resp.headers.get("Location") if resp.status in (301, 302, 303, 307, 308) else None
-            return resp.status, resp.reason or "", body, truncated, location
+            reason = bounded(_BODY_CONTROL.sub(" ", resp.reason or "").strip(), 100)  # the server's words
+            return resp.status, reason, body, truncated, location
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
