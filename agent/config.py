@@ -51,6 +51,9 @@ class ToolEnv:
     max_tool_calls: int = 40
     # URL prefixes the http probe tool may GET (AGENTJOBS_TOOLS__HTTP_TARGETS, a JSON list); empty: no probe
     http_targets: tuple[str, ...] = ()
+    # RabbitMQ management API (AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL), e.g. http://rabbitmq:15672; empty:
+    # the rabbitmq tool offers only its AMQP operation
+    rabbitmq_management_url: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +182,7 @@ def _tools(environ: Mapping[str, str], mount_root: Path | None) -> ToolEnv:
         max_rows=_count(environ, "AGENTJOBS_TOOLS__MAX_ROWS", 200),
         max_tool_calls=_count(environ, "AGENTJOBS_TOOLS__MAX_TOOL_CALLS", 40),
         http_targets=_url_prefixes(environ, "AGENTJOBS_TOOLS__HTTP_TARGETS"),
+        rabbitmq_management_url=environ.get("AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL", "").strip(),
     )
 
 

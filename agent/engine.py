@@ -90,7 +90,8 @@ async def open_tools(env: AgentEnv, *, db_user: str | None, db_password: str | N
         from .tools.rabbitmq import RabbitMQTool
 
         tools.append(RabbitMQTool(env.amqp_url, username=amqp_user, password=amqp_password, limits=limits,
-                                  connection_name=f"agentjobs-agent {env.investigation_id[:16]} rabbitmq tool"))
+                                  connection_name=f"agentjobs-agent {env.investigation_id[:16]} rabbitmq tool",
+                                  management_url=env.tools.rabbitmq_management_url))
     if env.tools.kubernetes:
         # Imported only here: kubernetes_asyncio is ~0.7 s of a Job's start-up on its own.
         from kubernetes_asyncio import client as k8s_client

@@ -190,6 +190,10 @@ async def run_up(
         echo(postgres_error)
         return 2
     broker = await preflight.broker_mode(settings)
+    if broker.per_investigation_users and not settings.tools.rabbitmq_management_url:
+        # The management API answers: the agents' rabbitmq tool asks it too (as their own monitoring user).
+        settings = msgspec.structs.replace(settings, tools=msgspec.structs.replace(
+            settings.tools, rabbitmq_management_url=preflight.management_api(settings)[0]))
     for note in (broker.note, postgres_note):
         if note:
             echo(note)

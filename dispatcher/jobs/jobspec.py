@@ -239,6 +239,8 @@ def _tool_env(settings: Settings) -> dict[str, str]:
         env["AGENTJOBS_TOOLS__PROMETHEUS_URL"] = tools.prometheus_url
     if tools.loki_url:
         env["AGENTJOBS_TOOLS__LOKI_URL"] = tools.loki_url
+    if tools.rabbitmq and tools.rabbitmq_management_url:
+        env["AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL"] = tools.rabbitmq_management_url
     if tools.http_targets:
         env["AGENTJOBS_TOOLS__HTTP_TARGETS"] = msgspec.json.encode(list(tools.http_targets)).decode()
     if tools.kubernetes:

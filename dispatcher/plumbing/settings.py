@@ -238,6 +238,9 @@ class ToolsSettings(Section):
     max_tool_calls: Positive = 40  # per investigation
     # URL prefixes the agent's http probe may GET, e.g. ["http://checkout.shop:8080/"]; empty: no probe
     http_targets: list[str] = []
+    # RabbitMQ management API the agent's rabbitmq tool asks (as its own Vault-issued user, tagged
+    # monitoring), e.g. http://rabbitmq.messaging:15672; empty: no management operations
+    rabbitmq_management_url: str = ""
 
 
 class ModelPrice(Section):
