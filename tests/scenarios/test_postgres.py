@@ -1,0 +1,23 @@
+"""Scenarios, PostgreSQL: lock chains, an idle-in-transaction holder, a long-running query, a second database named by label, connection exhaustion at 100 % (each on a private PostgreSQL 15 cluster).
+
+Given the problem induced for real and the alert an SRE wrote for it, when the rules reasoner
+investigates with the Job's real tools, then its top hypothesis names the cause and cites the fact
+that decides it (see tests/scenarios/catalogue.py for each alert and what is expected).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.scenarios.harness import Scenario, Sources
+from tests.scenarios.suite import assert_diagnosed, cases, group_fixture
+
+pytestmark = pytest.mark.integration
+
+sources = group_fixture("postgres")
+
+
+@pytest.mark.parametrize("scenario", cases("postgres"))
+async def test_the_top_hypothesis_is_the_induced_cause_with_its_evidence(scenario: Scenario,
+                                                                          sources: dict[str, Sources]) -> None:
+    await assert_diagnosed(scenario, sources[scenario.name])
