@@ -357,7 +357,9 @@ async def sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
     drafts: list[Draft] = []
     offers = {op: inv.offers(TOOL, op) for op in ("overview", "connections", "queues", "queue", "queue_status")}
     overview = await inv.call(TOOL, "overview", {}) if offers["overview"] else None
-    connections = await inv.call(TOOL, "connections", {}) if offers["connections"] else None
+    # Alarms block every vhost's publishers; flow control elsewhere is not this alert's business.
+    where = {"vhost": alert.vhost} if alert.vhost else {}
+    connections = await inv.call(TOOL, "connections", where) if offers["connections"] else None
     if overview is not None:
         drafts += assess_alarms(overview, connections)
     if connections is not None:
@@ -377,7 +379,7 @@ async def sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
             seen.add((vhost, alert.queue))
 
     if offers["queues"]:
-        listing = await inv.call(TOOL, "queues", {"vhost": alert.vhost} if alert.vhost else {})
+        listing = await inv.call(TOOL, "queues", where)
         views = read_queues(listing)
         if views is not None:
             found = suspects(views, seen)
