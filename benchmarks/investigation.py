@@ -32,7 +32,18 @@ Same-run baselines (interleaved with the agent runs): ``python -c pass`` and
 Targets (issue 7): < 2 s wall and < 0.5 CPU-s per investigation, judged on p95, for both
 figures. A miss is reported, never turned into a failing exit status. The last line is JSON.
 
-Run: ``.venv/bin/python benchmarks/investigation.py [--quick] [--iterations N]``.
+Then the scenario suite (issue 19): every problem of ``tests/scenarios/catalogue.py`` induced for
+real, group by group, exactly as the pytest suite does it (``tests/scenarios/harness.py``), and each
+investigated in this process by ``RulesReasoner(selection="evidence")`` (today's default: every
+domain the Job's sources offer is swept) and ``RulesReasoner(selection="names")`` (the earlier
+name-matching selection, the same-run baseline), interleaved, ``--scenario-repeats`` times each.
+Figures per reasoner: top-1 accuracy (the top hypothesis' cause is the induced one), the share of
+confident wrong findings (confidence >= 0.6 and a wrong cause), the share of inconclusive ones, how
+many cite the expected evidence, and wall / CPU (``time.process_time`` of this process, which also
+runs the emulator and test servers in-process) per investigation; then a per-scenario table.
+Targets (issue 19): top-1 >= 90 %, confident-wrong <= 2 %.
+
+Run: ``.venv/bin/python benchmarks/investigation.py [--quick] [--iterations N] [--scenarios-only]``.
 Needs RabbitMQ on 127.0.0.1:5672 with the management API on :15672
 (``AGENTJOBS_TEST_AMQP_URL`` / ``AGENTJOBS_TEST_RABBITMQ_MGMT_URL`` override), PostgreSQL
 server binaries under ``/usr/lib/postgresql/*/bin``, the Debian packages ``prometheus`` and
@@ -608,10 +619,147 @@ class Bench:
         return figures
 
 
+# --------------------------------------------------------------------------- #
+# the scenario suite: accuracy of the evidence-driven selection vs the name-matching one
+# --------------------------------------------------------------------------- #
+
+TARGET_TOP1 = 0.90
+TARGET_CONFIDENT_WRONG = 0.02
+SELECTIONS = ("evidence", "names")  # the first is the reasoner measured, the second its same-run baseline
+
+
+@dataclass(frozen=True)
+class Outcome:
+    scenario: str
+    selection: str
+    expected: str
+    got: str
+    confidence: float
+    conclusive: bool
+    cites_evidence: bool
+    wall_s: float
+    cpu_s: float
+    error: str = ""
+
+    @property
+    def correct(self) -> bool:
+        return self.got == self.expected
+
+    @property
+    def confident_wrong(self) -> bool:
+        from tests.scenarios.harness import CONFIDENT
+
+        return not self.correct and self.confidence >= CONFIDENT
+
+
+@dataclass
+class ScenarioBench:
+    repeats: int
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    async def one(self, scenario: Any, sources: Any, selection: str) -> Outcome:
+        """One investigation of ``scenario`` by the rules reasoner with ``selection``, timed."""
+        from agent.reasoning.rules import RulesReasoner
+        from schemas import Conclusion
+        from tests.scenarios.harness import investigate, missing_evidence, top_cause
+
+        incident = scenario.incident(sources)
+        w0, c0 = time.perf_counter(), time.process_time()
+        try:
+            assessment = await investigate(sources, incident, RulesReasoner(selection=selection))
+        except Exception as exc:  # noqa: BLE001 - a reasoner that raises is a wrong answer, reported
+            return Outcome(scenario.name, selection, scenario.expected, "(raised)", 0.0, False, False,
+                           time.perf_counter() - w0, time.process_time() - c0, error=f"{type(exc).__name__}: {exc}")
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        return Outcome(scenario.name, selection, scenario.expected, top_cause(assessment),
+                       float(assessment.confidence), assessment.conclusion is Conclusion.CONCLUSIVE,
+                       not missing_evidence(scenario, sources, assessment), wall, cpu)
+
+    async def run(self) -> dict[str, Any]:
+        from tests.scenarios.catalogue import GROUPS, SCENARIOS, WORLDS, of_group
+        from tests.scenarios.harness import induced
+
+        t0 = time.monotonic()
+        unmatched = sum(not s.matches_a_playbook() for s in SCENARIOS)
+        self.say(f"\nScenario suite (issue 19): {len(SCENARIOS)} induced problems in {len(GROUPS)} groups, "
+                 f"{unmatched} of them with alerts no playbook pattern matches; rules reasoner, selection "
+                 f"{' vs '.join(SELECTIONS)} (baseline), {self.repeats} investigation(s) each")
+        setup_s = 0.0
+        for group in GROUPS:
+            scenarios = of_group(group)
+            g0 = time.monotonic()
+            async with WORLDS[group]() as world, induced(scenarios, world) as found:
+                setup_s += time.monotonic() - g0
+                for _ in range(self.repeats):
+                    for scenario in scenarios:
+                        for selection in SELECTIONS:  # interleaved: both see the same state
+                            self.outcomes.append(await self.one(scenario, found[scenario.name], selection))
+            self.say(f"  {group}: {len(scenarios)} scenario(s) induced and investigated "
+                     f"in {time.monotonic() - g0:.1f} s")
+        return self.report(len(SCENARIOS), unmatched, setup_s, time.monotonic() - t0)
+
+    def report(self, count: int, unmatched: int, setup_s: float, total_s: float) -> dict[str, Any]:
+        figures: dict[str, Any] = {"scenarios": count, "scenarios_unmatched_by_playbooks": unmatched,
+                                   "scenario_repeats": self.repeats}
+        self.say(f"\n{'selection':12}{'top-1':>8}{'conf-wrong':>12}{'inconcl.':>10}{'evidence':>10}"
+                 f"{'wall p50 s':>12}{'wall p95 s':>12}{'CPU p50 s':>11}{'CPU p95 s':>11}")
+        for selection in SELECTIONS:
+            runs = [o for o in self.outcomes if o.selection == selection]
+            n = len(runs)
+            top1 = sum(o.correct for o in runs) / n
+            wrong = sum(o.confident_wrong for o in runs) / n
+            inconclusive = sum(not o.conclusive for o in runs) / n
+            cites = sum(o.correct and o.cites_evidence for o in runs) / n
+            walls, cpus = [o.wall_s for o in runs], [o.cpu_s for o in runs]
+            prefix = "" if selection == SELECTIONS[0] else "baseline_"
+            figures |= {f"{prefix}scenario_top1_accuracy": round(top1, 4),
+                        f"{prefix}confident_wrong_share": round(wrong, 4),
+                        f"{prefix}inconclusive_share": round(inconclusive, 4),
+                        f"{prefix}evidence_cited_share": round(cites, 4),
+                        f"{prefix}scenario_wall_p50_s": round(median(walls), 4),
+                        f"{prefix}scenario_wall_p95_s": round(pct(walls, 95), 4),
+                        f"{prefix}scenario_cpu_p50_s": round(median(cpus), 4),
+                        f"{prefix}scenario_cpu_p95_s": round(pct(cpus, 95), 4)}
+            self.say(f"{selection:12}{top1 * 100:7.0f}%{wrong * 100:11.0f}%{inconclusive * 100:9.0f}%"
+                     f"{cites * 100:9.0f}%{median(walls):12.3f}{pct(walls, 95):12.3f}{median(cpus):11.3f}"
+                     f"{pct(cpus, 95):11.3f}")
+
+        self.say(f"\n{'scenario':46}{'expected':43}{'evidence selection':43}{'names (baseline)':43}")
+        first = {(o.scenario, o.selection): o for o in reversed(self.outcomes)}  # the first run of each
+        names = list(dict.fromkeys(o.scenario for o in self.outcomes))
+        for name in names:
+            cells = []
+            for selection in SELECTIONS:
+                o = first[(name, selection)]
+                mark = "ok" if o.correct else ("WRONG" if o.confident_wrong else "miss")
+                cells.append(f"{o.got} {o.confidence:.2f} {mark}"[:42])
+            self.say(f"{name:46}{first[(name, SELECTIONS[0])].expected:43}{cells[0]:43}{cells[1]:43}")
+        for o in self.outcomes:
+            if o.error:
+                self.say(f"  raised — {o.scenario} ({o.selection}): {o.error[:300]}")
+
+        met_top1 = figures["scenario_top1_accuracy"] >= TARGET_TOP1
+        met_wrong = figures["confident_wrong_share"] <= TARGET_CONFIDENT_WRONG
+        figures |= {"scenario_top1_target_met": met_top1, "confident_wrong_target_met": met_wrong,
+                    "target_top1": TARGET_TOP1, "target_confident_wrong": TARGET_CONFIDENT_WRONG,
+                    "scenario_setup_s": round(setup_s, 1), "scenario_duration_s": round(total_s, 1)}
+        self.say(f"\nTargets (issue 19, evidence selection): top-1 >= {TARGET_TOP1:.0%} "
+                 f"[{verdict(met_top1)}], confident-wrong <= {TARGET_CONFIDENT_WRONG:.0%} [{verdict(met_wrong)}]; "
+                 f"set-up {setup_s:.1f} s, whole suite {total_s:.1f} s")
+        return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 measured investigations instead of 30")
     parser.add_argument("--iterations", type=int, help="measured investigations (overrides --quick)")
+    parser.add_argument("--scenarios-only", action="store_true",
+                        help="run only the scenario suite (skip the 2 AM timing part)")
+    parser.add_argument("--scenario-repeats", type=int,
+                        help="investigations per scenario and reasoner (default 3, --quick 1)")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="after the measured runs, profile one more agent run with -X importtime and one with "
                              "cProfile, written to DIR")
@@ -622,8 +770,12 @@ def main() -> int:
     # Our own side (bootstrap, mint, revoke) logs nothing we need; the agents log as in production.
     configure(LoggingSettings(level="warning", format="json"), stream=open(os.devnull, "w"))  # noqa: SIM115
     bench = Bench(quick=args.quick, iterations=args.iterations or (8 if args.quick else 30), profile=args.profile)
+    figures: dict[str, Any] = {}
     try:
-        figures = asyncio.run(bench.main())
+        if not args.scenarios_only:
+            figures = asyncio.run(bench.main())
+        repeats = args.scenario_repeats or (1 if args.quick else 3)
+        figures |= asyncio.run(ScenarioBench(repeats=max(1, repeats)).run())
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; processes stopped, leases revoked, OpenBao stopped and the vhost deleted",
               file=sys.stderr)

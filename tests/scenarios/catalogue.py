@@ -34,6 +34,7 @@ WORLDS: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Any]]] = {
     "postgres": nothing_shared,
     "kubernetes": nothing_shared,
     "rabbitmq": mq.shared_broker,
+    "private_rabbitmq": mq.private_broker,
     "http": http.flaky_service,
 }
 GROUPS = tuple(WORLDS)
@@ -132,6 +133,17 @@ SCENARIOS: tuple[Scenario, ...] = (
         induce=mq.stalled_consumer,
         expected="stalled_consumer",
         evidence=("invoice-render",),
+    ),
+    Scenario(
+        name="mq_memory_alarm_blocks_publishers",
+        group="private_rabbitmq",
+        rule=Rule(alertname="CheckoutEventsMissing",
+                  expr='sum(rate(checkout_events_published_total{service="checkout"}[5m])) == 0',
+                  labels={"severity": "critical", "service": "checkout", "domain": "messaging"},
+                  annotations={"summary": "checkout has published no order events for 5 minutes"}),
+        induce=mq.memory_alarm,
+        expected="broker_memory_alarm",
+        evidence=("memory",),
     ),
     # ---------------------------------------------------------------- Kubernetes (API emulator)
     Scenario(

@@ -128,3 +128,67 @@ async def stalled_consumer(broker: Broker) -> AsyncIterator[Sources]:
         finally:
             await consumer.close()
             await producer.close()
+
+
+@dataclass
+class PrivateBroker:
+    """A private node with the management API (the private_rabbitmq group's world): alarms stay on it."""
+
+    node: Any  # tests.support.private_rabbitmq.PrivateNode
+
+
+@contextlib.asynccontextmanager
+async def private_broker() -> AsyncIterator[PrivateBroker]:
+    from tests.support.private_rabbitmq import available, private_rabbitmq
+
+    why = available()
+    if why is not None:
+        raise RuntimeError(f"a private RabbitMQ node cannot be started here: {why}")
+    async with private_rabbitmq("agentjobs-scenario", management=True) as node:
+        yield PrivateBroker(node)
+
+
+async def _node_in_memory_alarm(management_url: str) -> bool:
+    import base64
+
+    import aiohttp
+
+    auth = {"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}
+    async with (
+        aiohttp.ClientSession(headers=auth, timeout=aiohttp.ClientTimeout(total=5)) as http,
+        http.get(f"{management_url}/api/nodes") as resp,
+    ):
+        nodes = await resp.json() if resp.status == 200 else []
+    return any(n.get("mem_alarm") for n in nodes)
+
+
+@contextlib.asynccontextmanager
+async def memory_alarm(broker: PrivateBroker) -> AsyncIterator[Sources]:
+    """The node's memory watermark is set below what it uses: a memory alarm, and the checkout events
+    publisher is blocked on its next publish (its messages never arrive)."""
+    import aio_pika
+
+    node = broker.node
+    publisher = await aio_pika.connect(node.amqp_url, client_properties={"connection_name": "checkout-events"})
+    try:
+        channel = await publisher.channel()
+        await channel.declare_queue("checkout-events", durable=True)
+        await node.ctl("set_vm_memory_high_watermark", "absolute", "10MB")
+        await wait_until(lambda: _node_in_memory_alarm(node.management_url), timeout=STATS_TIMEOUT_S,
+                         what="the private node's memory alarm", max_delay=1.0)
+        # The publish the broker will not read while the alarm lasts: the connection goes "blocked".
+        stuck = asyncio.create_task(channel.default_exchange.publish(
+            aio_pika.Message(body=b'{"event": "order_placed"}'), routing_key="checkout-events"))
+
+        async def tools() -> list[Tool]:
+            return [rabbitmq_tool(node.amqp_url, management_url=node.management_url, username="guest",
+                                  password="guest")]
+
+        try:
+            yield Sources(tools=tools, facts={"vhost": "/", "amqp_port": str(node.port)})
+        finally:
+            await node.ctl("set_vm_memory_high_watermark", "0.4")
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(stuck, timeout=10)
+    finally:
+        await publisher.close()

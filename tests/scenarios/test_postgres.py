@@ -1,4 +1,5 @@
-"""Scenarios, PostgreSQL: lock chains, an idle-in-transaction holder, a long-running query, a second database named by label, connection exhaustion at 100 % (each on a private PostgreSQL 15 cluster).
+"""Scenarios, PostgreSQL: lock chains, an idle-in-transaction holder, a long-running query, a second
+database named by label, connection exhaustion at 100 % (each on a private PostgreSQL 15 cluster).
 
 Given the problem induced for real and the alert an SRE wrote for it, when the rules reasoner
 investigates with the Job's real tools, then its top hypothesis names the cause and cites the fact

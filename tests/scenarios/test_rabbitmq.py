@@ -1,4 +1,5 @@
-"""Scenarios, RabbitMQ: a backlog without consumer and a consumer stalled on a full prefetch window (each in a temporary vhost of the shared broker).
+"""Scenarios, RabbitMQ: a backlog without consumer and a consumer stalled on a full prefetch window
+(each in a temporary vhost of the shared broker).
 
 Given the problem induced for real and the alert an SRE wrote for it, when the rules reasoner
 investigates with the Job's real tools, then its top hypothesis names the cause and cites the fact

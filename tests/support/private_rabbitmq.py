@@ -45,10 +45,16 @@ class PrivateNode:
     port: int
     home: Path
     env: dict[str, str]
+    management_port: int = 0  # 0: started without the management plugin
 
     @property
     def amqp_url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def management_url(self) -> str:
+        """The management API (only with ``private_rabbitmq(management=True)``)."""
+        return f"http://127.0.0.1:{self.management_port}" if self.management_port else ""
 
     async def ctl(self, *args: str, timeout: float = 60.0) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -95,13 +101,19 @@ async def _grant_identities(node: PrivateNode) -> None:
 
 
 @contextlib.asynccontextmanager
-async def private_rabbitmq(prefix: str = "agentjobs-chaos") -> AsyncIterator[PrivateNode]:
-    """Start a private node; stop it (and everything it wrote) when the block ends."""
+async def private_rabbitmq(prefix: str = "agentjobs-chaos", *, management: bool = False
+                          ) -> AsyncIterator[PrivateNode]:
+    """Start a private node (with the management plugin on a loopback port if asked); stop it (and
+    everything it wrote) when the block ends."""
     home = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     port, dist_port = _free_port(), _free_port()
+    management_port = _free_port() if management else 0
     name = f"{prefix}-{port}@localhost"
-    (home / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
-    (home / "enabled_plugins").write_text("[].\n")
+    conf = f"listeners.tcp.local = 127.0.0.1:{port}\n"
+    if management:
+        conf += f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management_port}\n"
+    (home / "rabbitmq.conf").write_text(conf)
+    (home / "enabled_plugins").write_text("[rabbitmq_management].\n" if management else "[].\n")
     (home / "env.conf").write_text("")
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),  # HOME: its own Erlang cookie
@@ -113,7 +125,7 @@ async def private_rabbitmq(prefix: str = "agentjobs-chaos") -> AsyncIterator[Pri
         "RABBITMQ_DIST_PORT": str(dist_port), "ERL_EPMD_ADDRESS": "127.0.0.1",
         "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
     }
-    node = PrivateNode(name=name, port=port, home=home, env=env)
+    node = PrivateNode(name=name, port=port, home=home, env=env, management_port=management_port)
     log = open(home / "server.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen([str(SBIN / "rabbitmq-server")], env=env, stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, start_new_session=True)
