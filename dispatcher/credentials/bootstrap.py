@@ -628,6 +628,8 @@ class _Bootstrap:
         self._ensure(
             f"rabbitmq role {layout.RABBITMQ_ROLE}",
             f"{mount}/roles/{layout.RABBITMQ_ROLE}",
-            {"vhosts": json.dumps(vhosts, sort_keys=True), "tags": ""},
-            expect={"vhosts": vhosts, "tags": ""},
+            # monitoring: the management API answers it (nodes' alarms, connections, channels; queues of
+            # its vhosts only) — a management tag grants no AMQP permission beyond the vhosts map
+            {"vhosts": json.dumps(vhosts, sort_keys=True), "tags": "monitoring"},
+            expect={"vhosts": vhosts, "tags": "monitoring"},
         )

@@ -457,6 +457,36 @@ async def test_shadow_token_gets_rabbitmq_user_that_only_publishes_results(
             )
 
 
+async def test_the_agents_rabbitmq_user_is_tagged_monitoring_so_the_management_api_answers_it(
+    bao: OpenBaoServer,
+    shadow: AgentToken,
+    rabbitmq: RabbitMQ,
+    rabbitmq_management: ManagementClient,
+    amqp_vhost: Vhost,
+) -> None:
+    from agent.tools.rabbitmq import RabbitMQTool
+
+    # Given the role as bootstrap wrote it: the monitoring tag beside the vhosts map
+    role = await asyncio.to_thread(bao.hvac_client().read, f"{layout.RABBITMQ_MOUNT}/roles/{layout.RABBITMQ_ROLE}")
+    assert role["data"]["tags"] == "monitoring"
+    # When the agent's Vault-issued user asks the management API
+    creds = (await asyncio.to_thread(shadow.client.read, layout.rabbitmq_creds_path()))["data"]
+    user = await rabbitmq_management._request("GET", f"/api/users/{quote(creds['username'], safe='')}")
+    assert user["tags"] in (["monitoring"], "monitoring")
+    tool = RabbitMQTool(rabbitmq.amqp_url, username=creds["username"], password=creds["password"],
+                        management_url=rabbitmq_management.base_url)
+    try:
+        overview = await tool.run("overview", {})
+        own = await tool.run("queues", {"vhost": amqp_vhost.name})
+        outside = await tool.run("queues", {"vhost": "/"})  # not in its vhosts map
+    finally:
+        await tool.close()
+    # Then it reads the nodes' alarms and its own vhost's queues, and nothing of a vhost outside its map
+    assert overview.ok and overview.data["nodes"], overview.excerpt
+    assert own.ok, own.excerpt
+    assert not outside.ok and "HTTP 401" in outside.excerpt
+
+
 FORBIDDEN_FOR_AGENTS: list[tuple[str, str, dict[str, Any] | None]] = [
     # write paths in its own domains
     ("write", "agentjobs-kv/data/llm", {"data": {"api_key": "stolen"}}),
