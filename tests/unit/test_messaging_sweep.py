@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.config import load
 from agent.reasoning import messaging
 from agent.reasoning.rules import conclude, rank
 from agent.tools.base import Observation
-from schemas import Conclusion, utcnow
+from dispatcher.jobs import jobspec
+from dispatcher.plumbing.settings import load_settings
+from schemas import Conclusion, Phase, decode_incident, identify, utcnow
+from tests.support.payloads import SAMPLE_WEBHOOK, dumps
+from tests.unit.test_agent_config import BASE
 
 GIB = 1 << 30
 
@@ -196,3 +201,29 @@ def test_the_prefetch_window_is_unknown_without_consumer_details():
     assert listed.window is None and not listed.detailed
     assert view(detail(ready=10, consumers=2, prefetch=(5, 7))).window == 12
     assert view(detail(ready=10, consumers=2, prefetch=(5, 0))).window is None  # 0: unlimited
+
+
+# --- how the management URL reaches the agent ----------------------------------------------------
+
+def _job_env(settings) -> dict[str, str]:
+    event = decode_incident(dumps(SAMPLE_WEBHOOK))
+    plan = jobspec.JobPlan(identity=identify(event), event=event, class_name=jobspec.choose_class(event, settings),
+                           phase=Phase.SHADOW, domain=jobspec.domain_of(event, settings))
+    containers = jobspec.build_job(plan, settings)["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", "") for e in containers[0]["env"]}
+
+
+def test_the_management_url_travels_from_settings_through_the_job_to_the_agent():
+    url = "http://rabbitmq.messaging:15672"
+    env = _job_env(load_settings(None, {"AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL": url}))
+    assert env["AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL"] == url
+    agent = load(BASE | {"AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL": env["AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL"]})
+    assert agent.tools.rabbitmq_management_url == url
+
+
+def test_without_a_management_url_or_with_the_rabbitmq_tool_off_the_job_is_told_none():
+    assert "AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL" not in _job_env(load_settings(None, {}))
+    off = load_settings(None, {"AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL": "http://rabbitmq:15672",
+                               "AGENTJOBS_TOOLS__RABBITMQ": "false"})
+    assert "AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL" not in _job_env(off)
+    assert load(BASE).tools.rabbitmq_management_url == ""
