@@ -66,6 +66,18 @@ SCENARIOS: tuple[Scenario, ...] = (
         evidence=("orders-batch", "$holder_pid"),
     ),
     Scenario(
+        # The name says connections; what is wrong is a lock: sessions pile up behind one transaction.
+        name="pg_connections_alert_over_a_lock_chain",
+        group="postgres",
+        rule=Rule(alertname="OrdersDatabaseConnectionsHigh",
+                  expr='sum(pg_stat_activity_count{datname="orders", state="active"}) > 3',
+                  labels={"severity": "warning", "datname": "orders", "server": "$server"},
+                  annotations={"summary": "more than 3 active sessions on the orders database"}),
+        induce=pg.lock_chain,
+        expected="lock_contention",
+        evidence=("orders-batch", "$holder_pid"),
+    ),
+    Scenario(
         name="pg_idle_in_transaction_holder",
         group="postgres",
         rule=Rule(alertname="BillingDeadTuplesGrowing",
