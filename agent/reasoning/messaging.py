@@ -113,15 +113,18 @@ class QueueView:
     ready_rate: float | None  # growth of ready messages per second
     idle_since: str = ""
     detailed: bool = False  # from rabbitmq.queue: the consumers' prefetch below is known
-    prefetch: tuple[int | None, ...] = ()  # each consumer's prefetch_count (0: unlimited)
+    prefetch: tuple[int | None, ...] = ()  # each consumer's prefetch_count (0: unlimited, or its channel's global)
     ack_required: bool = True  # every consumer acknowledges (auto-ack windows never fill)
     channel_unacked: int | None = None  # unacked messages of the consumers' channels, summed
+    prefetch_total: int | None = None  # the tool's sum of the windows (channel-global prefetch included)
 
     @property
     def window(self) -> int | None:
         """The consumers' prefetch windows summed; None when unknown or unlimited (pure)."""
         if not self.detailed or not self.prefetch or not self.ack_required:
             return None
+        if self.prefetch_total is not None:
+            return self.prefetch_total
         if any(not n for n in self.prefetch):
             return None
         return sum(n for n in self.prefetch if n)
@@ -142,7 +145,8 @@ def _view(q: Mapping[str, Any], *, detailed: bool) -> QueueView | None:
         idle_since=str(q.get("idle_since") or ""), detailed=detailed,
         prefetch=tuple(_int(c.get("prefetch_count")) for c in consumer_rows),
         ack_required=all(bool(c.get("ack_required", True)) for c in consumer_rows),
-        channel_unacked=sum(channel_unacked) if channel_unacked else None)
+        channel_unacked=sum(channel_unacked) if channel_unacked else None,
+        prefetch_total=_int(q.get("prefetch_total")) if detailed else None)
 
 
 def read_queues(obs: Observation) -> list[QueueView] | None:
@@ -295,8 +299,9 @@ def assess_queue_view(obs: Observation, q: QueueView, *, named: bool) -> list[Dr
                            f"message(s) fill their prefetch window ({window if window is not None else '?'}), nothing "
                            f"is acknowledged, {n} message(s) wait")
     if window is not None and held >= window:
+        windows = "+".join(str(p) for p in q.prefetch) if all(q.prefetch) else str(window)
         stalled_h.supports(obs, f"every consumer's prefetch window is full: {held} unacked = prefetch "
-                                f"{'+'.join(str(p) for p in q.prefetch)} over {_plural(c, 'consumer')}", 2.0)
+                                f"{windows} over {_plural(c, 'consumer')}", 2.0)
     elif window is not None:
         stalled_h.contradicts(obs, f"{held} unacked of a prefetch window of {window}: the consumers have room for "
                                    "more", 2.0)

@@ -259,7 +259,8 @@ def _name(params: Mapping[str, Any], key: str, default: str | None = None) -> st
 
 
 class RabbitMQTool:
-    """Queue depth and consumers on one broker, any vhost, as ``username`` (the agent's Vault-issued user)."""
+    """Queue depth and consumers on one broker, any vhost, as ``username`` (the agent's Vault-issued user); with
+    ``management_url`` also alarms, queue rates, consumers' prefetch windows and held connections."""
 
     name: ClassVar[str] = "rabbitmq"
     credential_domain: ClassVar[str | None] = "rabbitmq"
@@ -484,7 +485,7 @@ class RabbitMQTool:
             except ManagementRefused:  # closed since: the consumers' own figures still stand
                 continue
         row |= {"consumer_details": consumers[: self.limits.max_rows], "channels": channels,
-                "prefetch_total": _prefetch_total(consumers)}
+                "prefetch_total": prefetch_window(consumers, channels)}
         lines = [queue_line(row)]
         lines += [f"consumer {c['consumer_tag']} on channel {c['channel']!r} (user {c['user']!r}): prefetch="
                   f"{c['prefetch_count']} ack_required={c['ack_required']} active={c['active']}"
@@ -517,15 +518,24 @@ class RabbitMQTool:
                            truncated=truncated)
 
 
-def _prefetch_total(consumers: list[dict[str, Any]]) -> int | None:
-    """The sum of the consumers' prefetch windows; None if any is unlimited (0) or unknown, or no acks are
-    required (such a window never fills) (pure)."""
-    if not consumers:
+def prefetch_window(consumers: list[dict[str, Any]], channels: list[dict[str, Any]] | None = None) -> int | None:
+    """How many unacknowledged messages the consumers may hold in all: each consumer's prefetch_count, or its
+    channel's global prefetch (basic.qos global) counted once per channel; None if a window is unlimited or
+    unknown, or a consumer needs no acks (such a window never fills) (pure)."""
+    if not consumers or not all(c["ack_required"] for c in consumers):
         return None
-    counts = [c["prefetch_count"] for c in consumers]
-    if any(not n for n in counts) or not all(c["ack_required"] for c in consumers):
-        return None
-    return sum(n for n in counts if n)
+    shared = {ch["name"]: ch.get("global_prefetch_count") or 0 for ch in channels or []}
+    total, counted = 0, set()
+    for c in consumers:
+        if c["prefetch_count"]:
+            total += c["prefetch_count"]
+        elif shared.get(c["channel"]):
+            if c["channel"] not in counted:
+                total += shared[c["channel"]]
+                counted.add(c["channel"])
+        else:
+            return None
+    return total
 
 
 def _reply(exc: BaseException) -> str:

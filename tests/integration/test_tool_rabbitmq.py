@@ -354,7 +354,8 @@ async def test_connections_lists_only_the_ones_the_broker_holds_back(broker, adm
     assert f"0 of {obs.data['total']} connection(s) on vhost {broker.vhost!r}" in obs.excerpt
 
 
-async def test_a_user_without_the_monitoring_tag_is_refused_without_its_password_in_the_answer(broker, rabbitmq_management):
+async def test_a_user_without_the_monitoring_tag_is_refused_without_its_password_in_the_answer(
+        broker, rabbitmq_management):
     user, password = unique_name("agentjobs-test-untagged"), "Pw-" + secrets.token_urlsafe(12)
     await rabbitmq_management.create_user(user, password)  # no tag: the management API refuses it
     try:

@@ -13,6 +13,7 @@ from agent.config import load
 from agent.reasoning import messaging
 from agent.reasoning.rules import conclude, rank
 from agent.tools.base import Observation
+from agent.tools.rabbitmq import prefetch_window
 from dispatcher.jobs import jobspec
 from dispatcher.plumbing.settings import load_settings
 from schemas import Conclusion, Phase, decode_incident, identify, utcnow
@@ -227,3 +228,16 @@ def test_without_a_management_url_or_with_the_rabbitmq_tool_off_the_job_is_told_
                                "AGENTJOBS_TOOLS__RABBITMQ": "false"})
     assert "AGENTJOBS_TOOLS__RABBITMQ_MANAGEMENT_URL" not in _job_env(off)
     assert load(BASE).tools.rabbitmq_management_url == ""
+
+
+def test_a_channel_wide_prefetch_is_a_window_too():
+    consumers = [{"channel": "ch", "prefetch_count": 0, "ack_required": True},
+                 {"channel": "ch", "prefetch_count": 0, "ack_required": True}]
+    assert prefetch_window(consumers, [{"name": "ch", "global_prefetch_count": 8}]) == 8  # shared, counted once
+    assert prefetch_window(consumers, [{"name": "ch", "global_prefetch_count": 0}]) is None  # unlimited
+    assert prefetch_window([{**consumers[0], "prefetch_count": 3, "ack_required": False}]) is None  # auto-ack
+    o = detail(ready=30, unacked=8, consumers=2, prefetch=(0, 0), deliver=0.0, ack=0.0)
+    o = obs("queue", {**o.data, "prefetch_total": 8})
+    hypotheses, assessment = verdict(messaging.assess_queue_view(o, view(o), named=True))
+    assert assessment.conclusion is Conclusion.CONCLUSIVE and hypotheses[0].cause == "stalled_consumer"
+    assert any("8 unacked = prefetch 8 over 2 consumers" in e.excerpt for e in hypotheses[0].evidence_for)
