@@ -180,7 +180,6 @@ SCENARIOS: tuple[Scenario, ...] = (
         induce=k8s.oom_killed,
         expected="oom_killed",
         evidence=("OOMKilled",),
-        awaits="pods of a whole namespace (the kubernetes tool asks for a selector or workload)",
     ),
     Scenario(
         name="k8s_bad_rollout",
