@@ -248,17 +248,22 @@ def assess_held_publishers(connections: Observation, overview: Observation | Non
     return h
 
 
-def assess_queue_view(obs: Observation, q: QueueView, *, named: bool) -> list[Draft]:
+def assess_queue_view(obs: Observation, q: QueueView, *, named: bool, scoped: bool = True) -> list[Draft]:
     """No consumer, stalled consumers or consumers too slow, for one queue (pure).
 
-    ``named``: the alert names this queue. Another queue needs a real backlog (or live publishers) before
-    "no consumer" counts: a small, idle queue nobody reads is often a parked dead-letter queue.
+    ``named``: the alert names this queue. Another queue needs live publishers before "no consumer" counts
+    fully: an idle queue nobody reads is often a parked dead-letter queue or an old backlog, not this
+    incident. ``scoped``: the alert names the queue's vhost; a queue found in a vhost the alert does not
+    name says less about it.
     """
     where = _where(q.vhost, q.name)
     none_h = Draft(cause="no_consumer", statement=f"{where} has ready messages and no consumer")
     stalled_h = Draft(cause="stalled_consumer", statement=f"the consumers of {where} are stalled")
     slow_h = Draft(cause="consumers_too_slow", statement=f"the consumers of {where} do not keep up with its publishers")
     drafts = [none_h, stalled_h, slow_h]
+    if not named and not scoped:
+        for h in drafts:
+            h.contradicts(obs, f"the alert names neither {where} nor its vhost", 1.0)
     n, c, u = q.ready, q.consumers, q.unacked
     growing = q.ready_rate is not None and q.ready_rate > STALL_RATE
     publishing = q.publish_rate is not None and q.publish_rate > STALL_RATE
@@ -279,9 +284,10 @@ def assess_queue_view(obs: Observation, q: QueueView, *, named: bool) -> list[Dr
         if growing or publishing:
             none_h.supports(obs, f"publishers still publish ({_rate_text(q.publish_rate)}; ready grows "
                                  f"{_rate_text(q.ready_rate)})", 0.5)
-        elif not named and n < QUEUE_BACKLOG:
-            none_h.contradicts(obs, f"{where} is small ({n} ready), idle and not the alert's queue: perhaps a parked "
-                                    "queue", 1.5)
+        elif not named:
+            none_h.contradicts(obs, f"{where} is not the alert's queue and nothing is published to it now "
+                                    f"(publish {_rate_text(q.publish_rate)}): perhaps a parked queue or an old "
+                                    "backlog", 1.5)
         for h in (stalled_h, slow_h):
             h.contradicts(obs, f"{where} has no consumer that could be stalled or slow", 3.0)
         return drafts
@@ -371,6 +377,7 @@ async def sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
         drafts.append(assess_held_publishers(connections, overview))
 
     seen: set[tuple[str, str]] = set()
+    scoped = alert.vhost is not None
     if alert.queue is not None:
         vhost = alert.vhost or ""
         params = {"queue": alert.queue, **({"vhost": alert.vhost} if alert.vhost else {})}
@@ -393,10 +400,10 @@ async def sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
                 drafts += assess_no_backlog(listing, where)
             for q in found:
                 if q.consumers == 0 or not offers["queue"]:  # prefetch only matters with consumers
-                    drafts += assess_queue_view(listing, q, named=False)
+                    drafts += assess_queue_view(listing, q, named=False, scoped=scoped)
                     continue
                 detail = await inv.call(TOOL, "queue", {"queue": q.name, "vhost": q.vhost})
                 view = read_queue_detail(detail)
-                drafts += assess_queue_view(detail, view, named=False) if view is not None \
-                    else assess_queue_view(listing, q, named=False)
+                drafts += assess_queue_view(detail, view, named=False, scoped=scoped) if view is not None \
+                    else assess_queue_view(listing, q, named=False, scoped=scoped)
     return drafts

@@ -105,21 +105,47 @@ def _queue(o: Observation, name: str) -> dict:
     return next((q for q in o.data["queues"] if q["name"] == name), {})
 
 
+@contextlib.asynccontextmanager
+async def _publishing(url: str, queue: str, per_second: float) -> AsyncIterator[None]:
+    """A publisher that keeps publishing into ``queue`` while the block runs (the load of the incident)."""
+    connection = await aio_pika.connect(url, timeout=10, client_properties={"connection_name": "orders-publisher"})
+    channel = await connection.channel(publisher_confirms=True)
+
+    async def publish() -> None:
+        while True:
+            await channel.default_exchange.publish(aio_pika.Message(b"order"), routing_key=queue, timeout=10)
+            await asyncio.sleep(1 / per_second)  # pacing the load, not waiting for anything
+
+    task = asyncio.create_task(publish(), name="orders-publisher")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await connection.close()
+
+
 async def test_an_alert_naming_no_queue_still_finds_the_backlog_without_consumer(scratch):
-    # Given a queue in the vhost holding 150 messages and nobody consuming it, next to an empty one
+    # Given a queue in the vhost holding 150 messages, still published into, and nobody consuming it,
+    # next to an empty one
     backlog, calm = unique_name("orders"), unique_name("audit")
     await _publish(scratch.admin_url, backlog, 150)
     await _publish(scratch.admin_url, calm, 0)
-    await _reported(scratch.tool, "queues", {"vhost": scratch.vhost},
-                    lambda o: _queue(o, backlog).get("messages_ready") == 150, "the backlog in the statistics")
-    # When the sweep runs for an alert that names the vhost but no queue
-    assessment, toolbox = await _sweep(scratch.tool, vhost=scratch.vhost)
+    async with _publishing(scratch.admin_url, backlog, per_second=5):
+        await _reported(scratch.tool, "queues", {"vhost": scratch.vhost},
+                        lambda o: (_queue(o, backlog).get("messages_ready") or 0) > 150
+                        and (_queue(o, backlog).get("publish_rate") or 0) > 0, "the growing backlog in the statistics")
+        # When the sweep runs for an alert that names the vhost but no queue
+        assessment, toolbox = await _sweep(scratch.tool, vhost=scratch.vhost)
     # Then the queue without consumer is found and named, with the broker's evidence
     assert assessment.conclusion is Conclusion.CONCLUSIVE, assessment.summary
     best = assessment.hypotheses[0]
     assert best.cause == "no_consumer"
-    assert best.statement == f'queue "{backlog}" in vhost "{scratch.vhost}" has 150 ready messages and no consumer'
+    assert best.statement.startswith(f'queue "{backlog}" in vhost "{scratch.vhost}" has ')
+    assert best.statement.endswith(" ready messages and no consumer")
     assert any(e.source == "rabbitmq" and e.ok and "has no consumer" in e.excerpt for e in best.evidence_for)
+    assert any("publishers still publish" in e.excerpt for e in best.evidence_for)
     # and the broker itself was asked about alarms and held publishers, which it argued down
     assert {"rabbitmq.overview", "rabbitmq.connections", "rabbitmq.queues"} <= set(toolbox.calls)
     alarm = next(h for h in assessment.hypotheses if h.cause == "broker_memory_alarm")

@@ -135,6 +135,17 @@ def test_a_backlog_without_consumer_is_no_consumer():
     assert all(h.evidence_against for h in hypotheses[1:])
 
 
+def test_an_idle_backlog_in_a_vhost_the_alert_does_not_name_is_not_blamed_with_confidence():
+    o = detail(name="orders.parked", ready=5000)
+    _, unscoped = verdict(messaging.assess_queue_view(o, view(o), named=False, scoped=False))
+    assert unscoped.conclusion is Conclusion.INCONCLUSIVE
+    # ... but one that publishers still fill is found, even there
+    live = detail(name="orders", ready=5000, publish=40.0, growth=40.0)
+    hypotheses, found = verdict(messaging.assess_queue_view(live, view(live), named=False, scoped=False))
+    assert found.conclusion is Conclusion.CONCLUSIVE and hypotheses[0].cause == "no_consumer"
+    assert any("names neither" in e.excerpt for e in hypotheses[0].evidence_against)
+
+
 def test_a_small_idle_queue_nobody_named_is_not_blamed_with_confidence():
     o = detail(name="orders.dlq", ready=4)
     hypotheses, assessment = verdict(messaging.assess_queue_view(o, view(o), named=False))
