@@ -3,15 +3,13 @@ on the shared broker (each in a temporary vhost of its own, so the sweep of one 
 problem), and a memory alarm blocking publishers on a PRIVATE node — never the shared broker.
 
 The agent's rabbitmq tool is built as the Job builds it: the broker URL pointed at the problem's
-vhost, and — once the management-API toolset has landed (its constructor takes
-``management_url``) — the management API with a monitoring user.
+vhost, and the management API (``management_url``) as the same user.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,11 +40,9 @@ async def shared_broker() -> AsyncIterator[Broker]:
 
 
 def rabbitmq_tool(amqp_url: str, *, management_url: str, username: str, password: str) -> RabbitMQTool:
-    """The agent's rabbitmq tool; with the management API when the tool accepts one."""
-    if "management_url" in inspect.signature(RabbitMQTool).parameters:
-        return RabbitMQTool(amqp_url, limits=LIMITS, management_url=management_url,  # type: ignore[call-arg]
-                            username=username, password=password)
-    return RabbitMQTool(amqp_url, limits=LIMITS)
+    """The agent's rabbitmq tool as the Job opens it: AMQP on the vhost, and the management API."""
+    return RabbitMQTool(amqp_url, limits=LIMITS, management_url=management_url, username=username,
+                        password=password)
 
 
 def _tools(broker: Broker, vhost: str) -> Any:
