@@ -12,22 +12,27 @@ and the gate hands them what the phase allows; each execution follows the
 protocol of ``agent.remediation.protocol`` under the idempotency ledger in the
 Job's working directory (``AgentEnv.work_dir``), so a restarted agent process of
 the same Job does not act twice.
+
+Stopped while reasoning (SIGTERM: the alert resolved, an operator cancelled,
+eviction), ``investigate`` raises ``Stopped`` carrying a partial, inconclusive
+finding from the observations made so far, for ``agent.main`` to publish.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-from schemas import Evidence, Finding, IncidentEvent, utcnow
+from schemas import Conclusion, Evidence, Finding, IncidentEvent, utcnow
 
 from . import tracing
 from .config import AgentEnv
 from .reasoning.actions import allowed_risks
-from .reasoning.base import Budget, Investigation, Price, Reasoner, Tally
-from .reasoning.finding import conclude
+from .reasoning.base import Assessment, Budget, Investigation, Price, Reasoner, Tally
+from .reasoning.finding import assemble, conclude
 from .reasoning.rules import RulesReasoner
 from .tools.base import Limits, Tool
 from .remediation import limits as blast_radius
@@ -228,7 +233,10 @@ async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequenc
                             tally=tally, run_tool=toolbox.run)
         reasoner = reasoner_for(env, api_key=api_key)
         with tracing.tracer.start_as_current_span(f"reason {reasoner.name}") as reasoning:
-            assessment = await reasoner.investigate(inv)
+            try:
+                assessment = await reasoner.investigate(inv)
+            except asyncio.CancelledError:  # SIGTERM (agent.main cancels the run): keep what was seen
+                raise stopped_early(inv, env) from None
             reasoning.set_attribute("agentjobs.conclusion", assessment.conclusion.value)
             reasoning.set_attribute("agentjobs.reasoner", assessment.reasoner)
         job_limits = blast_radius.for_job(env.actions, postgres_dsn=env.postgres_dsn, tools=tools)
@@ -238,6 +246,29 @@ async def _investigate(incident: IncidentEvent, env: AgentEnv, *, tools: Sequenc
                                      domain_label=env.domain_label, executors=executors, ledger=ledger)
         trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""
     return msgspec.structs.replace(finding, trace_id=trace_id or tracing.trace_id_of(env.traceparent))
+
+
+class Stopped(Exception):
+    """The investigation was stopped (SIGTERM) while reasoning; ``finding`` holds what it had observed."""
+
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(f"stopped with {len(finding.evidence)} observations")
+        self.finding = finding
+
+
+def stopped_early(inv: Investigation, env: AgentEnv) -> Stopped:
+    """A partial, inconclusive finding from the observations so far; the cancellation is consumed so
+    that publishing it (bounded by ``agent.main``) can still await."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    seen = len(inv.observations)
+    assessment = Assessment(
+        reasoner="agentjobs (stopped)", conclusion=Conclusion.INCONCLUSIVE, confidence=0.0,
+        summary=f"the investigation was stopped (SIGTERM) before it concluded; the {seen} observation(s) "
+                "it had made are attached as evidence",
+        probable_cause="unknown: the investigation was stopped before it concluded")
+    return Stopped(assemble(inv, assessment, investigation_id=env.investigation_id, domain_label=env.domain_label))
 
 
 async def close_tools(tools: Sequence[Any]) -> None:

@@ -12,7 +12,14 @@ ended — it maps them to lifecycle reasons:
 1     anything else (bad environment, unreadable incident, SIGTERM, a bug)
 3     credentials unavailable: failed closed (e.g. the wrapping token was used)
 4     the finding could not be published (not confirmed)
+5     stopped by SIGTERM while investigating; a partial finding (what it had
+      observed, inconclusive) was published and confirmed within
+      ``PARTIAL_PUBLISH_SECONDS``, well inside the termination grace
 ====  ===========================================================================
+
+So an investigation cancelled because its alert resolved still gives its
+ticket the evidence it had gathered, and the dispatcher, seeing exit 5 (or 0),
+publishes no placeholder finding of its own.
 
 For exit codes other than 0 the last line on stderr is one plain sentence,
 ``<reason>: <what happened>``, for the pod's termination message and humans.
@@ -57,6 +64,8 @@ EXIT_OK = AgentExit.OK
 EXIT_ERROR = AgentExit.ERROR
 EXIT_CREDENTIALS = AgentExit.CREDENTIALS_UNAVAILABLE
 EXIT_UNPUBLISHED = AgentExit.UNPUBLISHED
+EXIT_PARTIAL = AgentExit.PARTIAL
+PARTIAL_PUBLISH_SECONDS = 5.0  # at most, for the partial finding after SIGTERM (the grace is ~30 s)
 
 
 class IncidentUnreadable(Exception):
@@ -67,6 +76,10 @@ class Terminated(Exception):
     """SIGTERM (deadline, cancel, eviction): stopped early, credentials revoked on the way out."""
 
 
+class StoppedWithPartial(Exception):
+    """SIGTERM while investigating: the partial finding was published; credentials revoked on the way out."""
+
+
 def exit_code_for(exc: BaseException | None) -> int:
     """The process exit code for how the run ended (pure)."""
     if exc is None:
@@ -75,6 +88,8 @@ def exit_code_for(exc: BaseException | None) -> int:
         return EXIT_CREDENTIALS
     if isinstance(exc, publish.PublishFailed):
         return EXIT_UNPUBLISHED
+    if isinstance(exc, StoppedWithPartial):
+        return EXIT_PARTIAL
     return EXIT_ERROR
 
 
@@ -92,6 +107,8 @@ def stderr_line(exc: BaseException) -> str:
         return f"approval_unreadable: {exc}"
     if isinstance(exc, Terminated):
         return f"terminated: {exc}"
+    if isinstance(exc, StoppedWithPartial):
+        return f"stopped_with_partial_finding: {exc}"
     return f"agent_error: {type(exc).__name__}"
 
 
@@ -179,12 +196,25 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
                 connection_name=f"agentjobs-agent {env.job_name}")
             log.info("approved_action_records_published", outcome=[r.outcome for r in done])
             return
+        stopped: engine.Stopped | None = None
         try:
             finding = await engine.investigate(incident, env, tools=tools, tally=tally, prior_evidence=prior,
                                                api_key=api_key, guard=guard, claims=claims)
+        except engine.Stopped as exc:  # SIGTERM while reasoning: publish what was observed, briefly
+            stopped = exc
+            finding = msgspec.structs.replace(exc.finding, evidence=(*prior, *exc.finding.evidence))
         finally:
             await engine.close_tools(tools)
         finding = msgspec.structs.replace(finding, cost=tally.cost())
+        if stopped is not None:
+            await publish.publish_finding(
+                finding, amqp_url=env.amqp_url, username=amqp_user, password=amqp_password,
+                timeout=min(env.publish_timeout, PARTIAL_PUBLISH_SECONDS),
+                connection_name=f"agentjobs-agent {env.job_name}",
+                headers={"investigation_id": env.investigation_id, "job_name": env.job_name})
+            log.info("partial_finding_published", evidence=len(finding.evidence))
+            raise StoppedWithPartial(f"SIGTERM received while investigating; published a partial finding "
+                                     f"with {len(finding.evidence)} evidence item(s) and revoked its credentials")
         headers = {"investigation_id": env.investigation_id, "job_name": env.job_name}
         if session is not None and session.identity is not None:
             # Lets the dispatcher revoke a kubernetes-login token by accessor (not a secret).
@@ -255,7 +285,7 @@ def main(environ: Mapping[str, str], *, stderr: TextIO | None = None) -> int:
         try:
             asyncio.run(_run_until_terminated(env))
         except (CredentialsUnavailable, publish.PublishFailed, IncidentUnreadable, approved.ApprovalUnreadable,
-                Terminated) as exc:
+                Terminated, StoppedWithPartial) as exc:
             failure = exc
             log.error("agent_failed", outcome=type(exc).__name__, reason=getattr(exc, "reason", ""), error=str(exc))
         except Exception as exc:

@@ -13,6 +13,7 @@ from typing import Annotated
 import msgspec
 
 from .base import Id, NonNegativeFloat, NonNegativeInt, Phase, RiskClass, Severity, Timestamp, UnitInterval, Wire
+from .lifecycle import FailureReason
 
 Text = Annotated[str, msgspec.Meta(max_length=16384)]
 Short = Annotated[str, msgspec.Meta(max_length=512)]
@@ -88,3 +89,6 @@ class Finding(Wire, tag="finding", kw_only=True):
     produced_at: Timestamp | None = None
     reasoner: Short = ""  # rules, openai, ...
     trace_id: Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{32})?$")] = ""  # W3C trace of the investigation
+    # Set on a result that is not a conclusion: why the investigation stopped early (e.g.
+    # ``alert_resolved`` on the dispatcher's placeholder when the alert resolved while it ran).
+    reason: FailureReason | None = None

@@ -63,6 +63,9 @@ class IncidentEvent(Wire, tag="incident", kw_only=True):
     external_url: Annotated[str, msgspec.Meta(max_length=8192)] = ""
     truncated_alerts: NonNegativeInt = 0
     received_at: Timestamp | None = None
+    # Set by the dispatcher on a follow-up investigation's incident: the id of the group's first
+    # investigation (new alerts joined after it ended). Empty for notifications from outside.
+    follows: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
     def label(self, name: str, default: str = "") -> str:
         """A label shared by the group (group, then common, then first alert's)."""

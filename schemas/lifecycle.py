@@ -22,6 +22,9 @@ class LifecycleState(enum.StrEnum):
     SUCCEEDED = "succeeded"  # the agent published a finding and exited 0
     FAILED = "failed"  # see ``reason``
     CANCELLED = "cancelled"  # group resolved or an operator cancelled it
+    # The group resolved after the investigation had ended: informational, so a ticket can
+    # close; it follows the terminal state and changes nothing about the investigation.
+    RESOLVED = "resolved"
 
     @property
     def terminal(self) -> bool:
@@ -33,7 +36,7 @@ _TERMINAL = frozenset({LifecycleState.SUCCEEDED, LifecycleState.FAILED, Lifecycl
 
 
 class FailureReason(enum.StrEnum):
-    """Why an investigation failed; stable codes for tickets and dashboards."""
+    """Why an investigation failed (or, ``alert_resolved``, was cancelled); stable codes for tickets."""
 
     DEADLINE_EXCEEDED = "deadline_exceeded"
     OOM_KILLED = "oom_killed"
@@ -43,6 +46,7 @@ class FailureReason(enum.StrEnum):
     CREDENTIALS_UNAVAILABLE = "credentials_unavailable"  # agent failed closed
     LAUNCH_REJECTED = "launch_rejected"  # forbidden, quota, invalid spec
     JOB_LOST = "job_lost"  # Job deleted from outside before it finished
+    ALERT_RESOLVED = "alert_resolved"  # cancelled: the alert group resolved while the investigation ran
     INTERNAL = "internal"
 
 
@@ -53,6 +57,12 @@ class AgentExit(enum.IntEnum):
     ERROR = 1
     CREDENTIALS_UNAVAILABLE = 3  # failed closed (e.g. the wrapping token was already used)
     UNPUBLISHED = 4  # the finding could not be confirmed by the broker
+    PARTIAL = 5  # stopped by SIGTERM; a partial finding (what it had observed) was published and confirmed
+
+    @property
+    def published(self) -> bool:
+        """True when the agent's own finding (complete or partial) reached the broker."""
+        return self in (AgentExit.OK, AgentExit.PARTIAL)
 
     @property
     def failure(self) -> FailureReason | None:
@@ -72,8 +82,11 @@ class LifecycleEvent(Wire, tag="lifecycle", kw_only=True):
     at: Timestamp
     job_name: Annotated[str, msgspec.Meta(max_length=63)] = ""
     phase: Phase | None = None
-    reason: FailureReason | None = None  # set when state is failed
+    reason: FailureReason | None = None  # set when state is failed; cancelled: alert_resolved or None
     message: Annotated[str, msgspec.Meta(max_length=4096)] = ""
     event_id: str = ""  # the incident notification that caused this (dispatched/attached)
     attempt: NonNegativeInt = 0
     alert_count: NonNegativeInt = 0
+    # A follow-up investigation (new alerts joined the group after an investigation ended):
+    # the id of the group's first investigation, so tickets link the two.
+    follows: Annotated[str, msgspec.Meta(max_length=128)] = ""

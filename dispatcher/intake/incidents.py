@@ -13,6 +13,19 @@ last error as reason instead, so nothing dies silently.
 Concurrency: notifications of one investigation are handled one at a time in
 this process; across processes and replicas the runtime's "already exists"
 (Kubernetes 409) guarantees a single Job.
+
+Restarts: for an investigation it has no memory of, the intake asks the
+runtime (``status``) before it mints a token or publishes anything. A Job
+that already ended is remembered as ended (its fingerprints from its
+annotations): a re-send gets no second ``dispatched`` and no token, a resolve
+gets ``resolved`` instead of a cancel (a finished Job is never deleted by a
+resolve), and alerts none of the group's Jobs were launched for start a
+follow-up investigation (``followups``). A running Job gets ``dispatched``
+re-published (same message id) without minting.
+
+Resolution mid-investigation: the Job is cancelled with reason
+``alert_resolved``; the agent, on SIGTERM, publishes a partial finding from
+what it has observed, and the watcher reports ``cancelled`` with that reason.
 """
 
 from __future__ import annotations
@@ -47,16 +60,16 @@ from dispatcher.intake.actions_log import ActionLog
 from dispatcher.intake.admission import AdmissionGate
 from dispatcher.plumbing.amqp import Publisher
 from dispatcher.credentials.tokens import Credentials, Expected, Kind, NoCredentials, WrappedToken, vault_ca
-from dispatcher.intake import senders
+from dispatcher.intake import followups, senders
 from dispatcher.intake.deadletters import Delivery, dead_letter, from_error
 from schemas.logs import bound, get_logger
 from dispatcher.plumbing.metrics import Metrics
 from dispatcher.intake.phases import PhaseSource
-from dispatcher.intake.reporting import Reporter, failure_result
+from dispatcher.intake.reporting import Reporter, failure_result, resolved_after_end
 from dispatcher.plumbing.retry import Backoff, RetriesExhausted, retry
 from dispatcher.jobs.runtime import JobRuntime, LaunchOutcome
 from dispatcher.plumbing.settings import Settings
-from dispatcher.intake.tracker import Tracked, Tracker
+from dispatcher.intake.tracker import Tracked, Tracker, from_job
 
 T = TypeVar("T")
 log = get_logger("agentjobs.intake")
@@ -196,10 +209,15 @@ class Intake:
 
     async def _firing(self, event: IncidentEvent, ident: Identity, traceparent: str = "") -> tuple[Outcome, str]:
         fingerprints = _fingerprints(event)
-        known = self.tracker.get(ident.investigation_id)
+        if event.follows:  # only the dispatcher links investigations; a producer's claim means nothing
+            event = msgspec.structs.replace(event, follows="")
+        known = await self._known(ident.investigation_id, ident.job_name)
+        if known is not None and known.finished:
+            return await self._after_end(event, ident, known, fingerprints, traceparent)
         if known is not None and known.dispatch_reported:
             return await self._attach(event, known, fingerprints)
-        if known is not None:  # launched, but telling the ticket failed last time
+        if known is not None:  # launched (maybe before a restart), but the ticket may not know yet
+            self.tracker.new_fingerprints(known.investigation_id, fingerprints)
             await self._report_dispatched(known, event)
             return Outcome.ACK, "already_dispatched"
 
@@ -232,9 +250,88 @@ class Intake:
                                scope=approved.scope or approved.domain)
         return ident.job_name
 
+    async def _known(self, investigation_id: str, job_name: str) -> Tracked | None:
+        """The investigation from memory, else from the runtime's durable record of its Job."""
+        known = self.tracker.get(investigation_id)
+        if known is not None:
+            return known
+        status = await self._durably(lambda: self.runtime.status(job_name))
+        if status is None:
+            return None
+        recalled = self.tracker.add(from_job(investigation_id=investigation_id, job_name=job_name,
+                                             labels=status.labels, annotations=status.annotations))
+        if status.ended:  # never re-announced: the ticket had its terminal state
+            recalled.dispatch_reported = True
+            self.tracker.finish(investigation_id, at=status.finished_at or status.created_at)
+        log.info("investigation_recalled", recalled_job=job_name, state=status.state.value)
+        return recalled
+
+    async def _chain(self, first: Tracked) -> list[Tracked]:
+        """The first investigation and its follow-ups so far, in order (from memory or the runtime)."""
+        chain = [first]
+        for number in range(1, self.settings.admission.max_follow_ups + 1):
+            fid = followups.follow_up_investigation_id(first.investigation_id, number)
+            member = await self._known(fid, followups.follow_up_job_name(first.job_name, fid))
+            if member is None:
+                break
+            chain.append(member)
+        return chain
+
+    async def _after_end(self, event: IncidentEvent, ident: Identity, first: Tracked, fingerprints: frozenset[str],
+                         traceparent: str) -> tuple[Outcome, str]:
+        """A firing notification for a group whose first investigation ended: nothing, attach or follow up."""
+        chain = await self._chain(first)
+        admission = self.settings.admission
+        decision = followups.decide(
+            [followups.Member(investigation_id=t.investigation_id, fingerprints=frozenset(t.fingerprints),
+                              ended=t.finished, ended_at=t.ended_at) for t in chain],
+            fingerprints, now=self.clock(), max_follow_ups=admission.max_follow_ups,
+            min_interval=admission.follow_up_min_interval)
+        last = chain[-1]
+        if decision.verdict is followups.Verdict.DUPLICATE:
+            if not last.finished and not last.dispatch_reported:  # a follow-up launched before a restart
+                await self._report_dispatched(last, event)
+                return Outcome.ACK, "already_dispatched"
+            log.info("incident_for_finished_investigation", job_name=last.job_name)
+            return Outcome.ACK, "duplicate"
+        if decision.verdict is followups.Verdict.ATTACH:
+            return await self._attach(event, last, fingerprints)
+        if decision.verdict is followups.Verdict.HELD:
+            return await self._hold(event, last, decision)
+        fid = followups.follow_up_investigation_id(first.investigation_id, decision.number)
+        fident = Identity(incident_key=first.incident_key,
+                          investigation_key=f"{ident.investigation_key}\x1ffollow-up\x1f{decision.number}",
+                          investigation_id=fid, job_name=followups.follow_up_job_name(first.job_name, fid),
+                          started_at=ident.started_at)
+        fevent = msgspec.structs.replace(event, follows=first.investigation_id)
+        domain = jobspec.domain_of(fevent, self.settings)
+        plan = jobspec.JobPlan(identity=fident, event=fevent, class_name=jobspec.choose_class(fevent, self.settings),
+                               phase=self.phases.phase_for(self._scope(fevent, domain)), domain=domain,
+                               traceparent=traceparent)
+        log.info("follow_up_starting", follows=first.investigation_id, follow_up=decision.number,
+                 new_alerts=len(decision.new))
+        self._pending[fid] = fingerprints
+        try:
+            outcome, label = await self._launch(fevent, fident, plan, fingerprints, follows=first.investigation_id)
+        finally:
+            del self._pending[fid]
+        return outcome, f"follow_up_{label}"
+
+    async def _hold(self, event: IncidentEvent, last: Tracked, decision: followups.Decision) -> tuple[Outcome, str]:
+        """A limit stops a follow-up: tell the ticket once per alert, attached to the last investigation."""
+        untold = set(decision.new) - last.deferred
+        if not untold:
+            return Outcome.ACK, "duplicate"
+        lifecycle = msgspec.structs.replace(self._lifecycle(last, event, LifecycleState.ATTACHED),
+                                            message=decision.why[:4096])
+        await self._durably(lambda: self.reporter.lifecycle(lifecycle, suffix=event.event_id))
+        last.deferred |= untold
+        log.info("follow_up_held", job_name=last.job_name, new_alerts=len(untold), why=decision.why)
+        return Outcome.ACK, "follow_up_held"
+
     async def _launch(
         self, event: IncidentEvent, ident: Identity, plan: jobspec.JobPlan, fingerprints: frozenset[str], *,
-        files: dict[str, bytes] | None = None, scope: str | None = None,
+        files: dict[str, bytes] | None = None, scope: str | None = None, follows: str = "",
     ) -> tuple[Outcome, str]:
         tracked = Tracked(
             investigation_id=ident.investigation_id,
@@ -244,6 +341,7 @@ class Intake:
             phase=plan.phase,
             severity=event.severity,
             domain=plan.domain,
+            follows=follows,
         )
         started = asyncio.get_running_loop().time()
         slot = await self.gate.admit(ident.investigation_id, event.severity, plan.class_name)
@@ -258,6 +356,11 @@ class Intake:
                 plan = msgspec.structs.replace(plan, actions=self.actions.grant(
                     ident.investigation_id, scope=scope or self._scope(event, plan.domain), phase=plan.phase))
             manifest = jobspec.build_job(plan, self.settings)
+            # Durable facts a restarted dispatcher reads back from the Job (see ``followups``).
+            annotations = manifest["metadata"].setdefault("annotations", {})
+            annotations[followups.ANN_FINGERPRINTS] = followups.fingerprints_annotation(fingerprints)
+            if follows:
+                annotations[followups.ANN_FOLLOWS] = follows
             files = {**(files or {}), jobspec.INCIDENT_FILE: encode(event)}
             if token is not None:
                 files[jobspec.WRAPPED_TOKEN_FILE] = token.wrapping_token.encode()
@@ -349,15 +452,34 @@ class Intake:
     # -- resolved ----------------------------------------------------------------------------
 
     async def _resolved(self, event: IncidentEvent, ident: Identity) -> tuple[Outcome, str]:
+        """Every investigation of the group: an ended one gets ``resolved``, a running one is cancelled."""
+        first = await self._known(ident.investigation_id, ident.job_name)
+        if first is None:
+            log.info("group_resolved", job_name=ident.job_name, cancelled=False)
+            return Outcome.ACK, "resolved_no_job"
+        label = "resolved_no_job"
+        for member in await self._chain(first):
+            label = await self._resolve(event, member)
+        return Outcome.ACK, label
+
+    async def _resolve(self, event: IncidentEvent, member: Tracked) -> str:
+        status = None
+        if not member.finished:  # it may have ended a moment ago: a finished Job is never cancelled
+            status = await self._durably(lambda: self.runtime.status(member.job_name))
+        if member.finished or (status is not None and status.ended):
+            lifecycle = resolved_after_end(member, at=self.clock(), event_id=event.event_id,
+                                           alert_count=len(event.alerts),
+                                           resolved_at=max((a.ends_at for a in event.alerts if a.ends_at), default=None))
+            await self._durably(lambda: self.reporter.lifecycle(lifecycle))
+            log.info("group_resolved_after_end", job_name=member.job_name)
+            return "resolved_after_finish"
         if not self.settings.admission.cancel_on_resolve:
-            log.info("group_resolved_recorded", job_name=ident.job_name)
-            return Outcome.ACK, "resolved_recorded"
-        known = self.tracker.get(ident.investigation_id)
-        if known is not None and known.finished:
-            return Outcome.ACK, "resolved_after_finish"
-        existed = await self._durably(lambda: self.runtime.cancel(ident.job_name))
-        log.info("group_resolved", job_name=ident.job_name, cancelled=existed)
-        return Outcome.ACK, "resolved_cancelled" if existed else "resolved_no_job"
+            log.info("group_resolved_recorded", job_name=member.job_name)
+            return "resolved_recorded"
+        existed = await self._durably(
+            lambda: self.runtime.cancel(member.job_name, reason=FailureReason.ALERT_RESOLVED.value))
+        log.info("group_resolved", job_name=member.job_name, cancelled=existed)
+        return "resolved_cancelled" if existed else "resolved_no_job"
 
     def _lifecycle(self, tracked: Tracked, event: IncidentEvent, state: LifecycleState) -> LifecycleEvent:
         return LifecycleEvent(
@@ -369,6 +491,7 @@ class Intake:
             phase=tracked.phase,
             event_id=event.event_id,
             alert_count=len(event.alerts),
+            follows=tracked.follows,
         )
 
 

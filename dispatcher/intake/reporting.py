@@ -7,9 +7,19 @@ finding (failed, lost, cancelled), a result in the shape of a ``Finding``
 that opened with the alert is closed with an explanation rather than silence.
 AMQP ``message_id``s are deterministic (investigation + state), so a
 consumer can drop the duplicates an at-least-once redelivery may cause.
+
+Resolution: a Job cancelled because its alert group resolved ends
+``cancelled`` with reason ``alert_resolved``; its placeholder (sent only when
+the agent did not confirm a partial finding of its own) says so and carries
+the agent's finding idempotency key, so a consumer that keeps one finding per
+key keeps the agent's partial evidence if both arrive. A group that resolves
+after its investigation ended gets ``resolved`` (informational, message id
+``<investigation>:resolved``, so re-sent resolves are duplicates).
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 from schemas import (
     ActionRecord,
@@ -44,10 +54,16 @@ def lifecycle_message_id(investigation_id: str, state: LifecycleState, suffix: s
     return f"{investigation_id}:{state.value}{':' + suffix if suffix else ''}"
 
 
+ALERT_RESOLVED_MESSAGE = "the alert resolved while the investigation ran; it was stopped before it concluded"
+
+
 def lifecycle_for(event: RuntimeEvent, tracked: Tracked | None) -> LifecycleEvent:
     """The lifecycle event for a runtime event (pure)."""
     state = STATE_OF[event.state]
     reason = event.reason
+    message = event.message
+    if state is LifecycleState.CANCELLED and event.message == FailureReason.ALERT_RESOLVED.value:
+        reason, message = FailureReason.ALERT_RESOLVED, ALERT_RESOLVED_MESSAGE
     if event.state is JobState.LOST and reason is None:
         reason = FailureReason.JOB_LOST
     if state is LifecycleState.FAILED and reason in (None, FailureReason.AGENT_ERROR,
@@ -60,8 +76,21 @@ def lifecycle_for(event: RuntimeEvent, tracked: Tracked | None) -> LifecycleEven
         at=event.at,
         job_name=event.job_name,
         phase=tracked.phase if tracked else _phase(event.labels.get("agentjobs.dev/phase")),
-        reason=reason if state is LifecycleState.FAILED else None,
-        message=event.message[:4096],
+        reason=reason if state is LifecycleState.FAILED or reason is FailureReason.ALERT_RESOLVED else None,
+        message=message[:4096],
+        follows=tracked.follows if tracked else "",
+    )
+
+
+def resolved_after_end(tracked: Tracked, *, at: datetime, event_id: str, alert_count: int,
+                       resolved_at: datetime | None = None) -> LifecycleEvent:
+    """``resolved`` for an investigation that had already ended (pure; informational for tickets)."""
+    when = f" at {resolved_at.isoformat()}" if resolved_at else ""
+    return LifecycleEvent(
+        investigation_id=tracked.investigation_id, incident_key=tracked.incident_key,
+        state=LifecycleState.RESOLVED, at=at, job_name=tracked.job_name, phase=tracked.phase,
+        message=f"the alert group resolved{when}, after the investigation had ended",
+        event_id=event_id, alert_count=alert_count, follows=tracked.follows,
     )
 
 
@@ -82,7 +111,11 @@ def _phase(value: str | None) -> Phase | None:
 
 def failure_result(lifecycle: LifecycleEvent, *, severity: Severity, domain: str) -> Finding:
     """An inconclusive result that closes the ticket of an investigation without a finding."""
-    if lifecycle.state is LifecycleState.CANCELLED:
+    key = f"{lifecycle.investigation_id}:outcome"
+    if lifecycle.reason is FailureReason.ALERT_RESOLVED:
+        summary = "The alert resolved while the investigation ran; it was cancelled before it produced a finding"
+        key = f"{lifecycle.investigation_id}:finding"  # the agent's key: its partial finding wins
+    elif lifecycle.state is LifecycleState.CANCELLED:
         summary = "Investigation cancelled before it produced a finding"
     else:
         reason = lifecycle.reason.value if lifecycle.reason else "unknown"
@@ -90,7 +123,7 @@ def failure_result(lifecycle: LifecycleEvent, *, severity: Severity, domain: str
     return Finding(
         investigation_id=lifecycle.investigation_id,
         incident_key=lifecycle.incident_key,
-        idempotency_key=f"{lifecycle.investigation_id}:outcome",
+        idempotency_key=key,
         summary=summary,
         probable_cause="unknown: the investigation did not complete",
         confidence=0.0,
@@ -103,6 +136,7 @@ def failure_result(lifecycle: LifecycleEvent, *, severity: Severity, domain: str
         ),
         produced_at=lifecycle.at,
         reasoner="dispatcher",
+        reason=lifecycle.reason,
     )
 
 

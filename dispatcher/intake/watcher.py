@@ -2,7 +2,12 @@
 
 For every Job: ``started`` when its agent runs, then exactly one terminal
 lifecycle event, and for every ending other than success an inconclusive
-result carrying the reason (see ``reporting``). Publishing is retried until
+result carrying the reason (see ``reporting``) — unless the agent's exit code
+says its own finding was confirmed (0, or 5: stopped by SIGTERM after
+publishing a partial finding from what it had observed), so a ticket gets one
+finding per investigation. A Job cancelled because its alert resolved (the
+runtime returns the cancel's reason as the event's message) ends
+``cancelled`` with reason ``alert_resolved``. Publishing is retried until
 the broker confirms — a terminal state is never dropped because RabbitMQ
 hiccupped. Jobs first seen here (launched by another replica, or before a
 restart) are counted against the caps.
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 
-from schemas import LifecycleState, Severity
+from schemas import AgentExit, LifecycleState
 
 from dispatcher.jobs import jobspec
 from dispatcher.intake.admission import AdmissionGate
@@ -24,7 +29,7 @@ from dispatcher.intake.reporting import Reporter, failure_result, lifecycle_for
 from schemas.routing import lifecycle_key
 from dispatcher.plumbing.retry import Backoff, retry
 from dispatcher.jobs.runtime import JobRuntime, RuntimeEvent
-from dispatcher.intake.tracker import Tracked, Tracker
+from dispatcher.intake.tracker import Tracked, Tracker, from_job
 
 log = get_logger("agentjobs.watcher")
 # Reporting a terminal state never gives up; it only backs off.
@@ -33,22 +38,18 @@ CONCURRENT_ENDINGS = 32  # endings reported in parallel, so one slow report bloc
 
 
 def _tracked_from_labels(event: RuntimeEvent) -> Tracked:
-    labels = event.labels
+    # Launched elsewhere (another replica, or before a crash) — maybe without telling the
+    # ticket; the next notification for it re-publishes `dispatched` (same message id).
+    return from_job(investigation_id=event.investigation_id, job_name=event.job_name, labels=event.labels,
+                    annotations=event.annotations)
+
+
+def agent_published(event: RuntimeEvent) -> bool:
+    """The agent's exit code says its own finding (complete or partial) was confirmed (pure)."""
     try:
-        severity = Severity(labels.get(jobspec.LABEL_SEVERITY, "warning"))
+        return event.exit_code is not None and AgentExit(event.exit_code).published
     except ValueError:
-        severity = Severity.WARNING
-    return Tracked(
-        investigation_id=event.investigation_id,
-        incident_key=labels.get(jobspec.LABEL_INCIDENT, "unknown"),
-        job_name=event.job_name,
-        class_name=labels.get(jobspec.LABEL_CLASS, "default"),
-        severity=severity,
-        domain=labels.get(jobspec.LABEL_DOMAIN, ""),
-        # Launched elsewhere (another replica, or before a crash) — maybe without telling the
-        # ticket; the next notification for it re-publishes `dispatched` (same message id).
-        dispatch_reported=False,
-    )
+        return False
 
 
 class Watcher:
@@ -110,7 +111,7 @@ class Watcher:
         revoked = await self._revoke_tokens(event, event.annotations, set())  # first: nothing outlives the Job
         lifecycle = lifecycle_for(event, tracked)
         await self._publish(lambda: self.reporter.lifecycle(lifecycle))
-        if lifecycle.state is not LifecycleState.SUCCEEDED:
+        if lifecycle.state is not LifecycleState.SUCCEEDED and not agent_published(event):
             result = failure_result(lifecycle, severity=tracked.severity, domain=tracked.domain)
             await self._publish(lambda: self.reporter.finding(result))
         final: list[Mapping[str, str] | None] = []
@@ -122,7 +123,7 @@ class Watcher:
         if final and final[-1]:
             await self._revoke_tokens(event, final[-1], revoked)  # e.g. a login token recorded late
         self.gate.release(event.investigation_id)
-        self.tracker.finish(event.investigation_id)
+        self.tracker.finish(event.investigation_id, at=event.at)
         reason = lifecycle.reason.value if lifecycle.reason else ""
         self.metrics.outcomes.labels(state=lifecycle.state.value, reason=reason).inc()
         log.info("job_finished", state=lifecycle.state.value, reason=reason, routing_key=lifecycle_key(lifecycle.state))

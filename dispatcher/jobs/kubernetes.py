@@ -16,6 +16,12 @@ kubernetes_asyncio has no read timeout otherwise. A watch also has an idle
 read timeout (``watch_idle_timeout``): a stream that stays silent — no event,
 no bookmark — is dropped and resumed instead of hiding Job endings until it
 would have been renewed.
+
+``status(name)`` reads one Job: its terminal condition (or the state recorded
+when its ending was reported) tells a restarted dispatcher that the
+investigation ended. ``cancel(name, reason=…)`` records the reason in the
+``cancel-reason`` annotation before deleting, so it is the CANCELLED event's
+message whichever replica reports it.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from dispatcher.jobs import jobspec
 from dispatcher.jobs.k8s_errors import AlreadyExists, Conflict, NotFound, classify
 from schemas.logs import get_logger
 from dispatcher.plumbing.retry import Backoff
-from dispatcher.jobs.runtime import JobState, LaunchOutcome, RuntimeEvent
+from dispatcher.jobs.runtime import CANCEL_REASON, JobState, JobStatus, LaunchOutcome, RuntimeEvent
 from dispatcher.plumbing.settings import KubernetesSettings
 
 log = get_logger("agentjobs.runtime.kubernetes")
@@ -89,6 +95,41 @@ def ending_of(job: Mapping[str, Any], *, deleted: bool = False) -> tuple[JobStat
             return JobState.CANCELLED, None, cancel
         return JobState.LOST, FailureReason.JOB_LOST, "the Job was deleted before it finished"
     return None
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def status_of(job: Mapping[str, Any]) -> JobStatus:
+    """What a Job object says about its investigation (pure): ended or not, and when."""
+    meta = job.get("metadata") or {}
+    annotations = _annotations(job)
+    ending = ending_of(job)
+    reported = annotations.get(jobspec.ANN_REPORTED, "")
+    state = ending[0] if ending is not None else JobState.RUNNING
+    if ending is None and reported:  # reported before (e.g. a cancelled Job whose deletion is pending)
+        try:
+            state = JobState(reported)
+        except ValueError:
+            state = JobState.LOST
+    finished = None
+    if state.terminal:
+        status = job.get("status") or {}
+        conditions = [c for c in status.get("conditions") or [] if c.get("status") == "True"
+                      and c.get("type") in ("Complete", "Failed")]
+        finished = (_time(status.get("completionTime")) or
+                    (_time(conditions[0].get("lastTransitionTime")) if conditions else None) or
+                    _time(meta.get("deletionTimestamp")))
+    return JobStatus(job_name=meta.get("name", ""),
+                     investigation_id=(meta.get("labels") or {}).get(jobspec.LABEL_INVESTIGATION, ""),
+                     state=state, created_at=_time(meta.get("creationTimestamp")), finished_at=finished,
+                     labels=dict(meta.get("labels") or {}), annotations=annotations)
 
 
 def pod_failure(pods: list[Mapping[str, Any]]) -> tuple[FailureReason | None, str, int | None]:
@@ -246,8 +287,8 @@ class KubernetesRuntime:
         except AlreadyExists:
             pass
 
-    async def cancel(self, job_name: str) -> bool:
-        patch = {"metadata": {"annotations": {jobspec.ANN_CANCEL: "cancelled"}}}
+    async def cancel(self, job_name: str, *, reason: str = CANCEL_REASON) -> bool:
+        patch = {"metadata": {"annotations": {jobspec.ANN_CANCEL: reason or CANCEL_REASON}}}
         try:
             await self._call(f"annotate job {job_name}", self.batch.patch_namespaced_job, job_name,
                              self.namespace, patch, _content_type=MERGE_PATCH)
@@ -256,6 +297,15 @@ class KubernetesRuntime:
         except NotFound:
             return False
         return True
+
+    async def status(self, job_name: str) -> JobStatus | None:
+        """The Job's state from its conditions (or its reported ending); None when there is no such Job."""
+        try:
+            job = await self._read_json(f"read job {job_name}", self.batch.read_namespaced_job,
+                                        job_name, self.namespace)
+        except NotFound:
+            return None
+        return status_of(job)
 
     @property
     def where(self) -> str:

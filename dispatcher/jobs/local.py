@@ -10,7 +10,7 @@ dispatcher works on a laptop or a single VM without Kubernetes.
     jobs/<name>/owner.lock    flock held by the runtime supervising the process
     jobs/<name>/pid           "<pid> <start ticks>", written by the child before exec
     jobs/<name>/std{out,err}.log  the container's output (kept with the record, like pod logs)
-    jobs/<name>/cancel        marker: a cancel requested by another runtime instance
+    jobs/<name>/cancel        marker: a cancel requested by another runtime instance (holds its reason)
     work/<name>-<rand>/       the Job's clean temporary directory, removed when it ends:
         home/ (HOME, default cwd)  tmp/ (TMPDIR)  mounts/ (AGENTJOBS_MOUNT_ROOT)
 
@@ -22,7 +22,9 @@ acknowledged and ``spec.ttlSecondsAfterFinished`` has passed (forever without
 it); *while it exists launching the same name answers ALREADY_EXISTS*, afterwards
 the name is free again (expired records are removed lazily by
 ``launch``/``active``). ``cancel`` removes the record as soon as the CANCELLED
-ending is acknowledged, as deleting the Job does on Kubernetes.
+ending is acknowledged, as deleting the Job does on Kubernetes; its ``reason``
+is the CANCELLED event's message. ``status(name)`` reads the record (adopting
+crash leftovers first), so a restarted dispatcher learns that a Job ended.
 
 **Ownership and crashes.** The runtime that launched a Job holds an exclusive
 ``flock`` on its ``owner.lock`` from launch until the Job's ending is
@@ -87,7 +89,7 @@ from schemas.errors import PermanentError, TemporaryError
 from dispatcher.jobs import process
 from dispatcher.jobs.process import Cgroup2, Limits, ProcessResult, ProcessSpec, RunningProcess
 from schemas.redaction import MASK, mask_text
-from dispatcher.jobs.runtime import JobState, LaunchOutcome, RuntimeEvent
+from dispatcher.jobs.runtime import CANCEL_REASON, JobState, JobStatus, LaunchOutcome, RuntimeEvent
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -460,6 +462,7 @@ class _Supervised:
     memory_limit: str = ""
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
+    cancel_reason: str = CANCEL_REASON
     close_requested: bool = False
     finished: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -561,10 +564,29 @@ class LocalRuntime:
         self._start_supervisor(claimed)
         if (job_dir / "cancel").exists():  # another runtime cancelled it while we started
             claimed.cancel_requested = True
+            claimed.cancel_reason = _cancel_marker(job_dir)
             proc.terminate(plan.grace_seconds)
         return LaunchOutcome.CREATED
 
-    async def cancel(self, job_name: str) -> bool:
+    async def status(self, job_name: str) -> JobStatus | None:
+        """The Job's record as it stands (crash leftovers adopted or reported first); None if absent."""
+        self._ensure_started()
+        if not _NAME.match(job_name):
+            return None
+        sup = self._supervised.get(job_name)
+        if sup is None and not self._closed:
+            self._recover(self._jobs / job_name)
+            sup = self._supervised.get(job_name)
+        record = sup.record if sup is not None else _read_record(self._jobs / job_name)
+        if record is None:
+            return None
+        state = JobState.RUNNING if record.state in _LIVE_STATES else JobState(record.state)
+        return JobStatus(job_name=record.name, investigation_id=record.investigation_id, state=state,
+                         created_at=record.created_at, finished_at=record.finished_at,
+                         exit_code=record.exit_code, labels=dict(record.labels),
+                         annotations=dict(record.annotations))
+
+    async def cancel(self, job_name: str, *, reason: str = CANCEL_REASON) -> bool:
         """Stop the Job (SIGTERM, SIGKILL after the grace); removed once its end is reported."""
         self._ensure_started()
         if not _NAME.match(job_name):
@@ -577,6 +599,7 @@ class LocalRuntime:
             sup.record.deleted = True
             if not sup.finished:
                 sup.cancel_requested = True
+                sup.cancel_reason = reason or CANCEL_REASON
                 if sup.proc is not None:
                     sup.proc.terminate(sup.record.grace_seconds)
                 await sup.done.wait()
@@ -589,12 +612,12 @@ class LocalRuntime:
         if record is None:
             return False
         if record.state in _LIVE_STATES:
-            await self._cancel_foreign(job_dir, record)
+            await self._cancel_foreign(job_dir, record, reason or CANCEL_REASON)
         elif record.reported:
             self._delete_job_dir(job_dir)
         else:  # ended, another runtime still reporting it: removed when that is acknowledged
             with contextlib.suppress(OSError):
-                (job_dir / "cancel").touch()
+                (job_dir / "cancel").write_text(reason or CANCEL_REASON)
         log.info("local_job_cancelled", job_name=job_name)
         return True
 
@@ -757,7 +780,8 @@ class LocalRuntime:
     ) -> tuple[JobState, FailureReason | None, str, int | None]:
         if sup.cancel_requested or (sup.job_dir / "cancel").exists():
             sup.record.deleted = True
-            return JobState.CANCELLED, None, "cancelled", _exit_code(result)
+            reason = sup.cancel_reason if sup.cancel_requested else _cancel_marker(sup.job_dir)
+            return JobState.CANCELLED, None, reason, _exit_code(result)
         if sup.close_requested:
             return JobState.CANCELLED, None, "stopped: the local runtime closed", \
                 _exit_code(result)
@@ -933,10 +957,10 @@ class LocalRuntime:
             None,
         )
 
-    async def _cancel_foreign(self, job_dir: Path, record: JobRecord) -> None:
-        """Cancel a Job another live runtime supervises: mark it, then stop its process."""
+    async def _cancel_foreign(self, job_dir: Path, record: JobRecord, reason: str = CANCEL_REASON) -> None:
+        """Cancel a Job another live runtime supervises: mark it (with the reason), then stop its process."""
         with contextlib.suppress(OSError):
-            (job_dir / "cancel").touch()
+            (job_dir / "cancel").write_text(reason)
         pid, ticks = record.pid, record.pid_start_ticks
         if pid is None:
             pid, ticks = _read_pid_file(job_dir / "pid")
@@ -948,6 +972,14 @@ class LocalRuntime:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _cancel_marker(job_dir: Path) -> str:
+    """The reason another runtime wrote into the cancel marker (bounded; default when unreadable)."""
+    try:
+        return (job_dir / "cancel").read_text(errors="replace")[:256].strip() or CANCEL_REASON
+    except OSError:
+        return CANCEL_REASON
 
 
 def _exit_code(result: ProcessResult | process.ForeignExit) -> int | None:

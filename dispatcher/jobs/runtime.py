@@ -6,6 +6,12 @@ creates a ``batch/v1`` Job; ``LocalRuntime`` runs the same container command
 as a subprocess under the same limits. Both give "exactly one per name":
 launching a name that exists answers ``ALREADY_EXISTS`` instead of starting a
 second one. Adapters raise only ``PermanentError`` / ``TemporaryError``.
+
+``status(name)`` reads what the runtime durably knows about one Job (the Job
+object's conditions, the local record): the dispatcher asks it before it
+mints a token or publishes ``dispatched`` for an investigation it has no
+memory of, so after a restart an investigation that already ended is known
+to have ended — from the runtime, not from the dispatcher's memory.
 """
 
 from __future__ import annotations
@@ -51,6 +57,26 @@ class RuntimeEvent(msgspec.Struct, frozen=True, kw_only=True):
     annotations: dict[str, str] = {}
 
 
+class JobStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """What the runtime durably knows about one Job: whether and how it ended."""
+
+    job_name: str
+    investigation_id: str
+    state: JobState  # RUNNING while not ended (also before its pod/process started)
+    created_at: datetime | None = None
+    finished_at: datetime | None = None  # when it ended, if it did
+    exit_code: int | None = None  # the agent's, when the runtime knows it
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+
+    @property
+    def ended(self) -> bool:
+        return self.state.terminal
+
+
+CANCEL_REASON = "cancelled"  # what a cancel without a reason records (operator, control command)
+
+
 @runtime_checkable
 class JobRuntime(Protocol):
     """Launch, cancel and observe investigation Jobs."""
@@ -70,8 +96,16 @@ class JobRuntime(Protocol):
         """
         ...
 
-    async def cancel(self, job_name: str) -> bool:
-        """Stop and remove a Job; True if it existed."""
+    async def cancel(self, job_name: str, *, reason: str = CANCEL_REASON) -> bool:
+        """Stop and remove a Job; True if it existed.
+
+        ``reason`` is recorded with the Job and comes back as the CANCELLED event's message
+        (e.g. ``alert_resolved``), so why it was cancelled survives a dispatcher restart.
+        """
+        ...
+
+    async def status(self, job_name: str) -> JobStatus | None:
+        """The Job's durable state, or None if no Job of that name exists."""
         ...
 
     def events(self) -> AsyncIterator[RuntimeEvent]:

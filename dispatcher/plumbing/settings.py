@@ -170,6 +170,11 @@ class AdmissionSettings(Section):
     domain_label: str = "domain"  # alert label naming the domain (trust scope, routing)
     cancel_on_resolve: bool = True  # a resolved group cancels its running investigation
     storm_window: Seconds = 30.0  # seconds over which a group's notifications are coalesced
+    # New alerts joining a group whose investigation ended start a follow-up investigation,
+    # at most this many per investigation (0: never; past it they are reported attached) …
+    max_follow_ups: NonNegative = 3
+    # … and not sooner than this many seconds after the previous one ended: a flapping group cannot loop.
+    follow_up_min_interval: SecondsOrOff = 300.0
     rules: list[ClassRule] = []  # class selection rules, before class_label and domain
 
 
