@@ -1,4 +1,5 @@
-"""The messaging sweep against real brokers: the machine's RabbitMQ, and a private node for the alarm.
+"""The messaging sweep against real brokers: the machine's RabbitMQ (no consumer, stalled, too slow) and a
+private node for the memory alarm.
 
 The rabbitmq tool asks as a user with the ``monitoring`` tag and empty
 permissions on the scratch vhost — what the Vault role issues the agent. Setup
@@ -191,6 +192,40 @@ async def test_a_consumer_whose_full_prefetch_window_is_never_acknowledged_is_st
     others = {h.cause: h for h in assessment.hypotheses}
     assert others["no_consumer"].evidence_against and not others["no_consumer"].evidence_for
     assert any("stuck, not slow" in e.excerpt for e in others["consumers_too_slow"].evidence_against)
+
+
+async def test_consumers_that_ack_slower_than_publishers_publish_are_too_slow(scratch):
+    # Given 200 waiting messages, a publisher adding 20 a second and one consumer handling 5 a second
+    queue = unique_name("invoices")
+    await _publish(scratch.admin_url, queue, 200)
+    consumer = await aio_pika.connect(scratch.admin_url, timeout=10,
+                                      client_properties={"connection_name": "invoices-worker"})
+    try:
+        channel = await consumer.channel()
+        await channel.set_qos(prefetch_count=1)  # aio-pika runs callbacks concurrently: one at a time here
+
+        async def slow_work(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                await asyncio.sleep(0.2)  # the consumer's work: 5 messages a second
+
+        await (await channel.get_queue(queue, ensure=False)).consume(slow_work)
+        async with _publishing(scratch.admin_url, queue, per_second=20):
+            await _reported(scratch.tool, "queue", {"vhost": scratch.vhost, "queue": queue},
+                            lambda o: (o.data["ack_rate"] or 0) > 0 and (o.data["ready_rate"] or 0) > 0
+                            and o.data["messages_ready"] >= 100 and o.data["consumer_details"],
+                            "acks flowing while the backlog grows")
+            # When the sweep runs for the alert naming the queue
+            assessment, _ = await _sweep(scratch.tool, vhost=scratch.vhost, queue=queue)
+    finally:
+        await consumer.close()
+    # Then the consumers are too slow — not stalled (acks flow), not missing
+    assert assessment.conclusion is Conclusion.CONCLUSIVE, assessment.summary
+    best = assessment.hypotheses[0]
+    assert best.cause == "consumers_too_slow" and queue in best.statement
+    assert any("deliveries flow" in e.excerpt for e in best.evidence_for)
+    assert any("ready grows" in e.excerpt for e in best.evidence_for)
+    stalled = next(h for h in assessment.hypotheses if h.cause == "stalled_consumer")
+    assert any("deliveries and acks flow" in e.excerpt for e in stalled.evidence_against)
 
 
 # --- a memory alarm, on a private node ----------------------------------------------------------
