@@ -416,7 +416,8 @@ class RabbitMQTool:
 
     async def _overview(self, params: Mapping[str, Any]) -> Observation:
         overview = await self._get("/api/overview")
-        nodes = [node_row(n) for n in (await self._get("/api/nodes") or [])][: self.limits.max_rows]
+        listed = await self._get("/api/nodes")
+        nodes = [node_row(n) for n in (listed if isinstance(listed, list) else [])][: self.limits.max_rows]
         overview = overview if isinstance(overview, Mapping) else {}
         stats = overview.get("message_stats") if isinstance(overview.get("message_stats"), Mapping) else {}
         totals = overview.get("queue_totals") if isinstance(overview.get("queue_totals"), Mapping) else {}
