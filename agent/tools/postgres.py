@@ -30,15 +30,22 @@ from .toolbox import ParamError, describe_error, failure, parse_duration, redact
 
 QUERY_CHARS = 200  # characters of each session's query text kept
 
+# Our own sessions (this one, and any agent's, by application_name) are not the incident: they are
+# left out of every count, and how many were left out is reported (excluded_own).
+OWN_APPLICATION_PREFIX = "agentjobs-agent"  # == the application_name of every agent session
+
 CONNECTIONS_SQL = """\
-WITH a AS (
+WITH every AS (
+  SELECT *, (pid = pg_backend_pid() OR starts_with(coalesce(application_name, ''), %(own)s)) AS own
+  FROM pg_stat_activity WHERE backend_type = 'client backend'),
+a AS (
   SELECT coalesce(state, 'unknown') AS state,
          coalesce(nullif(application_name, ''), '(none)') AS app,
          coalesce(host(client_addr), 'local') AS client,
          coalesce(datname, '') AS db,
          extract(epoch FROM now() - xact_start)::float AS xact_age,
          coalesce(state IN ('idle in transaction', 'idle in transaction (aborted)'), false) AS idle_tx
-  FROM pg_stat_activity WHERE backend_type = 'client backend')
+  FROM every WHERE NOT own)
 SELECT current_setting('max_connections')::int,
        current_setting('superuser_reserved_connections')::int,
        (SELECT count(*) FROM a)::int,
@@ -62,7 +69,8 @@ SELECT current_setting('max_connections')::int,
           FROM a GROUP BY db ORDER BY count(*) DESC, db LIMIT %(rows)s) x),
        (SELECT count(DISTINCT db) FROM a)::int,
        (SELECT round(coalesce(max(xact_age) FILTER (WHERE idle_tx), 0)::numeric, 3)::float FROM a),
-       current_user::text"""
+       current_user::text,
+       (SELECT count(*) FROM every WHERE own)::int"""
 
 _SESSION_COLUMNS = """\
 a.pid, a.usename::text, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local'),
@@ -214,8 +222,9 @@ class PostgresTool(LazySession):
 
     def __init__(self, dsn: str, *, user: str | None = None, password: str | None = None,
                  limits: Limits | None = None, application_name: str = "agentjobs-agent",
-                 query_chars: int = QUERY_CHARS) -> None:
+                 query_chars: int = QUERY_CHARS, target: str = "default") -> None:
         self.dsn = dsn
+        self.target = target  # the configured target (postgres.targets) this tool talks to
         self.limits = limits or Limits()
         self.query_chars = query_chars
         self._user, self._password = user, password
@@ -227,17 +236,31 @@ class PostgresTool(LazySession):
     def operations(self) -> Mapping[str, OperationSpec]:
         return OPERATIONS
 
+    @property
+    def server(self) -> str:
+        """``host:port`` of the server (what postgres-exporter labels its series ``server`` with)."""
+        return dsn_location(self.dsn)[0]
+
+    def describe_target(self) -> str:
+        """``<target> (<host:port>/<database>)``: which source answered, for the finding."""
+        server, db = dsn_location(self.dsn)
+        return f"{self.target} ({server}/{db})" if server or db else self.target
+
+    def _asked(self, sql: str) -> str:
+        # The query text names the target, so every piece of evidence says which database answered.
+        return f"-- postgres target {self.describe_target()}\n{sql}"
+
     async def run(self, operation: str, params: Mapping[str, Any]) -> Observation:
         if operation not in OPERATIONS:
             return unknown_operation(self.name, operation, OPERATIONS)
         try:
-            args = {"rows": self.limits.max_rows, "chars": self.query_chars}
+            args = {"rows": self.limits.max_rows, "chars": self.query_chars, "own": OWN_APPLICATION_PREFIX}
             if operation == "idle_in_transaction":
                 args["min_s"] = parse_duration(params.get("min_age_s") or 0)
             elif operation == "long_running":
                 args["min_s"] = parse_duration(30 if params.get("min_s") is None else params["min_s"])
         except ParamError as exc:
-            return failure(self.name, operation, "", f"invalid parameters: {exc}")
+            return failure(self.name, operation, self._asked(""), f"invalid parameters: {exc}")
         sql = {"connections": CONNECTIONS_SQL, "idle_in_transaction": IDLE_IN_TRANSACTION_SQL,
                "long_running": LONG_RUNNING_SQL, "blocking_chains": BLOCKED_SQL}[operation]
         import psycopg  # an agent without PostgreSQL configured never needs it
@@ -252,8 +275,9 @@ class PostgresTool(LazySession):
                     await self._discard()  # its state is unknown after a failure or a cancellation
                     raise
         except (TimeoutError, psycopg.Error, OSError) as exc:
-            return failure(self.name, operation, sql, describe_error(exc, self.limits.timeout), secrets=self._secrets)
-        return Observation(tool=self.name, operation=operation, query=sql, ok=True, at=utcnow(), data=data,
+            return failure(self.name, operation, self._asked(sql), describe_error(exc, self.limits.timeout),
+                           secrets=self._secrets)
+        return Observation(tool=self.name, operation=operation, query=self._asked(sql), ok=True, at=utcnow(), data=data,
                            excerpt=bounded(redact(excerpt, self._secrets)), truncated=truncated)
 
     # -- connection ----------------------------------------------------------------------
@@ -269,7 +293,7 @@ class PostgresTool(LazySession):
         cur = await conn.execute(CONNECTIONS_SQL, args)
         row = await cur.fetchone()
         (max_conn, reserved, total, by_state, by_app, n_apps, by_client, n_clients, by_db, n_dbs,
-         oldest, queried_as) = row
+         oldest, queried_as, excluded_own) = row
         data = {
             "max_connections": max_conn, "superuser_reserved_connections": reserved, "total": total,
             "usage_ratio": round(total / max(1, max_conn), 4),
@@ -277,6 +301,9 @@ class PostgresTool(LazySession):
             "by_application": by_app, "by_client": by_client, "by_database": by_db,
             "oldest_idle_in_transaction_s": oldest,
             "queried_as": queried_as,  # the (dynamic, Vault-issued) user this was observed as
+            # agent sessions (this one included) left out of every count above
+            "excluded_own": excluded_own,
+            "target": self.target,
         }
         truncated = n_apps > len(by_app) or n_clients > len(by_client) or n_dbs > len(by_db)
         idle_tx = sum(v for k, v in data["by_state"].items() if k.startswith("idle in transaction"))
@@ -289,7 +316,8 @@ class PostgresTool(LazySession):
                 f"idle in transaction {a['idle_in_transaction']})" for a in by_app[:10]),
             "by client_addr: " + "; ".join(f"{c['client_addr']} {c['total']}" for c in by_client[:10]),
             "by database: " + "; ".join(f"{d['datname'] or '-'} {d['total']}" for d in by_db[:10]),
-            f"(observed as {queried_as})",
+            f"(observed as {queried_as} on target {self.describe_target()}; {excluded_own} agent "
+            f"session{'s' if excluded_own != 1 else ''} of our own not counted)",
         ]
         return data, "\n".join(lines), truncated
 
@@ -379,6 +407,24 @@ def _reachable(start: int, edges: Mapping[int, set[int]]) -> set[int]:
             seen.add(pid)
             todo.extend(edges.get(pid, ()))
     return seen
+
+
+def dsn_location(dsn: str) -> tuple[str, str]:
+    """(``host:port``, database) of a DSN, URL or key=value, without credentials (pure); "" when absent."""
+    from urllib.parse import unquote, urlsplit
+
+    if "://" in dsn:
+        try:
+            parts = urlsplit(dsn)
+            port = parts.port or 5432
+        except ValueError:
+            return "", ""
+        host = parts.hostname or ""
+        return (f"{host}:{port}" if host else ""), unquote(parts.path.lstrip("/"))
+    pairs = dict(re.findall(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn))
+    host = pairs.get("host", "").strip("'")
+    port = pairs.get("port", "5432").strip("'")
+    return (f"{host}:{port}" if host else ""), pairs.get("dbname", "").strip("'")
 
 
 def _dsn_password(dsn: str) -> str | None:

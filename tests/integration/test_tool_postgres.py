@@ -79,6 +79,39 @@ async def test_connections_are_counted_by_state_application_and_client_against_m
     assert "max_connections" in obs.excerpt and "pg_stat_activity" in obs.query
 
 
+async def test_the_agents_own_sessions_are_left_out_of_the_counts_and_reported(db, tool):
+    app = unique_name("orders-api")
+    dbname = db.dsn.rsplit("/", 1)[1]
+    # Given three sessions of an application, the tool's own session and another agent's, all on one database
+    other_agent = PostgresTool(db.dsn, user=db.user, password=db.password, application_name="agentjobs-agent other")
+    try:
+        assert (await other_agent.run("connections", {})).ok  # its session stays open (idle)
+        async with _idle_sessions(db.admin_dsn, 3, app):
+            obs = await tool.run("connections", {})
+    finally:
+        await other_agent.close()
+
+    # Then only the application's sessions count there; the agents' two are reported as left out
+    assert obs.ok, obs.excerpt
+    by_db = {d["datname"]: d["total"] for d in obs.data["by_database"]}
+    assert by_db[dbname] == 3
+    assert not [a for a in obs.data["by_application"] if a["application_name"].startswith("agentjobs-agent")]
+    assert obs.data["excluded_own"] >= 2
+    assert f"{obs.data['excluded_own']} agent sessions of our own not counted" in obs.excerpt
+
+
+async def test_every_answer_names_the_target_that_answered(db):
+    pg = PostgresTool(db.dsn, user=db.user, password=db.password, target="orders")
+    try:
+        obs = await pg.run("connections", {})
+    finally:
+        await pg.close()
+
+    host_db = db.dsn.split("://", 1)[1]
+    assert obs.ok and obs.query.startswith(f"-- postgres target orders ({host_db})\n")
+    assert obs.data["target"] == "orders" and f"on target orders ({host_db})" in obs.excerpt
+
+
 async def test_idle_in_transaction_lists_sessions_with_application_client_age_and_query(db, tool):
     app = unique_name("checkout-api")
     async with idle_in_transaction(db.admin_dsn, 5, application_name=app) as pids:
@@ -190,6 +223,8 @@ async def test_failures_are_observations_and_never_show_the_password(db):
         assert not obs.ok and obs.data is None and obs.excerpt
         assert secret not in obs.excerpt and secret not in obs.query
     assert 'database "no_such_database" does not exist' in observations[1].excerpt
+    # the reason is whole, never cut mid-word (summaries cut it themselves, at a word boundary)
+    assert not observations[0].excerpt.endswith("…") and "Connection refused" in observations[0].excerpt
 
 
 async def test_a_server_that_never_answers_is_bounded_by_the_timeout():
