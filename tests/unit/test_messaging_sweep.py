@@ -101,12 +101,19 @@ def test_a_disk_alarm_is_named_as_such():
 
 
 def test_publishers_in_flow_control_without_an_alarm_are_publishers_blocked():
-    ov, conns = overview(), connections(("orders-publisher", "flow"), ("audit-publisher", "flow"))
+    ov = overview()
+    conns = connections(("orders-publisher", "flow"), ("audit-publisher", "flow"), ("billing", "flow"))
     hypotheses, assessment = verdict([*messaging.assess_alarms(ov, conns), messaging.assess_held_publishers(conns, ov)])
     assert assessment.conclusion is Conclusion.CONCLUSIVE, assessment.summary
     assert hypotheses[0].cause == "publishers_blocked"
     assert '"orders-publisher" (flow, user "orders-app")' in hypotheses[0].statement
     assert any("no node is in a memory or disk alarm" in e.excerpt for e in hypotheses[0].evidence_for)
+
+
+def test_one_connection_in_flow_for_a_moment_is_not_a_confident_finding():
+    ov, conns = overview(), connections(("orders-publisher", "flow"))  # 1 of 4 connections
+    assert messaging.assess_held_publishers(conns, ov).finish().score < 0.6
+    assert messaging.assess_held_publishers(conns, ov, scoped=False).finish().score < 0.4
 
 
 def test_a_healthy_broker_concludes_nothing():
