@@ -40,12 +40,12 @@ import math
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from agent.tools.base import Observation, bounded
+from agent.tools.base import Observation, bounded, cut_at_word
 from schemas import Conclusion, Evidence, IncidentEvent, ProposedAction
 
 from .actions import REGISTRY
@@ -684,9 +684,13 @@ def _ours(app: str) -> bool:
 
 async def connections_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
     """Who holds the connections: idle transactions of one application, load, or a lock pile-up."""
-    conn_obs = await inv.call("postgres", "connections", {})
-    idle_obs = await inv.call("postgres", "idle_in_transaction", {"min_age_s": IDLE_TX_MIN_AGE})
-    chain_obs = await inv.call("postgres", "blocking_chains", {})
+    conn_obs = await _connections(inv, alert)
+    if _direct(inv, conn_obs):
+        idle_obs = await inv.call("postgres", "idle_in_transaction", {"min_age_s": IDLE_TX_MIN_AGE})
+        chain_obs = await inv.call("postgres", "blocking_chains", {})
+    else:  # only the exporter's metrics: counts, no sessions
+        idle_obs = _not_examined("postgres", "idle_in_transaction", "PostgreSQL itself did not answer")
+        chain_obs = _not_examined("postgres", "blocking_chains", "PostgreSQL itself did not answer")
     conn, idle, chains = read_connections(conn_obs), read_idle_in_transaction(idle_obs), read_blocking(chain_obs)
     idle = [s for s in idle if not _ours(s.application)]
 
@@ -717,7 +721,7 @@ async def connections_playbook(inv: Investigation, alert: AlertFacts) -> list[Dr
     idle_h = Draft(cause="connection_exhaustion_idle_in_transaction",
                    statement=f"database connection exhaustion: {who} holds {culprit_total} "
                              f"of {used}, {culprit_idle} idle in transaction"
-                             + (f" (oldest open for {oldest:.0f} s)" if oldest else "") if who else
+                             + (f" (oldest open for {int(oldest)} s)" if oldest else "") if who else
                              "database connection exhaustion: sessions idle in transaction hold the connections")
     load_h = Draft(cause="connection_exhaustion_load",
                    statement=f"database connection exhaustion from load: {used}, mostly active sessions, "
@@ -761,6 +765,9 @@ async def connections_playbook(inv: Investigation, alert: AlertFacts) -> list[Dr
                        **selector, min_idle_s=str(2 * IDLE_TX_MIN_AGE))
 
     blocked = {c.pid for c in chains}
+    if conn is not None and conn.max_connections and conn.total / conn.max_connections < NEAR_SATURATED:
+        pile_h.contradicts(conn_obs, f"only {conn.total} of {conn.max_connections} connections are in use: "
+                                     "waiting sessions do not exhaust them", 1.5)
     if len(blocked) >= 3:
         pile_h.supports(chain_obs, f"{len(blocked)} sessions wait for locks", 2.0)
         if conn and conn.total:
@@ -868,8 +875,8 @@ async def locks_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
         if idle_root is None and seen is not None and seen.state.startswith("idle in transaction"):
             idle_root, idle_src = seen, chain_obs
         long_root = next((s for s in long if s.pid == pid), None)
-        held = (f", idle in transaction, transaction open {idle_root.seconds:.0f} s" if idle_root
-                else f", running for {long_root.seconds:.0f} s" if long_root
+        held = (f", idle in transaction, transaction open {int(idle_root.seconds)} s" if idle_root
+                else f", running for {int(long_root.seconds)} s" if long_root
                 else f", {seen.state}" if seen is not None and seen.state else "")
         lock_h.statement = (f"lock contention: pid {pid} (application {_q(app)}{held}) blocks {n} session(s)")
         lock_h.supports(chain_obs, f"{len(blocked)} session(s) wait for locks; root blocker pid {pid} "
@@ -881,7 +888,7 @@ async def locks_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
             lock_h.supports(chain_obs, f"the longest lock wait is {longest:.0f} s", 0.5)
         if idle_root:
             lock_h.supports(idle_src, f"the root blocker pid {pid} holds its locks idle in transaction "
-                                      f"(transaction open {idle_root.seconds:.0f} s)", 1.0)
+                                      f"(transaction open {int(idle_root.seconds)} s)", 1.0)
         slow_h.contradicts(chain_obs, f"{len(blocked)} session(s) are blocked by others, not just slow", 1.0)
     elif chain_obs.ok:
         lock_h.contradicts(chain_obs, "no session waits for a lock", 2.5)
@@ -889,9 +896,13 @@ async def locks_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
     if unblocked_long:
         worst = max(unblocked_long, key=lambda s: s.seconds)
         slow_h.statement = (f"slow queries without lock contention: {len(unblocked_long)} running for "
-                            f"{LONG_RUNNING_MIN} s or more (longest {worst.seconds:.0f} s, application "
+                            f"{LONG_RUNNING_MIN} s or more (longest {int(worst.seconds)} s, application "
                             f"{_q(worst.application)})")
         slow_h.supports(long_obs, f"{len(unblocked_long)} query(ies) run long without waiting for a lock", 1.5)
+        if worst.seconds >= 2 * LONG_RUNNING_MIN:
+            slow_h.supports(long_obs, f"the longest has run for {int(worst.seconds)} s", 1.0)
+        if chain_obs.ok and not chains:
+            slow_h.supports(chain_obs, "no session waits for a lock: the time is spent running", 0.5)
     elif long_obs.ok:
         slow_h.contradicts(long_obs, f"no unblocked query runs for {LONG_RUNNING_MIN} s or more", 1.5)
     return [lock_h, slow_h]
@@ -973,7 +984,9 @@ def assess_pods(alert: AlertFacts, pods_obs: Observation, events_obs: Observatio
     oom = [p for p in pods if p.last_reason.lower() == "oomkilled"]
     crashing = [p for p in pods if p.restarts >= CRASH_RESTARTS or p.waiting.lower() == "crashloopbackoff"]
     errored = [p for p in crashing if p.last_reason.lower() != "oomkilled"]
-    unready = [p for p in pods if p.ready is False]
+    pending = [p for p in pods if p.phase.lower() == "pending" and not p.restarts]
+    unready = [p for p in pods if p.ready is False and p not in pending]
+    unschedulable = [e for e in events if e.reason.lower() in ("failedscheduling", "notriggerscaleup")]
     oom_events = [e for e in events if "oom" in e.reason.lower() or "oomkilled" in e.message.lower()
                   or "out of memory" in e.message.lower()]
     backoff = [e for e in events if e.reason.lower() in ("backoff", "crashloopbackoff")
@@ -986,6 +999,7 @@ def assess_pods(alert: AlertFacts, pods_obs: Observation, events_obs: Observatio
     rollout_h = rollout_h or Draft(cause="bad_rollout", statement=f"a recent rollout of {wl} broke it")
     unready_h = Draft(cause="pods_unready", statement=f"pods of {wl} are running but not ready")
     none_h = Draft(cause="no_pods", statement=f"no pods of {wl} exist (scaled to zero, evicted or unschedulable)")
+    pending_h = Draft(cause="pods_pending", statement=f"pods of {wl} stay Pending: they are not scheduled")
 
     if pods_obs.ok and not pods:
         none_h.supports(pods_obs, f"no pods found for workload {wl}", 2.5)
@@ -1044,7 +1058,25 @@ def assess_pods(alert: AlertFacts, pods_obs: Observation, events_obs: Observatio
                           deployment=wl, namespace=alert.namespace or "")
     elif pods and not unready:
         unready_h.contradicts(pods_obs, f"all {len(pods)} pod(s) are ready", 2.0)
-    return [oom_h, crash_h, rollout_h, unready_h, none_h]
+    assess_pending(pending_h, pods_obs, events_obs, pods, pending, unschedulable)
+    return [oom_h, crash_h, rollout_h, unready_h, none_h, pending_h]
+
+
+def assess_pending(h: Draft, pods_obs: Observation, events_obs: Observation, pods: list[Pod], pending: list[Pod],
+                   unschedulable: list[Event]) -> None:
+    """Pods that never start: Pending without restarts, and the scheduler's events saying why (pure)."""
+    if pending:
+        shown = ", ".join(p.name for p in pending[:3]) + (", ..." if len(pending) > 3 else "")
+        h.supports(pods_obs, f"{len(pending)} of {len(pods)} pod(s) are Pending and never started ({shown})", 2.0)
+    elif pods:
+        h.contradicts(pods_obs, "no pod is Pending", 2.0)
+    if unschedulable:
+        why = unschedulable[0].message
+        h.statement = f"{h.statement}: {quote_untrusted(why, 200)}" if why else h.statement
+        h.supports(events_obs, f"{sum(e.count for e in unschedulable)} scheduling failure event(s): "
+                               f"{quote_untrusted(why or unschedulable[0].reason, 200)}", 1.5)
+    elif pending and events_obs.ok:
+        h.contradicts(events_obs, "no scheduling failure event", 0.5)
 
 
 def _observed_at(obs: Observation) -> str:
@@ -1314,6 +1346,255 @@ PLAYBOOKS: Mapping[str, Playbook] = {
 
 
 # --------------------------------------------------------------------------------------------
+# Domain sweeps: what is looked at follows from what the Job can see, never from the alert's name.
+# --------------------------------------------------------------------------------------------
+
+DOMAINS = ("database", "messaging", "kubernetes", "http", "generic")
+# The playbooks whose words speak for a domain (ordering only) and the domain label values naming it.
+DOMAIN_PLAYBOOKS: Mapping[str, tuple[str, ...]] = {
+    "database": ("connections", "locks"), "messaging": ("queues",),
+    "kubernetes": ("pods", "rollout", "saturation"), "http": ("endpoint",), "generic": (),
+}
+DOMAIN_WORDS: Mapping[str, tuple[str, ...]] = {
+    "database": ("database", "databases", "db", "postgres", "postgresql", "pg", "sql"),
+    "messaging": ("messaging", "rabbitmq", "amqp", "queue", "queues", "broker"),
+    "kubernetes": ("kubernetes", "k8s", "cluster", "platform", "workload"),
+    "http": ("http", "service", "web", "api", "endpoint", "frontend"),
+    "generic": (),
+}
+_DATABASE_LABELS = ("datname", "database", "db", "server")
+
+
+def domain_order(alert: AlertFacts, available: Iterable[str]) -> tuple[str, ...]:
+    """``available`` domains, the ones the alert speaks for first: its ``domain`` label, then how strongly its
+    name, expression and annotations match each domain's playbooks (pure). Every one of them is swept; the
+    order only decides what goes first when the tool budget runs short."""
+    scores = playbook_scores(alert)
+    label = alert.labels.get("domain", "").strip().lower()
+
+    def weight(domain: str) -> float:
+        named = 10.0 if label and (label == domain or label in DOMAIN_WORDS[domain]) else 0.0
+        return named + max((scores.get(pb, 0.0) for pb in DOMAIN_PLAYBOOKS[domain]), default=0.0)
+
+    return tuple(sorted(available, key=lambda d: (-weight(d), DOMAINS.index(d))))
+
+
+def names_database(alert: AlertFacts) -> bool:
+    """Whether the alert is about a PostgreSQL server: a database label, its domain, or pg_ metrics (pure)."""
+    return (any(alert.labels.get(k) for k in _DATABASE_LABELS)
+            or alert.labels.get("domain", "").lower() in DOMAIN_WORDS["database"]
+            or "pg_" in alert.expression)
+
+
+def available_domains(inv: Investigation, alert: AlertFacts) -> tuple[str, ...]:
+    """The domains this Job has a source for (pure but for asking the tools what they offer)."""
+    found = []
+    if inv.offers("postgres", "connections") or (inv.offers("prometheus", "query") and names_database(alert)):
+        found.append("database")
+    if inv.offers("rabbitmq", "queues") or (alert.queue is not None and inv.offers("rabbitmq", "queue_status")):
+        found.append("messaging")
+    if inv.offers("kubernetes", "pods") and alert.namespace is not None:
+        found.append("kubernetes")
+    if inv.offers("http", "probe") or (inv.offers("prometheus", "targets") and _names_endpoint(alert)):
+        found.append("http")
+    return (*found, "generic")
+
+
+def _names_endpoint(alert: AlertFacts) -> bool:
+    """Whether the alert's ``instance`` is a scrape target Prometheus can say something about (pure)."""
+    from . import http_sweep as endpoint
+
+    instance = alert.labels.get("instance", "").strip()
+    return bool(endpoint.host_port(instance) or instance.lower().startswith(("http://", "https://")))
+
+
+def _refused(obs: Observation) -> bool:
+    """The direct source could not be reached or refused us (slots, login, timeout), as opposed to answering."""
+    from . import exporter
+
+    return exporter.refused(obs)
+
+
+def _direct(inv: Investigation, conn_obs: Observation) -> bool:
+    """Whether PostgreSQL itself answers (else its sessions cannot be asked about, only its exporter's counts)."""
+    return inv.offers("postgres", "connections") and conn_obs.tool == "postgres" and (
+        conn_obs.ok or not _refused(conn_obs))
+
+
+async def _connections(inv: Investigation, alert: AlertFacts) -> Observation:
+    """postgres.connections, or — when PostgreSQL refuses or is not there — the same question answered from
+    its exporter's metrics in Prometheus (the observation names the source that answered)."""
+    direct = inv.offers("postgres", "connections")
+    obs = await inv.call("postgres", "connections", {}) if direct else None
+    if obs is not None and (obs.ok or not _refused(obs)):
+        return obs
+    from . import exporter
+
+    why = obs.excerpt if obs is not None else "PostgreSQL is not available to this Job"
+    fallback = await exporter.connections(inv, alert.labels, why) if inv.offers("prometheus", "query") else None
+    if fallback is not None:
+        return fallback
+    if obs is not None:
+        return obs
+    return Observation(tool="postgres", operation="connections", query="", ok=False, at=datetime.now(UTC),
+                       excerpt="neither PostgreSQL nor its exporter's metrics are available to this Job")
+
+
+def assess_idle_holder(idle_obs: Observation, chain_obs: Observation, conn: Connections | None,
+                       conn_obs: Observation) -> Draft:
+    """One session (or a few) keeping a transaction open while idle — the hazard itself when it neither
+    blocks others nor exhausts the connections (then those explain the incident better) (pure)."""
+    h = Draft(cause="idle_in_transaction", statement="a session holds a transaction open while idle")
+    if not idle_obs.ok:
+        return h
+    idle = [s for s in read_idle_in_transaction(idle_obs) if not _ours(s.application)]
+    if not idle:
+        h.contradicts(idle_obs, f"no session idle in transaction for {IDLE_TX_MIN_AGE} s or more", 2.0)
+        return h
+    worst = max(idle, key=lambda s: s.seconds)
+    who = f"application {_q(worst.application)}" if worst.application else f"client {_q(worst.client_addr)}"
+    others = f"; {len(idle)} sessions idle in transaction for {IDLE_TX_MIN_AGE} s or more" if len(idle) > 1 else ""
+    h.statement = (f"{who} (pid {worst.pid}) holds a transaction open while idle for {int(worst.seconds)} s"
+                   f"{others}: its locks and snapshot stay held until it commits or is ended")
+    h.supports(idle_obs, f"pid {worst.pid} ({who}) has been idle in transaction for {int(worst.seconds)} s", 1.5)
+    if worst.seconds >= 2 * IDLE_TX_MIN_AGE:
+        h.supports(idle_obs, f"that transaction has been open for {int(worst.seconds)} s, over "
+                             f"{2 * IDLE_TX_MIN_AGE} s", 1.0)
+    idle_pids = {s.pid for s in idle}
+    blocking = [(pid, n) for pid, n in root_blockers(read_blocking(chain_obs)) if pid in idle_pids]
+    if blocking:
+        pid, n = blocking[0]
+        h.contradicts(chain_obs, f"idle pid {pid} blocks {n} session(s): the lock contention it causes is the "
+                                 "incident", 1.5)
+    elif chain_obs.ok:
+        h.supports(chain_obs, "it blocks no other session (yet)", 0.5)
+    if conn is not None and conn.max_connections and conn.total / conn.max_connections >= NEAR_SATURATED:
+        h.contradicts(conn_obs, f"{conn.total} of {conn.max_connections} connections are in use: the exhaustion "
+                                "explains the incident better", 1.5)
+    if worst.application and worst.seconds >= 2 * IDLE_TX_MIN_AGE:
+        h.propose("terminate_idle_backends", f"application_name {_q(worst.application)}",
+                  f"end the sessions of {who} idle in transaction for {2 * IDLE_TX_MIN_AGE} s or more; fix the "
+                  "transaction handling in the application afterwards",
+                  application_name=worst.application, min_idle_s=str(2 * IDLE_TX_MIN_AGE))
+    return h
+
+
+async def database_sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
+    """Every question an SRE asks a PostgreSQL server first, whatever the alert is called: connection usage
+    against max_connections and who holds them, sessions idle in transaction, locks and blocking chains,
+    long-running queries. Shared calls are answered once (``Investigation.call`` caches them)."""
+    drafts = await connections_playbook(inv, alert)
+    if not _direct(inv, await _connections(inv, alert)):
+        return drafts  # the exporter answered what it can (connection usage); asking again is refused again
+    drafts += await locks_playbook(inv, alert)
+    idle_obs = await inv.call("postgres", "idle_in_transaction", {"min_age_s": IDLE_TX_MIN_AGE})
+    chain_obs = await inv.call("postgres", "blocking_chains", {})
+    conn_obs = await _connections(inv, alert)
+    drafts.append(assess_idle_holder(idle_obs, chain_obs, read_connections(conn_obs), conn_obs))
+    return drafts
+
+
+def failing_workload(pods: Iterable[Pod]) -> str | None:
+    """The Deployment most of the failing pods (crash-looping, OOM-killed, unready or Pending) belong to, from
+    their ReplicaSet owner or their name; None if nothing fails (pure)."""
+    owners: Counter[str] = Counter()
+    for p in pods:
+        if not (_failing(p) or p.ready is False or p.phase.lower() == "pending"):
+            continue
+        kind, _, name = p.owner.partition("/")
+        by_owner = name.rsplit("-", 1)[0] if kind == "ReplicaSet" and "-" in name else None
+        by_name = m["deployment"] if (m := _POD_OF_DEPLOYMENT.match(p.name)) else None
+        if (found := k8s_name(by_name or by_owner or "")) is not None:
+            owners[found] += 1
+    name, n = _top(owners)
+    return name if n else None
+
+
+def _not_examined(tool: str, operation: str, why: str) -> Observation:
+    return Observation(tool=tool, operation=operation, query="", ok=False, at=datetime.now(UTC), excerpt=why)
+
+
+async def kubernetes_sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
+    """The workload's (else the namespace's) pods — phases, restarts, OOM kills, pending — its events and recent
+    rollouts, and, when the alert's expression names pods, whether every ready one is saturated."""
+    if alert.workload is None:  # the namespace's pods: whichever workload in it is failing is the suspect
+        pods_obs = await inv.call("kubernetes", "pods", {"namespace": alert.namespace or ""})
+        suspect = failing_workload(read_pods(pods_obs))
+        if suspect is None:
+            return []  # nothing in the namespace fails: no workload to hold a hypothesis about
+        alert = replace(alert, workload=suspect)
+    # The same observations either way; what the alert says about itself (an error-rate or an endpoint
+    # alert) adds the hypotheses only such an alert can have: a regression without a rollout, a healthy
+    # workload behind an unreachable endpoint.
+    words = playbook_scores(alert)
+    drafts = await (rollout_playbook if words["rollout"] > 0 else pods_playbook)(inv, alert)
+    if words["endpoint"] > 0:
+        drafts += [d for d in await endpoint_playbook(inv, alert) if d.cause == "endpoint_unreachable"]
+    got = await _kubernetes_observations(inv, alert)  # cached
+    if got is not None and alert.generator_url and inv.offers("prometheus", "alert_expression"):
+        expr_obs = await inv.call("prometheus", "alert_expression", {"generator_url": alert.generator_url})
+        drafts.append(assess_saturation(alert, got[0], got[2], expr_obs))
+    return drafts
+
+
+async def messaging_sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
+    """The broker: alarms, blocked publishers, queues backed up without or with stalled consumers."""
+    if inv.offers("rabbitmq", "queues"):
+        from . import messaging
+
+        return await messaging.sweep(inv, alert)
+    return await queues_playbook(inv, alert)
+
+
+async def http_sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
+    """The endpoint the alert names: does it answer, how, how fast; what Prometheus saw scraping it."""
+    from . import http_sweep as endpoint
+
+    drafts = await endpoint.sweep(inv, alert)
+    if endpoint.about_endpoint(alert):
+        return drafts
+    # "It answers fine" is a finding only about the endpoint the alert is about; beside an alert about
+    # something else (a database behind an exporter) it explains nothing.
+    return [d for d in drafts if d.cause != "endpoint_healthy"]
+
+
+async def generic_sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
+    """What any incident gets: the logs around it."""
+    errors_h = Draft(cause="errors_in_logs", statement="the service logs errors around the incident")
+    return [errors_h] if await assess_logs(inv, alert, errors_h) is not None else []
+
+
+SWEEPS: Mapping[str, Playbook] = {
+    "database": database_sweep,
+    "messaging": messaging_sweep,
+    "kubernetes": kubernetes_sweep,
+    "http": http_sweep,
+    "generic": generic_sweep,
+}
+
+
+async def sweep_domains(inv: Investigation, alert: AlertFacts) -> tuple[list[Draft], tuple[str, ...]]:
+    """Every domain the Job can see, swept in the order the alert suggests; the evidence ranks the result."""
+    drafts: list[Draft] = []
+    available = available_domains(inv, alert)
+    for domain in domain_order(alert, available):
+        drafts += await SWEEPS[domain](inv, alert)
+    notes: tuple[str, ...] = ()
+    if inv.offers("kubernetes", "pods") and alert.namespace is None:
+        notes += ("the alert's labels name no valid namespace: Kubernetes was not consulted",)
+    if names_database(alert) and "database" not in available:
+        notes += ("the alert is about a database, but this Job has no PostgreSQL source (nor Prometheus for its "
+                  "exporter's metrics): it was not consulted",)
+    if alert.queue is None and inv.offers("rabbitmq", "queue_status") and "messaging" not in available:
+        notes += ("the alert's labels name no queue (label queue, with vhost) and this Job cannot list the "
+                  "broker's queues (no management API): the broker was not consulted",)
+    if alert.queue is not None and "messaging" not in available:
+        notes += (f"the alert names {_queue_where(alert)}, but this Job has no RabbitMQ source: the broker was not "
+                  "consulted",)
+    return drafts, notes
+
+
+# --------------------------------------------------------------------------------------------
 # The reasoner.
 # --------------------------------------------------------------------------------------------
 
@@ -1340,12 +1621,34 @@ def rank(drafts: Iterable[Draft]) -> tuple[Hypothesis, ...]:
     return tuple(sorted(by_cause.values(), key=lambda h: (-h.score, -len(h.evidence_for), h.cause)))
 
 
+# Causes that tell the same story from two sides: they are not rivals when both fit. A lock chain that
+# piles sessions up until the connections run out is lock contention *and* a pile-up; a session idle in
+# transaction that holds most connections is one story; a rollout that makes every pod crash-loop too.
+AGREEING: tuple[frozenset[str], ...] = (
+    frozenset({"lock_contention", "lock_pileup"}),
+    frozenset({"connection_exhaustion_idle_in_transaction", "idle_in_transaction"}),
+    frozenset({"bad_rollout", "crash_loop"}),
+    frozenset({"oom_killed", "crash_loop"}),
+    # An endpoint that is down because its pods crash, are OOM-killed, unready or gone; errors after a rollout;
+    # slow because every replica is saturated.
+    frozenset({"endpoint_down", "endpoint_unreachable", "crash_loop", "oom_killed", "pods_unready", "no_pods"}),
+    frozenset({"endpoint_errors", "bad_rollout"}),
+    frozenset({"endpoint_slow", "saturated"}),
+)
+
+
+def agree(a: str, b: str) -> bool:
+    """Whether causes ``a`` and ``b`` are one explanation seen from two sides (pure)."""
+    return a == b or any(a in group and b in group for group in AGREEING)
+
+
 def conclude(hypotheses: tuple[Hypothesis, ...], failures: list[Observation], *, reasoner: str = NAME,
              notes: tuple[str, ...] = ()) -> Assessment:
     """The assessment from ranked hypotheses: conclusive only if the best is probable and clearly ahead (pure)."""
-    failed = "; ".join(f"{o.tool}.{o.operation}: {o.excerpt[:160]}" for o in failures[:5])
+    failed = "; ".join(f"{o.tool}.{o.operation}: {cut_at_word(o.excerpt, 160)}" for o in failures[:5])
     best = hypotheses[0] if hypotheses else None
-    runner_up = hypotheses[1].score if len(hypotheses) > 1 else 0.0
+    runner_up = max((h.score for h in hypotheses[1:] if not agree(best.cause, h.cause)), default=0.0) \
+        if best is not None else 0.0
     if best is None or not best.evidence_for:
         why = "no diagnostic supported any explanation"
         return Assessment(
@@ -1384,22 +1687,31 @@ class RulesReasoner:
         self.selection: Selection = selection
 
     async def investigate(self, inv: Investigation) -> Assessment:
-        """Run the playbooks the alert calls for and conclude (never raises for a tool failure)."""
+        """Sweep what the Job can see (or, baseline, run the playbooks the alert's words call for) and
+        conclude (never raises for a tool failure)."""
         alert = alert_facts(inv.incident)
         expr_obs = None
         if alert.generator_url and inv.offers("prometheus", "alert_expression"):
             expr_obs = await inv.call("prometheus", "alert_expression", {"generator_url": alert.generator_url})
-        drafts: list[Draft] = []
-        chosen = choose_playbooks(alert)
-        for name in chosen:
-            drafts += await PLAYBOOKS[name](inv, alert)
-        notes: tuple[str, ...] = ()
-        if alert.namespace is None or alert.workload is None:
-            if any(pb in chosen for pb in ("pods", "rollout", "endpoint", "saturation")):
-                notes = ("the alert's labels name no valid namespace and workload: Kubernetes was not consulted",)
-        if alert.queue is None and "queues" in chosen:
-            notes += ("the alert's labels name no queue (label queue, with vhost): the broker was not consulted",)
+        if self.selection == "names":
+            drafts, notes = await _by_names(inv, alert)
+        else:
+            drafts, notes = await sweep_domains(inv, alert)
         _apply_alert_expression(drafts, expr_obs)
         failures = [o for o in inv.observations if not o.ok]
         return conclude(rank(drafts), failures, notes=notes)
 
+
+async def _by_names(inv: Investigation, alert: AlertFacts) -> tuple[list[Draft], tuple[str, ...]]:
+    """The baseline: only the playbooks the alert's name, expression and annotations match."""
+    drafts: list[Draft] = []
+    chosen = choose_playbooks(alert)
+    for name in chosen:
+        drafts += await PLAYBOOKS[name](inv, alert)
+    notes: tuple[str, ...] = ()
+    if alert.namespace is None or alert.workload is None:
+        if any(pb in chosen for pb in ("pods", "rollout", "endpoint", "saturation")):
+            notes = ("the alert's labels name no valid namespace and workload: Kubernetes was not consulted",)
+    if alert.queue is None and "queues" in chosen:
+        notes += ("the alert's labels name no queue (label queue, with vhost): the broker was not consulted",)
+    return drafts, notes

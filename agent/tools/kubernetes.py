@@ -49,7 +49,8 @@ _NS = {"type": "string", "description": "namespace (default: the tool's namespac
 OPERATIONS: dict[str, OperationSpec] = {
     "pods": OperationSpec(
         name="pods",
-        description="Pods of a workload (by label selector or workload/Deployment name): phase, readiness, "
+        description="Pods of a workload (by label selector or workload/Deployment name; neither: the whole "
+                    "namespace, failing pods first): phase, readiness, "
                     "restarts, waiting reason such as CrashLoopBackOff, last termination such as OOMKilled "
                     "with exit code.",
         parameters={"type": "object", "additionalProperties": False,
@@ -87,6 +88,14 @@ class ApiFailure(Exception):
         if isinstance(body, dict):
             reason, message = str(body.get("reason", "")), str(body.get("message", ""))
         super().__init__(f"HTTP {status} {reason}: {message}".strip(": "))
+
+
+def _unhealthy_first(pod: Mapping[str, Any]) -> tuple[bool, int]:
+    """Sort key of raw pods: not ready before ready, more restarts first (pure)."""
+    status = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
+    return ready, -restarts
 
 
 def selector_string(selector: Mapping[str, Any] | None) -> str:
@@ -240,12 +249,16 @@ class KubernetesTool:
 
     async def _pods(self, asked: list[str], namespace: str, params: Mapping[str, Any]) -> tuple[Any, str, bool]:
         selector, workload = params.get("selector"), params.get("workload")
-        if not selector and not workload:
-            raise ParamError("give 'selector' or 'workload'")
         path = f"/api/v1/namespaces/{namespace}/pods"
         rows = self.limits.max_rows
         matched_by = "selector"
-        if selector:
+        if not selector and not workload:  # the whole namespace: whichever pods in it are failing come first
+            matched_by = "namespace"
+            pods, more = await self._list(asked, path, self._core.list_namespaced_pod, namespace, limit=LIST_LIMIT)
+            pods.sort(key=_unhealthy_first)
+            more = more or len(pods) > rows
+            pods = pods[:rows]
+        elif selector:
             pods, more = await self._list(asked, path, self._core.list_namespaced_pod, namespace, limit=rows,
                                           label_selector=str(selector))
         else:
@@ -272,7 +285,8 @@ class KubernetesTool:
         for p in summaries:
             for why in {p["waiting_reason"], (p["last_termination"] or {}).get("reason"), p["reason"]} - {None}:
                 reasons[why] = reasons.get(why, 0) + 1
-        lines = [f"{len(summaries)} pods in {namespace} ({matched_by}: {selector or workload}); not ready {not_ready}; "
+        lines = [f"{len(summaries)} pods in {namespace} ({matched_by}: {selector or workload or 'all'}); "
+                 f"not ready {not_ready}; "
                  f"restarts {sum(p['restarts'] for p in summaries)}"
                  + ("; " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) if reasons else "")]
         for p in summaries[:30]:

@@ -385,8 +385,12 @@ class PostgresTool(LazySession):
             return data, "no session is waiting for a lock held by another", False
         lines = [f"{total} sessions blocked; root blockers: "
                  + (", ".join(str(p) for p in roots) or "none (a cycle, or they finished)")]
-        lines += [f"blocker pid {e['pid']} {e['application_name'] or '-'} from {e['client_addr']} ({e['state']}, "
-                  f"transaction {e['xact_age_s']:.0f} s) blocks {e['blocks_total']}: {e['query']!r}"
+        # A waiter queued ahead of others also "blocks" them (pg_blocking_pids): it is named as a waiter,
+        # never as a blocker, so only the sessions that wait on nobody read as the cause.
+        lines += [f"{'queued waiter' if e['waiting'] else 'root blocker'} pid {e['pid']} "
+                  f"{e['application_name'] or '-'} from {e['client_addr']} ({e['state']}, "
+                  f"transaction {int(e['xact_age_s'] or 0)} s) "
+                  f"{'is itself waiting, ahead of' if e['waiting'] else 'blocks'} {e['blocks_total']}: {e['query']!r}"
                   for e in blockers[:10]]
         lines += [f"blocked pid {b['pid']} {b['application_name'] or '-'} waits {b['lock_wait_s']:.1f} s on "
                   f"{b['blocked_by']}: {b['query']!r}" for b in blocked[:20]]

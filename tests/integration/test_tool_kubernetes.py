@@ -218,8 +218,19 @@ async def test_an_answer_larger_than_max_bytes_is_a_failed_observation(k8s_emula
     assert not obs.ok and "max_bytes" in obs.excerpt
 
 
+async def test_without_a_selector_or_workload_the_whole_namespace_is_listed_failing_pods_first(k8s_emulator, tool):
+    # Given an alert that names only a namespace, and a workload in it with a crash-looping pod
+    await _workload(k8s_emulator)
+    obs = await tool.run("pods", {})
+    # Then every pod of the namespace is listed, the failing ones before the ready one
+    assert obs.ok and obs.data["matched_by"] == "namespace"
+    names = [p["name"] for p in obs.data["pods"]]
+    assert set(names) >= {f"{APP}-7d9f-healthy", f"{APP}-7d9f-crashing", f"{APP}-7d9f-oom"}
+    assert names.index(f"{APP}-7d9f-healthy") > max(names.index(f"{APP}-7d9f-crashing"),
+                                                    names.index(f"{APP}-7d9f-oom"))
+
+
 async def test_invalid_parameters_are_failed_observations(tool):
-    assert "give 'selector' or 'workload'" in (await tool.run("pods", {})).excerpt
     assert "required" in (await tool.run("rollouts", {})).excerpt
     assert "unknown operation" in (await tool.run("delete_pod", {"name": "x"})).excerpt
     assert "not a valid Kubernetes name" in (await tool.run("pods", {"workload": "x,app!=y"})).excerpt

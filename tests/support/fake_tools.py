@@ -97,6 +97,15 @@ def exhausted_connections() -> dict[str, Any]:
             "by_database": [{"datname": "shop", "total": 19}], "oldest_idle_in_transaction_s": 235.0}
 
 
+def calm_connections(total: int = 12) -> dict[str, Any]:
+    """A server far from its limit: a few active sessions, the rest idle, nobody idle in transaction."""
+    return {"max_connections": 100, "superuser_reserved_connections": 3, "total": total, "usage_ratio": total / 100,
+            "by_state": {"active": 4, "idle": total - 4},
+            "by_application": [app_row("checkout-api", active=2, idle=total - 6), app_row("billing", active=2, idle=2)],
+            "by_client": [{"client_addr": "10.0.3.7", "total": total, "idle_in_transaction": 0}],
+            "by_database": [{"datname": "shop", "total": total}], "oldest_idle_in_transaction_s": 0.0}
+
+
 def session(pid: int, app: str, *, state: str = "idle in transaction", xact_age_s: float = 0.0,
             running_s: float = 0.0, client: str = "10.0.3.7", query: str = "SELECT 1") -> dict[str, Any]:
     return {"pid": pid, "usename": "shop", "application_name": app, "client_addr": client, "datname": "shop",

@@ -35,6 +35,7 @@ from tests.support.fake_tools import (
     T0,
     FakeTool,
     app_row,
+    calm_connections,
     connection_alert,
     exhausted_connections,
     idle_sessions,
@@ -149,7 +150,7 @@ async def test_a_missing_tool_is_reported_in_the_finding() -> None:
     result = await RulesReasoner().investigate(inv)
     finding = assemble(inv, result, investigation_id="inv-1")
     assert finding.conclusion is Conclusion.INCONCLUSIVE
-    assert any("'postgres' is not available" in e.excerpt for e in finding.evidence)
+    assert any("this Job has no PostgreSQL source" in e.excerpt for e in finding.evidence)
 
 
 # --- lock contention -------------------------------------------------------------------------
@@ -185,7 +186,8 @@ def test_root_blockers_follow_the_chain_to_the_session_that_waits_on_nobody() ->
 
 async def test_lock_contention_proposes_terminating_the_root_blocker() -> None:
     inv = investigation(incident("PostgresLockWaits", expr="sum(pg_locks_count{mode=~\".*ExclusiveLock\"}) > 10"),
-                        postgres(blocking_chains=CHAINS, idle_in_transaction=idle_sessions([])))
+                        postgres(blocking_chains=CHAINS, idle_in_transaction=idle_sessions([]),
+                                 connections=calm_connections()))
     result = await RulesReasoner().investigate(inv)
     assert result.conclusion is Conclusion.CONCLUSIVE
     assert result.hypotheses[0].cause == "lock_contention"
@@ -198,7 +200,8 @@ async def test_lock_contention_proposes_terminating_the_root_blocker() -> None:
 async def test_slow_queries_without_blocking_are_not_called_lock_contention() -> None:
     slow = {"total": 1, "min_s": 30, "sessions": [session(501, "analytics", state="active", running_s=900.0,
                                                           query="SELECT count(*) FROM events")]}
-    inv = investigation(incident("PostgresLongRunningQueries"), postgres(long_running=slow))
+    inv = investigation(incident("PostgresLongRunningQueries"),
+                        postgres(long_running=slow, connections=calm_connections(), idle_in_transaction=idle_sessions([])))
     result = await RulesReasoner().investigate(inv)
     assert result.hypotheses[0].cause == "slow_queries"
     assert '"analytics"' in result.hypotheses[0].statement
@@ -386,8 +389,13 @@ async def test_label_values_that_are_not_kubernetes_names_are_never_used_as_para
     k8s = kubernetes([])
     inc = incident("KubePodCrashLooping", namespace="shop", deployment='x", namespace="kube-system')
     result = await RulesReasoner().investigate(investigation(inc, k8s))
-    assert k8s.calls == []
+    # Then only the valid namespace is asked about (its pods), never the hostile workload name
+    assert all(params == {"namespace": "shop"} for _, params in k8s.calls)
     assert result.conclusion is Conclusion.INCONCLUSIVE
+    # ... and the baseline, which needs a workload, says Kubernetes was not consulted
+    k8s = kubernetes([])
+    result = await RulesReasoner(selection="names").investigate(investigation(inc, k8s))
+    assert k8s.calls == []
     assert any("no valid namespace and workload" in n for n in result.notes)
 
 
@@ -458,7 +466,8 @@ async def test_calls_go_through_the_given_runner_such_as_the_toolbox() -> None:
 
     inv = investigation(connection_alert(), pg, run_tool=run_tool)
     await RulesReasoner().investigate(inv)
-    assert seen == ["postgres.connections", "postgres.idle_in_transaction", "postgres.blocking_chains"]
+    assert seen == ["postgres.connections", "postgres.idle_in_transaction", "postgres.blocking_chains",
+                    "postgres.long_running"]
 
 
 async def test_the_finding_carries_ranked_hypotheses_with_evidence_for_and_against() -> None:
@@ -477,7 +486,7 @@ async def test_the_finding_carries_ranked_hypotheses_with_evidence_for_and_again
     [action] = finding.proposed_actions
     assert (action.action, action.executed, action.params["decision"]) == (
         "terminate_idle_backends", False, "propose_only")
-    assert finding.cost.tool_calls == 4 and finding.cost.wall_seconds > 0
+    assert finding.cost.tool_calls == 5 and finding.cost.wall_seconds > 0
     assert decode(encode(finding), Finding) == finding  # valid on the wire
 
 
