@@ -111,6 +111,9 @@ class Hypothesis:
     evidence_for: tuple[Evidence, ...] = ()
     evidence_against: tuple[Evidence, ...] = ()
     actions: tuple[ProposedAction, ...] = ()  # what would remedy it, if it is the cause
+    # The unbounded weight of the evidence (log-odds) behind ``score``, where the reasoner keeps one: two
+    # hypotheses both at the score ceiling are still told apart by it. None: compare scores only.
+    log_odds: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

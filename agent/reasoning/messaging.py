@@ -134,6 +134,8 @@ def _view(q: Mapping[str, Any], *, detailed: bool) -> QueueView | None:
     ready, consumers = _int(q.get("messages_ready")), _int(q.get("consumers"))
     if ready is None or consumers is None:  # not sampled yet: nothing to say about it
         return None
+    if str(q.get("type") or "") == "stream":  # a stream keeps its messages by design: "ready" is no backlog
+        return None
     consumer_rows = [c for c in q.get("consumer_details") or [] if isinstance(c, Mapping)] if detailed else []
     channels = [c for c in q.get("channels") or [] if isinstance(c, Mapping)] if detailed else []
     channel_unacked = [n for c in channels if (n := _int(c.get("messages_unacknowledged"))) is not None]
@@ -312,10 +314,9 @@ def assess_queue_view(obs: Observation, q: QueueView, *, named: bool, scoped: bo
     # Stalled: every prefetch window full of unacknowledged messages and nothing moves.
     window = q.window
     held = max(u, q.channel_unacked or 0)
-    stalled_h.statement = (f"the {_plural(c, 'consumer')} of {where} are stalled: {held} unacknowledged "
-                           f"message(s) fill their prefetch window ({window if window is not None else '?'}), nothing "
-                           f"is acknowledged, {n} message(s) wait")
-    if window is not None and held >= window:
+    if window is not None and held >= window:  # the statement says only what the evidence shows
+        stalled_h.statement = (f"the {_plural(c, 'consumer')} of {where} are stalled: {held} unacknowledged "
+                               f"message(s) fill their prefetch window ({window}), {n} message(s) wait")
         windows = "+".join(str(p) for p in q.prefetch) if all(q.prefetch) else str(window)
         stalled_h.supports(obs, f"every consumer's prefetch window is full: {held} unacked = prefetch "
                                 f"{windows} over {_plural(c, 'consumer')}", 2.0)

@@ -76,6 +76,8 @@ PRIOR = -2.0  # log-odds of a hypothesis before any evidence (≈ 0.12)
 MAX_SCORE = 0.95  # rules are never certain
 CONCLUSIVE_SCORE = 0.6  # the best hypothesis must reach this ...
 CONCLUSIVE_MARGIN = 0.15  # ... and lead the runner-up by this much
+CONCLUSIVE_LOG_ODDS_MARGIN = 1.0  # ... or, both near the ceiling, by this much weight of evidence
+SYMPTOM_WEIGHT = 1.5  # a probable hypothesis that explains the very symptom the alert is about (a tie-break)
 INCONCLUSIVE_CONFIDENCE = 0.4  # confidence is capped here when inconclusive
 AGENT_APPLICATION_PREFIX = "agentjobs-agent"  # our own diagnostics session is never the culprit
 
@@ -647,7 +649,7 @@ class Draft:
         score = min(MAX_SCORE, 1.0 / (1.0 + math.exp(-self.logit)))
         return Hypothesis(cause=self.cause, statement=self.statement, score=round(score, 3),
                           evidence_for=tuple(self.evidence_for), evidence_against=tuple(self.evidence_against),
-                          actions=tuple(self.actions))
+                          actions=tuple(self.actions), log_odds=round(self.logit, 3))
 
 
 Playbook = Callable[[Investigation, AlertFacts], Awaitable[list[Draft]]]
@@ -1573,6 +1575,35 @@ SWEEPS: Mapping[str, Playbook] = {
 }
 
 
+# The symptom each cause explains, as the playbook whose words describe that symptom in an alert.
+SYMPTOMS: Mapping[str, tuple[str, ...]] = {
+    "connection_exhaustion_idle_in_transaction": ("connections",), "connection_exhaustion_load": ("connections",),
+    "lock_pileup": ("connections", "locks"), "lock_contention": ("locks",), "slow_queries": ("locks",),
+    "idle_in_transaction": ("connections", "locks"),
+    "oom_killed": ("pods",), "crash_loop": ("pods",), "pods_unready": ("pods", "endpoint"), "no_pods": ("pods",),
+    "pods_pending": ("pods",), "bad_rollout": ("rollout",), "not_a_rollout": ("rollout",),
+    "endpoint_unreachable": ("endpoint",), "endpoint_down": ("endpoint",), "endpoint_errors": ("rollout", "endpoint"),
+    "endpoint_slow": ("rollout", "endpoint"), "saturated": ("saturation",),
+    "no_consumer": ("queues",), "stalled_consumer": ("queues",), "consumers_too_slow": ("queues",),
+    "broker_memory_alarm": ("queues",), "broker_disk_alarm": ("queues",), "publishers_blocked": ("queues",),
+}
+
+
+def weigh_symptom(drafts: Iterable[Draft], alert: AlertFacts) -> None:
+    """Raise, a little, each hypothesis the evidence already makes probable that explains the symptom the
+    alert's words describe — two real problems at once, the one alerted on comes first. Words never create a
+    hypothesis nor support one nothing observed supports; an alert whose words match nothing raises none."""
+    scores = playbook_scores(alert)
+    about = {pb for pb, score in scores.items() if score > 0}
+    if not about:
+        return
+    said = Observation(tool="alert", operation="symptom", query=f"alertname {alert.name}", ok=True,
+                       at=datetime.now(UTC))
+    for d in drafts:  # only the strong: a tie-break between real problems, never what makes a weak case conclusive
+        if 1.0 / (1.0 + math.exp(-d.logit)) >= CONCLUSIVE_SCORE and about & set(SYMPTOMS.get(d.cause, ())):
+            d.supports(said, f"it explains the symptom the alert {_q(alert.name)} describes", SYMPTOM_WEIGHT)
+
+
 async def sweep_domains(inv: Investigation, alert: AlertFacts) -> tuple[list[Draft], tuple[str, ...]]:
     """Every domain the Job can see, swept in the order the alert suggests; the evidence ranks the result."""
     drafts: list[Draft] = []
@@ -1598,6 +1629,11 @@ async def sweep_domains(inv: Investigation, alert: AlertFacts) -> tuple[list[Dra
 # The reasoner.
 # --------------------------------------------------------------------------------------------
 
+def cleared(expr_obs: Observation | None) -> bool:
+    """Whether the alert's own expression, re-run, returns nothing now (pure)."""
+    return expr_obs is not None and expr_obs.ok and not read_series(expr_obs)
+
+
 def _apply_alert_expression(drafts: list[Draft], obs: Observation | None) -> None:
     """The alert's own expression, re-run: still true raises every hypothesis a little, cleared lowers them."""
     if obs is None or not obs.ok:
@@ -1616,9 +1652,24 @@ def rank(drafts: Iterable[Draft]) -> tuple[Hypothesis, ...]:
     done = [d.finish() for d in drafts if d.evidence_for or d.evidence_against]
     by_cause: dict[str, Hypothesis] = {}
     for h in done:  # the same cause from two playbooks: keep the better-supported one
-        if h.cause not in by_cause or h.score > by_cause[h.cause].score:
+        if h.cause not in by_cause or _weight(h) > _weight(by_cause[h.cause]):
             by_cause[h.cause] = h
-    return tuple(sorted(by_cause.values(), key=lambda h: (-h.score, -len(h.evidence_for), h.cause)))
+    return tuple(sorted(by_cause.values(), key=lambda h: (-_weight(h), -len(h.evidence_for), h.cause)))
+
+
+def _weight(h: Hypothesis) -> float:
+    return h.log_odds if h.log_odds is not None else h.score
+
+
+def leads(best: Hypothesis, other: float | Hypothesis) -> bool:
+    """Whether ``best`` is clearly ahead of ``other``: by ``CONCLUSIVE_MARGIN`` in score or — both near the
+    ceiling, where scores stop telling them apart — by ``CONCLUSIVE_LOG_ODDS_MARGIN`` in evidence (pure)."""
+    if isinstance(other, float):
+        return best.score - other >= CONCLUSIVE_MARGIN
+    if best.score - other.score >= CONCLUSIVE_MARGIN:
+        return True
+    return (best.log_odds is not None and other.log_odds is not None
+            and best.log_odds - other.log_odds >= CONCLUSIVE_LOG_ODDS_MARGIN)
 
 
 # Causes that tell the same story from two sides: they are not rivals when both fit. A lock chain that
@@ -1629,11 +1680,16 @@ AGREEING: tuple[frozenset[str], ...] = (
     frozenset({"connection_exhaustion_idle_in_transaction", "idle_in_transaction"}),
     frozenset({"bad_rollout", "crash_loop"}),
     frozenset({"oom_killed", "crash_loop"}),
-    # An endpoint that is down because its pods crash, are OOM-killed, unready or gone; errors after a rollout;
+    # An endpoint down because its pods crash, are OOM-killed, unready or gone; errors after a rollout;
     # slow because every replica is saturated.
-    frozenset({"endpoint_down", "endpoint_unreachable", "crash_loop", "oom_killed", "pods_unready", "no_pods"}),
+    *(frozenset({down, why}) for down in ("endpoint_down", "endpoint_unreachable")
+      for why in ("endpoint_down", "crash_loop", "oom_killed", "pods_unready", "no_pods", "pods_pending")
+      if down != why),
     frozenset({"endpoint_errors", "bad_rollout"}),
     frozenset({"endpoint_slow", "saturated"}),
+    # A backlog that fills the broker's memory or disk sets off the alarm that blocks the publishers.
+    *(frozenset({alarm, other}) for alarm in ("broker_memory_alarm", "broker_disk_alarm")
+      for other in ("no_consumer", "consumers_too_slow", "stalled_consumer", "publishers_blocked")),
 )
 
 
@@ -1647,15 +1703,15 @@ def conclude(hypotheses: tuple[Hypothesis, ...], failures: list[Observation], *,
     """The assessment from ranked hypotheses: conclusive only if the best is probable and clearly ahead (pure)."""
     failed = "; ".join(f"{o.tool}.{o.operation}: {cut_at_word(o.excerpt, 160)}" for o in failures[:5])
     best = hypotheses[0] if hypotheses else None
-    runner_up = max((h.score for h in hypotheses[1:] if not agree(best.cause, h.cause)), default=0.0) \
-        if best is not None else 0.0
+    rival = next((h for h in hypotheses[1:] if best is not None and not agree(best.cause, h.cause)), None)
+    runner_up = rival.score if rival is not None else 0.0
     if best is None or not best.evidence_for:
         why = "no diagnostic supported any explanation"
         return Assessment(
             reasoner=reasoner, summary=f"inconclusive: {why}" + (f" (failed: {failed})" if failed else ""),
             probable_cause="unknown: the diagnostics this agent could run did not point to a cause",
             confidence=0.0, conclusion=Conclusion.INCONCLUSIVE, hypotheses=hypotheses, notes=notes)
-    if best.score >= CONCLUSIVE_SCORE and best.score - runner_up >= CONCLUSIVE_MARGIN:
+    if best.score >= CONCLUSIVE_SCORE and leads(best, rival if rival is not None else 0.0):
         return Assessment(reasoner=reasoner, summary=best.statement, probable_cause=best.statement,
                           confidence=best.score, conclusion=Conclusion.CONCLUSIVE, hypotheses=hypotheses,
                           actions=best.actions, notes=notes)
@@ -1697,6 +1753,8 @@ class RulesReasoner:
             drafts, notes = await _by_names(inv, alert)
         else:
             drafts, notes = await sweep_domains(inv, alert)
+            if not cleared(expr_obs):  # a symptom that is gone now raises nothing
+                weigh_symptom(drafts, alert)
         _apply_alert_expression(drafts, expr_obs)
         failures = [o for o in inv.observations if not o.ok]
         return conclude(rank(drafts), failures, notes=notes)

@@ -164,7 +164,7 @@ async def test_two_am_idle_transactions_exhaust_connections_and_the_agent_names_
         assert proposed[0]["params"].get("application_name") == CULPRIT and proposed[0]["executed"] is False, report
         assert not any(a["executed"] for a in finding["proposed_actions"]), report
         # and the agent saw the database as its own Vault-issued user
-        observed_as = {m.group(1) for e in activity if (m := re.search(r"\(observed as (\S+)\)", e["excerpt"]))}
+        observed_as = {m.group(1) for e in activity if (m := re.search(r"\(observed as (\S+) on target", e["excerpt"]))}
         assert len(observed_as) == 1 and not observed_as & roles_before, report
         # One Job for the alert group
         dispatched = [line for line in out.lines if line.strip().startswith("dispatched")]

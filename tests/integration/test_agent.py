@@ -278,7 +278,7 @@ async def test_agent_publishes_its_finding_with_its_own_users_and_refuses_a_repl
     secrets = _secrets_handed_out(_audit_entries(audit_log))
     assert {"agent_token", "db_password", "amqp_password"} <= secrets.keys(), secrets.keys()
     assert message.user_id == secrets["amqp_user"] != "guest"
-    assert f"(observed as {secrets['db_user']})" in pg_evidence[0].excerpt  # PostgreSQL saw the dynamic user
+    assert f"(observed as {secrets['db_user']} on target" in pg_evidence[0].excerpt  # PostgreSQL saw the dynamic user
 
     # ... and the agent revoked itself at the end: token and both users are gone
     lookup = bao.hvac_client().auth.token

@@ -106,3 +106,19 @@ def test_a_refusal_in_the_summary_is_cut_at_a_word_with_the_whole_text_in_the_ev
     assert cut.endswith("…") and one_line.startswith(cut[:-1])
     assert one_line[len(cut) - 1] == " "  # the cut falls between words
     assert failed.evidence().excerpt == refusal
+
+
+async def test_two_real_problems_at_once_the_one_alerted_on_comes_first() -> None:
+    # Given one server with both an idle-in-transaction hog exhausting connections and a lock chain
+    from tests.support.fake_tools import IDLE_CHECKOUT, SATURATION_EXPR
+
+    both = {"blocking_chains": CHAINS, "idle_in_transaction": IDLE_CHECKOUT}
+    hog = await RulesReasoner().investigate(investigation(
+        incident("PostgresTooManyConnections", expr=SATURATION_EXPR), postgres(**both)))
+    locks = await RulesReasoner().investigate(investigation(
+        incident("PostgresLockWaits", expr='sum(pg_locks_count{mode=~".*ExclusiveLock"}) > 10'), postgres(**both)))
+    # Then each alert gets the explanation of its own symptom, conclusively, with the other one ranked too
+    assert hog.conclusion is locks.conclusion is Conclusion.CONCLUSIVE
+    assert hog.hypotheses[0].cause == "connection_exhaustion_idle_in_transaction"
+    assert locks.hypotheses[0].cause == "lock_contention"
+    assert "lock_contention" in {h.cause for h in hog.hypotheses}
