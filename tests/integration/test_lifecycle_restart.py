@@ -6,13 +6,21 @@ has no memory, so it can only learn the ending from the Job itself.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
+
 import pytest
 
+from dispatcher.intake.service import DispatcherService
+from dispatcher.jobs.local import LocalRuntime, read_records
 from schemas import LifecycleState, decode_incident, identify
 from tests.integration.dispatcher_harness import PodDriver, Results, lifecycle_ids, publish
 from tests.integration.lifecycle_helpers import dispatcher, firing, outcomes, resolved
-from tests.integration.test_dispatcher import _until
+from tests.integration.k8s_helpers import settings_for
+from tests.integration.test_dispatcher import _until, env  # noqa: F401 - the fixture
 from tests.integration.test_dispatcher_credentials import world  # noqa: F401 - the fixture
+from tests.support.identities import url_for
 from tests.support.k8s.resources import JOBS
 
 pytestmark = pytest.mark.integration
@@ -67,3 +75,37 @@ async def test_a_restarted_dispatcher_reannounces_a_running_job_without_minting(
     assert {m[1] for m in results.keys("lifecycle.dispatched")} == {f"{inv}:dispatched"}
     assert minted == []
     assert len(handle.cluster.store.list(JOBS, handle.namespace)) == 1
+
+
+async def test_with_the_local_runtime_a_restart_keeps_the_finished_job_and_reports_the_resolution(
+        env, tmp_path):  # noqa: F811
+    # Given a LocalRuntime whose Job ended (exit 0) under a dispatcher that then stopped
+    handle, url = env
+    body = firing("LocalEnded", "db-1")
+    ident = identify(decode_incident(body))
+    settings = settings_for(handle.namespace, AGENTJOBS_AMQP__URL=url_for(url, "dispatcher"),
+                            AGENTJOBS_K8S__AGENT_COMMAND=json.dumps([sys.executable, "-c", "pass"]))
+
+    @contextlib.asynccontextmanager
+    async def local_dispatcher():
+        service = DispatcherService(settings, LocalRuntime(tmp_path / "local", use_cgroup=False), health_port=0)
+        await service.start()
+        try:
+            yield service
+        finally:
+            await service.stop(drain_timeout=5)
+
+    async with Results(url) as results:
+        async with local_dispatcher():
+            await publish(url, [body])
+            await results.wait_for(lambda: lifecycle_ids(results, "succeeded") == [ident.investigation_id])
+        # When a new dispatcher with a new runtime on the same state gets a re-send and the resolution
+        async with local_dispatcher() as again:
+            await publish(url, [body])
+            await _until(lambda: outcomes(again).get("duplicate") == 1)
+            await publish(url, [resolved("LocalEnded", "db-1")])
+            await results.wait_for(lambda: results.keys("lifecycle.resolved"))
+    # Then no second dispatched, no false cancel, and the Job's record is still there
+    assert lifecycle_ids(results, "dispatched") == [ident.investigation_id]
+    assert results.keys("lifecycle.cancelled") == []
+    assert [r.name for r in read_records(tmp_path / "local")] == [ident.job_name]
