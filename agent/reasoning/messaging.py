@@ -22,13 +22,13 @@ Causes: ``no_consumer``, ``stalled_consumer``, ``consumers_too_slow``,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.tools.base import Observation
 
 from .base import Investigation, quote_untrusted
-from .rules import QUEUE_BACKLOG, QUEUE_BACKLOG_PER_CONSUMER, AlertFacts, Draft, assess_queue
+from .rules import QUEUE_BACKLOG, QUEUE_BACKLOG_PER_CONSUMER, AlertFacts, Draft, assess_queue, read_queue_status
 
 TOOL = "rabbitmq"
 STALL_RATE = 0.01  # messages per second below which nothing is delivered or acknowledged
@@ -365,6 +365,15 @@ def assess_no_backlog(obs: Observation, where: str) -> list[Draft]:
     return drafts
 
 
+def exact_counts(named: Observation, view: QueueView, declared: Observation) -> tuple[Observation, QueueView]:
+    """The queue's view with the passive declare's ready and consumer counts, which are exact now, where they
+    differ from the management API's sampled ones — and that observation as the one to cite (pure)."""
+    exact = read_queue_status(declared)
+    if exact is None or (exact.ready, exact.consumers) == (view.ready, view.consumers):
+        return named, view
+    return declared, replace(view, ready=exact.ready, consumers=exact.consumers)
+
+
 def suspects(queues: list[QueueView], seen: set[tuple[str, str]], limit: int = MAX_SUSPECTS) -> list[QueueView]:
     """The most backed-up queues not looked at yet (ready > 0, most first) (pure)."""
     return [q for q in queues if q.ready > 0 and (q.vhost, q.name) not in seen][:limit]
@@ -396,6 +405,8 @@ async def sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
         named = await inv.call(TOOL, "queue", params) if offers["queue"] else None
         view = read_queue_detail(named) if named is not None else None
         if named is not None and view is not None:
+            if offers["queue_status"]:  # the management API's counts lag by its sampling interval (~5 s)
+                named, view = exact_counts(named, view, await inv.call(TOOL, "queue_status", params))
             drafts += assess_queue_view(named, view, named=True)
             seen.add((view.vhost, view.name))
         elif offers["queue_status"]:  # no management answer: the passive declare still counts

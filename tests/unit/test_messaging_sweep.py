@@ -259,3 +259,17 @@ def test_a_channel_wide_prefetch_is_a_window_too():
     hypotheses, assessment = verdict(messaging.assess_queue_view(o, view(o), named=True))
     assert assessment.conclusion is Conclusion.CONCLUSIVE and hypotheses[0].cause == "stalled_consumer"
     assert any("8 unacked = prefetch 8 over 2 consumers" in e.excerpt for e in hypotheses[0].evidence_for)
+
+
+def test_the_passive_declares_exact_counts_win_over_the_management_apis_lagging_sample() -> None:
+    # Given a queue just filled: the management API has not sampled it yet (0 ready), the declare says 500
+    sampled = detail(ready=0, consumers=0)
+    declared = obs("queue_status", {"vhost": "shop", "queue": "orders", "message_count": 500, "consumer_count": 0})
+    cited, exact = messaging.exact_counts(sampled, view(sampled), declared)
+    # Then the exact counts are assessed, citing the declare
+    assert cited is declared and (exact.ready, exact.consumers) == (500, 0)
+    hypotheses, result = verdict(messaging.assess_queue_view(cited, exact, named=True))
+    assert hypotheses[0].cause == "no_consumer" and result.conclusion is Conclusion.CONCLUSIVE
+    # ... and where both agree, the richer management observation stays the one cited
+    same = obs("queue_status", {"vhost": "shop", "queue": "orders", "message_count": 0, "consumer_count": 0})
+    assert messaging.exact_counts(sampled, view(sampled), same)[0] is sampled
