@@ -233,6 +233,7 @@ class Session:
     query: str
     user: str = ""  # usename, when the tool reports it
     backend_start: str = ""  # when the tool reports it (identifies the session beyond its pid)
+    database: str = ""  # datname, when the tool reports it
 
 
 def _sessions(obs: Observation, seconds: tuple[str, ...]) -> list[Session]:
@@ -242,7 +243,7 @@ def _sessions(obs: Observation, seconds: tuple[str, ...]) -> list[Session]:
                     client_addr=_str(_pick(r, "client_addr", "client")),
                     seconds=_float(_pick(r, *seconds), 0.0) or 0.0, state=_str(_pick(r, "state")),
                     query=_str(_pick(r, "query")), user=_str(_pick(r, "usename", "user")),
-                    backend_start=_str(_pick(r, "backend_start")))
+                    backend_start=_str(_pick(r, "backend_start")), database=_str(_pick(r, "datname", "database")))
             for r in rows(obs.data)]
 
 
@@ -892,6 +893,8 @@ async def locks_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
             lock_h.supports(idle_src, f"the root blocker pid {pid} holds its locks idle in transaction "
                                       f"(transaction open {int(idle_root.seconds)} s)", 1.0)
         slow_h.contradicts(chain_obs, f"{len(blocked)} session(s) are blocked by others, not just slow", 1.0)
+        if seen is not None:
+            assess_database(lock_h, chain_obs, seen, alert)
     elif chain_obs.ok:
         lock_h.contradicts(chain_obs, "no session waits for a lock", 2.5)
     unblocked_long = [s for s in long if s.pid not in blocked]
@@ -905,6 +908,7 @@ async def locks_playbook(inv: Investigation, alert: AlertFacts) -> list[Draft]:
             slow_h.supports(long_obs, f"the longest has run for {int(worst.seconds)} s", 1.0)
         if chain_obs.ok and not chains:
             slow_h.supports(chain_obs, "no session waits for a lock: the time is spent running", 0.5)
+        assess_database(slow_h, long_obs, worst, alert)
     elif long_obs.ok:
         slow_h.contradicts(long_obs, f"no unblocked query runs for {LONG_RUNNING_MIN} s or more", 1.5)
     return [lock_h, slow_h]
@@ -1442,8 +1446,20 @@ async def _connections(inv: Investigation, alert: AlertFacts) -> Observation:
                        excerpt="neither PostgreSQL nor its exporter's metrics are available to this Job")
 
 
+def assess_database(h: Draft, obs: Observation, session: Session, alert: AlertFacts) -> None:
+    """The session is in the database the alert names (it is about this one), or in another (pure)."""
+    named = alert.labels.get("datname", "").strip()
+    if not named or not session.database:
+        return
+    if session.database == named:
+        h.supports(obs, f"pid {session.pid} is in database {_q(named)}, the one the alert names", 0.5)
+    else:
+        h.contradicts(obs, f"pid {session.pid} is in database {_q(session.database)}, the alert is about "
+                           f"{_q(named)}", 1.5)
+
+
 def assess_idle_holder(idle_obs: Observation, chain_obs: Observation, conn: Connections | None,
-                       conn_obs: Observation) -> Draft:
+                       conn_obs: Observation, alert: AlertFacts) -> Draft:
     """One session (or a few) keeping a transaction open while idle — the hazard itself when it neither
     blocks others nor exhausts the connections (then those explain the incident better) (pure)."""
     h = Draft(cause="idle_in_transaction", statement="a session holds a transaction open while idle")
@@ -1462,6 +1478,7 @@ def assess_idle_holder(idle_obs: Observation, chain_obs: Observation, conn: Conn
     if worst.seconds >= 2 * IDLE_TX_MIN_AGE:
         h.supports(idle_obs, f"that transaction has been open for {int(worst.seconds)} s, over "
                              f"{2 * IDLE_TX_MIN_AGE} s", 1.0)
+    assess_database(h, idle_obs, worst, alert)
     idle_pids = {s.pid for s in idle}
     blocking = [(pid, n) for pid, n in root_blockers(read_blocking(chain_obs)) if pid in idle_pids]
     if blocking:
@@ -1492,7 +1509,7 @@ async def database_sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
     idle_obs = await inv.call("postgres", "idle_in_transaction", {"min_age_s": IDLE_TX_MIN_AGE})
     chain_obs = await inv.call("postgres", "blocking_chains", {})
     conn_obs = await _connections(inv, alert)
-    drafts.append(assess_idle_holder(idle_obs, chain_obs, read_connections(conn_obs), conn_obs))
+    drafts.append(assess_idle_holder(idle_obs, chain_obs, read_connections(conn_obs), conn_obs, alert))
     return drafts
 
 

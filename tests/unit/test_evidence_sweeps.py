@@ -122,3 +122,14 @@ async def test_two_real_problems_at_once_the_one_alerted_on_comes_first() -> Non
     assert hog.hypotheses[0].cause == "connection_exhaustion_idle_in_transaction"
     assert locks.hypotheses[0].cause == "lock_contention"
     assert "lock_contention" in {h.cause for h in hog.hypotheses}
+
+
+async def test_a_session_in_another_database_than_the_alert_names_speaks_against_itself() -> None:
+    slow = {"total": 1, "min_s": 30, "sessions": [session(501, "analytics", state="active", running_s=95.0)]}
+    pg = postgres(long_running=slow, connections=calm_connections(), idle_in_transaction=idle_sessions([]))
+    here = await RulesReasoner().investigate(investigation(incident("DashboardsStale", datname="shop"), pg))
+    elsewhere = await RulesReasoner().investigate(investigation(incident("DashboardsStale", datname="ledger"), pg))
+    assert here.hypotheses[0].cause == "slow_queries" and here.conclusion is Conclusion.CONCLUSIVE
+    [slow_elsewhere] = [h for h in elsewhere.hypotheses if h.cause == "slow_queries"]
+    assert any('the alert is about "ledger"' in e.excerpt for e in slow_elsewhere.evidence_against)
+    assert elsewhere.conclusion is Conclusion.INCONCLUSIVE
