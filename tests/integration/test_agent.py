@@ -582,9 +582,16 @@ async def test_sigterm_mid_investigation_still_revokes_the_token(
             writer.close()
         server.close()
 
-    # Then: it says so, publishes nothing and its token (with every lease) is already revoked
-    assert proc.returncode == 1, err.decode()
-    assert err.decode().strip().splitlines()[-1].startswith("terminated: SIGTERM received")
-    assert await results.get(timeout=5, fail=False) is None
+    # Then: it says so, publishes one partial, inconclusive finding of what it had (nothing
+    # answered) and its token (with every lease) is already revoked
+    assert proc.returncode == 5, err.decode()
+    assert err.decode().strip().splitlines()[-1].startswith("stopped_with_partial_finding: SIGTERM received")
+    message = await results.get(timeout=5)
+    await message.ack()
+    finding = decode(message.body, Finding)
+    assert finding.investigation_id == identify(incident).investigation_id
+    assert finding.conclusion == "inconclusive" and not finding.hypotheses
+    assert message.message_id == finding.idempotency_key  # the same key a complete finding would carry
+    assert await results.get(timeout=1, fail=False) is None
     with pytest.raises(hvac.exceptions.InvalidRequest, match="invalid accessor"):
         await asyncio.to_thread(bao.hvac_client().auth.token.lookup_accessor, accessor)

@@ -121,7 +121,6 @@ SCENARIOS: tuple[Scenario, ...] = (
         induce=pg.connections_exhausted,
         expected="connection_exhaustion_idle_in_transaction",
         evidence=("prometheus",),
-        awaits="the exporter fallback in Prometheus when PostgreSQL refuses the agent (agent/reasoning/exporter.py)",
     ),
     # ---------------------------------------------------------------- RabbitMQ
     Scenario(
