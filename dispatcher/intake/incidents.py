@@ -260,8 +260,11 @@ class Intake:
             return None
         recalled = self.tracker.add(from_job(investigation_id=investigation_id, job_name=job_name,
                                              labels=status.labels, annotations=status.annotations))
-        if status.ended:  # never re-announced: the ticket had its terminal state
-            recalled.dispatch_reported = True
+        if status.ended:
+            # An acknowledged ending was reported after its `dispatched` (the watcher sees to that),
+            # so the ticket had both: never re-announced. An unacknowledged one is the watcher's to
+            # report, `dispatched` first if nobody confirmed it (a launcher that died in between).
+            recalled.dispatch_reported = status.reported
             self.tracker.finish(investigation_id, at=status.finished_at or status.created_at)
         log.info("investigation_recalled", recalled_job=job_name, state=status.state.value)
         return recalled

@@ -94,6 +94,17 @@ def resolved_after_end(tracked: Tracked, *, at: datetime, event_id: str, alert_c
     )
 
 
+def dispatched_late(event: RuntimeEvent, tracked: Tracked) -> LifecycleEvent:
+    """``dispatched`` for a Job whose launcher died before confirming it (pure): published before
+    its ending, under the same message id the launcher would have used."""
+    return LifecycleEvent(
+        investigation_id=event.investigation_id, incident_key=tracked.incident_key,
+        state=LifecycleState.DISPATCHED, at=event.at, job_name=event.job_name, phase=tracked.phase,
+        message="reported when the Job ended: the dispatcher that launched it stopped before telling",
+        alert_count=len(tracked.fingerprints), follows=tracked.follows,
+    )
+
+
 def _exit_reason(exit_code: int | None) -> FailureReason | None:
     """The agent said why it failed through its exit code (see ``AgentExit``)."""
     try:

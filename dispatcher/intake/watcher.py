@@ -9,7 +9,10 @@ finding per investigation. A Job cancelled because its alert resolved (the
 runtime returns the cancel's reason as the event's message) ends
 ``cancelled`` with reason ``alert_resolved``. Publishing is retried until
 the broker confirms — a terminal state is never dropped because RabbitMQ
-hiccupped. Jobs first seen here (launched by another replica, or before a
+hiccupped. An ending is reported only after its ``dispatched``: if nobody
+here confirmed it (the launching dispatcher died between the Job and the
+publish), it goes first (same message id), so an acknowledged ending means
+the ticket had both and a restarted intake never re-announces it. Jobs first seen here (launched by another replica, or before a
 restart) are counted against the caps.
 """
 
@@ -25,7 +28,7 @@ from dispatcher.intake.admission import AdmissionGate
 from dispatcher.credentials.tokens import Credentials, Expected, NoCredentials
 from schemas.logs import bound, get_logger
 from dispatcher.plumbing.metrics import Metrics
-from dispatcher.intake.reporting import Reporter, failure_result, lifecycle_for
+from dispatcher.intake.reporting import Reporter, dispatched_late, failure_result, lifecycle_for
 from schemas.routing import lifecycle_key
 from dispatcher.plumbing.retry import Backoff, retry
 from dispatcher.jobs.runtime import JobRuntime, RuntimeEvent
@@ -109,6 +112,10 @@ class Watcher:
             log.info("job_started")
             return
         revoked = await self._revoke_tokens(event, event.annotations, set())  # first: nothing outlives the Job
+        if not tracked.dispatch_reported:  # its launcher died before telling: the ticket hears it first
+            dispatched = dispatched_late(event, tracked)
+            await self._publish(lambda: self.reporter.lifecycle(dispatched))
+            tracked.dispatch_reported = True
         lifecycle = lifecycle_for(event, tracked)
         await self._publish(lambda: self.reporter.lifecycle(lifecycle))
         if lifecycle.state is not LifecycleState.SUCCEEDED and not agent_published(event):

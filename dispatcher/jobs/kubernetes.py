@@ -129,7 +129,7 @@ def status_of(job: Mapping[str, Any]) -> JobStatus:
     return JobStatus(job_name=meta.get("name", ""),
                      investigation_id=(meta.get("labels") or {}).get(jobspec.LABEL_INVESTIGATION, ""),
                      state=state, created_at=_time(meta.get("creationTimestamp")), finished_at=finished,
-                     labels=dict(meta.get("labels") or {}), annotations=annotations)
+                     reported=bool(reported), labels=dict(meta.get("labels") or {}), annotations=annotations)
 
 
 def pod_failure(pods: list[Mapping[str, Any]]) -> tuple[FailureReason | None, str, int | None]:

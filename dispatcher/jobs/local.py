@@ -583,7 +583,7 @@ class LocalRuntime:
         state = JobState.RUNNING if record.state in _LIVE_STATES else JobState(record.state)
         return JobStatus(job_name=record.name, investigation_id=record.investigation_id, state=state,
                          created_at=record.created_at, finished_at=record.finished_at,
-                         exit_code=record.exit_code, labels=dict(record.labels),
+                         exit_code=record.exit_code, reported=record.reported, labels=dict(record.labels),
                          annotations=dict(record.annotations))
 
     async def cancel(self, job_name: str, *, reason: str = CANCEL_REASON) -> bool:

@@ -66,6 +66,7 @@ class JobStatus(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime | None = None
     finished_at: datetime | None = None  # when it ended, if it did
     exit_code: int | None = None  # the agent's, when the runtime knows it
+    reported: bool = False  # its ending was reported and acknowledged (so was its ``dispatched``)
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
 

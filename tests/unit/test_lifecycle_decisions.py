@@ -6,7 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 from dispatcher.intake import followups
 from dispatcher.intake.followups import Member, Verdict, decide
-from dispatcher.intake.reporting import failure_result, lifecycle_for, resolved_after_end
+from dispatcher.intake.reporting import (
+    dispatched_late,
+    failure_result,
+    lifecycle_for,
+    lifecycle_message_id,
+    resolved_after_end,
+)
 from dispatcher.intake.tracker import Tracked, Tracker, from_job
 from dispatcher.intake.watcher import agent_published
 from dispatcher.jobs import jobspec
@@ -139,3 +145,14 @@ def test_a_kubernetes_job_s_conditions_say_whether_and_when_it_ended():
     assert done.ended and done.state is JobState.SUCCEEDED and done.finished_at == T0 + timedelta(minutes=1)
     reported = status_of({**base, "metadata": {**base["metadata"], "annotations": {jobspec.ANN_REPORTED: "cancelled"}}})
     assert reported.state is JobState.CANCELLED
+    assert reported.reported and not done.reported  # only an acknowledged ending counts as told
+
+
+def test_a_dispatched_reported_late_carries_the_launcher_s_message_id_and_the_job_s_facts():
+    tracked = Tracked(investigation_id="i", incident_key="k", job_name="aj-x", fingerprints={"a", "b"},
+                      follows="first")
+    ending = RuntimeEvent(job_name="aj-x", investigation_id="i", state=JobState.SUCCEEDED, at=T0)
+    late = dispatched_late(ending, tracked)
+    assert late.state is LifecycleState.DISPATCHED and late.alert_count == 2 and late.follows == "first"
+    assert lifecycle_message_id(late.investigation_id, late.state) == "i:dispatched"
+    assert "stopped before telling" in late.message
