@@ -18,9 +18,10 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
-from schemas import Phase
+from schemas import IncidentEvent, Phase
 
 from .remediation.limits import ActionLimits
+from .targets import DEFAULT, Choice, PostgresTarget, choose, TargetsError, parse_match, parse_targets
 
 AuthMode = Literal["per-investigation", "kubernetes", "none"]
 AUTH_MODES: tuple[AuthMode, ...] = ("per-investigation", "kubernetes", "none")
@@ -82,6 +83,13 @@ class AgentEnv:
     sa_token_file: Path | None  # projected ServiceAccount token (kubernetes mode only)
     amqp_url: str  # broker URL incl. vhost, without credentials (except in auth mode none)
     postgres_dsn: str  # diagnostics target without credentials; empty: not configured
+    # Named PostgreSQL targets (AGENTJOBS_POSTGRES__TARGETS) and the labels selecting the default one
+    # (AGENTJOBS_POSTGRES__MATCH): agent.targets picks one by the incident's labels.
+    postgres_targets: tuple[PostgresTarget, ...] = ()
+    postgres_match: Mapping[str, str] = field(default_factory=dict)
+    # The target this investigation queries (set once the incident is read; DEFAULT: postgres_dsn's),
+    # whose Vault role (schemas.vault_paths.database_role_for) its database user comes from.
+    postgres_target: str = DEFAULT
     mount_root: Path | None = None
     domain_label: str = "domain"  # incident label naming the domain (routing key part)
     vault_timeout: float = 10.0  # seconds per Vault request
@@ -98,6 +106,11 @@ class AgentEnv:
     # Blast-radius limits the dispatcher computed for this Job (AGENTJOBS_ACTIONS__*); what it did not
     # give allows nothing (no allowance, no allow-list): agent.remediation.limits.
     actions: ActionLimits = field(default_factory=ActionLimits)
+
+    def postgres_choice(self, incident: IncidentEvent) -> Choice:
+        """The PostgreSQL target ``incident``'s labels select (agent.targets.choose)."""
+        default = PostgresTarget(name=DEFAULT, dsn=self.postgres_dsn, match=dict(self.postgres_match))
+        return choose(incident, default=default, targets=self.postgres_targets)
 
     @property
     def action_ledger_file(self) -> Path | None:
@@ -293,6 +306,8 @@ def load(environ: Mapping[str, str]) -> AgentEnv:
         sa_token_file=sa_token_file,
         amqp_url=_required(environ, "AGENTJOBS_AMQP__URL"),
         postgres_dsn=environ.get("AGENTJOBS_POSTGRES__DSN", "").strip(),
+        postgres_targets=_postgres_targets(environ),
+        postgres_match=_postgres_match(environ),
         mount_root=mount_root,
         domain_label=environ.get("AGENTJOBS_ADMISSION__DOMAIN_LABEL", "").strip() or "domain",
         vault_timeout=_seconds(environ, "AGENTJOBS_VAULT__REQUEST_TIMEOUT", 10.0),
@@ -305,6 +320,21 @@ def load(environ: Mapping[str, str]) -> AgentEnv:
         work_dir=_work_dir(environ, mount_root),
         actions=_actions(environ),
     )
+
+
+def _postgres_targets(environ: Mapping[str, str]) -> tuple[PostgresTarget, ...]:
+    try:
+        return parse_targets(environ.get("AGENTJOBS_POSTGRES__TARGETS", "").strip())
+    except TargetsError as exc:
+        raise ConfigError(f"AGENTJOBS_POSTGRES__TARGETS: {exc}") from None
+
+
+def _postgres_match(environ: Mapping[str, str]) -> dict[str, str]:
+    raw = environ.get("AGENTJOBS_POSTGRES__MATCH", "").strip() or "{}"
+    try:
+        return parse_match(json.loads(raw), "AGENTJOBS_POSTGRES__MATCH")
+    except ValueError as exc:
+        raise ConfigError(f"AGENTJOBS_POSTGRES__MATCH={raw[:80]!r} is not a JSON object of labels ({exc})") from None
 
 
 def _work_dir(environ: Mapping[str, str], mount_root: Path | None) -> Path | None:

@@ -254,9 +254,9 @@ class VaultSession:
         log.info("credentials_issued", path=path, username=data["username"], lease_ttl=int(duration))
         return DynamicSecret(username=str(data["username"]), password=str(data["password"]), lease=lease)
 
-    async def database(self) -> DynamicSecret | Denied:
-        """A PostgreSQL user from the database role of this session's phase."""
-        return await self.read_secret(vault_layout.database_creds_path(self.phase))
+    async def database(self, target: str = "") -> DynamicSecret | Denied:
+        """A PostgreSQL user on ``target`` ("": the default one) from the role of this session's phase."""
+        return await self.read_secret(vault_layout.database_creds_path(self.phase, target))
 
     async def llm_api_key(self) -> str | Denied:
         """The LLM endpoint's API key from KV (``agentjobs-kv/llm``, field ``api_key``)."""

@@ -30,6 +30,7 @@ token is ever written anywhere.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sys
 import time
@@ -129,7 +130,7 @@ async def _database_access(
     """(user, password, evidence, why unavailable) for the diagnostics database."""
     if session is None or not env.postgres_dsn:
         return None, None, [], None  # mode none: the DSN carries its own credentials, if any
-    got = await session.database()
+    got = await session.database(env.postgres_target)
     if isinstance(got, Denied):
         # The phase's policy may not grant it: that is evidence for the finding, not a crash.
         refusal = Evidence(source="vault", query=f"read {got.path}", excerpt=got.reason, at=utcnow(), ok=False)
@@ -147,6 +148,9 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
         if env.auth_mode != "none":
             session = await credentials.start(env, clock=clock)
         incident = read_incident(env)
+        # The server the alert's labels name (agent.targets): its address and its Vault role from here on.
+        choice = env.postgres_choice(incident)
+        env = dataclasses.replace(env, postgres_dsn=choice.dsn, postgres_target=choice.name)
         approval = approved.read_approval(env)  # a follow-up Job runs one approved action, nothing else
         amqp_user = amqp_password = None
         if session is not None:
@@ -173,7 +177,9 @@ async def run(env: AgentEnv, *, clock: Callable[[], float] = time.monotonic) -> 
                 api_key = got
         if session is not None:  # every lease is known now
             renewer = asyncio.create_task(session.renew_until(stop), name="agentjobs-lease-renewer")
-        if not env.postgres_dsn:
+        if choice.evidence is not None:
+            prior.append(choice.evidence)
+        elif not env.postgres_dsn:
             prior.append(Evidence(source="postgres", excerpt="PostgreSQL is not configured "
                                   "(AGENTJOBS_POSTGRES__DSN is empty)", at=utcnow(), ok=False))
         tools, unavailable = await engine.open_tools(env, db_user=db_user, db_password=db_password,

@@ -67,21 +67,54 @@ def kubernetes_role(phase: Phase) -> str:
     return f"{TOKEN_ROLE_PREFIX}{phase.value}"
 
 
-def database_role_for(phase: Phase | None) -> str:
-    """The Vault database role a Job of ``phase`` gets its PostgreSQL user from.
+# A named PostgreSQL target (``postgres.targets.<name>``): lowercase letters, digits and inner
+# dashes, so that it can end a Vault role name and a connection name as it is.
+TARGET_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?")
+
+
+def check_target_name(name: str) -> str:
+    """``name`` if it may name a PostgreSQL target, else ``ValueError`` saying why (pure)."""
+    if not TARGET_NAME.fullmatch(name):
+        raise ValueError(f"{name[:60]!r} is not a target name (1-40 of a-z, 0-9 and inner '-')")
+    return name
+
+
+def database_connection_name(target: str = "") -> str:
+    """``database/config/<name>`` of a target: ``agentjobs-postgres`` for the default one ("")."""
+    return f"{DATABASE_CONNECTION}-{check_target_name(target)}" if target else DATABASE_CONNECTION
+
+
+def target_roles(target: str = "") -> tuple[str, ...]:
+    """The database roles of a target's connection (its ``allowed_roles``), one per kind of phase."""
+    return tuple(_for_target(role, target) for role in DATABASE_ROLES)
+
+
+def _for_target(role: str, target: str) -> str:
+    return f"{role}-{check_target_name(target)}" if target else role
+
+
+def database_role_for(phase: Phase | None, target: str = "") -> str:
+    """The Vault database role a Job of ``phase`` gets its PostgreSQL user from, on ``target``.
 
     Only the phases that may act (limited-remediation, autonomous) get the role that can
     terminate backends; ``None`` (a caller that does not know the phase) gets the read-only
-    one, which fails closed in a remediation phase (its policy does not grant it).
+    one, which fails closed in a remediation phase (its policy does not grant it). A named
+    target's roles carry its name after the kind's (``agentjobs-diagnostics-ledger``): each
+    phase policy's one glob per kind (``database/creds/agentjobs-diagnostics-*``) reaches every
+    target's role of that kind, and never the other kind's.
     """
-    if phase in (Phase.LIMITED_REMEDIATION, Phase.AUTONOMOUS):
-        return DATABASE_REMEDIATION_ROLE
-    return DATABASE_ROLE
+    kind = DATABASE_REMEDIATION_ROLE if phase in (Phase.LIMITED_REMEDIATION, Phase.AUTONOMOUS) else DATABASE_ROLE
+    return _for_target(kind, target)
 
 
-def database_creds_path(phase: Phase | None = None) -> str:
-    """``database/creds/<role>`` of ``phase`` (``None``: the read-only role; see ``database_role_for``)."""
-    return f"{DATABASE_MOUNT}/creds/{database_role_for(phase)}"
+def database_creds_path(phase: Phase | None = None, target: str = "") -> str:
+    """``database/creds/<role>`` of ``phase`` on ``target`` ("": the default one; see ``database_role_for``)."""
+    return f"{DATABASE_MOUNT}/creds/{database_role_for(phase, target)}"
+
+
+def database_creds_policy_glob(phase: Phase) -> str:
+    """The one glob of ``phase``'s policy on the database mount: every named target's role of its kind."""
+    return f"{database_creds_path(phase)}-*"
 
 
 def rabbitmq_creds_path() -> str:

@@ -135,15 +135,21 @@ class DatabaseConnection:
     dbname: str  # database the agent's user may connect to
 
 
-def database_connection(settings: Settings) -> DatabaseConnection:
-    """Vault's view of ``postgres.admin_dsn``: a templated URL plus separate credentials."""
-    dsn = settings.postgres.admin_dsn
+def database_connection(settings: Settings, target: str = "") -> DatabaseConnection:
+    """Vault's view of ``postgres.admin_dsn`` (or of a named target's): a templated URL plus separate
+    credentials."""
+    where = f"postgres.targets.{target}.admin_dsn" if target else "postgres.admin_dsn"
+    named = settings.postgres.targets.get(target) if target else None
+    if target and named is None:
+        raise BootstrapError(f"postgres.targets has no target {target!r}")
+    dsn = named.admin_dsn if named is not None else settings.postgres.admin_dsn
+    agents_dsn = named.dsn if named is not None else settings.postgres.dsn
     parts = urlsplit(dsn)
     if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
-        raise BootstrapError("postgres.admin_dsn must be a postgresql://user@host:port/db URL")
+        raise BootstrapError(f"{where} must be a postgresql://user@host:port/db URL")
     if any(k.lower() in ("user", "password") for k, _ in parse_qsl(parts.query)):
         raise BootstrapError(
-            "postgres.admin_dsn: put the user and password before the host, not in the query"
+            f"{where}: put the user and password before the host, not in the query"
         )
     username = unquote(parts.username or "")
     password = unquote(parts.password or "")
@@ -151,7 +157,7 @@ def database_connection(settings: Settings) -> DatabaseConnection:
     netloc = host
     if username:
         netloc = "{{username}}" + (":{{password}}" if password else "") + "@" + host
-    target = urlsplit(settings.postgres.dsn) if settings.postgres.dsn else parts
+    target = urlsplit(agents_dsn) if agents_dsn else parts
     dbname = unquote(target.path.lstrip("/")) or unquote(target.username or "") or "postgres"
     return DatabaseConnection(
         connection_url=urlunsplit(parts._replace(netloc=netloc)),
@@ -161,8 +167,9 @@ def database_connection(settings: Settings) -> DatabaseConnection:
     )
 
 
-def database_role(settings: Settings, role: str = layout.DATABASE_ROLE) -> dict[str, Any]:
-    """Body of database/roles/<role>: ``agentjobs-diagnostics`` or ``agentjobs-remediation``.
+def database_role(settings: Settings, role: str = layout.DATABASE_ROLE, target: str = "") -> dict[str, Any]:
+    """Body of database/roles/<role>: ``agentjobs-diagnostics`` or ``agentjobs-remediation``
+    (on a named ``target``: the same kind, ``<role>`` the kind's name, on the target's connection).
 
     Both are read-only diagnostics users; the remediation role (limited-remediation and
     autonomous, ``layout.database_role_for``) is also a member of ``pg_signal_backend``, so it
@@ -178,7 +185,7 @@ def database_role(settings: Settings, role: str = layout.DATABASE_ROLE) -> dict[
         ['GRANT pg_signal_backend TO "{{name}}";'] if role == layout.DATABASE_REMEDIATION_ROLE else []
     )
     return {
-        "db_name": layout.DATABASE_CONNECTION,
+        "db_name": layout.database_connection_name(target),
         "creation_statements": [
             (
                 "CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
@@ -537,7 +544,8 @@ class _Bootstrap:
             )
 
     def _database(self) -> None:
-        if not self.settings.postgres.admin_dsn:
+        pg = self.settings.postgres
+        if not pg.admin_dsn and not pg.targets:
             self._note(
                 "skipped: database engine (postgres.admin_dsn is empty; agents get no "
                 "PostgreSQL credentials)",
@@ -545,16 +553,28 @@ class _Bootstrap:
                 reason="postgres.admin_dsn is empty",
             )
             return
-        conn = database_connection(self.settings)
+        for target in pg.targets:
+            if not pg.targets[target].admin_dsn:
+                raise BootstrapError(f"postgres.targets.{target}.admin_dsn is empty: Vault cannot create "
+                                     "agent users on that target")
+        fresh = self._ensure_mount("secrets", layout.DATABASE_MOUNT, "database")
+        if pg.admin_dsn:
+            self._database_target("", fresh=fresh)
+        for target in pg.targets:
+            self._database_target(target, fresh=fresh)
+
+    def _database_target(self, target: str, *, fresh: bool) -> None:
+        """One connection (the default's, or a named target's) and its two roles."""
+        conn = database_connection(self.settings, target)
         mount = layout.DATABASE_MOUNT
-        fresh = self._ensure_mount("secrets", mount, "database")
-        path = f"{mount}/config/{layout.DATABASE_CONNECTION}"
+        name = layout.database_connection_name(target)
+        path = f"{mount}/config/{name}"
         body = {
             "plugin_name": "postgresql-database-plugin",
             "connection_url": conn.connection_url,
             "username": conn.username,
             "password": conn.password,
-            "allowed_roles": list(layout.DATABASE_ROLES),
+            "allowed_roles": list(layout.target_roles(target)),
             "verify_connection": True,
         }
         if not conn.password:
@@ -576,14 +596,15 @@ class _Bootstrap:
             self._write(path, body)
             self._changed(
                 "created" if current is None else "updated",
-                f"database connection {layout.DATABASE_CONNECTION}",
+                f"database connection {name}",
                 path,
             )
-        for role in layout.DATABASE_ROLES:  # one per kind of phase: layout.database_role_for
+        # one per kind of phase (layout.database_role_for), named after the target
+        for kind, role in zip(layout.DATABASE_ROLES, layout.target_roles(target), strict=True):
             self._ensure(
                 f"database role {role}",
                 f"{mount}/roles/{role}",
-                database_role(self.settings, role),
+                database_role(self.settings, kind, target),
             )
 
     def _rabbitmq(self) -> None:

@@ -199,6 +199,7 @@ def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
         # Addresses only: the agent inserts its own dynamic (Vault-issued) users.
         "AGENTJOBS_AMQP__URL": without_credentials(settings.amqp.url),
         "AGENTJOBS_POSTGRES__DSN": without_credentials(settings.postgres.dsn),
+        **postgres_targets_env(settings),
         "TRACEPARENT": traceparent(plan.identity.investigation_id, plan.traceparent),
         "HOME": SCRATCH_DIR,
         "TMPDIR": SCRATCH_DIR,
@@ -212,6 +213,18 @@ def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
     if settings.vault.auth_mode == "kubernetes":
         items.append({"name": "AGENTJOBS_SA_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"})
     return items
+
+
+def postgres_targets_env(settings: Settings) -> dict[str, str]:
+    """The named PostgreSQL targets and what selects the default one (agent/targets.py), addresses only."""
+    pg = settings.postgres
+    env = {}
+    if pg.targets:
+        env["AGENTJOBS_POSTGRES__TARGETS"] = msgspec.json.encode(
+            {name: {"dsn": without_credentials(t.dsn), "match": t.match} for name, t in pg.targets.items()}).decode()
+    if pg.match:
+        env["AGENTJOBS_POSTGRES__MATCH"] = msgspec.json.encode(pg.match).decode()
+    return env
 
 
 def _action_env(grant: ActionGrant) -> dict[str, str]:

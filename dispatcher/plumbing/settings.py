@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from schemas import Phase
+from schemas import vault_paths
 from schemas.logs import LoggingSettings
 
 ENV_PREFIX = "AGENTJOBS_"
@@ -205,11 +206,38 @@ class TrustSettings(Section):
             )
 
 
+class PostgresTarget(Section):
+    """A further PostgreSQL server (or database) agents query when an alert's labels name it."""
+
+    dsn: str  # the agents' address, e.g. postgresql://pg-ledger.db:5432/ledger (credentials: Vault)
+    # Alert labels that select it, all of them, e.g. {datname = "ledger"} or {server = "pg-ledger:5432"}
+    match: dict[str, str]
+    # Vault's database engine connects with this to create this target's agent users (as admin_dsn)
+    admin_dsn: str = ""
+
+
 class PostgresSettings(Section):
     dsn: str = ""  # diagnostics target for agents, without credentials; empty: not configured
     # Vault's database engine connects with this to create and drop agent users (needs
     # CREATEROLE); only `agentjobs vault bootstrap` reads it.
     admin_dsn: str = ""
+    # Labels that select the default target (dsn); empty: it serves every alert no target matches.
+    match: dict[str, str] = {}
+    # More servers, by name (1-40 of a-z, 0-9, inner '-'): an alert whose labels match a target's
+    # `match` is investigated there, with a user from the target's own Vault roles
+    # (agentjobs-diagnostics-<name>, agentjobs-remediation-<name>); one naming no target says so.
+    targets: dict[str, PostgresTarget] = {}
+
+    def __post_init__(self) -> None:
+        for name, target in self.targets.items():
+            try:
+                vault_paths.check_target_name(name)
+            except ValueError as exc:
+                raise ValueError(f"postgres.targets: {exc}") from None
+            if not target.match:
+                raise ValueError(f"postgres.targets.{name}.match is empty: no alert could select it")
+            if not target.dsn:
+                raise ValueError(f"postgres.targets.{name}.dsn is empty")
 
 
 class BridgeSettings(Section):

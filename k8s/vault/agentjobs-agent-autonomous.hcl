@@ -24,6 +24,13 @@ path "database/creds/agentjobs-remediation" {
   capabilities = ["read"]
 }
 
+# The same kind of user on each named PostgreSQL target (postgres.targets.<name>: role
+# agentjobs-remediation-<name>, picked by the alert's labels). The glob reaches only roles of this
+# kind: "agentjobs-remediation-*" can never name the other kind's.
+path "database/creds/agentjobs-remediation-*" {
+  capabilities = ["read"]
+}
+
 # Dynamic RabbitMQ user that may only publish to the agentjobs.results exchange.
 path "rabbitmq/creds/agentjobs-results" {
   capabilities = ["read"]

@@ -20,6 +20,13 @@ path "database/creds/agentjobs-diagnostics" {
   capabilities = ["read"]
 }
 
+# The same kind of user on each named PostgreSQL target (postgres.targets.<name>: role
+# agentjobs-diagnostics-<name>, picked by the alert's labels). The glob reaches only roles of this
+# kind: "agentjobs-diagnostics-*" can never name the other kind's.
+path "database/creds/agentjobs-diagnostics-*" {
+  capabilities = ["read"]
+}
+
 # Dynamic RabbitMQ user that may only publish to the agentjobs.results exchange.
 path "rabbitmq/creds/agentjobs-results" {
   capabilities = ["read"]

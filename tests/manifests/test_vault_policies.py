@@ -44,10 +44,37 @@ def test_the_phase_picks_the_database_role() -> None:
 def test_each_phase_policy_reads_its_own_database_role_only(phase: Phase) -> None:
     paths = _paths(vault_layout.policy(phase))
     database = {p for p in paths if p.startswith(f"{vault_layout.DATABASE_MOUNT}/")}
-    assert database == {vault_layout.database_creds_path(phase)}
-    assert re.search(r'capabilities\s*=\s*\["read"\]', paths[vault_layout.database_creds_path(phase)])
-    assert not any(("*" in p or "+" in p) and p != vault_layout.kv_claims_policy_path()
-                   for p in paths)  # no globs that could reach the other role
+    own, targets = vault_layout.database_creds_path(phase), vault_layout.database_creds_policy_glob(phase)
+    assert database == {own, targets}
+    for path in (own, targets):
+        assert re.search(r'capabilities\s*=\s*\["read"\]', paths[path])
+    assert not any(("*" in p or "+" in p) and p not in (vault_layout.kv_claims_policy_path(), targets)
+                   for p in paths)  # no other globs
+
+
+def _granted(paths: dict[str, str], path: str) -> bool:
+    """Whether one of the policy's paths reaches ``path`` (Vault's rules: exact, or a trailing ``*`` prefix)."""
+    return any(p == path or (p.endswith("*") and path.startswith(p[:-1])) for p in paths)
+
+
+@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: p.value)
+@pytest.mark.parametrize("target", ["ledger", "a", "orders-eu-1"])
+def test_each_phase_reaches_its_kind_of_role_on_every_named_target_and_never_the_other_kind(
+        phase: Phase, target: str) -> None:
+    paths = _paths(vault_layout.policy(phase))
+    own = vault_layout.database_creds_path(phase, target)
+    assert own.endswith(f"-{target}") and _granted(paths, own)
+    other_kinds = {f"{vault_layout.DATABASE_MOUNT}/creds/{role}"
+                   for role in vault_layout.target_roles(target)} - {own}
+    assert other_kinds and not any(_granted(paths, p) for p in other_kinds)
+    assert not any(_granted(paths, f"{vault_layout.DATABASE_MOUNT}/{what}/{own.rsplit('/', 1)[1]}")
+                   for what in ("roles", "config", "rotate-role", "static-creds"))
+
+
+@pytest.mark.parametrize("name", ["", "Ledger", "-ledger", "ledger-", "led_ger", "l" * 41, "../x", "a*"])
+def test_a_target_name_that_could_bend_a_role_or_path_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="not a target name"):
+        vault_layout.check_target_name(name)
 
 
 def test_the_dispatcher_policy_reads_no_database_credentials() -> None:
