@@ -74,7 +74,8 @@ async def open_tools(env: AgentEnv, *, db_user: str | None, db_password: str | N
         from .tools.postgres import PostgresTool
 
         tools.append(PostgresTool(env.postgres_dsn, user=db_user, password=db_password, limits=limits,
-                                  application_name=f"agentjobs-agent {env.investigation_id[:16]}"))
+                                  application_name=f"agentjobs-agent {env.investigation_id[:16]}",
+                                  target=env.postgres_target or "default"))
     if env.tools.prometheus_url:
         from .tools.prometheus import PrometheusTool
 

@@ -108,8 +108,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                   annotations={"summary": "ledger postings have almost stopped"}),
         induce=pg.second_database,
         expected="lock_contention",
-        evidence=("ledger-close", "$holder_pid"),
-        awaits="PostgreSQL targets from alert labels (agent/targets.py select_target)",
+        evidence=("ledger-close", "$holder_pid", 'database "ledger"'),
     ),
     Scenario(
         name="pg_connections_exhausted_agent_refused",

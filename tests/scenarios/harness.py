@@ -58,6 +58,9 @@ class Sources:
     the alert and the expected evidence name (ports, vhosts, pods, start time)."""
 
     tools: Callable[[], Awaitable[list[Tool]]]
+    # Instead of ``tools``, where the Job's tools depend on the alert (e.g. the PostgreSQL target its
+    # labels select): the tools for this incident.
+    tools_for: Callable[[IncidentEvent], Awaitable[list[Tool]]] | None = None
     facts: dict[str, str] = field(default_factory=dict)
     # Awaited once after every induction of the group is in place (e.g. until transactions are old
     # enough to count): the waits of a group overlap instead of adding up.
@@ -144,7 +147,7 @@ async def close_all(tools: Iterable[Tool]) -> None:
 
 async def investigate(sources: Sources, incident: IncidentEvent, reasoner: Reasoner) -> Assessment:
     """One read-only investigation of ``incident`` by ``reasoner`` over fresh real tools."""
-    tools = await sources.tools()
+    tools = await (sources.tools_for(incident) if sources.tools_for is not None else sources.tools())
     try:
         inv = Investigation(incident=incident, tools={t.name: t for t in tools}, phase=Phase.READ_ONLY)
         return await reasoner.investigate(inv)

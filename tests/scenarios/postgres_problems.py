@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.targets import DEFAULT, PostgresTarget, choose
 from agent.tools.base import Limits, Tool
 from agent.tools.postgres import PostgresTool
 from agent.tools.prometheus import PrometheusTool
+from schemas import IncidentEvent
 from tests.scenarios.harness import Sources
 from tests.support.observability import (
     PostgresExporter,
@@ -55,10 +57,12 @@ async def database_server(*databases: str, settings: Mapping[str, str | int] | N
             yield pg, agent_role
 
 
-def postgres_tool(pg: PostgresCluster, role: tuple[str, str], dbname: str = "postgres") -> PostgresTool:
+def postgres_tool(pg: PostgresCluster, role: tuple[str, str], dbname: str = "postgres", *,
+                  target: str = "default") -> PostgresTool:
     """The agent's postgres tool on ``pg``, as its read-only role."""
     user, password = role
-    return PostgresTool(f"postgresql://127.0.0.1:{pg.port}/{dbname}", user=user, password=password, limits=LIMITS)
+    return PostgresTool(f"postgresql://127.0.0.1:{pg.port}/{dbname}", user=user, password=password, limits=LIMITS,
+                        target=target)
 
 
 def older_than(pg: PostgresCluster, pids: Sequence[int], seconds: float = SETTLE_S, *,
@@ -133,21 +137,28 @@ async def second_database(_: Any) -> AsyncIterator[Sources]:
         blocking_chain(busy.dsn(APP_ROLE, "ledger"), busy.dsn(), holder_app="ledger-close",
                        waiter_app="payments-api", waiters=2) as chain,
     ):
-        async def tools() -> list[Tool]:
-            return await tools_for_targets(
-                default=postgres_tool(quiet, quiet_role, "orders"),
-                targets={"ledger": (f"postgresql://127.0.0.1:{busy.port}/ledger", busy_role)})
+        async def tools_for(incident: IncidentEvent) -> list[Tool]:
+            return tools_for_targets(
+                incident, default=(postgres_tool(quiet, quiet_role, "orders"), {}),
+                targets={"ledger": (postgres_tool(busy, busy_role, "ledger", target="ledger"), {"datname": "ledger"})})
 
-        yield Sources(tools=tools, facts=_facts(busy, holder_pid=str(chain.holder_pid)),
+        yield Sources(tools=_unselected, tools_for=tools_for, facts=_facts(busy, holder_pid=str(chain.holder_pid)),
                       settled=older_than(busy, [chain.holder_pid]))
 
 
-async def tools_for_targets(*, default: PostgresTool, targets: Mapping[str, tuple[str, tuple[str, str]]]
-                            ) -> list[Tool]:
-    """The postgres tool the Job would get: the default server, or — once ``agent.targets`` lands — the
-    target the alert's labels select (``AGENTJOBS_POSTGRES__TARGETS``). Until then: the default."""
-    del targets  # wired in when agent/targets.py exists (see the scenario's ``awaits``)
-    return [default]
+async def _unselected() -> list[Tool]:
+    raise AssertionError("this problem's tools depend on the alert: Sources.tools_for")
+
+
+def tools_for_targets(incident: IncidentEvent, *, default: tuple[PostgresTool, Mapping[str, str]],
+                      targets: Mapping[str, tuple[PostgresTool, Mapping[str, str]]]) -> list[Tool]:
+    """The postgres tool the Job would get: the target the alert's labels select (``agent.targets.choose``,
+    as ``AGENTJOBS_POSTGRES__TARGETS`` configures it), each tool with its own target's role."""
+    tools = {DEFAULT: default[0], **{name: tool for name, (tool, _) in targets.items()}}
+    chosen = choose(incident, default=PostgresTarget(name=DEFAULT, dsn=default[0].dsn, match=dict(default[1])),
+                    targets=[PostgresTarget(name=name, dsn=tool.dsn, match=dict(match))
+                             for name, (tool, match) in targets.items()])
+    return [tools[chosen.name]] if chosen.target is not None else []
 
 
 MAX_CONNECTIONS = 10  # 3 of them superuser_reserved_connections: 7 ordinary slots
