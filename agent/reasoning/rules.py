@@ -727,8 +727,7 @@ async def connections_playbook(inv: Investigation, alert: AlertFacts) -> list[Dr
                              + (f" (oldest open for {int(oldest)} s)" if oldest else "") if who else
                              "database connection exhaustion: sessions idle in transaction hold the connections")
     load_h = Draft(cause="connection_exhaustion_load",
-                   statement=f"database connection exhaustion from load: {used}, mostly active sessions, "
-                             "no single application holding idle transactions")
+                   statement=f"database connection exhaustion from load: {used}")
     pile_h = Draft(cause="lock_pileup", statement="sessions pile up waiting for locks and hold their connections")
 
     if conn is not None:
@@ -752,6 +751,9 @@ async def connections_playbook(inv: Investigation, alert: AlertFacts) -> list[Dr
             idle_h.contradicts(conn_obs, "no session is idle in transaction", 2.0)
         if conn.total and active >= 0.6 * conn.total:
             load_h.supports(conn_obs, f"{active} of {conn.total} sessions are active", 1.5)
+            # said only where the evidence says it: "mostly active" beside 0 connections contradicted itself
+            load_h.statement += ", mostly active sessions" + (
+                ", no single application holding idle transactions" if not culprit_idle else "")
     if who and culprit_idle and culprit_idle >= CULPRIT_SHARE * max(1, idle_total):
         src = conn_obs if conn and conn.by_application else idle_obs
         idle_h.supports(src, f"{who} holds {culprit_idle} of the {idle_total} sessions idle in transaction", 1.0)
@@ -1501,7 +1503,8 @@ def assess_idle_holder(idle_obs: Observation, chain_obs: Observation, conn: Conn
 async def database_sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
     """Every question an SRE asks a PostgreSQL server first, whatever the alert is called: connection usage
     against max_connections and who holds them, sessions idle in transaction, locks and blocking chains,
-    long-running queries. Shared calls are answered once (``Investigation.call`` caches them)."""
+    long-running queries, replication (standbys behind, slots retaining WAL). Shared calls are answered once
+    (``Investigation.call`` caches them)."""
     drafts = await connections_playbook(inv, alert)
     if not _direct(inv, await _connections(inv, alert)):
         return drafts  # the exporter answered what it can (connection usage); asking again is refused again
@@ -1510,7 +1513,9 @@ async def database_sweep(inv: Investigation, alert: AlertFacts) -> list[Draft]:
     chain_obs = await inv.call("postgres", "blocking_chains", {})
     conn_obs = await _connections(inv, alert)
     drafts.append(assess_idle_holder(idle_obs, chain_obs, read_connections(conn_obs), conn_obs, alert))
-    return drafts
+    from . import replication
+
+    return drafts + await replication.sweep(inv, alert)
 
 
 def failing_workload(pods: Iterable[Pod]) -> str | None:

@@ -124,6 +124,34 @@ BLOCKERS_SQL = f"""\
 SELECT a.backend_type, {_SESSION_COLUMNS}
 FROM pg_stat_activity a WHERE a.pid = ANY(%(pids)s::int[]) ORDER BY a.xact_start NULLS LAST, a.pid"""
 
+# Both sides of streaming replication in one statement: on a primary its standbys (how far behind each
+# writes and replays, in bytes — the primary's replay_lag interval only moves when the standby replays,
+# so a standby that stopped replaying keeps its last small value) and its slots (WAL each retains); on a
+# standby, WAL received but not replayed, the age of the last replayed transaction, whether replay is
+# paused and whether the WAL receiver streams. pg_read_all_stats sees every column.
+REPLICATION_SQL = """\
+SELECT pg_is_in_recovery(),
+  (SELECT coalesce(json_agg(x ORDER BY x.replay_behind_bytes DESC NULLS LAST), '[]') FROM (
+     SELECT coalesce(nullif(r.application_name, ''), '(none)') AS application_name,
+            coalesce(host(r.client_addr), 'local') AS client_addr, r.state, r.sync_state,
+            round(extract(epoch FROM r.write_lag)::numeric, 3)::float AS write_lag_s,
+            round(extract(epoch FROM r.flush_lag)::numeric, 3)::float AS flush_lag_s,
+            round(extract(epoch FROM r.replay_lag)::numeric, 3)::float AS replay_lag_s,
+            CASE WHEN pg_is_in_recovery() THEN NULL
+                 ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn)::bigint END AS replay_behind_bytes,
+            CASE WHEN pg_is_in_recovery() THEN NULL
+                 ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), r.write_lsn)::bigint END AS write_behind_bytes
+     FROM pg_stat_replication r LIMIT %(rows)s) x),
+  (SELECT coalesce(json_agg(x ORDER BY x.retained_bytes DESC NULLS LAST), '[]') FROM (
+     SELECT s.slot_name::text, s.slot_type, s.active, s.wal_status,
+            CASE WHEN pg_is_in_recovery() OR s.restart_lsn IS NULL THEN NULL
+                 ELSE pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint END AS retained_bytes
+     FROM pg_replication_slots s LIMIT %(rows)s) x),
+  CASE WHEN pg_is_in_recovery() THEN pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint END,
+  CASE WHEN pg_is_in_recovery() THEN round(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::numeric, 3)::float END,
+  CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() END,
+  (SELECT status FROM pg_stat_wal_receiver)"""
+
 _MIN_S = {"type": "number", "minimum": 0}
 OPERATIONS: dict[str, OperationSpec] = {
     "connections": OperationSpec(
@@ -149,6 +177,13 @@ OPERATIONS: dict[str, OperationSpec] = {
         name="blocking_chains",
         description="Lock waits: each blocked session with the pids blocking it (pg_blocking_pids), how long "
                     "it has waited, and the blocking sessions (root blockers first).",
+        parameters={"type": "object", "properties": {}, "additionalProperties": False},
+    ),
+    "replication": OperationSpec(
+        name="replication",
+        description="Streaming replication: on a primary each standby's state and how far behind it writes and "
+                    "replays (bytes, lag), and each replication slot with the WAL it retains; on a standby the WAL "
+                    "received but not replayed, the last replayed transaction's age, replay paused or not.",
         parameters={"type": "object", "properties": {}, "additionalProperties": False},
     ),
 }
@@ -262,7 +297,8 @@ class PostgresTool(LazySession):
         except ParamError as exc:
             return failure(self.name, operation, self._asked(""), f"invalid parameters: {exc}")
         sql = {"connections": CONNECTIONS_SQL, "idle_in_transaction": IDLE_IN_TRANSACTION_SQL,
-               "long_running": LONG_RUNNING_SQL, "blocking_chains": BLOCKED_SQL}[operation]
+               "long_running": LONG_RUNNING_SQL, "blocking_chains": BLOCKED_SQL,
+               "replication": REPLICATION_SQL}[operation]
         import psycopg  # an agent without PostgreSQL configured never needs it
 
         try:
@@ -396,10 +432,42 @@ class PostgresTool(LazySession):
                   f"{b['blocked_by']}: {b['query']!r}" for b in blocked[:20]]
         return data, "\n".join(lines), total > len(blocked)
 
+    async def _replication(self, conn: Any, args: dict[str, Any]) -> tuple[Any, str, bool]:
+        cur = await conn.execute(REPLICATION_SQL, args)
+        row = await cur.fetchone()
+        in_recovery, standbys, slots, unreplayed, replay_age, pause_state, receiver = row
+        data = {"in_recovery": bool(in_recovery), "standbys": standbys or [], "slots": slots or [],
+                "received_not_replayed_bytes": unreplayed, "last_replay_age_s": replay_age,
+                "replay_pause_state": pause_state, "wal_receiver_status": receiver}
+        if in_recovery:
+            lines = [f"this server is a standby: WAL receiver {receiver or 'not running'}; "
+                     f"{mib(unreplayed or 0)} received but not replayed; last replayed transaction "
+                     + (f"{replay_age:.0f} s ago" if replay_age is not None else "unknown")
+                     + f"; replay {pause_state or 'not paused'}"]
+        else:
+            lines = [f"this server is a primary with {len(data['standbys'])} standby(s) and "
+                     f"{len(data['slots'])} replication slot(s)"]
+        lines += [f"standby {r['application_name']} from {r['client_addr']} ({r['state']}, {r['sync_state']}): "
+                  f"writes {mib(r['write_behind_bytes'] or 0)} behind, replays {mib(r['replay_behind_bytes'] or 0)} "
+                  f"behind (replay_lag {r['replay_lag_s'] if r['replay_lag_s'] is not None else '-'} s)"
+                  for r in data["standbys"][:20]]
+        lines += [f"slot {s['slot_name']} ({s['slot_type']}, {'active' if s['active'] else 'inactive'}"
+                  f"{', wal_status ' + s['wal_status'] if s['wal_status'] else ''}): retains "
+                  + (mib(s["retained_bytes"]) if s["retained_bytes"] is not None else "no WAL (never reserved)")
+                  for s in data["slots"][:20]]
+        truncated = len(data["standbys"]) >= args["rows"] or len(data["slots"]) >= args["rows"]
+        return data, "\n".join(lines), truncated
+
     def _session(self, row: tuple[Any, ...]) -> dict[str, Any]:
         entry = dict(zip(_SESSION_KEYS, row, strict=True))
         entry["query"] = redact(mask_query(entry["query"]), self._secrets)
         return entry
+
+
+def mib(n: float) -> str:
+    """``n`` bytes as MiB, one decimal under 10 (pure)."""
+    value = n / 1048576
+    return f"{value:.1f} MiB" if value < 10 else f"{value:.0f} MiB"
 
 
 def _reachable(start: int, edges: Mapping[int, set[int]]) -> set[int]:

@@ -121,6 +121,28 @@ SCENARIOS: tuple[Scenario, ...] = (
         expected="connection_exhaustion_idle_in_transaction",
         evidence=("prometheus",),
     ),
+    Scenario(
+        name="pg_replica_replay_paused",
+        group="postgres",
+        rule=Rule(alertname="RevenueReportsStale",
+                  expr="time() - max(reports_last_refresh_timestamp_seconds) > 900",
+                  labels={"severity": "warning", "team": "analytics", "server": "$server"},
+                  annotations={"summary": "revenue reports show data older than 15 minutes"}),
+        induce=pg.replica_replay_paused,
+        expected="replication_lag",
+        evidence=("replay is paused",),
+    ),
+    Scenario(
+        name="pg_inactive_slot_retains_wal",
+        group="postgres",
+        rule=Rule(alertname="OrdersDbDiskWillFill",
+                  expr='predict_linear(node_filesystem_avail_bytes{mountpoint="/var/lib/postgresql"}[6h], 86400) < 0',
+                  labels={"severity": "warning", "service": "orders-db", "server": "$server"},
+                  annotations={"summary": "the orders database's disk fills within a day at this rate"}),
+        induce=pg.slot_retains_wal,
+        expected="replication_slot_retains_wal",
+        evidence=("backup_host_b", "inactive"),
+    ),
     # ---------------------------------------------------------------- RabbitMQ
     Scenario(
         name="mq_backlog_without_consumer",

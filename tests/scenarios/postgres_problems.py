@@ -161,6 +161,74 @@ def tools_for_targets(incident: IncidentEvent, *, default: tuple[PostgresTool, M
     return [tools[chosen.name]] if chosen.target is not None else []
 
 
+WAL_ROWS = 800_000  # rows of ~400 bytes: ~370 MiB of WAL, beyond the rules' replication thresholds
+
+
+async def _write_wal(pg: PostgresCluster, rows: int = WAL_ROWS) -> None:
+    """The orders workload writing on the primary: a few hundred MiB of WAL in a second or two."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(pg.dsn(APP_ROLE, "orders"), autocommit=True) as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS order_events (id bigint, payload text)")
+        await conn.execute("INSERT INTO order_events SELECT g, repeat('x', 400) FROM generate_series(1, %s) g",
+                           (rows,))
+
+
+def _wal_at_least(pg: PostgresCluster, sql: str, nbytes: int, what: str) -> Any:
+    import psycopg
+
+    async def enough() -> bool:
+        async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
+            row = await (await conn.execute(sql)).fetchone()
+        return bool(row) and row[0] is not None and row[0] >= nbytes
+
+    async def settled() -> None:
+        await wait_until(enough, timeout=SETTLE_TIMEOUT_S, what=what, max_delay=1.0)
+
+    return settled
+
+
+@contextlib.asynccontextmanager
+async def replica_replay_paused(_: Any) -> AsyncIterator[Sources]:
+    """The reports replica: replay was paused for a maintenance (pg_wal_replay_pause) and never resumed; the
+    primary keeps writing, the replica keeps receiving, and every report reads older data."""
+    import psycopg
+
+    async with (
+        database_server("orders") as (primary, role),
+        running_cluster({"cluster_name": "reports-replica"}, standby_of=primary) as replica,
+    ):
+        async with await psycopg.AsyncConnection.connect(replica.dsn(), autocommit=True) as conn:
+            await conn.execute("SELECT pg_wal_replay_pause()")
+        await _write_wal(primary)
+
+        async def tools() -> list[Tool]:
+            return [postgres_tool(replica, role, "orders", target="reports-replica")]
+
+        yield Sources(tools=tools, facts=_facts(replica), settled=_wal_at_least(
+            replica, "SELECT pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())",
+            200 * 1048576, "the replica received 200 MiB it has not replayed"))
+
+
+@contextlib.asynccontextmanager
+async def slot_retains_wal(_: Any) -> AsyncIterator[Sources]:
+    """A physical slot made for a backup host that was decommissioned: nothing consumes it, so the primary keeps
+    every WAL segment since, and its disk fills."""
+    import psycopg
+
+    async with database_server("orders") as (pg, role):
+        async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as conn:
+            await conn.execute("SELECT pg_create_physical_replication_slot('backup_host_b', true)")
+        await _write_wal(pg)
+
+        async def tools() -> list[Tool]:
+            return [postgres_tool(pg, role, "orders")]
+
+        yield Sources(tools=tools, facts=_facts(pg), settled=_wal_at_least(
+            pg, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) FROM pg_replication_slots",
+            300 * 1048576, "the slot retains 300 MiB of WAL"))
+
+
 MAX_CONNECTIONS = 10  # 3 of them superuser_reserved_connections: 7 ordinary slots
 HOGS = MAX_CONNECTIONS - 3
 

@@ -44,12 +44,14 @@ class PostgresCluster:
 
     superuser = "postgres"
 
-    def __init__(self, settings: Mapping[str, str | int] | None = None) -> None:
+    def __init__(self, settings: Mapping[str, str | int] | None = None, *,
+                 standby_of: PostgresCluster | None = None) -> None:
         if POSTGRES_BIN is None:
             raise FileNotFoundError(POSTGRES_MISSING)
         self.bindir = POSTGRES_BIN
         self.port = free_port()
         self.settings = dict(settings or {})
+        self.standby_of = standby_of  # a streaming standby of that (running) cluster: pg_basebackup -R
         self.root = Path(tempfile.mkdtemp(prefix="agentjobs-two-am-pg-"))
         self.datadir = self.root / "data"
         self.sockdir = self.root / "sock"
@@ -80,15 +82,20 @@ class PostgresCluster:
         self.sockdir.mkdir()
         if self._run_as is not None:
             os.chown(self.sockdir, self._run_as.pw_uid, self._run_as.pw_gid)
-        done = subprocess.run(
-            [str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", self.superuser, "--auth=trust",
-             "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
-            capture_output=True, timeout=120, check=False, **self._popen_kwargs())  # type: ignore[call-overload]
+        if self.standby_of is not None:  # a copy of the primary that streams from it (standby.signal)
+            command = [str(self.bindir / "pg_basebackup"), "-D", str(self.datadir), "-R", "-X", "stream",
+                       "--no-sync", "-h", "127.0.0.1", "-p", str(self.standby_of.port), "-U", self.superuser]
+        else:
+            command = [str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", self.superuser, "--auth=trust",
+                       "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"]
+        done = subprocess.run(command, capture_output=True, timeout=120, check=False,
+                              **self._popen_kwargs())  # type: ignore[call-overload]
         if done.returncode != 0:
-            raise RuntimeError(f"initdb failed ({done.returncode}):\n{done.stdout.decode()}{done.stderr.decode()}")
-        # trust on 127.0.0.1 only (and the private socket); nothing else is accepted
+            raise RuntimeError(f"{Path(command[0]).name} failed ({done.returncode}):\n"
+                               f"{done.stdout.decode()}{done.stderr.decode()}")
+        # trust on 127.0.0.1 only (and the private socket), replication included; nothing else is accepted
         (self.datadir / "pg_hba.conf").write_text(
-            "local all all trust\nhost all all 127.0.0.1/32 trust\n")
+            "local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n")
         settings = {"listen_addresses": "127.0.0.1", "port": self.port,
                     "unix_socket_directories": str(self.sockdir), "fsync": "off",
                     "synchronous_commit": "off", "full_page_writes": "off", "shared_buffers": "16MB",
@@ -149,8 +156,9 @@ class PostgresCluster:
 
 
 @contextlib.asynccontextmanager
-async def running_cluster(settings: Mapping[str, str | int] | None = None) -> AsyncIterator[PostgresCluster]:
-    cluster = PostgresCluster(settings)
+async def running_cluster(settings: Mapping[str, str | int] | None = None, *,
+                          standby_of: PostgresCluster | None = None) -> AsyncIterator[PostgresCluster]:
+    cluster = PostgresCluster(settings, standby_of=standby_of)
     try:
         await cluster.start()
         yield cluster
