@@ -19,6 +19,8 @@ AGENT_EGRESS = {
     "agent-egress-dns": {("UDP", 53), ("TCP", 53)},
     "agent-egress-vault": {("TCP", 8200)},
     "agent-egress-rabbitmq": {("TCP", 5672)},
+    "agent-egress-rabbitmq-management": {("TCP", 15672)},
+    "agent-egress-http-targets": {("TCP", 80), ("TCP", 8080), ("TCP", 443)},
     "agent-egress-prometheus": {("TCP", 9090)},
     "agent-egress-loki": {("TCP", 3100)},
     "agent-egress-postgres": {("TCP", 5432)},
