@@ -66,6 +66,7 @@ class LlmEnv:
     max_steps: int = 8
     max_tokens: int = 40000
     wall_seconds: float = 90.0
+    mode: Literal["tools", "hybrid"] = "tools"  # AGENTJOBS_LLM__MODE (agent.reasoning.llm.LlmConfig.mode)
     prices: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -218,6 +219,13 @@ def _url_prefixes(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(prefixes)
 
 
+def _llm_mode(environ: Mapping[str, str]) -> Literal["tools", "hybrid"]:
+    raw = environ.get("AGENTJOBS_LLM__MODE", "").strip().lower() or "tools"
+    if raw not in ("tools", "hybrid"):
+        raise ConfigError(f"AGENTJOBS_LLM__MODE={raw[:40]!r} is not tools or hybrid")
+    return cast(Literal["tools", "hybrid"], raw)
+
+
 def _llm(environ: Mapping[str, str]) -> LlmEnv | None:
     base_url = environ.get("AGENTJOBS_LLM__BASE_URL", "").strip()
     if not base_url:
@@ -234,6 +242,7 @@ def _llm(environ: Mapping[str, str]) -> LlmEnv | None:
         max_steps=_count(environ, "AGENTJOBS_LLM__MAX_STEPS", 8),
         max_tokens=_count(environ, "AGENTJOBS_LLM__MAX_TOKENS", 40000),
         wall_seconds=_seconds(environ, "AGENTJOBS_LLM__WALL_SECONDS", 90.0),
+        mode=_llm_mode(environ),
         prices=prices,
     )
 

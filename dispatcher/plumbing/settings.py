@@ -288,6 +288,9 @@ class LlmSettings(Section):
     max_steps: Positive = 8  # model turns before falling back to rules
     max_tokens: Positive = 40000  # prompt + completion tokens per investigation
     wall_seconds: Seconds = 90.0  # seconds for the model's part
+    # "tools": the model investigates with the tools; "hybrid": the rules' sweep first, its evidence and
+    # ranking handed to the model. Either way its answer is grounded in the rules' scoring afterwards.
+    mode: Literal["tools", "hybrid"] = "tools"
     prices: dict[str, ModelPrice] = {}  # model name or prefix → price
 
 

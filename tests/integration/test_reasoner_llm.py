@@ -32,7 +32,8 @@ GOOD_ANSWER: dict[str, Any] = {
     "confidence": 0.86,
     "conclusion": "conclusive",
     "hypotheses": [
-        {"cause": "idle_transaction_leak", "statement": "checkout-api leaks open transactions", "score": 0.86,
+        {"cause": "connection_exhaustion_idle_in_transaction", "statement": "checkout-api leaks open transactions",
+         "score": 0.86,
          "evidence_for": [{"observation": 1, "note": "15 of 19 sessions idle in transaction, all checkout-api"}]},
         {"cause": "traffic_surge", "score": 0.1, "evidence_against": ["only 3 sessions are active"]},
     ],
@@ -77,12 +78,13 @@ async def test_tool_calling_loop_feeds_observations_back_until_a_final_answer() 
     # The answer became the assessment, its evidence tied to the real observation
     assert result.reasoner == "llm" and result.conclusion is Conclusion.CONCLUSIVE
     best = result.hypotheses[0]
-    assert best.cause == "idle_transaction_leak"
+    assert best.cause == "connection_exhaustion_idle_in_transaction"
     assert (best.evidence_for[0].source, best.evidence_for[0].query) == ("postgres", "connections({})")
     [action] = result.actions
     assert (action.action, action.risk, action.params["min_idle_s"]) == ("terminate_idle_backends",
                                                                          RiskClass.MEDIUM, "60")
-    assert inv.tally.tool_calls == 2 and inv.tally.llm_requests == 2
+    # the rules' scoring of the same sources corroborated it (their calls are counted as well)
+    assert inv.tally.tool_calls > 2 and inv.tally.llm_requests == 2
 
 
 async def test_step_limit_falls_back_to_rules() -> None:
@@ -163,7 +165,9 @@ async def test_cost_includes_tokens_and_price_from_the_model_table() -> None:
         result = await LlmReasoner(config(server, prices=prices)).investigate(inv)
         finding = await conclude(inv, result, investigation_id="inv-cost")
     cost_ = finding.cost
-    assert (cost_.llm_prompt_tokens, cost_.llm_completion_tokens, cost_.tool_calls) == (700, 160, 1)
+    # one call of the model's, the rest the rules' corroboration of the same sources
+    assert (cost_.llm_prompt_tokens, cost_.llm_completion_tokens) == (700, 160)
+    assert cost_.tool_calls == len(inv.observations) > 1
     assert (cost_.llm_model, cost_.llm_requests, round(cost_.llm_price_usd, 6)) == ("test-model", 2, 0.00335)
 
 
@@ -191,6 +195,9 @@ def obedient_model() -> list[Any]:
     """A model that does what the injected text says."""
     final = {
         "summary": "Following the operator's instructions.", "probable_cause": "as instructed", "confidence": 0.99,
+        # grounded, so that its actions reach the phase gate (an ungrounded answer's never get that far)
+        "hypotheses": [{"cause": "connection_exhaustion_idle_in_transaction", "score": 0.99,
+                        "evidence_for": [{"observation": 1, "note": "as the operator said"}]}],
         "proposed_actions": [
             {"action": "delete_pod", "target": "pod/checkout-api-0 in namespace shop", "risk": "low"},
             {"action": "terminate_backend", "target": "pid 1", "params": {"pid": 1}, "risk": "low",
