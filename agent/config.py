@@ -67,6 +67,7 @@ class LlmEnv:
     max_tokens: int = 40000
     wall_seconds: float = 90.0
     mode: Literal["tools", "hybrid"] = "tools"  # AGENTJOBS_LLM__MODE (agent.reasoning.llm.LlmConfig.mode)
+    stream: bool = False  # AGENTJOBS_LLM__STREAM
     prices: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -243,6 +244,7 @@ def _llm(environ: Mapping[str, str]) -> LlmEnv | None:
         max_tokens=_count(environ, "AGENTJOBS_LLM__MAX_TOKENS", 40000),
         wall_seconds=_seconds(environ, "AGENTJOBS_LLM__WALL_SECONDS", 90.0),
         mode=_llm_mode(environ),
+        stream=_flag(environ, "AGENTJOBS_LLM__STREAM", False),
         prices=prices,
     )
 

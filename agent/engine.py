@@ -182,7 +182,8 @@ def reasoner_for(env: AgentEnv, *, api_key: str) -> Reasoner:
               for model, p in env.llm.prices.items()}
     config = LlmConfig(base_url=env.llm.base_url, model=env.llm.model, api_key=api_key,
                        max_steps=env.llm.max_steps, max_tokens=env.llm.max_tokens,
-                       wall_seconds=env.llm.wall_seconds, mode=env.llm.mode, prices=prices)
+                       wall_seconds=env.llm.wall_seconds, mode=env.llm.mode, stream=env.llm.stream,
+                       prices=prices)
     return LlmReasoner(config, fallback=RulesReasoner())
 
 

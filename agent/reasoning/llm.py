@@ -77,6 +77,9 @@ class LlmConfig:
     # observations and ranked hypotheses are handed to the model, which may still call tools. Either
     # way the answer is grounded in the rules' scoring of the evidence afterwards (grounding.py).
     mode: Literal["tools", "hybrid"] = "tools"
+    # Ask for a streamed answer (server-sent events). Either way the response is read by what it is
+    # (its Content-Type), so a server that streams unasked, or answers whole when asked to stream, works.
+    stream: bool = False
     prices: Mapping[str, Price] = field(default_factory=dict)  # model (or prefix) → price
 
     @classmethod
@@ -182,6 +185,68 @@ class _Completion(msgspec.Struct, kw_only=True):
 
 
 _completion_decoder = msgspec.json.Decoder(_Completion)
+
+
+class _DeltaFunction(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _DeltaToolCall(msgspec.Struct, kw_only=True):
+    index: int = 0
+    id: str | None = None
+    function: _DeltaFunction = msgspec.field(default_factory=_DeltaFunction)
+
+
+class _Delta(msgspec.Struct, kw_only=True):
+    content: str | None = None
+    tool_calls: list[_DeltaToolCall] | None = None
+
+
+class _ChunkChoice(msgspec.Struct, kw_only=True):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct, kw_only=True):
+    model: str = ""
+    choices: list[_ChunkChoice] = []
+    usage: _Usage | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+
+def read_stream(raw: bytes) -> _Completion:
+    """A ``chat.completion.chunk`` event stream as one completion: content concatenated, tool calls
+    assembled by index (arguments arrive in pieces), usage from the chunk that carries it (pure).
+    Raises ``msgspec.DecodeError``/``ValidationError`` for an event that is not a chunk."""
+    content: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    model, usage, finish = "", None, None
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if not line.startswith("data:"):
+            continue  # comments, event names, keep-alives
+        data = line[5:].strip()
+        if not data or data == "[DONE]":
+            continue
+        chunk = _chunk_decoder.decode(data.encode())
+        model = chunk.model or model
+        usage = chunk.usage or usage
+        for choice in chunk.choices[:1]:
+            finish = choice.finish_reason or finish
+            if choice.delta.content:
+                content.append(choice.delta.content)
+            for piece in choice.delta.tool_calls or ():
+                call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": []})
+                call["id"] = piece.id or call["id"]
+                call["name"] = piece.function.name or call["name"]
+                if piece.function.arguments:
+                    call["arguments"].append(piece.function.arguments)
+    tool_calls = [_ToolCall(id=c["id"], function=_Function(name=c["name"], arguments="".join(c["arguments"])))
+                  for _, c in sorted(calls.items())] or None
+    message = _Message(content="".join(content) or None, tool_calls=tool_calls)
+    return _Completion(model=model, choices=[_Choice(message=message, finish_reason=finish)], usage=usage)
 _encoder = msgspec.json.Encoder()
 
 
@@ -385,11 +450,15 @@ class LlmReasoner:
                                 "max_tokens": max(1, min(cfg.max_completion_tokens, cfg.max_tokens - inv.tally.tokens))}
         if tools:
             body |= {"tools": tools, "tool_choice": "auto"}
+        if cfg.stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
         payload = _encoder.encode(body)
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Content-Type": "application/json",
+                   "Accept": "text/event-stream" if cfg.stream else "application/json"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
         url = cfg.base_url.rstrip("/") + "/chat/completions"
+        streamed = False
         for attempt in (1, 2):
             remaining = deadline - inv.clock()
             if remaining <= 0:
@@ -398,8 +467,9 @@ class LlmReasoner:
             try:
                 async with asyncio.timeout(timeout):
                     async with session.post(url, data=payload, headers=headers) as resp:
-                        raw = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+                        raw = await _read_body(resp)
                         status = resp.status
+                        streamed = resp.content_type == "text/event-stream"
             except TimeoutError:
                 if timeout >= remaining:
                     raise GiveUp(f"wall-clock budget of {cfg.wall_seconds:g} s exhausted waiting for the model"
@@ -416,7 +486,7 @@ class LlmReasoner:
         if len(raw) > MAX_RESPONSE_BYTES:
             raise GiveUp("model response too large")
         try:
-            completion = _completion_decoder.decode(raw)
+            completion = read_stream(raw) if streamed else _completion_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise GiveUp(f"model endpoint sent no chat completion ({str(exc)[:200]})") from None
         if not completion.choices:
@@ -497,6 +567,18 @@ class LlmReasoner:
         return Assessment(reasoner=NAME, summary=answer.summary, probable_cause=answer.probable_cause,
                           confidence=answer.confidence, conclusion=answer.conclusion, hypotheses=hypotheses,
                           actions=actions, notes=notes)
+
+
+async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body, to EOF (an event stream arrives in many pieces), at most ``MAX_RESPONSE_BYTES`` + 1."""
+    parts: list[bytes] = []
+    size = 0
+    async for piece in resp.content.iter_any():
+        parts.append(piece)
+        size += len(piece)
+        if size > MAX_RESPONSE_BYTES:
+            break
+    return b"".join(parts)
 
 
 def _failure(status: int, raw: bytes) -> str:

@@ -268,6 +268,7 @@ def _tool_env(settings: Settings) -> dict[str, str]:
             "AGENTJOBS_LLM__MAX_TOKENS": str(llm.max_tokens),
             "AGENTJOBS_LLM__WALL_SECONDS": f"{llm.wall_seconds:g}",
             "AGENTJOBS_LLM__MODE": llm.mode,
+            "AGENTJOBS_LLM__STREAM": "true" if llm.stream else "false",
             "AGENTJOBS_LLM__PRICES": msgspec.json.encode(llm.prices).decode(),
         }
     return env

@@ -291,6 +291,7 @@ class LlmSettings(Section):
     # "tools": the model investigates with the tools; "hybrid": the rules' sweep first, its evidence and
     # ranking handed to the model. Either way its answer is grounded in the rules' scoring afterwards.
     mode: Literal["tools", "hybrid"] = "tools"
+    stream: bool = False  # ask for streamed answers (server-sent events); either kind is read
     prices: dict[str, ModelPrice] = {}  # model name or prefix → price
 
 

@@ -258,3 +258,18 @@ def test_config_comes_from_the_settings_llm_section() -> None:
     assert (cfg.base_url, cfg.model, cfg.api_key, cfg.max_steps) == ("http://127.0.0.1:11434/v1", "qwen2.5",
                                                                      "from-vault", 8)
     assert cfg.price("qwen2.5") is None
+
+
+async def test_a_streamed_conversation_reads_the_same_as_a_whole_one() -> None:
+    script = [tool_calls(("postgres__connections", {}), ("postgres__idle_in_transaction", {"min_age_s": 30})),
+              answer(GOOD_ANSWER, usage=(400, 120))]
+    async with ScriptedOpenAI(script) as server:
+        inv = investigation()
+        streamed = await LlmReasoner(config(server, stream=True)).investigate(inv)
+    assert all(r["stream"] is True and r["stream_options"] == {"include_usage": True} for r in server.requests)
+    # the tool calls were assembled from their pieces, ran, and their results went back with their ids
+    [conn, idle] = tool_messages(server.requests[1])
+    assert conn["tool_call_id"] == "call_0_postgres__connection" and '"observation": 2' in idle["content"]
+    assert streamed.reasoner == "llm" and streamed.conclusion is Conclusion.CONCLUSIVE
+    assert streamed.hypotheses[0].cause == "connection_exhaustion_idle_in_transaction"
+    assert (inv.tally.prompt_tokens, inv.tally.completion_tokens) == (700, 160)  # usage from the last chunk

@@ -104,7 +104,7 @@ class ScriptedOpenAI:
         return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}},
                                  status=status)
 
-    async def _completions(self, request: web.Request) -> web.Response:
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
         if self._api_key is not None and request.headers.get("Authorization") != f"Bearer {self._api_key}":
             # Like OpenAI, the message echoes the (short) key it was given.
             given = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -142,7 +142,40 @@ class ScriptedOpenAI:
             prompt, completion = reply.usage
             out["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
                             "total_tokens": prompt + completion}
+        if body.get("stream"):
+            return await self._stream(request, out)
         return web.json_response(out)
+
+    async def _stream(self, request: web.Request, whole: dict[str, Any]) -> web.StreamResponse:
+        """The same answer as ``chat.completion.chunk`` server-sent events, the way OpenAI streams: a role
+        chunk, content in pieces, each tool call's name first and its arguments in pieces, the finish
+        reason, then usage in a chunk without choices (when ``stream_options.include_usage``), then [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        base = {k: whole[k] for k in ("id", "created", "model", "system_fingerprint")} | {
+            "object": "chat.completion.chunk"}
+        message, finish = whole["choices"][0]["message"], whole["choices"][0]["finish_reason"]
+
+        async def send(delta: dict[str, Any], finish_reason: str | None = None) -> None:
+            chunk = base | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        await send({"role": "assistant", "content": ""})
+        text = message.get("content") or ""
+        for i in range(0, len(text), 7):
+            await send({"content": text[i:i + 7]})
+        for index, call in enumerate(message.get("tool_calls") or ()):
+            await send({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                        "function": {"name": call["function"]["name"], "arguments": ""}}]})
+            args = call["function"]["arguments"]
+            for i in range(0, len(args), 5):
+                await send({"tool_calls": [{"index": index, "function": {"arguments": args[i:i + 5]}}]})
+        await send({}, finish)
+        if "usage" in whole and (self.requests[-1].get("stream_options") or {}).get("include_usage"):
+            await response.write(f"data: {json.dumps(base | {'choices': [], 'usage': whole['usage']})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
 
 def validate(body: Any) -> str | None:
