@@ -399,6 +399,7 @@ class LlmReasoner:
             if corroboration is not None:
                 messages.append({"role": "user", "content": render_sweep(corroboration, inv, cfg.tool_result_chars * 4)})
         repaired = False
+        first_own = len(inv.observations)  # what the model itself asks for comes after this
         for step in range(1, cfg.max_steps + 1):
             if inv.tally.tokens >= cfg.max_tokens:
                 raise GiveUp(f"token budget exhausted ({inv.tally.tokens} of {cfg.max_tokens} tokens)")
@@ -414,6 +415,10 @@ class LlmReasoner:
             answer, error = parse_answer(content)
             if answer is not None:
                 model = self._assessment(answer, inv)  # citations resolved before the rules add observations
+                own = [f"{o.tool}.{o.operation}" for o in inv.observations[first_own:]]
+                model = dataclasses.replace(model, notes=(
+                    f"the model's own tool calls ({len(own)}): {', '.join(own)}" if own
+                    else "the model called no tool of its own", *model.notes))
                 if corroboration is None:
                     corroboration = await self._corroborate(inv)
                 return grounding.ground(model, corroboration, failures=[o for o in inv.observations if not o.ok])
