@@ -70,7 +70,8 @@ async def test_tool_calling_loop_feeds_observations_back_until_a_final_answer() 
     assert {"postgres__connections", "postgres__blocking_chains", "prometheus__alert_expression"} <= names
     # ... and got both results back, labelled as untrusted data, answering its tool_call ids
     [conn, idle] = tool_messages(second)
-    assert conn["tool_call_id"] == second["messages"][2]["tool_calls"][0]["id"]
+    [asked] = [m for m in second["messages"] if m.get("tool_calls")]
+    assert conn["tool_call_id"] == asked["tool_calls"][0]["id"]
     assert conn["content"].startswith("UNTRUSTED TOOL OUTPUT")
     assert json.loads(conn["content"].split("\n", 1)[1])["data"]["by_application"][0]["application_name"] == (
         "checkout-api")
@@ -120,24 +121,43 @@ async def test_wall_clock_budget_exhausted_by_a_slow_model_falls_back_to_rules()
     assert result.conclusion is Conclusion.CONCLUSIVE  # rules had its own time left
 
 
-async def test_invalid_json_is_repaired_once() -> None:
-    script = [answer("The cause is clearly {connections, checkout-api"), answer(GOOD_ANSWER)]
+async def test_prose_instead_of_an_answer_gets_the_answer_format_then_one_repair() -> None:
+    script = [answer("The cause is clearly {connections, checkout-api"), answer("still prose"), answer(GOOD_ANSWER)]
     async with ScriptedOpenAI(script) as server:
         result = await LlmReasoner(config(server)).investigate(investigation())
     assert result.reasoner == "llm"
-    repair = server.requests[1]["messages"]
-    assert repair[-2] == {"role": "assistant", "content": "The cause is clearly {connections, checkout-api"}
+    asked = server.requests[1]["messages"]
+    assert asked[-2] == {"role": "assistant", "content": "The cause is clearly {connections, checkout-api"}
+    assert asked[-1]["role"] == "user" and asked[-1]["content"].startswith("Give your final answer now")
+    assert server.requests[1]["tool_choice"] == "none"  # the answer, not another tool call
+    repair = server.requests[2]["messages"]
     assert repair[-1]["role"] == "user" and "not a valid final answer" in repair[-1]["content"]
 
 
-async def test_invalid_json_is_repaired_once_then_falls_back() -> None:
-    script = [answer("not json at all"), answer({"summary": "", "confidence": 7}), answer(GOOD_ANSWER)]
+async def test_an_invalid_answer_is_repaired_once_then_falls_back() -> None:
+    script = [answer("not json at all"), answer({"summary": "", "confidence": 7}), answer("{"), answer(GOOD_ANSWER)]
     async with ScriptedOpenAI(script) as server:
         inv = investigation()
         result = await LlmReasoner(config(server)).investigate(inv)
-    assert len(server.requests) == 2  # one repair, never a second
+    assert len(server.requests) == 3  # the answer request, one repair, never a second
     assert result.reasoner.startswith("rules (llm fallback: invalid final answer after one repair attempt")
     assert '"checkout-api"' in result.probable_cause
+
+
+async def test_a_tool_call_written_as_text_is_run_as_the_call_it_means() -> None:
+    # as the Qwen 0.5B model behind llama.cpp writes them: fenced JSON, the function name in its own spelling
+    script = [answer('```json\n{"name": "PostgresBlockingChains", "arguments": {}}\n```'),
+              answer('<tool_call>\n{"name": "nosuch_tool", "arguments": {}}\n</tool_call>'), answer(GOOD_ANSWER)]
+    async with ScriptedOpenAI(script) as server:
+        inv = investigation()
+        result = await LlmReasoner(config(server)).investigate(inv)
+    [ran, refused] = [tool_messages(r) for r in server.requests[1:]]
+    assert '"operation": "blocking_chains"' in ran[0]["content"]
+    assert refused[-1]["content"].startswith("error: there is no tool named 'nosuch_tool'; only these read-only "
+                                             "tools exist: postgres__blocking_chains, ")
+    assert result.reasoner == "llm"
+    assert "the model's own tool calls (1): postgres.blocking_chains" in result.notes
+    assert "refused 1 call(s) of tools this Job does not have: 'nosuch_tool'" in result.notes
 
 
 async def test_a_failing_endpoint_is_retried_once_then_falls_back() -> None:
