@@ -293,3 +293,23 @@ async def test_a_streamed_conversation_reads_the_same_as_a_whole_one() -> None:
     assert streamed.reasoner == "llm" and streamed.conclusion is Conclusion.CONCLUSIVE
     assert streamed.hypotheses[0].cause == "connection_exhaustion_idle_in_transaction"
     assert (inv.tally.prompt_tokens, inv.tally.completion_tokens) == (700, 160)  # usage from the last chunk
+
+
+async def test_a_conversation_past_the_context_window_is_compacted_once_and_goes_on() -> None:
+    overflow = ("This model's maximum context length is 4096 tokens. However, you requested 8723 tokens (8023 in "
+                "the messages, 700 in the completion). Please reduce the length of the messages or completion.")
+    script = [tool_calls(("postgres__connections", {}), ("postgres__idle_in_transaction", {})),
+              error(400, overflow), answer(GOOD_ANSWER)]
+    async with ScriptedOpenAI(script) as server:
+        result = await LlmReasoner(config(server, tool_result_chars=6000)).investigate(investigation())
+    assert result.reasoner == "llm"
+    before, after = (tool_messages(r) for r in server.requests[1:])
+    assert max(len(m["content"]) for m in before) > 700
+    assert all(len(m["content"]) <= 700 and m["content"].endswith("(cut to fit the model's context window)")
+               for m in after if len(m["content"]) > 600)
+    # a second overflow of the compacted conversation gives up, with the server's reason
+    async with ScriptedOpenAI([tool_calls(("postgres__connections", {})), error(400, overflow),
+                               error(400, overflow)]) as server:
+        fell = await LlmReasoner(config(server)).investigate(investigation())
+    assert "llm fallback: the conversation exceeds the model's context window even with the tool results cut " \
+           "short (HTTP 400: This model's maximum context length is 4096 tokens" in fell.reasoner
