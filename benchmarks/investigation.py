@@ -43,7 +43,14 @@ many cite the expected evidence, and wall / CPU (``time.process_time`` of this p
 runs the emulator and test servers in-process) per investigation; then a per-scenario table.
 Targets (issue 19): top-1 >= 90 %, confident-wrong <= 2 %.
 
-Run: ``.venv/bin/python benchmarks/investigation.py [--quick] [--iterations N] [--scenarios-only]``.
+With ``--llm`` (issue 20) the same induced problems are also investigated by the ``llm`` reasoner
+against a real llama.cpp server serving Qwen2.5-Coder 0.5B (``tests/support/llm_server.py`` builds
+and caches it): ``llm`` (the model with the tools) and ``hybrid`` (the rules' evidence handed to the
+model), both grounded in the rules' scoring afterwards (``agent/reasoning/grounding.py``), with tokens
+per investigation (the server's usage) and the share that fell back to rules. Small-model accuracy is
+whatever it is; the target is confident-wrong <= 2 % through grounding. JSON keys ``llm_*``/``hybrid_*``.
+
+Run: ``.venv/bin/python benchmarks/investigation.py [--quick] [--iterations N] [--scenarios-only] [--llm]``.
 Needs RabbitMQ on 127.0.0.1:5672 with the management API on :15672
 (``AGENTJOBS_TEST_AMQP_URL`` / ``AGENTJOBS_TEST_RABBITMQ_MGMT_URL`` override), PostgreSQL
 server binaries under ``/usr/lib/postgresql/*/bin``, the Debian packages ``prometheus`` and
@@ -625,7 +632,12 @@ class Bench:
 
 TARGET_TOP1 = 0.90
 TARGET_CONFIDENT_WRONG = 0.02
-SELECTIONS = ("evidence", "names")  # the first is the reasoner measured, the second its same-run baseline
+# The first is the reasoner measured, the second its same-run baseline; with --llm the llm reasoner
+# against a real llama.cpp server (issue 20) — tool calling ("llm") and with the rules' evidence handed
+# to the model ("hybrid"), both grounded — run beside them on the same induced problems.
+SELECTIONS = ("evidence", "names")
+LLM_REASONERS = ("llm", "hybrid")
+LLM_WALL_S = 240.0  # seconds per llm investigation (two CPU cores, a 0.5B model)
 
 
 @dataclass(frozen=True)
@@ -640,6 +652,8 @@ class Outcome:
     wall_s: float
     cpu_s: float
     error: str = ""
+    tokens: int = 0  # LLM prompt + completion tokens (the server's usage, or estimated where it sends none)
+    fell_back: bool = False  # the llm reasoner's answer was not used: the rules' finding, with the reason
 
     @property
     def correct(self) -> bool:
@@ -655,28 +669,47 @@ class Outcome:
 @dataclass
 class ScenarioBench:
     repeats: int
+    llm: Any = None  # a running tests.support.llm_server.LlamaServer: also measure LLM_REASONERS
+    llm_repeats: int = 1
     outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return SELECTIONS + (LLM_REASONERS if self.llm is not None else ())
 
     def say(self, text: str) -> None:
         print(text, flush=True)
 
-    async def one(self, scenario: Any, sources: Any, selection: str) -> Outcome:
-        """One investigation of ``scenario`` by the rules reasoner with ``selection``, timed."""
+    def reasoner(self, label: str) -> Any:
+        from agent.reasoning.llm import LlmConfig, LlmReasoner
         from agent.reasoning.rules import RulesReasoner
+
+        if label in SELECTIONS:
+            return RulesReasoner(selection=label)  # type: ignore[arg-type]
+        cfg = LlmConfig(base_url=self.llm.base_url, model=self.llm.model, mode="hybrid" if label == "hybrid" else "tools",
+                        max_steps=6, max_completion_tokens=700, wall_seconds=LLM_WALL_S, request_timeout=180.0,
+                        fallback_reserve=0.0)
+        return LlmReasoner(cfg, fallback=RulesReasoner())
+
+    async def one(self, scenario: Any, sources: Any, selection: str) -> Outcome:
+        """One investigation of ``scenario`` by the reasoner ``selection`` names, timed."""
+        from agent.reasoning.base import Budget
         from schemas import Conclusion
-        from tests.scenarios.harness import investigate, missing_evidence, top_cause
+        from tests.scenarios.harness import investigation, missing_evidence, top_cause
 
         incident = scenario.incident(sources)
+        budget = Budget(wall_seconds=LLM_WALL_S + 30) if selection in LLM_REASONERS else None
         w0, c0 = time.perf_counter(), time.process_time()
         try:
-            assessment = await investigate(sources, incident, RulesReasoner(selection=selection))
+            assessment, inv = await investigation(sources, incident, self.reasoner(selection), budget=budget)
         except Exception as exc:  # noqa: BLE001 - a reasoner that raises is a wrong answer, reported
             return Outcome(scenario.name, selection, scenario.expected, "(raised)", 0.0, False, False,
                            time.perf_counter() - w0, time.process_time() - c0, error=f"{type(exc).__name__}: {exc}")
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         return Outcome(scenario.name, selection, scenario.expected, top_cause(assessment),
                        float(assessment.confidence), assessment.conclusion is Conclusion.CONCLUSIVE,
-                       not missing_evidence(scenario, sources, assessment), wall, cpu)
+                       not missing_evidence(scenario, sources, assessment), wall, cpu,
+                       tokens=inv.tally.tokens, fell_back=assessment.reasoner.startswith("rules (llm fallback"))
 
     async def run(self) -> dict[str, Any]:
         from tests.scenarios.catalogue import GROUPS, SCENARIOS, WORLDS, of_group
@@ -693,9 +726,11 @@ class ScenarioBench:
             g0 = time.monotonic()
             async with WORLDS[group]() as world, induced(scenarios, world) as found:
                 setup_s += time.monotonic() - g0
-                for _ in range(self.repeats):
+                for n in range(max(self.repeats, self.llm_repeats if self.llm is not None else 0)):
                     for scenario in scenarios:
-                        for selection in SELECTIONS:  # interleaved: both see the same state
+                        for selection in self.labels:  # interleaved: all see the same state
+                            if n >= (self.llm_repeats if selection in LLM_REASONERS else self.repeats):
+                                continue
                             self.outcomes.append(await self.one(scenario, found[scenario.name], selection))
             self.say(f"  {group}: {len(scenarios)} scenario(s) induced and investigated "
                      f"in {time.monotonic() - g0:.1f} s")
@@ -705,8 +740,9 @@ class ScenarioBench:
         figures: dict[str, Any] = {"scenarios": count, "scenarios_unmatched_by_playbooks": unmatched,
                                    "scenario_repeats": self.repeats}
         self.say(f"\n{'selection':12}{'top-1':>8}{'conf-wrong':>12}{'inconcl.':>10}{'evidence':>10}"
-                 f"{'wall p50 s':>12}{'wall p95 s':>12}{'CPU p50 s':>11}{'CPU p95 s':>11}")
-        for selection in SELECTIONS:
+                 f"{'wall p50 s':>12}{'wall p95 s':>12}{'CPU p50 s':>11}{'CPU p95 s':>11}{'tokens':>9}"
+                 f"{'fallback':>10}")
+        for selection in self.labels:
             runs = [o for o in self.outcomes if o.selection == selection]
             n = len(runs)
             top1 = sum(o.correct for o in runs) / n
@@ -714,7 +750,13 @@ class ScenarioBench:
             inconclusive = sum(not o.conclusive for o in runs) / n
             cites = sum(o.correct and o.cites_evidence for o in runs) / n
             walls, cpus = [o.wall_s for o in runs], [o.cpu_s for o in runs]
-            prefix = "" if selection == SELECTIONS[0] else "baseline_"
+            prefix = {SELECTIONS[0]: "", SELECTIONS[1]: "baseline_"}.get(selection, f"{selection}_")
+            tokens = median([float(o.tokens) for o in runs])
+            fallback = sum(o.fell_back for o in runs) / n
+            if selection in LLM_REASONERS:
+                figures |= {f"{prefix}tokens_per_investigation_p50": round(tokens),
+                            f"{prefix}tokens_per_investigation_mean": round(sum(o.tokens for o in runs) / n),
+                            f"{prefix}fallback_share": round(fallback, 4), f"{prefix}investigations": n}
             figures |= {f"{prefix}scenario_top1_accuracy": round(top1, 4),
                         f"{prefix}confident_wrong_share": round(wrong, 4),
                         f"{prefix}inconclusive_share": round(inconclusive, 4),
@@ -725,18 +767,22 @@ class ScenarioBench:
                         f"{prefix}scenario_cpu_p95_s": round(pct(cpus, 95), 4)}
             self.say(f"{selection:12}{top1 * 100:7.0f}%{wrong * 100:11.0f}%{inconclusive * 100:9.0f}%"
                      f"{cites * 100:9.0f}%{median(walls):12.3f}{pct(walls, 95):12.3f}{median(cpus):11.3f}"
-                     f"{pct(cpus, 95):11.3f}")
+                     f"{pct(cpus, 95):11.3f}{tokens:9.0f}{fallback * 100:9.0f}%")
 
-        self.say(f"\n{'scenario':46}{'expected':43}{'evidence selection':43}{'names (baseline)':43}")
+        width = 43 if self.llm is None else 34
+        self.say(f"\n{'scenario':46}{'expected':{width}}"
+                 + "".join(f"{label:{width}}" for label in ("evidence selection", "names (baseline)",
+                                                              *self.labels[2:])))
         first = {(o.scenario, o.selection): o for o in reversed(self.outcomes)}  # the first run of each
         names = list(dict.fromkeys(o.scenario for o in self.outcomes))
         for name in names:
             cells = []
-            for selection in SELECTIONS:
+            for selection in self.labels:
                 o = first[(name, selection)]
                 mark = "ok" if o.correct else ("WRONG" if o.confident_wrong else "miss")
-                cells.append(f"{o.got} {o.confidence:.2f} {mark}"[:42])
-            self.say(f"{name:46}{first[(name, SELECTIONS[0])].expected:43}{cells[0]:43}{cells[1]:43}")
+                cells.append(f"{o.got} {o.confidence:.2f} {mark}{' fb' if o.fell_back else ''}"[:width - 1])
+            self.say(f"{name:46}{first[(name, SELECTIONS[0])].expected[:width - 1]:{width}}"
+                     + "".join(f"{c:{width}}" for c in cells))
         for o in self.outcomes:
             if o.error:
                 self.say(f"  raised — {o.scenario} ({o.selection}): {o.error[:300]}")
@@ -749,6 +795,26 @@ class ScenarioBench:
         self.say(f"\nTargets (issue 19, evidence selection): top-1 >= {TARGET_TOP1:.0%} "
                  f"[{verdict(met_top1)}], confident-wrong <= {TARGET_CONFIDENT_WRONG:.0%} [{verdict(met_wrong)}]; "
                  f"set-up {setup_s:.1f} s, whole suite {total_s:.1f} s")
+        for label in self.labels[2:]:
+            ok = figures[f"{label}_confident_wrong_share"] <= TARGET_CONFIDENT_WRONG
+            figures[f"{label}_confident_wrong_target_met"] = ok
+            self.say(f"Target (issue 20, {label}, grounded): confident-wrong <= {TARGET_CONFIDENT_WRONG:.0%} "
+                     f"[{verdict(ok)}]; model {self.llm.model}")
+        return figures
+
+
+async def scenario_suite(repeats: int, *, llm: bool, llm_repeats: int) -> dict[str, Any]:
+    if not llm:
+        return await ScenarioBench(repeats=repeats).run()
+    from tests.support.llm_server import ensure_llama_server, ensure_model, running_llama_server
+
+    python, model = await asyncio.to_thread(ensure_llama_server), await asyncio.to_thread(ensure_model)
+    async with running_llama_server(model, python=python) as server:
+        print(f"llama.cpp server: {server.model}, n_ctx {server.n_ctx}, started in {server.started_in:.1f} s",
+              flush=True)
+        figures = await ScenarioBench(repeats=repeats, llm=server, llm_repeats=llm_repeats).run()
+        rss = server.rss_bytes()
+        figures["llm_server_rss_mb"] = round(rss / 1048576) if rss else None
         return figures
 
 
@@ -760,6 +826,10 @@ def main() -> int:
                         help="run only the scenario suite (skip the 2 AM timing part)")
     parser.add_argument("--scenario-repeats", type=int,
                         help="investigations per scenario and reasoner (default 3, --quick 1)")
+    parser.add_argument("--llm", action="store_true",
+                        help="also the llm reasoner (tools and hybrid) against a real llama.cpp server with "
+                             "Qwen2.5-Coder 0.5B (tests/support/llm_server.py builds and caches it)")
+    parser.add_argument("--llm-repeats", type=int, default=1, help="llm investigations per scenario and mode")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="after the measured runs, profile one more agent run with -X importtime and one with "
                              "cProfile, written to DIR")
@@ -775,7 +845,7 @@ def main() -> int:
         if not args.scenarios_only:
             figures = asyncio.run(bench.main())
         repeats = args.scenario_repeats or (1 if args.quick else 3)
-        figures |= asyncio.run(ScenarioBench(repeats=max(1, repeats)).run())
+        figures |= asyncio.run(scenario_suite(max(1, repeats), llm=args.llm, llm_repeats=max(1, args.llm_repeats)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; processes stopped, leases revoked, OpenBao stopped and the vhost deleted",
               file=sys.stderr)

@@ -32,7 +32,7 @@ from string import Template
 from typing import Any
 from urllib.parse import quote_plus
 
-from agent.reasoning.base import Assessment, Hypothesis, Investigation, Reasoner
+from agent.reasoning.base import Assessment, Budget, Hypothesis, Investigation, Reasoner
 from agent.reasoning.rules import alert_facts, playbook_scores
 from agent.tools.base import Tool
 from schemas import IncidentEvent, Phase
@@ -147,10 +147,17 @@ async def close_all(tools: Iterable[Tool]) -> None:
 
 async def investigate(sources: Sources, incident: IncidentEvent, reasoner: Reasoner) -> Assessment:
     """One read-only investigation of ``incident`` by ``reasoner`` over fresh real tools."""
+    return (await investigation(sources, incident, reasoner))[0]
+
+
+async def investigation(sources: Sources, incident: IncidentEvent, reasoner: Reasoner, *,
+                        budget: Budget | None = None) -> tuple[Assessment, Investigation]:
+    """``investigate``, with the investigation itself (its tally: tool calls, tokens) and its budget."""
     tools = await (sources.tools_for(incident) if sources.tools_for is not None else sources.tools())
     try:
-        inv = Investigation(incident=incident, tools={t.name: t for t in tools}, phase=Phase.READ_ONLY)
-        return await reasoner.investigate(inv)
+        inv = Investigation(incident=incident, tools={t.name: t for t in tools}, phase=Phase.READ_ONLY,
+                            **({"budget": budget} if budget is not None else {}))
+        return await reasoner.investigate(inv), inv
     finally:
         await close_all(tools)
 
