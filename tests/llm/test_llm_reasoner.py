@@ -70,6 +70,18 @@ def investigation(tools: list[Tool], incident: IncidentEvent | None = None,
                          budget=Budget(wall_seconds=300.0))
 
 
+async def investigate(server: LlamaServer, lock_chain: Any, incident: IncidentEvent | None = None,
+                      **overrides: Any) -> tuple[Any, Investigation]:
+    """One read-only investigation of the lock chain by the llm reasoner (rules as its fallback)."""
+    pg, role, _ = lock_chain
+    tool = postgres_tool(pg, role, "orders")
+    inv = investigation([tool], incident)
+    try:
+        return await LlmReasoner(config(server, **overrides), fallback=RulesReasoner()).investigate(inv), inv
+    finally:
+        await tool.close()
+
+
 def assert_grounded(result: Any) -> None:
     """Whatever the model said: every hypothesis rests on an observation, nothing confident without the evidence."""
     if result.reasoner != "llm":
@@ -83,13 +95,7 @@ def assert_grounded(result: Any) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_lock_contention_the_models_tool_calls_reach_postgresql_and_its_finding_is_grounded(
         llama_server: LlamaServer, lock_chain: Any, stream: bool) -> None:
-    pg, role, _ = lock_chain
-    tool = postgres_tool(pg, role, "orders")
-    inv = investigation([tool])
-    try:
-        result = await LlmReasoner(config(llama_server, stream=stream), fallback=RulesReasoner()).investigate(inv)
-    finally:
-        await tool.close()
+    result, inv = await investigate(llama_server, lock_chain, stream=stream)
     # the model itself asked PostgreSQL (not only the rules' corroboration afterwards)
     own = next(n for n in result.notes if n.startswith("the model"))
     assert own.startswith("the model's own tool calls") and "postgres." in own, result.notes
@@ -101,14 +107,8 @@ async def test_lock_contention_the_models_tool_calls_reach_postgresql_and_its_fi
 
 async def test_a_conversation_beyond_the_context_window_falls_back_with_the_servers_reason(
         llama_server: LlamaServer, lock_chain: Any) -> None:
-    pg, role, _ = lock_chain
     digits = " ".join(str(i % 10) for i in range(6000))  # ~6,000 tokens of annotation: beyond n_ctx 4096
-    tool = postgres_tool(pg, role, "orders")
-    inv = investigation([tool], alert(description=digits))
-    try:
-        result = await LlmReasoner(config(llama_server), fallback=RulesReasoner()).investigate(inv)
-    finally:
-        await tool.close()
+    result, _ = await investigate(llama_server, lock_chain, alert(description=digits))
     assert result.reasoner.startswith("rules (llm fallback: the conversation exceeds the model's context window (HTTP "
                                       "400: This model's maximum context length is 4096 tokens"), result.reasoner
     assert result.hypotheses[0].cause == "lock_contention"  # the rules still found it
@@ -116,15 +116,9 @@ async def test_a_conversation_beyond_the_context_window_falls_back_with_the_serv
 
 async def test_slow_tokens_hit_the_time_budget_and_the_rules_answer_in_time(
         llama_server: LlamaServer, lock_chain: Any) -> None:
-    pg, role, _ = lock_chain
-    tool = postgres_tool(pg, role, "orders")
-    inv = investigation([tool])
     started = asyncio.get_running_loop().time()
-    try:  # streamed: a client that gives up stops the server's generation too
-        result = await LlmReasoner(config(llama_server, wall_seconds=2.0, stream=True),
-                                   fallback=RulesReasoner()).investigate(inv)
-    finally:
-        await tool.close()
+    # streamed: a client that gives up stops the server's generation too
+    result, _ = await investigate(llama_server, lock_chain, wall_seconds=2.0, stream=True)
     assert "llm fallback: wall-clock budget of 2 s exhausted" in result.reasoner, result.reasoner
     assert asyncio.get_running_loop().time() - started < 30
     assert result.hypotheses[0].cause == "lock_contention"
@@ -133,14 +127,7 @@ async def test_slow_tokens_hit_the_time_budget_and_the_rules_answer_in_time(
 @pytest.mark.parametrize("max_tokens", [1, 12], ids=["one-token", "cut-mid-call"])
 async def test_empty_or_cut_off_replies_end_in_one_repair_then_the_rules(
         llama_server: LlamaServer, lock_chain: Any, max_tokens: int) -> None:
-    pg, role, _ = lock_chain
-    tool = postgres_tool(pg, role, "orders")
-    inv = investigation([tool])
-    try:
-        result = await LlmReasoner(config(llama_server, max_completion_tokens=max_tokens),
-                                   fallback=RulesReasoner()).investigate(inv)
-    finally:
-        await tool.close()
+    result, inv = await investigate(llama_server, lock_chain, max_completion_tokens=max_tokens)
     assert result.reasoner.startswith("rules (llm fallback: "), result.reasoner
     assert ("invalid final answer after one repair attempt" in result.reasoner
             or "step limit of 6 reached" in result.reasoner), result.reasoner
