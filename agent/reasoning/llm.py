@@ -477,7 +477,8 @@ class LlmReasoner:
         if cfg.mode == "hybrid":
             corroboration = await self._corroborate(inv)
             if corroboration is not None:
-                messages.append({"role": "user", "content": render_sweep(corroboration, inv, cfg.tool_result_chars * 4)})
+                swept = render_sweep(corroboration, inv, cfg.tool_result_chars * 4)
+                messages.append({"role": "user", "content": swept})
         repaired = asked = False  # asked: the answer request is in the conversation
         self._first_own = len(inv.observations)  # what the model itself asks for comes after this
         for step in range(1, cfg.max_steps + 1):
