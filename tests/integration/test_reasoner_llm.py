@@ -313,3 +313,17 @@ async def test_a_conversation_past_the_context_window_is_compacted_once_and_goes
         fell = await LlmReasoner(config(server)).investigate(investigation())
     assert "llm fallback: the conversation exceeds the model's context window even with the tool results cut " \
            "short (HTTP 400: This model's maximum context length is 4096 tokens" in fell.reasoner
+
+
+async def test_hybrid_hands_the_rules_evidence_to_the_model_which_may_cite_it() -> None:
+    async with ScriptedOpenAI([answer(GOOD_ANSWER)]) as server:
+        inv = investigation()
+        result = await LlmReasoner(config(server, mode="hybrid")).investigate(inv)
+    [first] = server.requests
+    [swept] = [m["content"] for m in first["messages"] if m["role"] == "user"
+               and m["content"].startswith("The deterministic sweeps already ran")]
+    assert '"observation": 1' in swept and "connection_exhaustion_idle_in_transaction" in swept
+    # the model cited the sweep's observation 1 and its cause is the rules' own: it stands, grounded
+    assert result.reasoner == "llm" and result.conclusion is Conclusion.CONCLUSIVE
+    assert result.hypotheses[0].evidence_for[0].query == inv.observations[0].query  # the sweep's first call
+    assert "the model called no tool of its own" in result.notes
