@@ -327,3 +327,20 @@ async def test_hybrid_hands_the_rules_evidence_to_the_model_which_may_cite_it() 
     assert result.reasoner == "llm" and result.conclusion is Conclusion.CONCLUSIVE
     assert result.hypotheses[0].evidence_for[0].query == inv.observations[0].query  # the sweep's first call
     assert "the model called no tool of its own" in result.notes
+
+
+async def test_tool_calls_with_invalid_arguments_or_for_tools_the_job_lacks_are_answered_with_an_error() -> None:
+    # the Job has postgres and prometheus only; kubernetes is not offered (not in this Job, whatever the phase)
+    script = [tool_calls(("postgres__connections", '{"min_age_s": '), ("kubernetes__pods", {"namespace": "shop"}),
+                         ("postgres__idle_in_transaction", {"min_age_s": 30})),
+              answer(GOOD_ANSWER)]
+    async with ScriptedOpenAI(script) as server:
+        inv = investigation()
+        result = await LlmReasoner(config(server)).investigate(inv)
+    bad_json, no_tool, ran = tool_messages(server.requests[1])
+    assert bad_json["content"] == "error: the arguments are not valid JSON"
+    assert no_tool["content"].startswith("error: there is no tool named 'kubernetes__pods'")
+    assert ran["content"].startswith("UNTRUSTED TOOL OUTPUT")
+    assert "the model's own tool calls (1): postgres.idle_in_transaction" in result.notes
+    assert "refused 1 call(s) of tools this Job does not have: 'kubernetes__pods'" in result.notes
+    assert not any(o.tool == "kubernetes" for o in inv.observations)
