@@ -22,6 +22,13 @@ and ``git status`` never sees half a gigabyte of model. ``LlmUnavailable(reason)
 build or the download cannot be done here (skip); ``LlmRefused`` means something answered but
 is not what the lock pins (fail, never skip).
 
+The chat template is the model's own (from the GGUF's metadata, ``chat_format=None``), not
+llama-cpp-python's ``chatml-function-calling``: in 0.3.36 that handler renders ``role: tool``
+messages without their content (the model never sees a tool result), HTML-escapes every message,
+answers 500 to an assistant message with ``content: null``, and with ``tool_choice: "auto"`` often
+returns the literal ``functions.<name>:`` as content. The Qwen template shows the results; the model
+then writes its calls as text (``{"name": ..., "arguments": ...}``), which the reasoner reads.
+
 ``python -m tests.support.llm_server relock`` regenerates ``requirements-llm.lock``;
 ``python -m tests.support.llm_server prepare`` builds and assembles (what CI can run up front).
 
@@ -416,8 +423,8 @@ async def running_llama_server(model_path: Path | str, *, port: int | None = Non
                                log_path: Path | str | None = None) -> AsyncIterator[LlamaServer]:
     """``python -m llama_cpp.server`` on 127.0.0.1 until the block ends.
 
-    ``chat_format=None`` uses the chat template in the GGUF's metadata instead of
-    ``chatml-function-calling``. ``logits_all`` stays off: the server's default (on) keeps an
+    ``chat_format=None`` (the default) uses the chat template in the GGUF's metadata; a name
+    (``chatml-function-calling``) picks one of llama-cpp-python's. ``logits_all`` stays off: the server's default (on) keeps an
     n_ctx x vocabulary float array, ~0.6 MB per prompt token (2.8 GB anonymous memory at 3.5k).
     """
     if python is None:
