@@ -5,7 +5,12 @@ Prints, then ends with one JSON line (see benchmarks/README.md for what each fig
 
 1. dispatch latency p50/p99 — publish (with confirm) of a new incident → its Job create
    accepted by the API server — at a steady 100 new incidents/s, each a distinct group;
-2. sustained incidents/s dispatched with a pre-published backlog;
+2. sustained incidents/s dispatched with a pre-published backlog, and the dispatcher's process
+   CPU-ms per distinct incident beside a same-work baseline's (issue 22): a hand-written consumer
+   (``same_work_role``) doing exactly the dispatcher's external work per incident — consume,
+   decode, the Job and its owned Secret as raw JSON over one aiohttp session, one confirmed
+   ``dispatched`` publish, ack — over the same incidents on a fresh cluster; the ratio
+   baseline/ours (target >= 0.7; ours <= 0.8 ms);
 2b. context: incidents/s handled with a pre-published realistic alert storm (re-sends, joining
    alerts, CloudEvent-wrapped, shuffled; ``tests/support/payloads.storm``) and the Jobs it made;
 2c. the storm of the issue: 600 notifications in 6 groups → 6 Jobs, time to drain, against the
@@ -55,6 +60,8 @@ HIGH_CAP = 100_000  # admission caps high enough never to throttle
 
 TARGET_P99_MS = 25.0
 TARGET_RATIO = 0.25
+TARGET_CPU_MS = 0.8  # dispatcher CPU-ms per distinct incident (issue 22)
+TARGET_SAME_WORK = 0.7  # same-work baseline CPU ÷ ours (issue 22)
 TARGET_RSS_MB = 150.0
 STORM_SEED = 4  # fixed, so every run replays the same storm
 
@@ -447,6 +454,96 @@ async def dispatcher_role(profile: str | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# role: same-work baseline (issue 22) — the dispatcher's external work per distinct incident,
+# hand-written, no abstractions
+# --------------------------------------------------------------------------------------------
+
+
+async def same_work_role() -> None:
+    """Consume, decode, the same two API writes as raw JSON over one aiohttp session (the Job, then its
+    Secret owned by it), one confirmed ``dispatched`` publish, ack — what the dispatcher must do at the
+    least for each new investigation, so its CPU per incident is the yardstick for ours."""
+    import base64
+
+    import aio_pika
+    import aiohttp
+
+    from dispatcher.jobs.jobspec import LABEL_INVESTIGATION, LABEL_MANAGED_BY, MANAGED_BY
+    from dispatcher.plumbing.settings import load_settings
+    from schemas import decode_incident, identify
+    from schemas.routing import INCIDENTS, RESULTS
+    from tests.manifests.render import sample_job
+
+    quiet_logging()
+    state: dict[str, Any] = {"done": 0}
+
+    async def start(cmd: dict) -> dict:
+        settings = load_settings(None, cmd["env"])
+        template = sample_job(settings)
+        sample_name = template["metadata"]["name"]
+        sample_id = template["metadata"]["labels"][LABEL_INVESTIGATION]
+        raw_template = json.dumps(template)
+        ns = cmd["namespace"]
+        http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {cmd['token']}",
+                                              "Content-Type": "application/json"})
+        jobs_url = f"{cmd['url']}/apis/batch/v1/namespaces/{ns}/jobs"
+        secrets_url = f"{cmd['url']}/api/v1/namespaces/{ns}/secrets"
+        connection = await aio_pika.connect(settings.amqp.url)
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=settings.amqp.prefetch)
+        results = await channel.get_exchange(RESULTS)
+        queue = await channel.get_queue(INCIDENTS)
+        user = str(connection.url.user or "guest")  # the broker checks user_id against the connection's user
+        state.update(http=http, connection=connection)
+
+        async def handle(message: Any) -> None:
+            event = decode_incident(message.body, max_bytes=settings.bridge.max_body_bytes)
+            ident = identify(event)
+            job = raw_template.replace(sample_name, ident.job_name).replace(sample_id, ident.investigation_id)
+            async with http.post(jobs_url, data=job) as resp:
+                created = json.loads(await resp.read())
+            secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                      "metadata": {"name": f"{ident.job_name}-input", "namespace": ns,
+                                   "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_INVESTIGATION: ident.investigation_id},
+                                   "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                                                        "name": ident.job_name, "uid": created["metadata"]["uid"],
+                                                        "controller": False, "blockOwnerDeletion": False}]},
+                      "data": {"incident.json": base64.b64encode(message.body).decode()}}
+            async with http.post(secrets_url, data=json.dumps(secret)) as resp:
+                await resp.read()
+            body = json.dumps({"kind": "lifecycle", "state": "dispatched", "investigation_id": ident.investigation_id,
+                               "incident_key": ident.incident_key, "job_name": ident.job_name}).encode()
+            await results.publish(aio_pika.Message(body, message_id=f"{ident.investigation_id}:dispatched",
+                                                   user_id=user, content_type="application/json",
+                                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                  routing_key="lifecycle.dispatched")
+            await message.ack()
+            state["done"] += 1
+
+        async def on_message(message: Any) -> None:
+            await handle(message)
+
+        t0 = time.monotonic()
+        await queue.consume(on_message)
+        return {"t_start": t0}
+
+    async def wait_done(cmd: dict) -> dict:
+        deadline = time.monotonic() + cmd.get("within", 60)
+        while state["done"] < cmd["n"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return {"t_done": time.monotonic(), "done": state["done"]}
+
+    async def exit_(cmd: dict) -> dict:
+        if "connection" in state:
+            await state.pop("connection").close()
+        if "http" in state:
+            await state.pop("http").close()
+        return {"ok": True}
+
+    await serve({"start": start, "wait_done": wait_done, "exit": exit_})
+
+
+# --------------------------------------------------------------------------------------------
 # orchestrator
 # --------------------------------------------------------------------------------------------
 
@@ -737,6 +834,7 @@ class Bench:
         creates = sorted(jobs["created"].values())
         create_rate = (n - 1) / (creates[-1] - creates[0])
 
+        same = await self.same_work(bodies)  # the same incidents through the hand-written same-work consumer
         storm = await self.storm(*((100, 1000) if self.quick else (500, 5000)))  # 2b, a fresh dispatcher process
         few = await self.storm(6, 600)  # 2c: the issue's storm — hundreds of alerts in a few groups
 
@@ -748,7 +846,11 @@ class Bench:
         raw = sorted(raws)[1]
         ratio = rate / raw
         storm_ratio = storm["rate"] / raw
+        ours = cpu_ms["dispatcher"]
         self.figures.update(
+            dispatcher_cpu_ms_per_incident=round(ours, 3), same_work_cpu_ms_per_incident=round(same["cpu_ms"], 3),
+            same_work_ratio=round(same["cpu_ms"] / ours, 3) if ours else None,
+            same_work_incidents_per_s=round(same["rate"], 1),
             throughput_incidents=n, dispatched_per_s=round(rate, 1), job_creates_per_s=round(create_rate, 1),
             raw_consume_per_s=round(raw, 1), ratio_vs_raw=round(ratio, 3),
             **{f"cpu_{k}_ms_per_incident": round(v, 3) for k, v in cpu_ms.items()},
@@ -766,6 +868,11 @@ class Bench:
                  f" {elapsed:.2f} s); Job creates {create_rate:.1f}/s first → last")
         self.say("   CPU per incident: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cpu_ms.items())
                  + f" (of {os.cpu_count()} cores, all shared)")
+        self.say(f"   same-work baseline (consume, decode, Job + Secret as raw JSON over one aiohttp session, one "
+                 f"confirmed publish, ack; same incidents, fresh cluster): {same['cpu_ms']:.2f} CPU-ms per incident, "
+                 f"{same['rate']:.0f}/s → ratio baseline/ours {same['cpu_ms'] / ours:.2f}"
+                 f"   [targets: ours ≤ {TARGET_CPU_MS:.1f} ms {verdict(ours <= TARGET_CPU_MS)}, "
+                 f"ratio ≥ {TARGET_SAME_WORK:.1f} {verdict(same['cpu_ms'] / ours >= TARGET_SAME_WORK)}]")
         outcomes = ", ".join(f"{k} {int(v)}" for k, v in sorted(storm["by_outcome"].items()))
         self.say(f"\n2b. Alert storm (context: realistic alert-storm mix, not the target), {storm['n']} notifications "
                  f"over {storm['groups']} groups pre-published (re-sends, joining alerts, CloudEvent-wrapped, "
@@ -785,6 +892,28 @@ class Bench:
         self.say(f"   {raw:8.1f} messages/s (median of {runs})   ratio dispatched/raw {ratio:.3f}"
                  f"   [target ≥ {TARGET_RATIO:.2f}: {verdict(ratio >= TARGET_RATIO)}]"
                  f"   (dispatcher RSS after {n}: {status['rss_mb']:.1f} MB)")
+
+    async def same_work(self, bodies: list[bytes]) -> dict[str, float]:
+        """Process CPU per incident (and rate) of ``same_work_role`` over ``bodies``, measured like phase 2's."""
+        from schemas.routing import INCIDENTS
+
+        n = len(bodies)
+        await self.fresh_cluster()
+        child = Child("same-work")
+        await child.start()
+        try:
+            await publish_all(self.amqp_url, bodies, exchange=INCIDENTS, routing_key=ROUTING_KEY)
+            before = proc_cpu_s(child.pid)
+            started = await child.call("start", env=self.env, url=self.cluster["url"], token=self.cluster["token"],
+                                       namespace=self.cluster["namespace"])
+            done = await child.call("wait_done", timeout=310, n=n, within=300)
+            after = proc_cpu_s(child.pid)
+            jobs = await self.emulator.call("wait_jobs", timeout=20, n=n, within=10, times=False)
+        finally:
+            await child.close()
+        if done["done"] < n or jobs["count"] < n:
+            raise RuntimeError(f"same-work baseline: {done['done']} of {n} done, {jobs['count']} Jobs created")
+        return {"cpu_ms": (after - before) * 1000 / n, "rate": n / (done["t_done"] - started["t_start"])}
 
     # -- 2b. a realistic alert storm, same set-up as phase 2 --------------------------------
     async def storm(self, groups: int, n: int) -> dict[str, Any]:
@@ -912,10 +1041,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter run (about 30 s)")
     parser.add_argument("--profile", metavar="DIR", help="write a cProfile of each dispatcher process to DIR")
     parser.add_argument("--dump", metavar="CSV", help="write per-incident latencies of phase 1 to CSV")
-    parser.add_argument("--role", choices=("emulator", "dispatcher"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("emulator", "dispatcher", "same-work"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "emulator":
         asyncio.run(emulator_role(args.profile))
+        return 0
+    if args.role == "same-work":
+        asyncio.run(same_work_role())
         return 0
     if args.role == "dispatcher":
         from dispatcher.plumbing import tasks
