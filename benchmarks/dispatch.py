@@ -520,11 +520,8 @@ async def same_work_role() -> None:
             await message.ack()
             state["done"] += 1
 
-        async def on_message(message: Any) -> None:
-            await handle(message)
-
         t0 = time.monotonic()
-        await queue.consume(on_message)
+        await queue.consume(handle)
         return {"t_start": t0}
 
     async def wait_done(cmd: dict) -> dict:

@@ -487,27 +487,17 @@ class LlmReasoner:
             if not asked and step >= cfg.max_steps - 1:  # the last two steps: the answer and one repair
                 messages.append({"role": "user", "content": answer_request()})
                 asked = True
-            try:
-                message = await self._complete(session, messages, tools, inv, deadline, answer_only=asked)
-            except ContextOverflow as exc:  # the tool results grew past the window: shrink them, once
-                if not compact(messages):
-                    raise GiveUp(f"the conversation exceeds the model's context window ({exc})") from None
-                log.info("llm_context_compacted", step=step)
-                try:
-                    message = await self._complete(session, messages, tools, inv, deadline, answer_only=asked)
-                except ContextOverflow as again:
-                    raise GiveUp("the conversation exceeds the model's context window even with the tool results "
-                                 f"cut short ({again})") from None
+            message = await self._complete_in_window(session, messages, tools, inv, deadline, answer_only=asked)
+            content = _text(message.content)
             # Small models and servers without a tool-call parser write the call as text ({"name": ...,
             # "arguments": ...}, fenced or in <tool_call> tags): read as the call it is meant to be.
-            calls = message.tool_calls or text_tool_calls(_text(message.content)) or []
+            calls = message.tool_calls or text_tool_calls(content) or []
             log.info("llm_step_completed", step=step, tool_calls=len(calls), tokens=inv.tally.tokens)
             if calls:
                 if inv.tally.tokens >= cfg.max_tokens:
                     raise GiveUp(f"token budget exhausted ({inv.tally.tokens} of {cfg.max_tokens} tokens)")
                 await self._answer_tool_calls(inv, messages, message, calls, routes, step)
                 continue
-            content = _text(message.content)
             answer, error = parse_answer(content)
             if answer is not None:
                 model = self._assessment(answer, inv)  # citations resolved before the rules add observations
@@ -527,6 +517,23 @@ class LlmReasoner:
             messages += [{"role": "assistant", "content": bounded(content, cfg.tool_result_chars)},
                          {"role": "user", "content": REPAIR.format(error=error)}]
         raise GiveUp(f"step limit of {cfg.max_steps} reached without a final answer")
+
+    async def _complete_in_window(self, session: aiohttp.ClientSession, messages: list[dict[str, Any]],
+                                  tools: list[dict[str, Any]], inv: Investigation, deadline: float, *,
+                                  answer_only: bool) -> _Message:
+        """``_complete``; when the server refuses the conversation as too long for its context window, the
+        tool results are cut short (in place) and it is asked once more."""
+        try:
+            return await self._complete(session, messages, tools, inv, deadline, answer_only=answer_only)
+        except ContextOverflow as exc:
+            if not compact(messages):
+                raise GiveUp(f"the conversation exceeds the model's context window ({exc})") from None
+        log.info("llm_context_compacted", messages=len(messages))
+        try:
+            return await self._complete(session, messages, tools, inv, deadline, answer_only=answer_only)
+        except ContextOverflow as again:
+            raise GiveUp("the conversation exceeds the model's context window even with the tool results "
+                         f"cut short ({again})") from None
 
     async def _corroborate(self, inv: Investigation) -> Assessment | None:
         """The fallback's (rules') scoring of this investigation's sources, for grounding; None if it fails."""
