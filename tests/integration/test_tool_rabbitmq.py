@@ -262,7 +262,10 @@ async def test_queues_lists_the_backed_up_queues_first_with_their_ready_messages
     small, big = await _backlog(admin, 2), await _backlog(admin, 30)
     # When the monitoring user lists the vhost's queues
     obs = await _until(managed, "queues", {"vhost": broker.vhost},
+                       # a queue's first management sample may carry its message counts before its consumer
+                       # count: wait for both
                        lambda o: (_row(o, big) or {}).get("messages_ready") == 30
+                       and (_row(o, big) or {}).get("consumers") is not None
                        and (_row(o, small) or {}).get("messages_ready") == 2, "both backlogs in the statistics")
     # Then the bigger backlog comes first, with the counts and rates diagnosis needs
     names = [q["name"] for q in obs.data["queues"]]
