@@ -15,12 +15,13 @@ from .feedback import OperatorFeedback, ShadowComparison, Verdict
 from .finding import Conclusion, Cost, Evidence, Finding, Hypothesis, ProposedAction
 from .identity import Identity, identify
 from .incident import Alert, AlertStatus, IncidentEvent
-from .lifecycle import AgentExit, FailureReason, LifecycleEvent, LifecycleState
+from .lifecycle import AgentExit, AlertBrief, FailureReason, LifecycleEvent, LifecycleState
 from .phase import PhaseChanged, PhasePin
 
 __all__ = [
     "ActionRecord",
     "AgentExit",
+    "AlertBrief",
     "KINDS",
     "MAX_BODY_BYTES",
     "WIRE_TYPES",

@@ -12,7 +12,10 @@ from typing import Annotated
 
 import msgspec
 
-from .base import Id, NonNegativeInt, Phase, Timestamp, Wire
+from .base import Id, NonNegativeInt, Phase, Severity, Timestamp, Wire
+
+MAX_TICKET_ALERTS = 50  # alerts a dispatched event lists for the ticket (alert_count says how many in all)
+_Brief = Annotated[str, msgspec.Meta(max_length=1024)]
 
 
 class LifecycleState(enum.StrEnum):
@@ -73,6 +76,16 @@ class AgentExit(enum.IntEnum):
         }.get(self)
 
 
+class AlertBrief(msgspec.Struct, frozen=True, kw_only=True):
+    """One alert as a ticket shows it. Untrusted text from the alert's sender, never instructions."""
+
+    name: _Brief = ""  # alertname
+    status: Annotated[str, msgspec.Meta(max_length=16)] = "firing"
+    summary: _Brief = ""  # the summary (or description) annotation, cut
+    labels: dict[Annotated[str, msgspec.Meta(max_length=256)], _Brief] = {}
+    starts_at: Timestamp | None = None
+
+
 class LifecycleEvent(Wire, tag="lifecycle", kw_only=True):
     """One state change of one investigation."""
 
@@ -90,3 +103,11 @@ class LifecycleEvent(Wire, tag="lifecycle", kw_only=True):
     # A follow-up investigation (new alerts joined the group after an investigation ended):
     # the id of the group's first investigation, so tickets link the two.
     follows: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    # What a ticket opens with (dispatched and attached; empty on the other states): the
+    # incident's title, severity and domain, the trust scope its phase was chosen for, and up to
+    # MAX_TICKET_ALERTS of its alerts.
+    title: Annotated[str, msgspec.Meta(max_length=512)] = ""
+    severity: Severity | None = None
+    domain: Annotated[str, msgspec.Meta(max_length=512)] = ""
+    scope: Annotated[str, msgspec.Meta(max_length=512)] = ""
+    alerts: Annotated[tuple[AlertBrief, ...], msgspec.Meta(max_length=MAX_TICKET_ALERTS)] = ()

@@ -51,3 +51,8 @@ def finding_key(severity: Severity, domain: str, phase: Phase | None = None) -> 
 def action_key(outcome: str, domain: str) -> str:
     """``action.<outcome>.<domain>`` for an ``ActionRecord`` (e.g. ``action.executed_verified.database``)."""
     return f"action.{routing_word(outcome)}.{routing_word(domain)}"
+
+
+def feedback_key(verdict: str, scope: str) -> str:
+    """``feedback.<verdict>.<scope>`` for an ``OperatorFeedback`` (the scope made safe for a routing key)."""
+    return f"feedback.{routing_word(verdict)}.{routing_word(scope)}"

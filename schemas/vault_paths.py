@@ -17,6 +17,7 @@ TOKEN_ROLE_PREFIX = "agentjobs-agent-"  # auth/token/roles/<prefix><phase>
 POLICY_PREFIX = "agentjobs-agent-"  # sys/policies/acl/<prefix><phase>
 K8S_AUTH_MOUNT = "kubernetes"  # auth/kubernetes, role per phase: <prefix><phase>
 DISPATCHER_POLICY = "agentjobs-dispatcher"
+TICKETS_POLICY = "agentjobs-tickets"  # `agentjobs tickets`: reads its backend's key, nothing else
 
 DATABASE_MOUNT = "database"
 DATABASE_CONNECTION = "agentjobs-postgres"
@@ -40,6 +41,7 @@ KV_RABBITMQ_SHARED = "rabbitmq-shared"
 # phase policy may read it and none may write it; each agent reads it right before acting and
 # acts on nothing when it says disabled or cannot be read. No document: never disabled.
 KV_ACTIONS = "actions"
+KV_TICKETS = "tickets"
 # agentjobs-kv/data/claims/<investigation>/<digest of the idempotency key>: the claim an acting agent
 # creates (create-only, cas=0) right before it acts, and .../outcome once it knows how it ended
 # (agent.remediation.claims). Shared by every pod and every Job of the investigation, so a retried pod
@@ -127,6 +129,11 @@ def kv_llm_path() -> str:
 
 def kv_rabbitmq_shared_path() -> str:
     return f"{KV_MOUNT}/data/{KV_RABBITMQ_SHARED}"
+
+
+def kv_tickets_path() -> str:
+    """``agentjobs-kv/data/tickets``: the ticketing backend's secrets (redmine_api_key, webhook_secret)."""
+    return f"{KV_MOUNT}/data/{KV_TICKETS}"
 
 
 def kv_actions_path() -> str:

@@ -315,6 +315,26 @@ def trust_cmd(ctx: click.Context, health_port: int | None) -> None:
     sys.exit(tasks.run(TrustService(settings, health_port=health_port).run()))
 
 
+@app.command("tickets")
+@click.option("--health-port", type=int, default=None, help="Port for /healthz, /readyz, /metrics (default: metrics.port).")
+@click.pass_context
+def tickets_cmd(ctx: click.Context, health_port: int | None) -> None:
+    """Keep one ticket per investigation (Redmine or a webhook) and read operators' verdicts back."""
+    from schemas import logs
+    from schemas.errors import TemporaryError
+    from dispatcher.plumbing import tasks
+    from dispatcher.tickets.service import TicketsService, open_backend
+
+    settings = settings_from(ctx)
+    logs.configure(settings.logging)
+    try:
+        backend = open_backend(settings)
+    except (ValueError, TemporaryError) as exc:
+        _fail(f"tickets: {getattr(exc, 'message', exc)}", code=2)
+        return
+    sys.exit(tasks.run(TicketsService(settings, backend=backend, health_port=health_port).run()))
+
+
 @app.group()
 def phase() -> None:
     """Autonomy phases per scope: show, explain, pin, unpin."""

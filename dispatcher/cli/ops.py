@@ -36,7 +36,7 @@ from dispatcher.plumbing.amqp import broker_user
 from dispatcher.plumbing.settings import Settings
 from dispatcher.plumbing.identities import url_for_component
 from dispatcher.plumbing.topology import dispatcher_topology
-from schemas.routing import DEAD, FEEDBACK, INCIDENTS, PHASES, RESULTS
+from schemas.routing import DEAD, FEEDBACK, INCIDENTS, PHASES, RESULTS, feedback_key
 
 if TYPE_CHECKING:
     from dispatcher.trust.service import TrustState
@@ -100,7 +100,7 @@ async def publish_incident(settings: Settings, body: bytes, *, routing_key: str 
 
 def feedback_routing_key(feedback: OperatorFeedback) -> str:
     """``feedback.<verdict>.<scope>`` (pure; the scope made safe for a routing key)."""
-    return f"feedback.{feedback.verdict.value}.{routing_word(feedback.scope)}"
+    return feedback_key(feedback.verdict.value, feedback.scope)
 
 
 async def publish_feedback(settings: Settings, body: bytes) -> dict[str, str]:

@@ -418,7 +418,7 @@ class _Bootstrap:
         return self.report
 
     def _policies(self) -> None:
-        names = [layout.policy(p) for p in Phase] + [layout.DISPATCHER_POLICY]
+        names = [layout.policy(p) for p in Phase] + [layout.DISPATCHER_POLICY, layout.TICKETS_POLICY]
         for name in names:
             file = self.policy_dir / f"{name}.hcl"
             try:

@@ -65,7 +65,7 @@ from dispatcher.intake.deadletters import Delivery, dead_letter, from_error
 from schemas.logs import bound, get_logger
 from dispatcher.plumbing.metrics import Metrics
 from dispatcher.intake.phases import PhaseSource
-from dispatcher.intake.reporting import Reporter, failure_result, resolved_after_end
+from dispatcher.intake.reporting import Reporter, alert_briefs, failure_result, incident_title, resolved_after_end
 from dispatcher.plumbing.retry import Backoff, RetriesExhausted, retry
 from dispatcher.jobs.runtime import JobRuntime, LaunchOutcome
 from dispatcher.plumbing.settings import Settings
@@ -495,6 +495,11 @@ class Intake:
             event_id=event.event_id,
             alert_count=len(event.alerts),
             follows=tracked.follows,
+            title=incident_title(event),
+            severity=event.severity,
+            domain=tracked.domain,
+            scope=self._scope(event, tracked.domain),
+            alerts=alert_briefs(event),
         )
 
 

@@ -24,11 +24,13 @@ from datetime import datetime
 from schemas import (
     ActionRecord,
     AgentExit,
+    AlertBrief,
     Conclusion,
     DeadLetter,
     Evidence,
     FailureReason,
     Finding,
+    IncidentEvent,
     LifecycleEvent,
     LifecycleState,
     Phase,
@@ -37,6 +39,7 @@ from schemas import (
 
 from dispatcher.plumbing.amqp import Publisher
 from dispatcher.jobs.runtime import JobState, RuntimeEvent
+from schemas.lifecycle import MAX_TICKET_ALERTS
 from schemas.routing import RESULTS
 from schemas.routing import action_key, finding_key, lifecycle_key, routing_word
 from dispatcher.intake.tracker import Tracked
@@ -79,6 +82,41 @@ def lifecycle_for(event: RuntimeEvent, tracked: Tracked | None) -> LifecycleEven
         reason=reason if state is LifecycleState.FAILED or reason is FailureReason.ALERT_RESOLVED else None,
         message=message[:4096],
         follows=tracked.follows if tracked else "",
+    )
+
+
+_TITLE_MAX = 255  # Redmine's subject limit; other systems take at least this much
+_BRIEF_MAX = 1024
+_BRIEF_LABELS = 20  # labels per alert a ticket shows
+
+
+def _cut(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def incident_title(event: IncidentEvent) -> str:
+    """A ticket title (pure): ``[severity] alertname: summary``; untrusted text, cut to 255."""
+    first = event.alerts[0]
+    summary = (event.common_annotations.get("summary") or first.annotations.get("summary")
+               or event.common_annotations.get("description") or first.annotations.get("description") or "")
+    where = " ".join(f"{k}={v}" for k, v in sorted(event.group_labels.items()) if k != "alertname")
+    name = event.alertname or "alert"
+    text = f"[{event.severity.value}] {name}: {summary}" if summary else f"[{event.severity.value}] {name} {where}"
+    return _cut(text.strip(), _TITLE_MAX)
+
+
+def alert_briefs(event: IncidentEvent, limit: int = MAX_TICKET_ALERTS) -> tuple[AlertBrief, ...]:
+    """The first ``limit`` alerts as a ticket lists them (firing first; pure)."""
+    ordered = sorted(event.alerts, key=lambda a: a.status.value != "firing")[:limit]
+    return tuple(
+        AlertBrief(
+            name=_cut(a.name, _BRIEF_MAX), status=a.status.value,
+            summary=_cut(a.annotations.get("summary") or a.annotations.get("description") or "", _BRIEF_MAX),
+            labels={k[:256]: v[:_BRIEF_MAX] for k, v in sorted(a.labels.items())[:_BRIEF_LABELS]},
+            starts_at=a.starts_at,
+        )
+        for a in ordered
     )
 
 

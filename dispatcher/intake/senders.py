@@ -47,7 +47,7 @@ def control_sender(ids: IdentitySettings, user_id: str) -> Refusal | None:
 
 
 def feedback_sender(ids: IdentitySettings, user_id: str) -> Refusal | None:
-    return one_of(user_id, [*ids.operators, *ids.admins], "operator feedback")
+    return one_of(user_id, [*ids.operators, *ids.admins, ids.ticketing], "operator feedback")
 
 
 def pin_sender(ids: IdentitySettings, user_id: str) -> Refusal | None:
@@ -100,3 +100,20 @@ def any_agent_or_dispatcher(ids: IdentitySettings, user_id: str, what: str) -> R
                     or any(user_id.startswith(p) and len(user_id) > len(p) for p in prefixes)):
         return None
     return _refuse(user_id, what, f"{ids.dispatcher} or an agent user ({' / '.join(prefixes)}…)")
+
+
+def finding_of_investigation(ids: IdentitySettings, user_id: str, investigation_id: str, what: str = "findings", *,
+                             kubernetes_auth: bool = False) -> Refusal | None:
+    """Findings where only the investigation is known: the dispatcher, or the agent of a Job of that
+    investigation (``token-aj-[<slug>-]<first 16 hex of the id>-<uuid>``; see ``schemas.identity.job_name``)."""
+    if user_id and user_id == ids.dispatcher:
+        return None
+    if kubernetes_auth and user_id.startswith(ids.kubernetes_agent_prefix) and len(user_id) > len(
+            ids.kubernetes_agent_prefix):
+        return None
+    digest = re.escape(investigation_id[:16])
+    pattern = re.escape(ids.agent_prefix) + r"aj-(?:[a-z0-9-]*-)?" + digest + "-" + _UUID
+    if len(investigation_id) >= 16 and re.fullmatch(pattern, user_id) is not None:
+        return None
+    return _refuse(user_id, f"{what} of investigation {investigation_id[:16]}…",
+                   f"{ids.dispatcher} or {ids.agent_prefix}aj-…-{investigation_id[:16]}-<uuid>")

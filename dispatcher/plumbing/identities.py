@@ -35,7 +35,8 @@ NEVER = "(?!)"  # a topic regex no routing key matches
 # their name across reconnects.
 PRIVATE = r"(?:amq\.gen-.*|amq_[0-9a-f]{32})"
 ALL_OURS = r"^(agentjobs\..*|" + PRIVATE + ")$"
-COMPONENTS = ("bridge", "dispatcher", "trust", "operator", "admin")
+COMPONENTS = ("bridge", "dispatcher", "trust", "operator", "admin", "ticketing")
+TICKETS_QUEUE = "agentjobs.tickets"  # declared by `agentjobs tickets` only (no connector: no queue filling up)
 CREDENTIALS_FILE = "broker-identities.json"  # under runtime.state_dir, 0600
 
 
@@ -83,6 +84,15 @@ def grants(ids: IdentitySettings) -> tuple[Grant, ...]:
               topics=(TopicGrant(exchange=FEEDBACK, write=NEVER), TopicGrant(exchange=INCIDENTS, write=NEVER),
                       TopicGrant(exchange=CONTROL, write=NEVER), TopicGrant(exchange=RESULTS, write=NEVER))),
     ]
+    # The ticketing connector: its own queue on the results exchange, dead letters, and operators'
+    # verdicts read off closed tickets (feedback.*) — nothing else.
+    out.append(Grant(component="ticketing", user=ids.ticketing,
+                     configure="^(" + re.escape(TICKETS_QUEUE) + "|" + private + ")$",
+                     write="^(" + "|".join(re.escape(n) for n in (TICKETS_QUEUE, FEEDBACK, "agentjobs.dead"))
+                           + "|" + private + ")$",
+                     read="^(" + "|".join(re.escape(n) for n in (TICKETS_QUEUE, RESULTS)) + "|" + private + ")$",
+                     topics=(TopicGrant(exchange=FEEDBACK, write=r"^feedback\..+"),
+                             TopicGrant(exchange=PHASES, write=NEVER))))
     if ids.operators:
         out.append(Grant(component="operator", user=ids.operators[0], configure="^" + private + "$",
                          write=human_write, read=ops_read,

@@ -64,6 +64,7 @@ class IdentitySettings(Section):
     trust: str = "agentjobs-trust"  # PhaseChanged, the feedback log, trust snapshots
     operators: list[str] = msgspec.field(default_factory=lambda: ["agentjobs-operator"])  # incidents, feedback, cancel
     admins: list[str] = msgspec.field(default_factory=lambda: ["agentjobs-admin"])  # pins, and what operators may
+    ticketing: str = "agentjobs-ticketing"  # `agentjobs tickets`: reads results, sends operators' verdicts from tickets
     agent_prefix: str = "token-"  # Vault token display names: token-<display name>
     kubernetes_agent_prefix: str = "kubernetes-"  # users issued to agents that logged in with kubernetes auth
 
@@ -332,6 +333,47 @@ class ActionsSettings(Section):
         return self.scopes.get(name) or self.scopes["default"]
 
 
+class RedmineSettings(Section):
+    """A Redmine project the tickets connector writes to (REST API, ``X-Redmine-API-Key``)."""
+
+    url: str = ""  # e.g. https://redmine.example.com; empty: not configured
+    project: str = "agentjobs"  # project identifier; make it private (a wrong key then gets 401, not data)
+    api_key: str = ""  # development only: prefer tickets.secret_path (key redmine_api_key)
+    tracker: str = ""  # tracker name; empty: the project's default
+    # issue custom fields, by name (the API user must be an administrator to resolve them)
+    key_field: str = "agentjobs key"  # string, "used as a filter": one ticket per investigation
+    cause_field: str = "Root cause"  # long text: the agent's cause, which the operator corrects
+    actions_field: str = "Actions taken"  # long text, one action per line
+    resolved_status: str = "Resolved"  # set when the alert group resolves (an operator closes)
+    # our severities → Redmine priorities (names)
+    priorities: dict[str, str] = msgspec.field(
+        default_factory=lambda: {"critical": "Urgent", "warning": "High", "info": "Normal"})
+    request_timeout: Seconds = 10.0  # seconds per request
+
+
+class WebhookSettings(Section):
+    """A generic outbound webhook: every ticket operation POSTed as JSON, signed (HMAC-SHA256)."""
+
+    url: str = ""  # empty: not configured
+    secret: str = ""  # development only: prefer tickets.secret_path (key webhook_secret)
+    request_timeout: Seconds = 10.0  # seconds per request
+
+
+class TicketsSettings(Section):
+    """``agentjobs tickets``: one ticket per investigation, and operators' verdicts read back."""
+
+    backend: Literal["redmine", "webhook"] = "redmine"
+    # shadow findings: a private note (visible to whoever may see private notes, and scored
+    # against the operator's own cause) or nothing at all — never the visible diagnosis
+    shadow: Literal["private", "omit"] = "private"
+    secret_path: str = "agentjobs-kv/data/tickets"  # kv-v2 data path read with vault.token(_file)
+    poll_interval: Seconds = 30.0  # seconds between looks for tickets operators closed
+    lookback: Seconds = 7 * 86400.0  # seconds of closed tickets the first look after a start reads
+    prefetch: Positive = 20  # results handled at once (one investigation at a time)
+    redmine: RedmineSettings = RedmineSettings()
+    webhook: WebhookSettings = WebhookSettings()
+
+
 class MetricsSettings(Section):
     host: str = "127.0.0.1"
     port: Port = 9464  # Prometheus scrape port; 0 disables
@@ -356,6 +398,7 @@ class Settings(Section):
     actions: ActionsSettings = ActionsSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tickets: TicketsSettings = TicketsSettings()
 
     def __post_init__(self) -> None:
         if "default" not in self.classes:

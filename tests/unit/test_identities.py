@@ -19,7 +19,7 @@ def _grant(component: str):
 
 def test_every_component_has_its_own_user() -> None:
     users = [g.user for g in grants(IDS)]
-    assert len(users) == len(set(users)) == 5
+    assert len(users) == len(set(users)) == 6
 
 
 def test_the_bridge_may_only_publish_incidents() -> None:
@@ -39,6 +39,19 @@ def test_nobody_but_trust_may_write_phase_changes_and_only_admins_pins() -> None
     pinners = {g.component for g in grants(IDS) for t in g.topics
                if t.exchange == "agentjobs.feedback" and t.write != NEVER and re.search(t.write, "pin.redteam")}
     assert pinners == {"admin"}
+
+
+def test_the_ticketing_connector_reads_results_and_sends_only_verdicts() -> None:
+    ticketing = _grant("ticketing")
+    assert re.fullmatch(ticketing.read, "agentjobs.results") and re.fullmatch(ticketing.read, "agentjobs.tickets")
+    assert re.fullmatch(ticketing.configure, "agentjobs.tickets")
+    for other in ("agentjobs.incidents", "agentjobs.results", "agentjobs.phases", "agentjobs.control"):
+        assert not re.fullmatch(ticketing.write, other)
+        assert not re.fullmatch(ticketing.configure, other)
+    topics = {t.exchange: t.write for t in ticketing.topics}
+    assert re.search(topics["agentjobs.feedback"], "feedback.accepted.database")
+    assert not re.search(topics["agentjobs.feedback"], "pin.database")
+    assert topics["agentjobs.phases"] == NEVER
 
 
 def test_never_matches_no_routing_key() -> None:

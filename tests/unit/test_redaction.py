@@ -193,7 +193,7 @@ def _plain_str_fields(struct: type, prefix: str = "") -> list[str]:
 
 # The settings that hold a credential, or a DSN (which may embed one): masked whole.
 SECRET_SETTINGS = {"vault.token", "postgres.dsn", "postgres.admin_dsn", "bridge.bearer_token",
-                   "bridge.basic_password", "llm.api_key"}
+                   "bridge.basic_password", "llm.api_key", "tickets.redmine.api_key", "tickets.webhook.secret"}
 
 
 def test_config_check_hides_exactly_the_secret_settings_and_shows_every_other_value() -> None:
@@ -207,12 +207,15 @@ def test_config_check_hides_exactly_the_secret_settings_and_shows_every_other_va
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
     for path in paths:
-        section, name = path.split(".")
+        *sections, name = path.split(".")
+        where = shown
+        for section in sections:
+            where = where[section]
         if path in SECRET_SETTINGS:
-            assert shown[section][name] == MASK, path
+            assert where[name] == MASK, path
             assert f"value-of-{path}\"" not in result.output
         else:
-            assert shown[section][name] == f"value-of-{path}", path
+            assert where[name] == f"value-of-{path}", path
 
 
 def test_config_check_masks_credentials_and_shows_token_audience_and_expiration(tmp_path: Path) -> None:
