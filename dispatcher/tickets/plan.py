@@ -47,6 +47,7 @@ class Note(msgspec.Struct, frozen=True, kw_only=True):
     cause: str | None = None  # set the root-cause field (None: leave it)
     actions: tuple[str, ...] | None = None  # set the actions field (None: leave it)
     resolve: bool = False  # move the ticket to the backend's "resolved" status
+    severity: Severity | None = None  # set the ticket's priority (unless an operator changed it)
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,5 +106,5 @@ def for_finding(finding: Finding, *, shadow: ShadowMode = "private", scope: str 
                          + render.finding_note(finding))
         return Plan(opening=opening, notes=(note, record), kind="finding.shadow")
     note = Note(op_id=key, text=render.finding_note(finding), cause=" ".join(finding.probable_cause.split()),
-                actions=render.action_lines(finding))
+                actions=render.action_lines(finding), severity=finding.severity)
     return Plan(opening=opening, notes=(note, record), kind="finding")

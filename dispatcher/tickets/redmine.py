@@ -8,8 +8,9 @@ are read, and a note already there is not written again. Custom-field, status, p
 tracker names are resolved once (lazily: the connector starts and holds messages while Redmine
 is down); resolving custom fields needs an administrator's key.
 
-The root-cause and actions fields are filled from the finding only while empty (an operator's
-value is never overwritten), and "resolved" never reopens a ticket an operator already closed.
+The root-cause and actions fields are filled from the finding only while empty, the priority
+from its severity only while no operator changed it (an operator's value is never overwritten),
+and "resolved" never reopens a ticket an operator already closed.
 A closing counts as an operator's only when its journal's user is not the connector's.
 """
 
@@ -198,6 +199,9 @@ class RedmineBackend:
             fields.append({"id": m.fields["actions"], "value": render.join_lines(note.actions)})
         if fields:
             update["custom_fields"] = fields
+        priority = m.priorities.get(self.settings.priorities.get(note.severity.value, "")) if note.severity else None
+        if priority is not None and not _changed_by_others(issue, "priority_id", m.user_id):
+            update["priority_id"] = priority
         if note.resolve:
             status = m.statuses.get(self.settings.resolved_status)
             current = issue.get("status", {}).get("id")
@@ -253,6 +257,13 @@ class RedmineBackend:
 
 def _json(text: str) -> Any:
     return json.loads(text) if text.strip() else None
+
+
+def _changed_by_others(issue: Mapping[str, Any], attribute: str, our_user: int) -> bool:
+    """True if a journal by someone other than the connector changed ``attribute``."""
+    return any(d.get("property") == "attr" and d.get("name") == attribute
+               for j in issue.get("journals", []) if j.get("user", {}).get("id") != our_user
+               for d in j.get("details", []))
 
 
 def _int(value: Any) -> int | None:

@@ -50,8 +50,8 @@ def verdict(closed: Closed, *, at: datetime) -> OperatorFeedback | str:
     if record.phase is Phase.SHADOW:
         if not (final.cause or "").strip():
             return "shadow_without_operator_cause"
-        if not final.actions:
-            final = TicketFields(cause=final.cause, severity=final.severity, summary=final.summary)
+        # the operator never saw the agent's severity or actions: only what they wrote counts
+        final = TicketFields(cause=final.cause, actions=final.actions or None, summary=final.summary)
     return feedback_from_ticket(finding_of(record), final, at=at, scope=record.scope or record.domain,
                                 operator=closed.closed_by[:512], feedback_id=feedback_id(closed, record),
                                 comment=f"from ticket {closed.ticket}, closed at {closed.closed_at.isoformat()}")
