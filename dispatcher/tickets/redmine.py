@@ -1,8 +1,8 @@
 """Redmine, through its REST API (``X-Redmine-API-Key``), as a ticketing backend.
 
 One issue per investigation in one (private) project; the investigation id is kept in a string
-custom field that is "used as a filter", so ``GET /issues.json?cf_<id>=<key>&status_id=*`` finds
-it again — after a restart, a redelivery, or a create whose answer was lost. Every note ends with
+custom field that is "used as a filter", so ``GET /issues.json?f[]=cf_<id>&op[cf_<id>]==&v[cf_<id>][]=<key>``
+finds it again, closed or not — after a restart, a redelivery, or a create whose answer was lost. Every note ends with
 ``(agentjobs op <op_id>)``; before writing, the issue's journals *by the connector's own user*
 are read, and a note already there is not written again. Custom-field, status, priority and
 tracker names are resolved once (lazily: the connector starts and holds messages while Redmine
@@ -152,9 +152,16 @@ class RedmineBackend:
 
     async def find(self, key: str) -> dict[str, Any] | None:
         m = await self.meta()
-        found = await self._call("GET", "/issues.json", params={
-            "project_id": m.project_id, "status_id": "*", f"cf_{m.fields['key']}": key, "limit": 2})
-        issues = [i for i in found.get("issues", []) if _field(i, m.fields["key"]) == key]
+        cf = f"cf_{m.fields['key']}"
+        # The literal filter form: ``cf_N=<value>`` would parse ``|``, ``!``, ``~`` in the value.
+        found = await self._call("GET", "/issues.json", params=[
+            ("project_id", str(m.project_id)), ("f[]", cf), (f"op[{cf}]", "="), (f"v[{cf}][]", key),
+            ("limit", "5")])
+        issues = found.get("issues", [])
+        if any(_field(i, m.fields["key"]) != key for i in issues):
+            # Redmine drops a filter it cannot apply and lists everything: never create blindly then.
+            raise TemporaryError(f"Redmine ignored the filter on custom field {self.settings.key_field!r}: "
+                                 "make it 'used as a filter' (see README: connecting Redmine)")
         return issues[0] if issues else None
 
     async def apply(self, plan: Plan) -> Applied:
