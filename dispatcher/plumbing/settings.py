@@ -344,7 +344,9 @@ class RedmineSettings(Section):
     key_field: str = "agentjobs key"  # string, "used as a filter": one ticket per investigation
     cause_field: str = "Root cause"  # long text: the agent's cause, which the operator corrects
     actions_field: str = "Actions taken"  # long text, one action per line
-    resolved_status: str = "Resolved"  # set when the alert group resolves (an operator closes)
+    # set when the alert group resolves: "Resolved" leaves closing to the operator; a closed status
+    # ("Closed") closes it, and an operator's later edit of its cause or actions is the verdict
+    resolved_status: str = "Resolved"
     # our severities → Redmine priorities (names)
     priorities: dict[str, str] = msgspec.field(
         default_factory=lambda: {"critical": "Urgent", "warning": "High", "info": "Normal"})

@@ -11,7 +11,9 @@ is down); resolving custom fields needs an administrator's key.
 The root-cause and actions fields are filled from the finding only while empty, the priority
 from its severity only while no operator changed it (an operator's value is never overwritten),
 and "resolved" never reopens a ticket an operator already closed.
-A closing counts as an operator's only when its journal's user is not the connector's.
+A verdict is read where an operator (any user but the connector's) closed the ticket, or changed
+its cause or actions on a closed ticket — e.g. one closed on resolution (``resolved_status``
+set to a closed status).
 """
 
 from __future__ import annotations
@@ -238,11 +240,18 @@ class RedmineBackend:
     async def _closed(self, ticket: int, m: Meta) -> Closed | None:
         issue = (await self._call("GET", f"/issues/{ticket}.json", params={"include": "journals"}))["issue"]
         journals = issue.get("journals", [])
-        closing = next((j for j in reversed(journals) if any(
-            d.get("property") == "attr" and d.get("name") == "status_id" and _int(d.get("new_value")) in m.closed
-            for d in j.get("details", []))), None)
-        if closing is None or closing.get("user", {}).get("id") == m.user_id:
-            return None  # closed on creation, or by the connector itself: no operator's verdict
+        judged = {str(m.fields["cause"]), str(m.fields["actions"])}
+
+        def verdict_of_operator(j: Mapping[str, Any]) -> bool:
+            """An operator closed it, or changed its cause or actions (e.g. after it closed on resolution)."""
+            return j.get("user", {}).get("id") != m.user_id and any(
+                (d.get("property") == "attr" and d.get("name") == "status_id" and _int(d.get("new_value")) in m.closed)
+                or (d.get("property") == "cf" and str(d.get("name")) in judged)
+                for d in j.get("details", []))
+
+        closing = next((j for j in reversed(journals) if verdict_of_operator(j)), None)
+        if closing is None:
+            return None  # closed by the connector itself (or on creation), and no operator said anything
         ours = [j for j in journals if j.get("user", {}).get("id") == m.user_id]
         record = next((r for r in (render.parse_record(j.get("notes") or "") for j in reversed(ours)) if r), None)
         close_id = f"redmine-{ticket}-{closing['id']}"

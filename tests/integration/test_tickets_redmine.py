@@ -277,3 +277,26 @@ async def test_the_tickets_queue_is_the_connectors_own(world):
         channel = await connection.channel()
         declared = await channel.declare_queue(TICKETS_QUEUE, passive=True)
         assert declared.declaration_result.message_count == 0
+
+
+async def test_a_ticket_closed_on_resolution_asks_no_verdict_until_an_operator_edits_its_cause(world, redmine):
+    _handle, url, env, tickets_env = world
+    inv = "af" + "8" * 38
+    closing_env = {**tickets_env, "AGENTJOBS_TICKETS__REDMINE__RESOLVED_STATUS": "Closed"}
+    async with running_trust(url, env), running_tickets(url, closing_env) as tickets:
+        await _dispatched_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
+        await _finding_by(url, None, _finding(inv, Phase.READ_ONLY))
+        await _until(_with_note(redmine, inv, "lock_contention"))
+        resolved = LifecycleEvent(investigation_id=inv, incident_key="k" * 32, state=LifecycleState.RESOLVED,
+                                  at=trust_dispatched(inv, Phase.READ_ONLY).at, phase=Phase.READ_ONLY)
+        await _dispatched_by_dispatcher(url, resolved)
+        issue = await _until(_with_note(redmine, inv, "The alert group resolved"))
+        assert issue["status"]["name"] == "Closed"
+        # the connector's own closing is nobody's verdict
+        assert await tickets.poll_once() == 0
+        # an operator's correction of the closed ticket's cause is
+        await asyncio.to_thread(redmine.update_issue, issue["id"], custom_fields={
+            CAUSE: "a vacuum of table ledger held the lock"})
+        assert await tickets.poll_once() == 1
+        fb = await _tallied(url, inv)
+        assert fb.verdict is Verdict.REJECTED and fb.changed_fields == ("cause",)  # another cause: replaced
