@@ -49,7 +49,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from schemas import FailureReason, utcnow
 from schemas.errors import AgentJobsError, TemporaryError
 
-from dispatcher.jobs import jobspec
+from dispatcher.jobs import jobspec, k8s_raw
 from dispatcher.jobs.k8s_errors import AlreadyExists, Conflict, NotFound, classify
 from schemas.logs import get_logger
 from dispatcher.plumbing.retry import Backoff
@@ -191,7 +191,11 @@ class KubernetesRuntime:
         without_per_request_env_lookups(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
+        self._raw = k8s_raw.RawWriter(api_client)
         self.namespace = namespace
+        ns = urllib.parse.quote(namespace, safe="")
+        self._jobs_path = f"/apis/batch/v1/namespaces/{ns}/jobs"
+        self._secrets_path = f"/api/v1/namespaces/{ns}/secrets"
         self.request_timeout = request_timeout  # seconds per call
         self.watch_timeout = watch_timeout  # seconds a watch stays open
         self.watch_idle_timeout = watch_idle_timeout  # seconds a watch may stay silent
@@ -248,42 +252,47 @@ class KubernetesRuntime:
 
     # -- launch / cancel ---------------------------------------------------------------------
 
+    async def _post(self, doing: str, path: str, body: bytes) -> bytes:
+        """A hot write (msgspec-encoded, the client's own session: ``k8s_raw``), errors classified."""
+        try:
+            return await self._raw.post(path, body, timeout=self.request_timeout)
+        except Exception as exc:  # mapped here and only here
+            raise classify(exc, doing=doing) from exc
+
     async def launch(self, job: Mapping[str, Any], *, secret: Mapping[str, bytes] | None = None) -> LaunchOutcome:
         name = job["metadata"]["name"]
         try:
-            created = await self._read_json(f"create job {name}", self.batch.create_namespaced_job,
-                                            self.namespace, dict(job))
+            created = _created.decode(await self._post(f"create job {name}", self._jobs_path, k8s_raw.encode(job)))
             outcome = LaunchOutcome.CREATED
         except AlreadyExists:
             try:
-                created = await self._read_json(f"read job {name}", self.batch.read_namespaced_job,
-                                                name, self.namespace)
+                existing = await self._read_json(f"read job {name}", self.batch.read_namespaced_job,
+                                                 name, self.namespace)
             except NotFound as exc:  # deleted between our create and read: try again later
                 raise TemporaryError(f"job {name} vanished right after 409") from exc
+            created = msgspec.convert(existing, _Created)
             outcome = LaunchOutcome.ALREADY_EXISTS
         if secret:
-            await self._ensure_secret(created, secret)
+            await self._ensure_secret(created.metadata, secret)
         return outcome
 
-    async def _ensure_secret(self, job: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
-        meta = job["metadata"]
+    async def _ensure_secret(self, meta: _CreatedMeta, files: Mapping[str, bytes]) -> None:
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
-                "name": jobspec.secret_name(meta["name"]),
+                "name": jobspec.secret_name(meta.name),
                 "namespace": self.namespace,
                 "labels": {jobspec.LABEL_MANAGED_BY: jobspec.MANAGED_BY,
-                           jobspec.LABEL_INVESTIGATION: (meta.get("labels") or {}).get(jobspec.LABEL_INVESTIGATION, "")},
-                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                                     "uid": meta["uid"], "controller": False, "blockOwnerDeletion": False}],
+                           jobspec.LABEL_INVESTIGATION: meta.labels.get(jobspec.LABEL_INVESTIGATION, "")},
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta.name,
+                                     "uid": meta.uid, "controller": False, "blockOwnerDeletion": False}],
             },
             "type": "Opaque",
             "data": {k: base64.b64encode(v).decode() for k, v in files.items()},
         }
         try:
-            await self._read_json(f"create secret for {meta['name']}", self.core.create_namespaced_secret,
-                                  self.namespace, body)
+            await self._post(f"create secret for {meta.name}", self._secrets_path, k8s_raw.encode(body))
         except AlreadyExists:
             pass
 
@@ -549,6 +558,21 @@ class KubernetesRuntime:
             return
         except Conflict as exc:  # changed under us: read again and retry via the caller's retry
             raise TemporaryError(f"job {meta['name']} changed while releasing it") from exc
+
+
+class _CreatedMeta(msgspec.Struct):
+    """What a launch needs of the Job the API server answered with (the rest is not decoded)."""
+
+    name: str
+    uid: str = ""
+    labels: dict[str, str] = {}
+
+
+class _Created(msgspec.Struct):
+    metadata: _CreatedMeta
+
+
+_created = msgspec.json.Decoder(_Created)
 
 
 class _RawWatch(watch.Watch):
