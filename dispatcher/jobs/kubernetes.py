@@ -576,10 +576,33 @@ _created = msgspec.json.Decoder(_Created)
 
 
 class _RawWatch(watch.Watch):
-    """A Watch that leaves objects as the JSON dicts we read (no model conversion per event)."""
+    """A Watch that leaves objects as the JSON dicts we read (no model conversion per event), each
+    line decoded once with msgspec instead of stdlib ``json`` (the base class's semantics: error
+    events raise ``ApiException`` with their code, so a 410 still means "re-list")."""
 
     def get_return_type(self, func: object) -> None:  # type: ignore[override]
         return None
+
+    def unmarshal_event(self, data: str | bytes, response_type: str | None) -> Any:
+        try:
+            js = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return data
+        if not isinstance(js, dict) or "object" not in js or "type" not in js:
+            if isinstance(js, dict) and "code" in js:
+                raise ApiException(status=js["code"], reason=f"{js.get('reason')}: {js.get('message')}")
+            raise TemporaryError(f"watch jobs: malformed event without type/object: {str(js)[:200]}")
+        obj = js["raw_object"] = js["object"]
+        kind = str(js["type"]).lower()
+        if kind == "error":
+            obj = obj if isinstance(obj, dict) else {}
+            raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion") if isinstance(obj, dict) else None
+        if rv:
+            self.resource_version = rv
+        elif kind == "bookmark":
+            raise TemporaryError(f"watch jobs: bookmark without a resourceVersion: {str(js)[:200]}")
+        return js
 
 
 class _Expired(Exception):
