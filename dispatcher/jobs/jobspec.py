@@ -8,12 +8,14 @@ one (then a projected, audience-bound, short-lived one) or the in-cluster
 Kubernetes tool does (then the phase ServiceAccount's short-lived API token,
 so the phase's RBAC is what the agent may do in the cluster), and receive their
 input (the incident, the wrapped Vault token) as files from a Secret that the
-Job owns, so it is deleted with the Job.
+Job owns, so it is deleted with the Job — or, when the input holds nothing secret
+(``inline_input``), from an annotation of the Job's own pod template.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -125,6 +127,37 @@ def choose_class(event: IncidentEvent, settings: Settings) -> str:
 def secret_name(job_name: str) -> str:
     """Name of the Secret holding a Job's input files (owned by the Job)."""
     return f"{job_name}-input"
+
+
+# An input with nothing secret in it — only the incident (auth modes none and kubernetes: no
+# wrapped token, no private CA, no approval) — rides in the Job itself: a pod-template annotation
+# mounted as the same file through a downwardAPI volume, so no per-incident Secret is created.
+# Bigger incidents keep the Secret (annotations are capped at 256 KiB per object in all).
+ANN_INPUT_INCIDENT = f"{GROUP}/input-incident"
+INLINE_INPUT_MAX = 64 * 1024  # bytes of incident JSON
+
+
+def inline_input(job: dict[str, Any], files: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """``(job, files)`` with the incident moved into the Job when nothing secret is to be carried
+    (pure: ``job`` is not changed); otherwise both as given."""
+    body = files.get(INCIDENT_FILE)
+    if set(files) != {INCIDENT_FILE} or body is None or len(body) > INLINE_INPUT_MAX:
+        return job, files
+    template = job["spec"]["template"]
+    volume = {"name": INPUT_VOLUME, "downwardAPI": {"defaultMode": 0o400, "items": [{
+        "path": INCIDENT_FILE,
+        "fieldRef": {"apiVersion": "v1", "fieldPath": f"metadata.annotations['{ANN_INPUT_INCIDENT}']"}}]}}
+    spec = {**template["spec"], "volumes": [volume if v.get("name") == INPUT_VOLUME else v
+                                            for v in template["spec"]["volumes"]]}
+    meta = {**template["metadata"], "annotations": {**template["metadata"].get("annotations", {}),
+                                                    ANN_INPUT_INCIDENT: body.decode()}}
+    return {**job, "spec": {**job["spec"], "template": {**template, "metadata": meta, "spec": spec}}}, {}
+
+
+def reads_input_secret(job: Mapping[str, Any]) -> bool:
+    """True if the Job's input volume is its Secret (a Job created with its input in a Secret)."""
+    volumes = job.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
+    return any(v.get("name") == INPUT_VOLUME and "secret" in v for v in volumes)
 
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")

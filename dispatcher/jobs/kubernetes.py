@@ -2,7 +2,8 @@
 
 Launch creates the Job (409 AlreadyExists → ``ALREADY_EXISTS``: that is how
 "exactly one Job per investigation" holds across replicas) and then its input
-Secret, owned by the Job so it is deleted with it. Jobs carry the finalizer
+Secret, owned by the Job so it is deleted with it — unless the input holds nothing
+secret (only the incident: ``jobspec.inline_input``), which then rides in the Job. Jobs carry the finalizer
 ``agentjobs.dev/report``: however a Job ends — completes, fails, hits its
 deadline, is deleted by an operator, by TTL, or by our cancel — it stays
 visible until a dispatcher has reported its ending and acknowledged it.
@@ -261,8 +262,11 @@ class KubernetesRuntime:
 
     async def launch(self, job: Mapping[str, Any], *, secret: Mapping[str, bytes] | None = None) -> LaunchOutcome:
         name = job["metadata"]["name"]
+        given = dict(secret or {})
+        manifest, files = jobspec.inline_input(dict(job), given)  # nothing secret: no Secret at all
         try:
-            created = _created.decode(await self._post(f"create job {name}", self._jobs_path, k8s_raw.encode(job)))
+            created = _created.decode(await self._post(f"create job {name}", self._jobs_path,
+                                                       k8s_raw.encode(manifest)))
             outcome = LaunchOutcome.CREATED
         except AlreadyExists:
             try:
@@ -272,8 +276,11 @@ class KubernetesRuntime:
                 raise TemporaryError(f"job {name} vanished right after 409") from exc
             created = msgspec.convert(existing, _Created)
             outcome = LaunchOutcome.ALREADY_EXISTS
-        if secret:
-            await self._ensure_secret(created.metadata, secret)
+            # The Job that exists decides: one created (by us or an older dispatcher) to read its
+            # input from the Secret gets it, even where this launch would have inlined it.
+            files = given if jobspec.reads_input_secret(existing) else {}
+        if files:
+            await self._ensure_secret(created.metadata, files)
         return outcome
 
     async def _ensure_secret(self, meta: _CreatedMeta, files: Mapping[str, bytes]) -> None:

@@ -6,12 +6,13 @@ import asyncio
 
 import pytest
 
-from dispatcher.jobs import jobspec
+from dispatcher.jobs import jobspec, k8s_raw
 from dispatcher.jobs.runtime import JobState, LaunchOutcome
 from dispatcher.jobs.kubernetes import KubernetesRuntime
 from schemas import FailureReason, identify
 from schemas.errors import PermanentError, TemporaryError
 from tests.integration.k8s_helpers import EventLog, incident, manifest, prepare_cluster, settings_for
+from tests.support.k8s.podfiles import PodFiles
 from tests.support.k8s.resources import JOBS, SECRETS
 
 pytestmark = pytest.mark.integration
@@ -37,8 +38,9 @@ async def test_launch_creates_one_job_with_an_owned_secret_and_a_second_launch_f
     event = incident(1)
     job = manifest(event, s)
 
-    first = await runtime.launch(job, secret={"incident.json": b"{}"})
-    second = await runtime.launch(job, secret={"incident.json": b"{}"})
+    files = {"incident.json": b"{}", "wrapped-token": b"s.wrapping"}
+    first = await runtime.launch(job, secret=files)
+    second = await runtime.launch(job, secret=files)
 
     assert (first, second) == (LaunchOutcome.CREATED, LaunchOutcome.ALREADY_EXISTS)
     jobs = k8s_emulator.cluster.store.list(JOBS, k8s_emulator.namespace)
@@ -46,6 +48,33 @@ async def test_launch_creates_one_job_with_an_owned_secret_and_a_second_launch_f
     secret = k8s_emulator.cluster.store.get(SECRETS, k8s_emulator.namespace, jobspec.secret_name(job["metadata"]["name"]))
     assert secret["metadata"]["ownerReferences"][0]["uid"] == jobs[0]["metadata"]["uid"]
     assert jobspec.FINALIZER in jobs[0]["metadata"]["finalizers"]
+
+
+async def test_an_input_with_nothing_secret_rides_in_the_job_and_reaches_the_pod_as_the_same_file(
+        k8s_emulator, runtime, s, tmp_path):
+    event = incident(11)
+    job = manifest(event, s)
+    body = b'{"kind": "incident", "alerts": ["<untouched>"]}'
+
+    assert await runtime.launch(job, secret={"incident.json": body}) is LaunchOutcome.CREATED
+
+    name = job["metadata"]["name"]
+    assert k8s_emulator.cluster.store.get(SECRETS, k8s_emulator.namespace, jobspec.secret_name(name)) is None
+    pod = await k8s_emulator.cluster.wait_for_pod(k8s_emulator.namespace, name)
+    files = PodFiles(k8s_emulator.cluster, pod, tmp_path)
+    files.materialise(pod["spec"]["containers"][0])
+    assert (files.mount_path(jobspec.INPUT_DIR) / "incident.json").read_bytes() == body
+
+
+async def test_a_job_that_reads_its_input_from_the_secret_gets_it_even_when_the_input_could_ride_inline(
+        k8s_emulator, runtime, s):
+    job = manifest(incident(12), s)
+    name = job["metadata"]["name"]
+    # created by a dispatcher that kept every input in a Secret, and died before creating it
+    await runtime._post("create job", runtime._jobs_path, k8s_raw.encode(job))
+    assert await runtime.launch(job, secret={"incident.json": b"{}"}) is LaunchOutcome.ALREADY_EXISTS
+    secret = k8s_emulator.cluster.store.get(SECRETS, k8s_emulator.namespace, jobspec.secret_name(name))
+    assert secret is not None and secret["data"] == {"incident.json": "e30="}
 
 
 async def test_success_is_reported_once_and_acknowledging_releases_the_job(k8s_emulator, runtime, s):

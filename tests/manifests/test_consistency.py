@@ -138,7 +138,8 @@ def test_dispatcher_vault_token_file_is_a_mounted_secret(overlay, deployed) -> N
 
 def test_vault_policies_config_map_carries_k8s_vault_files(overlay) -> None:
     config_map = render.one(overlay, "ConfigMap", "agentjobs-vault-policies")
-    expected = {f"{vault_layout.policy(p)}.hcl" for p in Phase} | {f"{vault_layout.DISPATCHER_POLICY}.hcl"}
+    expected = {f"{vault_layout.policy(p)}.hcl" for p in Phase} | {f"{vault_layout.DISPATCHER_POLICY}.hcl",
+                                                                  f"{vault_layout.TICKETS_POLICY}.hcl"}
 
     assert set(config_map["data"]) == expected
     for name, text in config_map["data"].items():
