@@ -6,6 +6,9 @@ are accepted too, because ``decode_incident`` accepts them), validates the
 body and publishes the *original bytes* to ``agentjobs.incidents`` with a
 publisher confirm. It answers 200 only after the broker confirmed; anything
 short of a confirm is a 503, so Alertmanager retries and nothing is lost.
+Both are counted (``agentjobs_bridge_forwarded_total``,
+``agentjobs_bridge_unavailable_total{reason}``), and
+``agentjobs_bridge_broker_connected`` says whether a 503 is what comes next.
 
 Alertmanager retries only 5xx and connection errors: a 4xx (401, 400, 413…)
 drops that notification on its side after one attempt. So every 4xx the app
@@ -329,6 +332,7 @@ class BridgeService:
                  metrics: BridgeMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or BridgeMetrics()
+        self.metrics.broker_connected.set_function(lambda: 1.0 if self.ready else 0.0)  # read at scrape time
         self.host = settings.bridge.host if host is None else host
         self.port = settings.bridge.port if port is None else port
         self.bound_port: int | None = None
@@ -591,12 +595,15 @@ class BridgeService:
                                   "alerts": len(event.alerts), "bytes": len(body)}
         publisher = self._publisher
         if publisher is None or not self.ready:
+            self.metrics.unavailable.labels(reason="broker_down").inc()
             return self._unavailable("RabbitMQ connection is down; retry later"), {**fields, "reason": "broker_down"}
         try:
             await publisher.publish(INCIDENTS, key, body, message_id=event.event_id,
                                     headers={"x-agentjobs-received-by": "bridge"})
         except TemporaryError as exc:
+            self.metrics.unavailable.labels(reason="not_confirmed").inc()
             return self._unavailable(exc.message), {**fields, "reason": "not_confirmed", "error": exc.message}
+        self.metrics.forwarded.inc()
         return web.json_response({"status": "accepted", "event_id": event.event_id, "routing_key": key}), fields
 
     def _unavailable(self, message: str) -> web.Response:

@@ -19,6 +19,11 @@ Anything else is refused: logged at warning, counted, never revoked.
 Vault/OpenBao is spoken to over its HTTP API with aiohttp (async, with
 timeouts, on the dispatcher's hot path). Errors become ``TemporaryError``:
 an incident waits for Vault rather than launching without credentials.
+
+Every mint and revocation passes here, so this is where they are counted
+(``agentjobs_credentials_minted_total``, ``agentjobs_credentials_revoked_total``,
+``agentjobs_credential_revocation_failures_total``): a failed revocation attempt is
+counted whichever caller retries it (the watcher until it sticks, the sweeper next sweep).
 """
 
 from __future__ import annotations
@@ -215,7 +220,7 @@ class VaultCredentials:
         # where this installation's Jobs live: token metadata the sweeper matches, and what a
         # token must carry (or, kubernetes auth, the namespace it must come from) to be revoked
         self.scope = scope
-        self.metrics = metrics  # counts refused revocations
+        self.metrics = metrics  # counts mints, revocations (done, refused, failed)
         ca = vault_ca(settings)
         self._ssl: ssl.SSLContext | None = ssl.create_default_context(cadata=ca.decode()) if ca else None
         self._token = token if token is not None else dispatcher_token(settings)
@@ -281,6 +286,8 @@ class VaultCredentials:
         if status != 200 or not wrap.get("token") or not wrap.get("wrapped_accessor"):
             raise TemporaryError(f"create agent token ({role}): unexpected answer {status} {data.get('errors', '')}")
         log.info("agent_token_minted", role=role, wrapped_accessor=wrap["wrapped_accessor"], ttl_s=ttl)
+        if self.metrics is not None:
+            self.metrics.credentials_minted.labels(phase=phase.value).inc()
         return WrappedToken(wrapping_token=wrap["token"], accessor=wrap["wrapped_accessor"], ttl=ttl)
 
     def expected(self, **fields: Any) -> Expected:
@@ -292,7 +299,23 @@ class VaultCredentials:
 
         Raises TemporaryError if Vault cannot answer (the caller retries); a refusal is final.
         """
-        expected = expected or self.expected()
+        try:
+            outcome = await self._revoke(accessor, expected or self.expected())
+        except PermissionDenied:
+            self._count_failure("permission_denied")
+            raise
+        except TemporaryError:
+            self._count_failure("vault_error")
+            raise
+        if self.metrics is not None and outcome in (Revocation.REVOKED, Revocation.GONE):
+            self.metrics.credentials_revoked.labels(outcome=outcome.value).inc()
+        return outcome
+
+    def _count_failure(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.revocation_failures.labels(reason=reason).inc()
+
+    async def _revoke(self, accessor: str, expected: Expected) -> Revocation:
         try:
             data = await self.lookup_accessor(accessor)
         except PermissionDenied as exc:  # also Vault's answer while a revocation is in progress

@@ -6,6 +6,10 @@ A handler that crashes (a bug) is logged and its message handed back after a
 short pause — the consumer keeps running; the broker's delivery limit stops a
 message that crashes every time, and the dead-letter recorder explains it.
 ``stop`` cancels the subscription and waits for in-flight handlers (drain).
+
+``agentjobs_consumer_up{queue}`` (the ``up`` gauge a component passes in) is 1 while the
+subscription stands on an open channel: 0 before ``start``, while the channel is down (the
+robust connection restores it and the subscription), and after ``stop``.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from prometheus_client import Gauge
 
 from dispatcher.intake.deadletters import Delivery
 from dispatcher.intake.incidents import Outcome
@@ -50,7 +56,8 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
 class Consumer:
     """Consumes one queue with a handler; settles every message exactly here."""
 
-    def __init__(self, queue_name: str, handler: Handler, *, prefetch: int, name: str) -> None:
+    def __init__(self, queue_name: str, handler: Handler, *, prefetch: int, name: str,
+                 up: Gauge | None = None) -> None:
         self.queue_name = queue_name
         self.handler = handler
         self.prefetch = prefetch
@@ -60,6 +67,13 @@ class Consumer:
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.consuming = False
+        # 0 from the start: a process stuck before consuming (replaying, say) shows as not consuming.
+        self._up = up.labels(queue=queue_name) if up is not None else None
+        self._set_up(False)
+
+    def _set_up(self, value: bool) -> None:
+        if self._up is not None:
+            self._up.set(1 if value else 0)
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         self._channel = await connection.channel()
@@ -67,7 +81,17 @@ class Consumer:
         self._queue = await self._channel.get_queue(self.queue_name, ensure=True)
         self._tag = await self._queue.consume(self._on_message)
         self.consuming = True
+        self._channel.close_callbacks.add(self._on_channel_closed)
+        if isinstance(self._channel, AbstractRobustChannel):  # restored with its subscription
+            self._channel.reopen_callbacks.add(self._on_channel_reopened)
+        self._set_up(True)
         log.info("consumer_started", queue=self.queue_name, prefetch=self.prefetch)
+
+    def _on_channel_closed(self, _channel: object, _exc: BaseException | None = None) -> None:
+        self._set_up(False)
+
+    def _on_channel_reopened(self, _channel: object) -> None:
+        self._set_up(self.consuming)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -102,6 +126,7 @@ class Consumer:
     async def stop(self, *, drain_timeout: float = 30.0) -> None:
         """Stop taking new messages, then wait for in-flight ones (unacked ones are redelivered)."""
         self.consuming = False
+        self._set_up(False)
         if self._queue is not None and self._tag is not None:
             with contextlib.suppress(Exception):  # bounded: the broker may be unreachable
                 await asyncio.wait_for(self._queue.cancel(self._tag), timeout=5)

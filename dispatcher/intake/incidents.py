@@ -428,6 +428,7 @@ class Intake:
             message=f"{exc.reason}: {exc.message}"[:4096],
         )
         await self._durably(lambda: self.reporter.lifecycle(lifecycle))
+        self.metrics.outcomes.labels(state="failed", reason=FailureReason.LAUNCH_REJECTED.value).inc()
         result = failure_result(lifecycle, severity=tracked.severity, domain=tracked.domain)
         await self._durably(lambda: self.reporter.finding(result))
 

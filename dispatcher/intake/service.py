@@ -5,6 +5,10 @@ health server. Stop order (SIGTERM): stop consuming and drain in-flight
 deliveries, stop the watcher, close the runtime, close the connection. A
 crashed background task stops the service (non-zero exit) instead of
 leaving a half-working process that still looks alive.
+
+Besides its own work it samples what Prometheus alerts on: the depth and consumers of the
+queues (``QueueDepths``, every 15 s, exact counts from passive declares), investigations
+active by class and by phase, and when an incident was last settled off the queue.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import aio_pika
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from dispatcher.intake.actions_log import ActionLog
 from dispatcher.intake.admission import AdmissionGate
@@ -25,9 +33,12 @@ from dispatcher.intake.control import ControlHandler, DeadLetterRecorder, LoginT
 from dispatcher.intake.costs import CostRecorder
 from dispatcher.credentials.tokens import Credentials, VaultCredentials, open_credentials
 from dispatcher.plumbing.health import HealthServer
-from dispatcher.intake.incidents import Intake
+from dispatcher.intake.deadletters import Delivery
+from dispatcher.intake.incidents import Intake, Outcome
+from schemas import Phase
 from schemas.logs import get_logger
-from dispatcher.plumbing.metrics import Metrics
+from dispatcher.plumbing.metrics import NO_PHASE, Metrics
+from dispatcher.plumbing.identities import TICKETS_QUEUE
 from dispatcher.intake.phases import LoggedPhases, PhaseSource
 from dispatcher.intake.reporting import Reporter
 from dispatcher.plumbing.retry import Backoff, retry
@@ -36,12 +47,84 @@ from dispatcher.plumbing.settings import Settings
 from dispatcher.plumbing.streamlog import StreamFollower
 from dispatcher.plumbing.tasks import run_until_signalled, spawn
 from dispatcher.credentials.token_sweep import TokenSweeper
-from dispatcher.plumbing.topology import declare, dispatcher_topology
-from schemas.routing import ACTION_LOG, CONTROL, COSTS, CREDENTIALS, DEAD_LOG, INCIDENTS, PHASE_LOG
-from dispatcher.intake.tracker import Tracker
+from dispatcher.plumbing.topology import TRUST_RESULTS, declare, dispatcher_topology
+from schemas.routing import ACTION_LOG, CONTROL, COSTS, CREDENTIALS, DEAD, DEAD_LOG, FEEDBACK, INCIDENTS, PHASE_LOG
+from dispatcher.intake.tracker import Tracked, Tracker
 from dispatcher.intake.watcher import Watcher
 
 log = get_logger("agentjobs.dispatcher")
+QUEUE_SAMPLE_INTERVAL = 15.0  # seconds between samples of the queues' depths
+# Declared by the dispatcher's topology: always there.
+SAMPLED_QUEUES = (INCIDENTS, DEAD, DEAD_LOG, CONTROL, COSTS, FEEDBACK, TRUST_RESULTS)
+# Declared by their own component when it runs (`agentjobs tickets`): sampled while they exist.
+OPTIONAL_QUEUES = (TICKETS_QUEUE,)
+CONSUMED_QUEUES = (INCIDENTS, CONTROL, DEAD_LOG, COSTS)  # (and CREDENTIALS with kubernetes auth)
+
+
+class QueueDepths:
+    """Samples ready messages and consumers per queue into gauges; a failed sample never stops anything.
+
+    Each queue is declared passively on a plain channel of its own: a queue that does not exist
+    closes the channel it was asked on (404), and a robust channel would reopen itself after it.
+    A queue that is gone loses its series (no stale depth); any other failure keeps the last one.
+    """
+
+    def __init__(self, metrics: Metrics, connection: Callable[[], AbstractRobustConnection | None], *,
+                 queues: Sequence[str] = SAMPLED_QUEUES, optional: Sequence[str] = OPTIONAL_QUEUES,
+                 interval: float = QUEUE_SAMPLE_INTERVAL) -> None:
+        self.metrics = metrics
+        self.connection = connection
+        self.queues = tuple(queues)
+        self.optional = frozenset(optional)
+        self.interval = interval
+        self.samples = 0  # completed sampling rounds
+
+    async def run(self) -> None:
+        """Sample now and every ``interval`` seconds until cancelled."""
+        while True:
+            await self.sample()
+            await asyncio.sleep(self.interval)
+
+    async def sample(self) -> dict[str, tuple[int, int] | None]:
+        """One round: (messages, consumers) per queue, None where the queue does not exist."""
+        found: dict[str, tuple[int, int] | None] = {}
+        connection = self.connection()
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            log.debug("queue_sample_skipped", reason="not connected")  # consumer_up says so already
+            return found
+        for name in (*self.queues, *sorted(self.optional - set(self.queues))):
+            try:
+                found[name] = counts = await self._declare(connection, name)
+            except ChannelNotFoundEntity:
+                found[name] = None
+                self._forget(name)
+                if name not in self.optional:
+                    log.warning("queue_sample_missing", queue=name)
+                continue
+            except Exception as exc:  # broker away, channel limit, …: the next round tries again
+                log.warning("queue_sample_failed", queue=name, error=repr(exc))
+                continue
+            self.metrics.queue_messages.labels(queue=name).set(counts[0])
+            self.metrics.queue_consumers.labels(queue=name).set(counts[1])
+        self.samples += 1
+        return found
+
+    async def _declare(self, connection: AbstractRobustConnection, name: str) -> tuple[int, int]:
+        async with asyncio.timeout(5), aio_pika.Channel(connection, publisher_confirms=False) as channel:
+            queue = await channel.declare_queue(name, passive=True)
+            result = queue.declaration_result
+            return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    def _forget(self, name: str) -> None:
+        for gauge in (self.metrics.queue_messages, self.metrics.queue_consumers):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+
+
+def active_by_phase(tracked: Iterable[Tracked]) -> dict[str, int]:
+    """Running investigations per phase label, every phase present (pure over tracker entries)."""
+    counts = Counter(t.phase.value if t.phase is not None else NO_PHASE for t in tracked)
+    return {label: counts.get(label, 0) for label in (*(p.value for p in Phase), NO_PHASE)}
 
 
 class DispatcherService:
@@ -88,6 +171,9 @@ class DispatcherService:
         self._health: HealthServer | None = None
         self.intake: Intake | None = None
         self.sweeper: TokenSweeper | None = None
+        self.queue_depths = QueueDepths(self.metrics, lambda: self._connection)
+        for queue in CONSUMED_QUEUES:  # 0 until start() subscribes: a start stuck replaying shows
+            self.metrics.consumer_up.labels(queue=queue).set(0)
 
     @property
     def ready(self) -> bool:
@@ -123,6 +209,7 @@ class DispatcherService:
                           metrics=self.metrics, credentials=self.credentials)
         self._tasks.append(spawn(watcher.run(), name="watcher", on_crash=self._on_crash))
         self._tasks.append(spawn(self._gauges(), name="gauges", on_crash=self._on_crash))
+        self._tasks.append(spawn(self.queue_depths.run(), name="queue-depths", on_crash=self._on_crash))
         self.sweeper = self._sweeper(self.intake)
         if self.sweeper is not None:
             self._tasks.append(spawn(self.sweeper.run(), name="token-sweeper", on_crash=self._on_crash))
@@ -136,17 +223,18 @@ class DispatcherService:
         control = ControlHandler(runtime=self.runtime, publisher=publisher, identities=s.identities,
                                  metrics=self.metrics, backoff=backoff, approvals=approvals)
         recorder = DeadLetterRecorder(reporter=reporter, metrics=self.metrics, backoff=backoff)
+        up = self.metrics.consumer_up
         self._consumers = [
-            Consumer(INCIDENTS, self.intake.handle, prefetch=s.amqp.prefetch, name="incidents"),
-            Consumer(CONTROL, control.handle, prefetch=16, name="control"),
-            Consumer(DEAD_LOG, recorder.handle, prefetch=64, name="dead-letter-recorder"),
+            Consumer(INCIDENTS, self._handle_incident, prefetch=s.amqp.prefetch, name="incidents", up=up),
+            Consumer(CONTROL, control.handle, prefetch=16, name="control", up=up),
+            Consumer(DEAD_LOG, recorder.handle, prefetch=64, name="dead-letter-recorder", up=up),
             Consumer(COSTS, CostRecorder(metrics=self.metrics, publisher=publisher, identities=s.identities,
-                                         backoff=backoff).handle, prefetch=64, name="cost-recorder"),
+                                         backoff=backoff).handle, prefetch=64, name="cost-recorder", up=up),
         ]
         if s.vault.auth_mode == "kubernetes":
             logins = LoginTokenRecorder(runtime=self.runtime, credentials=self.credentials, publisher=publisher,
                                         identities=s.identities, metrics=self.metrics, backoff=backoff)
-            self._consumers.append(Consumer(CREDENTIALS, logins.handle, prefetch=16, name="login-tokens"))
+            self._consumers.append(Consumer(CREDENTIALS, logins.handle, prefetch=16, name="login-tokens", up=up))
         for consumer in self._consumers:
             await consumer.start(self._connection)
         if self._serve_health:
@@ -178,12 +266,22 @@ class DispatcherService:
                             grace=vault.sweep_grace, interval=vault.sweep_interval, launching=intake.launching,
                             metrics=self.metrics)
 
+    async def _handle_incident(self, delivery: Delivery) -> Outcome:
+        """The intake's handler, noting when a delivery left the queue (a requeue is no progress)."""
+        assert self.intake is not None
+        outcome = await self.intake.handle(delivery)
+        if outcome is Outcome.ACK:
+            self.metrics.last_consumed.set_to_current_time()
+        return outcome
+
     async def _gauges(self) -> None:
         while True:
             self.metrics.waiting.set(self.gate.waiting)
             by_class = self.gate.active_by_class()
             for class_name in self.settings.classes:
                 self.metrics.active.labels(job_class=class_name).set(by_class.get(class_name, 0))
+            for phase, count in active_by_phase(self.tracker.active()).items():
+                self.metrics.active_by_phase.labels(phase=phase).set(count)
             await asyncio.sleep(1.0)
 
     async def stop(self, *, drain_timeout: float = 30.0) -> None:

@@ -8,11 +8,30 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from schemas import Phase
+
+# Dead-letter reasons of a Job the runtime would not create (dispatcher/jobs/k8s_errors.py
+# ``classify``, dispatcher/jobs/local.py): the JobLaunchFailures alert matches exactly these.
+LAUNCH_REJECTED_REASONS = ("forbidden", "invalid_job", "kubernetes_rejected")
+# Why a revocation attempt did not complete (``agentjobs_credential_revocation_failures_total``):
+# the revoke itself answered 403 (the dispatcher's policy), or anything else temporary (Vault
+# unreachable, 5xx, 429, a lookup answering 403 while another revocation of it is in progress).
+REVOCATION_FAILURE_REASONS = ("permission_denied", "vault_error")
+NO_PHASE = "unknown"  # phase label of an investigation whose Job carries none (made before phases)
+
+
+def consumer_up(registry: CollectorRegistry) -> Gauge:
+    """``agentjobs_consumer_up{queue}``: one per component registry, set by ``Consumer``."""
+    return Gauge("agentjobs_consumer_up",
+                 "1 while this process consumes the queue (subscribed, channel open), else 0", ["queue"],
+                 registry=registry)
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.consumer_up = consumer_up(r)
         self.incidents = Counter(
             "agentjobs_incidents_consumed_total", "Incident deliveries handled, by outcome", ["outcome"], registry=r
         )
@@ -20,7 +39,22 @@ class Metrics:
             "agentjobs_investigations_active", "Investigations admitted and not finished, by class", ["job_class"],
             registry=r,
         )
+        self.active_by_phase = Gauge(
+            "agentjobs_investigations_active_by_phase",
+            "Investigations whose Job runs (launched, not finished), by the autonomy phase it runs in", ["phase"],
+            registry=r)
         self.waiting = Gauge("agentjobs_investigations_waiting", "Incidents waiting for admission", registry=r)
+        self.last_consumed = Gauge(
+            "agentjobs_incidents_last_consumed_timestamp_seconds",
+            "Unix time this process last settled an incident delivery off the queue (acked; 0: none yet)",
+            registry=r)
+        # Sampled by the dispatcher with passive declares (exact, unlike the management API's stats).
+        self.queue_messages = Gauge(
+            "agentjobs_queue_messages", "Messages ready in the queue (not counting unacked ones), by queue",
+            ["queue"], registry=r)
+        self.queue_consumers = Gauge(
+            "agentjobs_queue_consumers", "Consumers subscribed to the queue (all processes), by queue", ["queue"],
+            registry=r)
         self.dispatch_latency = Histogram(
             "agentjobs_dispatch_latency_seconds",
             "From admission request to Job created (or found) and reported",
@@ -30,6 +64,18 @@ class Metrics:
         self.outcomes = Counter(
             "agentjobs_job_outcomes_total", "Terminal Job outcomes, by state and reason", ["state", "reason"], registry=r
         )
+        # Vault agent tokens (dispatcher/credentials/tokens.py): minted vs revoked shows leaks at a glance.
+        self.credentials_minted = Counter(
+            "agentjobs_credentials_minted_total", "Per-investigation agent tokens minted (wrapped), by phase",
+            ["phase"], registry=r)
+        self.credentials_revoked = Counter(
+            "agentjobs_credentials_revoked_total",
+            "Agent tokens revoked by accessor (revoked), or found already revoked or expired (gone), by outcome",
+            ["outcome"], registry=r)
+        self.revocation_failures = Counter(
+            "agentjobs_credential_revocation_failures_total",
+            "Revocation attempts Vault did not complete (the token lives on until a retry, the sweeper or "
+            "its TTL), by reason", ["reason"], registry=r)
         self.orphan_tokens_revoked = Counter(
             "agentjobs_orphan_agent_tokens_revoked_total", "Agent tokens no live Job held, revoked by the sweeper",
             registry=r)
@@ -65,6 +111,20 @@ class Metrics:
         self.agent_wall = Histogram(
             "agentjobs_investigation_wall_seconds", "Wall time of agents' reasoning, by domain", ["domain"],
             buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r)
+        self._known_labels()
+
+    def _known_labels(self) -> None:
+        """Children for the bounded label values alerts count with ``increase()``: a child created by
+        its first increment starts at 1, and ``increase()`` never sees that first one."""
+        self.outcomes.labels(state="failed", reason="launch_rejected")
+        for reason in LAUNCH_REJECTED_REASONS:
+            self.dead_lettered.labels(reason=reason)
+        for phase in Phase:
+            self.credentials_minted.labels(phase=phase.value)
+        for outcome in ("revoked", "gone"):
+            self.credentials_revoked.labels(outcome=outcome)
+        for reason in REVOCATION_FAILURE_REASONS:
+            self.revocation_failures.labels(reason=reason)
 
 
 class BridgeMetrics:
@@ -84,4 +144,17 @@ class BridgeMetrics:
             ["reason"], registry=self.registry)
         self.connections_open = Gauge(
             "agentjobs_bridge_connections_open", "HTTP connections open now (capped by bridge.max_connections)",
+            registry=self.registry)
+        self.forwarded = Counter(
+            "agentjobs_bridge_forwarded_total", "Notifications published to agentjobs.incidents and confirmed (200)",
+            registry=self.registry)
+        # 503s: Alertmanager retries them, so a count here is delay, not loss — unless it never stops.
+        self.unavailable = Counter(
+            "agentjobs_bridge_unavailable_total",
+            "Notifications answered 503 because the broker did not confirm (broker_down, not_confirmed), by reason",
+            ["reason"], registry=self.registry)
+        for reason in ("broker_down", "not_confirmed"):
+            self.unavailable.labels(reason=reason)
+        self.broker_connected = Gauge(
+            "agentjobs_bridge_broker_connected", "1 while the bridge's broker connection and channel are open",
             registry=self.registry)

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import aio_pika
 import hvac
 from aio_pika.abc import AbstractRobustConnection
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter
 
 from schemas import Finding, LifecycleEvent, LifecycleState, decode, utcnow
 from schemas.errors import DecodeError, PermanentError, TemporaryError
@@ -52,6 +52,7 @@ from dispatcher.intake.incidents import Outcome
 from dispatcher.plumbing.amqp import Publisher, connect
 from dispatcher.plumbing.health import HealthServer
 from dispatcher.plumbing.identities import TICKETS_QUEUE
+from dispatcher.plumbing.metrics import consumer_up
 from dispatcher.plumbing.retry import Backoff, retry
 from dispatcher.plumbing.settings import Settings
 from dispatcher.plumbing.tasks import run_until_signalled, spawn
@@ -81,8 +82,12 @@ class TicketsMetrics:
                                 ["verdict"], registry=r)
         self.dead_lettered = Counter("agentjobs_dead_lettered_total", "Messages dead-lettered, by reason",
                                      ["reason"], registry=r)
-        self.consumer_up = Gauge("agentjobs_consumer_up", "1 while the consumer of the queue is consuming",
-                                 ["queue"], registry=r)
+        self.consumer_up = consumer_up(r)
+
+    def expect(self, backend: str) -> None:
+        """Create the series alerts count with ``increase()`` at 0, so a first error shows as one."""
+        for kind in ("temporary", "permanent"):
+            self.backend_errors.labels(backend=backend, kind=kind)
 
 
 class KeyedLocks:
@@ -169,7 +174,9 @@ class TicketsService:
         self.crashed = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
-        self._consumer = Consumer(TICKETS_QUEUE, self.handle, prefetch=settings.tickets.prefetch, name="tickets")
+        self._consumer = Consumer(TICKETS_QUEUE, self.handle, prefetch=settings.tickets.prefetch, name="tickets",
+                                  up=self.metrics.consumer_up)
+        self.metrics.expect(backend.name if backend is not None else settings.tickets.backend)
         self._locks = KeyedLocks()
         self._scopes: OrderedDict[str, str] = OrderedDict()
         self._since: datetime | None = None
@@ -198,7 +205,6 @@ class TicketsService:
                                  f"declared, and may {s.identities.ticketing} configure it?): {exc!r}") from exc
         self._publisher = await Publisher.open(self._connection, s.amqp)
         await self._consumer.start(self._connection)
-        self.metrics.consumer_up.labels(queue=TICKETS_QUEUE).set(1)
         if self.backend.feedback:
             self._since = self.clock() - timedelta(seconds=s.tickets.lookback)
             self._poller = spawn(self._poll_forever(), name="tickets-poller", on_crash=lambda *_: self.crashed.set())
@@ -340,7 +346,6 @@ class TicketsService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._poller
         await self._consumer.stop(drain_timeout=drain)
-        self.metrics.consumer_up.labels(queue=TICKETS_QUEUE).set(0)
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._connection.close(), timeout=5)

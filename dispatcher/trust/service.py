@@ -67,6 +67,7 @@ from dispatcher.intake import senders
 from dispatcher.intake.consumer import Consumer
 from dispatcher.intake.deadletters import Delivery, dead_letter, from_error
 from dispatcher.plumbing.health import HealthServer
+from dispatcher.plumbing.metrics import consumer_up
 from dispatcher.intake.incidents import Outcome
 from schemas.logs import bound, get_logger
 from schemas.routing import routing_word
@@ -76,7 +77,7 @@ from dispatcher.plumbing.streamlog import StreamFollower, entry_id_at
 from dispatcher.plumbing.tasks import run_until_signalled
 from dispatcher.plumbing.topology import TRUST_RESULTS, declare, dispatcher_topology
 from schemas.routing import FEEDBACK, FEEDBACK_LOG, PHASE_LOG, PHASES, TRUST_SNAPSHOTS
-from dispatcher.trust.policy import TrustLedger
+from dispatcher.trust.policy import Reason, TrustLedger
 from dispatcher.trust.records import (
     AdmittedFeedback,
     AdmittedPin,
@@ -122,6 +123,10 @@ class TrustMetrics:
             ["action", "verdict", "harmful"], registry=r)
         self.investigations = Gauge("agentjobs_trust_investigations",
                                     "Investigations the trust consumer has recorded (and remembers)", registry=r)
+        self.consumer_up = consumer_up(r)
+        # The PhaseDemoted alert counts these with increase(): children exist before the first one.
+        for reason in Reason:  # (the label is the reason up to its first ":", see _publish)
+            self.changes.labels(reason=reason.value)
 
 
 def change_id(change: PhaseChanged) -> str:
@@ -387,8 +392,9 @@ class TrustService:
         self._probe: AbstractChannel | None = None
         self._feedback_log = StreamFollower(FEEDBACK_LOG, self.state.on_log_entry, name="feedback-log")
         self._phase_log = StreamFollower(PHASE_LOG, self.state.on_phase_entry, name="phase-log")
-        self._consumer = Consumer(FEEDBACK, self.handle, prefetch=1, name="feedback")
-        self._results = Consumer(TRUST_RESULTS, self.handle_result, prefetch=RESULTS_PREFETCH, name="trust-results")
+        self._consumer = Consumer(FEEDBACK, self.handle, prefetch=1, name="feedback", up=self.metrics.consumer_up)
+        self._results = Consumer(TRUST_RESULTS, self.handle_result, prefetch=RESULTS_PREFETCH, name="trust-results",
+                                 up=self.metrics.consumer_up)
         self._results_inflight = 0
         self._results_handled = 0  # results deliveries settled (progress of the results queue)
         self._results_stalled_at: int | None = None  # _results_handled when the last drain gave up
