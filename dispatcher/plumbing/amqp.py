@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import aiormq
 import msgspec
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection, DeliveryMode
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection, DeliveryMode
 from aio_pika.exceptions import (
     AMQPError,
     ChannelInvalidStateError,
@@ -24,11 +24,14 @@ from aio_pika.exceptions import (
     PublishError,
 )
 
+from pamqp.commands import Basic
+
 from schemas import encode
 from schemas.errors import TemporaryError
 
 from dispatcher.plumbing.settings import AmqpSettings
 
+_PERSISTENT = int(DeliveryMode.PERSISTENT)
 _BROKER_ERRORS = (
     AMQPError,
     aiormq.exceptions.AMQPError,
@@ -70,20 +73,12 @@ class Publisher:
         self._channel = channel
         self._timeout = timeout  # seconds per confirm
         self._user_id = user_id
-        self._exchanges: dict[str, AbstractExchange] = {}
 
     @classmethod
     async def open(cls, connection: AbstractRobustConnection, amqp: AmqpSettings) -> Publisher:
         """A publisher on a fresh confirming channel of ``connection``."""
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return cls(channel, timeout=amqp.publish_timeout, user_id=broker_user(amqp.url))
-
-    async def _exchange(self, name: str) -> AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await self._channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
 
     async def publish(
         self,
@@ -97,23 +92,31 @@ class Publisher:
         mandatory: bool = True,
         type_: str | None = None,
     ) -> None:
-        """Publish persistently and wait for the confirm; ``mandatory`` makes unroutable an error."""
-        message = aio_pika.Message(
-            body,
+        """Publish persistently and wait for the confirm; ``mandatory`` makes unroutable an error.
+
+        The frame's properties are built directly (no ``aio_pika.Message`` per publish: this is on
+        every dispatch's path) and sent on the channel's current underlying aiormq channel, which
+        is what ``Exchange.publish`` does too — so confirms, nacks (``DeliveryError``), returns
+        (``PublishError``, the channel has ``on_return_raises``) and a closed channel behave alike.
+        """
+        properties = Basic.Properties(
             content_type=content_type,
-            delivery_mode=DeliveryMode.PERSISTENT,
+            delivery_mode=_PERSISTENT,
             message_id=message_id,
-            headers=dict(headers or {}),
-            type=type_,
+            headers=dict(headers) if headers else None,
+            message_type=type_,
             user_id=self._user_id,
         )
         try:
-            target = await self._exchange(exchange)
-            await target.publish(message, routing_key, mandatory=mandatory, timeout=self._timeout)
+            if self._channel.is_closed:
+                raise ChannelInvalidStateError(f"{self._channel!r} closed")
+            underlay = await self._channel.get_underlay_channel()
+            await underlay.basic_publish(body, exchange=exchange, routing_key=routing_key, properties=properties,
+                                         mandatory=mandatory, timeout=self._timeout)
+        except PublishError as exc:  # a DeliveryError too: first
+            raise TemporaryError(f"message to {exchange}/{routing_key} was unroutable") from exc
         except DeliveryError as exc:
             raise TemporaryError(f"broker refused the message to {exchange} ({exc!r})") from exc
-        except PublishError as exc:
-            raise TemporaryError(f"message to {exchange}/{routing_key} was unroutable") from exc
         except _BROKER_ERRORS as exc:
             raise TemporaryError(f"publish to {exchange} not confirmed: {exc!r}") from exc
 
