@@ -27,8 +27,14 @@ def _jobs(handle) -> list[dict]:
 
 
 def _incident_of(handle, job_name: str) -> IncidentEvent:
+    """The incident the Job was given: in its Secret, or (nothing secret to carry) in the Job itself."""
     secret = handle.cluster.store.get(SECRETS, handle.namespace, jobspec.secret_name(job_name))
-    return msgspec.json.decode(base64.b64decode(secret["data"][jobspec.INCIDENT_FILE]), type=IncidentEvent)
+    if secret is not None:
+        body = base64.b64decode(secret["data"][jobspec.INCIDENT_FILE])
+    else:
+        job = handle.cluster.job(handle.namespace, job_name)
+        body = job["spec"]["template"]["metadata"]["annotations"][jobspec.ANN_INPUT_INCIDENT].encode()
+    return msgspec.json.decode(body, type=IncidentEvent)
 
 
 async def test_a_new_alert_after_the_end_starts_exactly_one_linked_follow_up(env):  # noqa: F811
