@@ -15,7 +15,8 @@ import pytest
 
 from tests.manifests import render
 
-COMPONENTS = {"agentjobs-bridge": "bridge", "agentjobs-dispatcher": "dispatcher", "agentjobs-trust": "trust"}
+COMPONENTS = {"agentjobs-bridge": "bridge", "agentjobs-dispatcher": "dispatcher", "agentjobs-trust": "trust",
+              "agentjobs-tickets": "ticketing"}
 BROKER_SECRET_PREFIX = "agentjobs-amqp"
 DEFINITIONS = render.K8S / "rabbitmq" / "definitions.json"
 

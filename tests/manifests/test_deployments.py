@@ -7,13 +7,14 @@ import pytest
 from tests.manifests import render
 from tests.manifests.render import selects
 
-DEPLOYMENTS = ("agentjobs-dispatcher", "agentjobs-trust", "agentjobs-bridge")
+DEPLOYMENTS = ("agentjobs-dispatcher", "agentjobs-trust", "agentjobs-bridge", "agentjobs-tickets")
 # What each process serves /healthz and /readyz on (dispatcher/intake/service.py: metrics.port;
 # dispatcher/bridge/webhook.py: bridge.port; the trust consumer: metrics.port like the dispatcher).
 PROBE_PORT = {
     "agentjobs-dispatcher": lambda s: s.metrics.port,
     "agentjobs-trust": lambda s: s.metrics.port,
     "agentjobs-bridge": lambda s: s.bridge.port,
+    "agentjobs-tickets": lambda s: s.metrics.port,
 }
 DRAIN_SECONDS = 30  # DispatcherService.stop(drain_timeout=30.0)
 
@@ -44,7 +45,10 @@ def test_production_replicas(production) -> None:
 
 
 def test_dev_runs_one_of_each_without_disruption_budgets(dev) -> None:
-    assert {d["spec"]["replicas"] for d in render.find(dev, "Deployment")} == {1}
+    replicas = {d["metadata"]["name"]: d["spec"]["replicas"] for d in render.find(dev, "Deployment")}
+    # the tickets connector stays off until [tickets] names a ticketing system (it will not start without)
+    assert replicas.pop("agentjobs-tickets") == 0
+    assert set(replicas.values()) == {1}
     assert render.find(dev, "PodDisruptionBudget") == []
 
 
