@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,22 +16,10 @@ from tests.support.redmine import (
     KEY_FIELD,
     RedmineError,
     RedmineServer,
-    RedmineUnavailable,
     custom_field,
-    prepare,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redmine() -> Iterator[RedmineServer]:
-    try:
-        golden = prepare()
-    except RedmineUnavailable as exc:
-        pytest.skip(f"redmine unavailable: {exc.reason}")
-    with RedmineServer(golden) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -22,31 +22,21 @@ from dispatcher.plumbing.identities import TICKETS_QUEUE
 from dispatcher.plumbing.settings import load_settings
 from dispatcher.tickets.service import TicketsService
 from schemas import (
-    DeadLetter, Evidence, Finding, Hypothesis, LifecycleEvent, LifecycleState, Phase, ProposedAction, RiskClass,
-    Severity, Verdict, decode, decode_incident, encode, identify, vault_paths,
+    DeadLetter, LifecycleEvent, LifecycleState, Phase, Verdict, decode, decode_incident, encode, identify, vault_paths,
 )
-from schemas.routing import DEAD, RESULTS, finding_key, lifecycle_key
+from schemas.routing import DEAD, RESULTS
 from tests.integration.dispatcher_harness import drain, publish
 from tests.integration.test_dispatcher import running_dispatcher
 from tests.integration.test_trust import FAST_TRUST, admitted_feedback, running_trust
 from tests.integration.vault_helpers import vault_world
 from tests.support.identities import agent_user, url_for, user
 from tests.support.payloads import am_alert, dumps, group
-from tests.support.redmine import RedmineServer, RedmineUnavailable, custom_field, prepare
+from tests.support.redmine import RedmineServer, custom_field
+from tests.support.tickets import finding, finding_by, lifecycle_by_dispatcher, publish_as
 from tests.support.trust_records import dispatched as trust_dispatched
 
 pytestmark = pytest.mark.integration
 CAUSE, ACTIONS = "Root cause", "Actions taken"
-
-
-@pytest.fixture(scope="module")
-def redmine():
-    try:
-        golden = prepare()
-    except RedmineUnavailable as exc:
-        pytest.skip(f"Redmine is not available here: {exc.reason}")
-    with RedmineServer(golden) as server:
-        yield server
 
 
 @pytest.fixture
@@ -104,43 +94,6 @@ def _notes(issue: dict[str, Any], text: str) -> list[dict[str, Any]]:
     return [j for j in issue.get("journals", []) if text in (j.get("notes") or "")]
 
 
-def _finding(investigation_id: str, phase: Phase = Phase.SHADOW, *, domain: str = "database") -> Finding:
-    return Finding(
-        investigation_id=investigation_id, incident_key="k" * 32, idempotency_key=f"{investigation_id}:finding",
-        summary="Seven sessions wait on a lock held by pid 4242", probable_cause="lock contention on table ledger",
-        confidence=0.82, phase=phase, severity=Severity.CRITICAL, domain=domain, reasoner="rules",
-        hypotheses=(Hypothesis(cause="lock_contention", statement="pid 4242 holds a lock 7 sessions wait for",
-                               score=0.82, evidence_for=(Evidence(source="postgres", query="blocking chains",
-                                                                  excerpt="pid 4242 blocks 7"),)),),
-        proposed_actions=(ProposedAction(action="terminate_backend", target="pid 4242", risk=RiskClass.MEDIUM),),
-    )
-
-
-async def _publish_as(url: str, sender_user: str, exchange: str, key: str, body: bytes, message_id: str,
-                      *, times: int = 1) -> None:
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        target = await channel.get_exchange(exchange)
-        for _ in range(times):
-            await target.publish(aio_pika.Message(body, message_id=message_id, user_id=sender_user,
-                                                  content_type="application/json",
-                                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                 key, mandatory=False, timeout=10)
-
-
-async def _dispatched_by_dispatcher(url: str, event: LifecycleEvent, *, times: int = 1) -> None:
-    await _publish_as(url_for(url, "dispatcher"), user("dispatcher"), RESULTS, lifecycle_key(event.state),
-                      encode(event), f"{event.investigation_id}:{event.state.value}", times=times)
-
-
-async def _finding_by(url: str, sender: tuple[str, str] | None, finding: Finding, *, times: int = 1) -> None:
-    """The finding, from that Job's agent user (``sender``: its name and URL) or, with None, the dispatcher."""
-    name, target = (user("dispatcher"), url_for(url, "dispatcher")) if sender is None else sender
-    await _publish_as(target, name, RESULTS, finding_key(finding.severity, finding.domain, finding.phase),
-                      encode(finding), finding.idempotency_key, times=times)
-
-
 def _incident(name: str) -> bytes:
     alert = am_alert(starts_at="2026-12-04T02:00:00Z", alertname=name, domain="database", severity="critical",
                      instance="ledger-db")
@@ -161,7 +114,7 @@ async def test_an_incident_becomes_one_ticket_with_the_finding_and_an_edited_cau
         assert "LedgerLockWaits" in issue["description"] and "phase shadow" in issue["description"]
         # When its agent (the Job's own broker user) publishes a finding in read-only assist
         async with agent_user(rabbitmq_management, amqp_vhost.name, ident.job_name) as agent:
-            await _finding_by(url, agent, _finding(ident.investigation_id, Phase.SHADOW))
+            await finding_by(url, agent, finding(ident.investigation_id, Phase.SHADOW))
         # Then the ticket shows it privately (shadow) with the record, and nothing in the cause field
         issue = await _until(_with_note(redmine, ident.investigation_id, "SHADOW finding"))
         assert all(j["private_notes"] for j in _notes(issue, "lock_contention"))
@@ -193,8 +146,8 @@ async def test_a_close_without_changes_is_accepted(world, redmine):
     _handle, url, env, tickets_env = world
     inv = "ac" + "1" * 38
     async with running_trust(url, env), running_tickets(url, tickets_env) as tickets:
-        await _dispatched_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
-        await _finding_by(url, None, _finding(inv, Phase.READ_ONLY))
+        await lifecycle_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
+        await finding_by(url, None, finding(inv, Phase.READ_ONLY))
         issue = await _until(_with_note(redmine, inv, "lock_contention"))
         # a visible diagnosis: the cause and actions fields hold the agent's
         assert custom_field(issue, CAUSE) == "lock contention on table ledger"
@@ -205,15 +158,15 @@ async def test_a_close_without_changes_is_accepted(world, redmine):
         assert fb.verdict is Verdict.ACCEPTED and fb.changed_fields == () and fb.phase is Phase.READ_ONLY
 
 
-async def test_redeliveries_and_a_connector_restart_still_make_one_ticket_with_one_finding(world, redmine):
+async def test_redeliveries_and_a_connector_restart_still_make_one_ticket_with_onefinding(world, redmine):
     _handle, url, _env, tickets_env = world
     inv = "ab" + "2" * 38
     async with running_tickets(url, tickets_env):
-        await _dispatched_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY), times=3)
+        await lifecycle_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY), times=3)
         await _until(lambda: _one_ticket(redmine, inv))
     async with running_tickets(url, tickets_env):  # a restart
-        await _dispatched_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
-        await _finding_by(url, None, _finding(inv, Phase.READ_ONLY), times=3)
+        await lifecycle_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
+        await finding_by(url, None, finding(inv, Phase.READ_ONLY), times=3)
         issue = await _until(_with_note(redmine, inv, "lock_contention"))
         await asyncio.sleep(2)  # let any duplicate land before counting
     issue = await asyncio.to_thread(_one_ticket, redmine, inv)
@@ -228,8 +181,8 @@ async def test_updates_wait_while_redmine_is_down_and_arrive_once_when_it_return
         await asyncio.to_thread(redmine.stop)
         try:
             down_at = time.monotonic()
-            await _dispatched_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
-            await _finding_by(url, None, _finding(inv, Phase.READ_ONLY))
+            await lifecycle_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
+            await finding_by(url, None, finding(inv, Phase.READ_ONLY))
             await asyncio.sleep(30)
             errors = tickets.metrics.backend_errors.labels(backend="redmine", kind="temporary")._value.get()
             assert errors >= 1  # it kept trying, and said so
@@ -249,12 +202,12 @@ async def test_forged_and_malformed_results_are_dead_lettered_and_open_no_ticket
     async with running_tickets(url, tickets_env) as tickets:
         # another investigation's agent may not speak for this one, nor for the dispatcher
         async with agent_user(rabbitmq_management, amqp_vhost.name, "aj-other-" + "f" * 16) as (name, agent_url):
-            await _publish_as(agent_url, name, RESULTS, "finding.critical.database", encode(_finding(inv)),
+            await publish_as(agent_url, name, RESULTS, "finding.critical.database", encode(finding(inv)),
                               "forged-finding")
-            await _publish_as(agent_url, name, RESULTS, "lifecycle.dispatched",
+            await publish_as(agent_url, name, RESULTS, "lifecycle.dispatched",
                               encode(trust_dispatched(inv, Phase.AUTONOMOUS)), "forged-dispatch")
         # the dispatcher's own message, but not a lifecycle event
-        await _publish_as(url_for(url, "dispatcher"), user("dispatcher"), RESULTS, "lifecycle.dispatched",
+        await publish_as(url_for(url, "dispatcher"), user("dispatcher"), RESULTS, "lifecycle.dispatched",
                           b'{"kind": "lifecycle", "state": "dispatched"', "torn")
         async with asyncio.timeout(30):
             while sum(tickets.metrics.results.labels(kind=k, outcome="dead_lettered")._value.get()
@@ -284,12 +237,12 @@ async def test_a_ticket_closed_on_resolution_asks_no_verdict_until_an_operator_e
     inv = "af" + "8" * 38
     closing_env = {**tickets_env, "AGENTJOBS_TICKETS__REDMINE__RESOLVED_STATUS": "Closed"}
     async with running_trust(url, env), running_tickets(url, closing_env) as tickets:
-        await _dispatched_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
-        await _finding_by(url, None, _finding(inv, Phase.READ_ONLY))
+        await lifecycle_by_dispatcher(url, trust_dispatched(inv, Phase.READ_ONLY))
+        await finding_by(url, None, finding(inv, Phase.READ_ONLY))
         await _until(_with_note(redmine, inv, "lock_contention"))
         resolved = LifecycleEvent(investigation_id=inv, incident_key="k" * 32, state=LifecycleState.RESOLVED,
                                   at=trust_dispatched(inv, Phase.READ_ONLY).at, phase=Phase.READ_ONLY)
-        await _dispatched_by_dispatcher(url, resolved)
+        await lifecycle_by_dispatcher(url, resolved)
         issue = await _until(_with_note(redmine, inv, "The alert group resolved"))
         assert issue["status"]["name"] == "Closed"
         # the connector's own closing is nobody's verdict

@@ -19,7 +19,7 @@ from dispatcher.tickets.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, signa
 from schemas import DeadLetter, Phase, decode
 from schemas.routing import DEAD
 from tests.integration.dispatcher_harness import declare_topology, drain
-from tests.integration.test_tickets_redmine import _dispatched_by_dispatcher, _finding, _finding_by
+from tests.support.tickets import finding, finding_by, lifecycle_by_dispatcher
 from tests.support.identities import url_for
 from tests.support.trust_records import dispatched
 
@@ -95,8 +95,8 @@ async def _until(predicate, timeout: float = 30.0) -> None:
 async def test_results_arrive_signed_and_a_receivers_outage_is_waited_out(url):
     inv = "ba" + "5" * 38
     async with receiving(Receiver(503, 503, 500)) as receiver, webhook_tickets(url, receiver) as tickets:
-        await _dispatched_by_dispatcher(url, dispatched(inv, Phase.READ_ONLY))
-        await _finding_by(url, None, _finding(inv, Phase.READ_ONLY))
+        await lifecycle_by_dispatcher(url, dispatched(inv, Phase.READ_ONLY))
+        await finding_by(url, None, finding(inv, Phase.READ_ONLY))
         await _until(lambda: len(receiver.received) == 2)
         assert receiver.bad_signatures == 0 and receiver.script == []
         assert tickets.metrics.backend_errors.labels(backend="webhook", kind="temporary")._value.get() == 3
@@ -110,7 +110,7 @@ async def test_results_arrive_signed_and_a_receivers_outage_is_waited_out(url):
 async def test_a_redelivered_result_carries_the_same_idempotency_key(url):
     inv = "bb" + "6" * 38
     async with receiving(Receiver()) as receiver, webhook_tickets(url, receiver):
-        await _finding_by(url, None, _finding(inv, Phase.READ_ONLY), times=2)
+        await finding_by(url, None, finding(inv, Phase.READ_ONLY), times=2)
         await _until(lambda: len(receiver.received) == 2)
     assert receiver.keys[0] == receiver.keys[1]
 
@@ -118,7 +118,7 @@ async def test_a_redelivered_result_carries_the_same_idempotency_key(url):
 async def test_a_result_the_receiver_refuses_is_dead_lettered_with_its_answer(url):
     inv = "bc" + "7" * 38
     async with receiving(Receiver(400)) as receiver, webhook_tickets(url, receiver) as tickets:
-        await _finding_by(url, None, _finding(inv, Phase.READ_ONLY))
+        await finding_by(url, None, finding(inv, Phase.READ_ONLY))
         await _until(lambda: tickets.metrics.results.labels(kind="finding", outcome="dead_lettered")._value.get() == 1)
     [letter] = [decode(m.headers["x-agentjobs-dead-letter"].encode(), DeadLetter) for m in await drain(url, DEAD)]
     assert letter.reason == "webhook_rejected" and "HTTP 400 scripted" in letter.message
