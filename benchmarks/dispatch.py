@@ -8,9 +8,9 @@ Prints, then ends with one JSON line (see benchmarks/README.md for what each fig
 2. sustained incidents/s dispatched with a pre-published backlog, and the dispatcher's process
    CPU-ms per distinct incident beside a same-work baseline's (issue 22): a hand-written consumer
    (``same_work_role``) doing exactly the dispatcher's external work per incident — consume,
-   decode, the Job and its owned Secret as raw JSON over one aiohttp session, one confirmed
-   ``dispatched`` publish, ack — over the same incidents on a fresh cluster; the ratio
-   baseline/ours (target >= 0.7; ours <= 0.8 ms);
+   decode, the same API writes as raw JSON over one aiohttp session (here, auth mode ``none``: the
+   Job alone, the incident riding in it), one confirmed ``dispatched`` publish, ack — over the same
+   incidents on a fresh cluster; the ratio baseline/ours (target >= 0.7; ours <= 0.8 ms);
 2b. context: incidents/s handled with a pre-published realistic alert storm (re-sends, joining
    alerts, CloudEvent-wrapped, shuffled; ``tests/support/payloads.storm``) and the Jobs it made;
 2c. the storm of the issue: 600 notifications in 6 groups → 6 Jobs, time to drain, against the
@@ -460,15 +460,14 @@ async def dispatcher_role(profile: str | None) -> None:
 
 
 async def same_work_role() -> None:
-    """Consume, decode, the same two API writes as raw JSON over one aiohttp session (the Job, then its
-    Secret owned by it), one confirmed ``dispatched`` publish, ack — what the dispatcher must do at the
-    least for each new investigation, so its CPU per incident is the yardstick for ours."""
-    import base64
-
+    """Consume, decode, the same API write as raw JSON over one aiohttp session (the Job, its incident
+    riding in it as the dispatcher's does where nothing secret is carried: auth mode ``none``), one
+    confirmed ``dispatched`` publish, ack — what the dispatcher must do at the least for each new
+    investigation, so its CPU per incident is the yardstick for ours."""
     import aio_pika
     import aiohttp
 
-    from dispatcher.jobs.jobspec import LABEL_INVESTIGATION, LABEL_MANAGED_BY, MANAGED_BY
+    from dispatcher.jobs import jobspec
     from dispatcher.plumbing.settings import load_settings
     from schemas import decode_incident, identify
     from schemas.routing import INCIDENTS, RESULTS
@@ -476,18 +475,19 @@ async def same_work_role() -> None:
 
     quiet_logging()
     state: dict[str, Any] = {"done": 0}
+    placeholder = "__INCIDENT__"
 
     async def start(cmd: dict) -> dict:
         settings = load_settings(None, cmd["env"])
-        template = sample_job(settings)
+        template, left = jobspec.inline_input(sample_job(settings), {jobspec.INCIDENT_FILE: placeholder.encode()})
+        assert left == {}, "the dispatcher under test carries a Secret: so must the baseline"
         sample_name = template["metadata"]["name"]
-        sample_id = template["metadata"]["labels"][LABEL_INVESTIGATION]
+        sample_id = template["metadata"]["labels"][jobspec.LABEL_INVESTIGATION]
         raw_template = json.dumps(template)
         ns = cmd["namespace"]
         http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {cmd['token']}",
                                               "Content-Type": "application/json"})
         jobs_url = f"{cmd['url']}/apis/batch/v1/namespaces/{ns}/jobs"
-        secrets_url = f"{cmd['url']}/api/v1/namespaces/{ns}/secrets"
         connection = await aio_pika.connect(settings.amqp.url)
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.amqp.prefetch)
@@ -499,17 +499,9 @@ async def same_work_role() -> None:
         async def handle(message: Any) -> None:
             event = decode_incident(message.body, max_bytes=settings.bridge.max_body_bytes)
             ident = identify(event)
-            job = raw_template.replace(sample_name, ident.job_name).replace(sample_id, ident.investigation_id)
+            job = (raw_template.replace(sample_name, ident.job_name).replace(sample_id, ident.investigation_id)
+                   .replace(f'"{placeholder}"', json.dumps(message.body.decode())))
             async with http.post(jobs_url, data=job) as resp:
-                created = json.loads(await resp.read())
-            secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                      "metadata": {"name": f"{ident.job_name}-input", "namespace": ns,
-                                   "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_INVESTIGATION: ident.investigation_id},
-                                   "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
-                                                        "name": ident.job_name, "uid": created["metadata"]["uid"],
-                                                        "controller": False, "blockOwnerDeletion": False}]},
-                      "data": {"incident.json": base64.b64encode(message.body).decode()}}
-            async with http.post(secrets_url, data=json.dumps(secret)) as resp:
                 await resp.read()
             body = json.dumps({"kind": "lifecycle", "state": "dispatched", "investigation_id": ident.investigation_id,
                                "incident_key": ident.incident_key, "job_name": ident.job_name}).encode()
@@ -782,10 +774,11 @@ class Bench:
         p50, p99 = pct(lat, 50), pct(lat, 99)
         self.figures.update(
             latency_incidents=n, latency_rate_per_s=round(achieved, 1), dispatch_p50_ms=round(p50, 2),
-            dispatch_p99_ms=round(p99, 2), dispatch_max_ms=round(max(lat), 2),
+            dispatch_p99_ms=round(p99, 2), p99_ms=round(p99, 2), dispatch_max_ms=round(max(lat), 2),
             publish_confirm_p50_ms=round(pct(conf, 50), 2), publish_confirm_p99_ms=round(pct(conf, 99), 2),
             broker_delivery_p50_ms=round(pct(broker, 50), 2), broker_delivery_p99_ms=round(pct(broker, 99), 2),
             dispatcher_gc_pause_max_ms=round(max((t for _, t, _ in gc_in["dispatcher"]), default=0.0) * 1000, 1),
+            dispatcher_gc_pauses=len(gc_in["dispatcher"]),
         )
         self.say(f"\n1. Dispatch latency, publish → Job create accepted, {n} new incidents at {achieved:.1f}/s "
                  f"(after {warmup} warm-up incidents; {status['gc_objects']} objects in the dispatcher heap)")
@@ -865,7 +858,7 @@ class Bench:
                  f" {elapsed:.2f} s); Job creates {create_rate:.1f}/s first → last")
         self.say("   CPU per incident: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cpu_ms.items())
                  + f" (of {os.cpu_count()} cores, all shared)")
-        self.say(f"   same-work baseline (consume, decode, Job + Secret as raw JSON over one aiohttp session, one "
+        self.say(f"   same-work baseline (consume, decode, the same API writes as raw JSON over one aiohttp session, one "
                  f"confirmed publish, ack; same incidents, fresh cluster): {same['cpu_ms']:.2f} CPU-ms per incident, "
                  f"{same['rate']:.0f}/s → ratio baseline/ours {same['cpu_ms'] / ours:.2f}"
                  f"   [targets: ours ≤ {TARGET_CPU_MS:.1f} ms {verdict(ours <= TARGET_CPU_MS)}, "
@@ -938,46 +931,61 @@ class Bench:
         return {"n": n, "groups": groups, "rate": n / elapsed, "elapsed": elapsed, "jobs": jobs["count"],
                 "by_outcome": done["by_outcome"]}
 
-    # -- 4. memory with 10,000 active investigations -----------------------------------------
+    # -- 4. cost growth: RSS and p99 at 1k, 10k and 50k active investigations ------------------
     async def memory(self) -> None:
+        """Active investigations piled up in one dispatcher (admission caps never throttle); at each
+        level its RSS and the p99 of a paced 100/s probe of new incidents dispatched beside them."""
         from schemas.routing import INCIDENTS
 
-        n = 2000 if self.quick else 10_000
-        bodies, _ = incidents(self.run, "rss", n)
+        levels = (1000, 2000) if self.quick else (1000, 10_000) + ((50_000,) if self.args.rss_50k else ())
+        probe_n = 100 if self.quick else 300  # per level, at 100/s; they stay active too
+        bodies, _ = incidents(self.run, "rss", levels[-1])
         await self.fresh_cluster()
         child = await self.dispatcher("rss")
+        points: list[dict[str, Any]] = []
         try:
             await self.start_dispatcher(child)
             before = await child.call("status", settle=0.5)
-            t0 = time.monotonic()
-            await publish_all(self.amqp_url, bodies, exchange=INCIDENTS, routing_key=ROUTING_KEY)
-            await child.call("wait_dispatched", timeout=310, n=n // 2, within=300)
-            half = await child.call("status")
-            await child.call("wait_dispatched", timeout=310, n=n, within=300)
-            elapsed = time.monotonic() - t0
-            after = await child.call("status", settle=0.5)
+            published = probes = 0
+            for level in levels:
+                batch = bodies[published:level - probes]
+                await publish_all(self.amqp_url, batch, exchange=INCIDENTS, routing_key=ROUTING_KEY)
+                published += len(batch)
+                await child.call("wait_dispatched", timeout=610, n=published + probes, within=600)
+                status = await child.call("status", settle=0.5)
+                probe, names = incidents(self.run, f"probe{level}", probe_n)
+                sent, _ = await publish_paced(self.amqp_url, probe, 100.0, exchange_name=INCIDENTS,
+                                              routing_key=ROUTING_KEY)
+                done = await self.emulator.call("wait_jobs", timeout=130, n=published + probes + probe_n,
+                                                within=120)
+                probes += probe_n
+                lat = [(done["created"][names[i]] - sent[i]) * 1000 for i in range(len(names))
+                       if names[i] in done["created"]]
+                points.append({"active": status["active"], "rss_mb": status["rss_mb"],
+                               "p99_ms": pct(lat, 99), "p50_ms": pct(lat, 50),
+                               "gc_objects": status["gc_objects"]})
         finally:
             await child.close()
-        if after["active"] < n or after["tracked"] < n:
-            raise RuntimeError(f"memory phase: only {after['active']} active / {after['tracked']} tracked of {n}")
-        per_item_kb = (after["rss_mb"] - before["rss_mb"]) * 1024 / n
-        # Growth over the second half: the first dispatches also pay one-off costs (connection
-        # pools, lazily built caches), so this is the fairer slope to extrapolate with.
-        marginal_kb = (after["rss_mb"] - half["rss_mb"]) * 1024 / (after["active"] - half["active"])
-        at_10k = after["rss_mb"] if n == 10_000 else after["rss_mb"] + marginal_kb * (10_000 - n) / 1024
+        first, last = points[0], points[-1]
+        marginal_kb = (last["rss_mb"] - first["rss_mb"]) * 1024 / max(1, last["active"] - first["active"])
+        ten = next((p for p in points if p["active"] >= 10_000), None)
+        at_10k = ten["rss_mb"] if ten else last["rss_mb"] + marginal_kb * (10_000 - last["active"]) / 1024
         self.figures.update(
-            rss_baseline_mb=round(before["rss_mb"], 1), rss_active_mb=round(after["rss_mb"], 1),
-            rss_active_count=after["active"], rss_10k_active_mb=round(at_10k, 1),
-            rss_10k_extrapolated=n != 10_000, rss_per_investigation_kb=round(per_item_kb, 2),
-            rss_marginal_per_investigation_kb=round(marginal_kb, 2),
+            rss_baseline_mb=round(before["rss_mb"], 1), rss_active_mb=round(last["rss_mb"], 1),
+            rss_active_count=last["active"], rss_10k_active_mb=round(at_10k, 1), rss_mb=round(at_10k, 1),
+            rss_10k_extrapolated=ten is None, rss_marginal_per_investigation_kb=round(marginal_kb, 2),
+            growth=[{k: round(v, 2) if isinstance(v, float) else v for k, v in p.items()} for p in points],
         )
-        self.say(f"\n4. Dispatcher RSS (a process hosting only DispatcherService + KubernetesRuntime), "
-                 f"{n} incidents dispatched through the real service in {elapsed:.1f} s")
+        self.say(f"\n4. Cost growth: one dispatcher process (DispatcherService + KubernetesRuntime) with active "
+                 f"investigations piling up; at each level its RSS and a {probe_n}-incident probe at 100/s")
         self.say(f"   baseline (started, idle) {before['rss_mb']:7.1f} MB")
-        self.say(f"   with {after['active']} active ({after['tracked']} tracked) {after['rss_mb']:7.1f} MB"
-                 f"   ≈ {per_item_kb:.1f} KB per investigation on average, {marginal_kb:.1f} KB over the second half"
-                 f" (RSS {half['rss_mb']:.1f} MB at {half['active']})")
-        label = "measured" if n == 10_000 else "extrapolated with the second-half slope (--quick)"
+        for p in points:
+            self.say(f"   {p['active']:>6} active: RSS {p['rss_mb']:7.1f} MB, probe p50 {p['p50_ms']:6.2f} ms "
+                     f"p99 {p['p99_ms']:6.2f} ms, {p['gc_objects']} objects in the heap")
+        for a, b in zip(points, points[1:], strict=False):
+            kb = (b["rss_mb"] - a["rss_mb"]) * 1024 / max(1, b["active"] - a["active"])
+            self.say(f"   {a['active']} → {b['active']}: {kb:.2f} KB per investigation")
+        label = "measured" if ten else "extrapolated with the slope (--quick)"
         self.say(f"   at 10,000 active: {at_10k:7.1f} MB ({label})"
                  f"   [target < {TARGET_RSS_MB:.0f} MB: {verdict(at_10k < TARGET_RSS_MB)}]")
 
@@ -1038,6 +1046,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter run (about 30 s)")
     parser.add_argument("--profile", metavar="DIR", help="write a cProfile of each dispatcher process to DIR")
     parser.add_argument("--dump", metavar="CSV", help="write per-incident latencies of phase 1 to CSV")
+    parser.add_argument("--rss-50k", action="store_true", help="phase 4 also at 50,000 active (a few minutes more)")
     parser.add_argument("--role", choices=("emulator", "dispatcher", "same-work"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "emulator":

@@ -213,6 +213,7 @@ class KubernetesRuntime:
         self._recheck_at: float | None = None  # monotonic time of the next forced re-list
         self._closed = asyncio.Event()  # set by close(): events() ends
         self._watching: watch.Watch | None = None  # the open watch stream, cut by close()
+        self._names: set[str] | None = None  # names of the Jobs that exist, once events() has listed them
 
     @classmethod
     async def from_settings(cls, k8s: KubernetesSettings) -> KubernetesRuntime:
@@ -268,6 +269,8 @@ class KubernetesRuntime:
             created = _created.decode(await self._post(f"create job {name}", self._jobs_path,
                                                        k8s_raw.encode(manifest)))
             outcome = LaunchOutcome.CREATED
+            if self._names is not None:
+                self._names.add(name)
         except AlreadyExists:
             try:
                 existing = await self._read_json(f"read job {name}", self.batch.read_namespaced_job,
@@ -315,7 +318,15 @@ class KubernetesRuntime:
         return True
 
     async def status(self, job_name: str) -> JobStatus | None:
-        """The Job's state from its conditions (or its reported ending); None when there is no such Job."""
+        """The Job's state from its conditions (or its reported ending); None when there is no such Job.
+
+        Once ``events()`` has listed the namespace, a name it has never seen is answered from memory
+        (None, without a GET: every new investigation asks). A Job another replica created a moment
+        ago may not have reached the watch yet; then the create that follows meets 409 and finds it,
+        as it would have with the GET — and a Job that already *ended* was listed or watched long ago.
+        """
+        if self._names is not None and job_name not in self._names:
+            return None
         try:
             job = await self._read_json(f"read job {job_name}", self.batch.read_namespaced_job,
                                         job_name, self.namespace)
@@ -362,12 +373,14 @@ class KubernetesRuntime:
                 self._recheck_at = None
                 listing = await self._list()
                 attempt = 0
+                self._names = {(job.get("metadata") or {}).get("name", "") for job in listing.get("items", [])}
                 for job in listing.get("items", []):
                     async for event in self._observe(job):
                         yield event
                 self._rv = listing.get("metadata", {}).get("resourceVersion")
                 while not self._closed.is_set():  # resume from the last resourceVersion until it expires
                     async for kind, job in self._watch(self._rv, self._watch_seconds()):
+                        self._seen(kind, job)
                         async for event in self._observe(job, deleted=kind == "DELETED"):
                             yield event
                     if self._recheck_at is not None and time.monotonic() >= self._recheck_at:
@@ -388,6 +401,15 @@ class KubernetesRuntime:
         """Look at the Jobs again (re-list) after ``seconds``: a claim expires, a call failed."""
         due = time.monotonic() + max(seconds, 0.0)
         self._recheck_at = due if self._recheck_at is None else min(self._recheck_at, due)
+
+    def _seen(self, kind: str, job: Mapping[str, Any]) -> None:
+        """Keep the names of the Jobs that exist (``status`` answers the others from memory)."""
+        name = (job.get("metadata") or {}).get("name")
+        if self._names is not None and name:
+            if kind == "DELETED":
+                self._names.discard(name)
+            else:
+                self._names.add(name)
 
     def _watch_seconds(self) -> int:
         if self._recheck_at is None:

@@ -77,6 +77,33 @@ async def test_a_job_that_reads_its_input_from_the_secret_gets_it_even_when_the_
     assert secret is not None and secret["data"] == {"incident.json": "e30="}
 
 
+async def test_once_listed_a_job_nobody_created_is_known_absent_without_asking_and_one_created_is_found(
+        k8s_emulator, runtime, s):
+    ours, theirs = manifest(incident(13), s), manifest(incident(14), s)
+    async with EventLog(runtime).running():
+        await _until(lambda: runtime._names is not None)
+        reads_before = _job_reads(k8s_emulator)
+        # a new investigation asks whether its Job exists: answered from the watched namespace
+        assert await runtime.status(ours["metadata"]["name"]) is None
+        assert _job_reads(k8s_emulator) == reads_before
+        # a Job another replica created is found once the watch saw it, and a create meets it either way
+        await runtime._post("create job", runtime._jobs_path, k8s_raw.encode(theirs))
+        assert await runtime.launch(theirs, secret={"incident.json": b"{}"}) is LaunchOutcome.ALREADY_EXISTS
+        await _until(lambda: theirs["metadata"]["name"] in runtime._names)
+        assert (await runtime.status(theirs["metadata"]["name"])) is not None
+    assert len(k8s_emulator.cluster.store.list(JOBS, k8s_emulator.namespace)) == 1
+
+
+def _job_reads(handle) -> int:
+    return sum(1 for r in handle.cluster.requests if r.method == "GET" and "/jobs/" in r.path)
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
 async def test_success_is_reported_once_and_acknowledging_releases_the_job(k8s_emulator, runtime, s):
     job = manifest(incident(2), s)
     name = job["metadata"]["name"]
