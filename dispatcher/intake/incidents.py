@@ -347,7 +347,7 @@ class Intake:
             follows=follows,
         )
         started = asyncio.get_running_loop().time()
-        slot = await self.gate.admit(ident.investigation_id, event.severity, plan.class_name)
+        slot = await self.gate.admit(ident.investigation_id, tracked.severity, plan.class_name)
         token: WrappedToken | None = None
         launched: LaunchOutcome | None = None
         try:
@@ -496,8 +496,8 @@ class Intake:
             event_id=event.event_id,
             alert_count=len(event.alerts),
             follows=tracked.follows,
-            title=incident_title(event),
-            severity=event.severity,
+            title=incident_title(event, tracked.severity),
+            severity=tracked.severity,
             domain=tracked.domain,
             scope=self._scope(event, tracked.domain),
             alerts=alert_briefs(event),

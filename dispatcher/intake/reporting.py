@@ -95,14 +95,16 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def incident_title(event: IncidentEvent) -> str:
-    """A ticket title (pure): ``[severity] alertname: summary``; untrusted text, cut to 255."""
+def incident_title(event: IncidentEvent, severity: Severity | None = None) -> str:
+    """A ticket title (pure): ``[severity] alertname: summary``; untrusted text, cut to 255.
+    ``severity``: the incident's, when already known (computing it walks every alert)."""
+    severity = severity or event.severity
     first = event.alerts[0]
     summary = (event.common_annotations.get("summary") or first.annotations.get("summary")
                or event.common_annotations.get("description") or first.annotations.get("description") or "")
     where = " ".join(f"{k}={v}" for k, v in sorted(event.group_labels.items()) if k != "alertname")
     name = event.alertname or "alert"
-    text = f"[{event.severity.value}] {name}: {summary}" if summary else f"[{event.severity.value}] {name} {where}"
+    text = f"[{severity.value}] {name}: {summary}" if summary else f"[{severity.value}] {name} {where}"
     return _cut(text.strip(), _TITLE_MAX)
 
 

@@ -15,6 +15,7 @@ Job owns, so it is deleted with the Job — or, when the input holds nothing sec
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -220,12 +221,12 @@ def without_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query))
 
 
-def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """The part of every Job's environment that only the settings decide (cached per settings)."""
+    for cached, env in _SETTINGS_ENV:
+        if cached is settings:
+            return env
     env = {
-        "AGENTJOBS_INVESTIGATION_ID": plan.identity.investigation_id,
-        "AGENTJOBS_JOB_NAME": plan.identity.job_name,
-        "AGENTJOBS_PHASE": plan.phase.value,
-        "AGENTJOBS_CLASS": plan.class_name,
         "AGENTJOBS_INPUT_DIR": INPUT_DIR,
         "AGENTJOBS_VAULT__ADDR": settings.vault.addr,
         "AGENTJOBS_VAULT__AUTH_MODE": settings.vault.auth_mode,
@@ -233,12 +234,27 @@ def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
         "AGENTJOBS_AMQP__URL": without_credentials(settings.amqp.url),
         "AGENTJOBS_POSTGRES__DSN": without_credentials(settings.postgres.dsn),
         **postgres_targets_env(settings),
-        "TRACEPARENT": traceparent(plan.identity.investigation_id, plan.traceparent),
         "HOME": SCRATCH_DIR,
         "TMPDIR": SCRATCH_DIR,
+        **_tool_env(settings),
+    }
+    _SETTINGS_ENV.appendleft((settings, env))  # frozen settings: the same object, the same env
+    return env
+
+
+_SETTINGS_ENV: deque[tuple[Settings, dict[str, str]]] = deque(maxlen=8)
+
+
+def _env(plan: JobPlan, settings: Settings) -> list[dict[str, Any]]:
+    env = {
+        "AGENTJOBS_INVESTIGATION_ID": plan.identity.investigation_id,
+        "AGENTJOBS_JOB_NAME": plan.identity.job_name,
+        "AGENTJOBS_PHASE": plan.phase.value,
+        "AGENTJOBS_CLASS": plan.class_name,
+        **_settings_env(settings),
+        "TRACEPARENT": traceparent(plan.identity.investigation_id, plan.traceparent),
         # the agent's own time budget: it concludes (and publishes) before the Job's deadline
         "AGENTJOBS_DEADLINE_SECONDS": str(settings.classes[plan.class_name].deadline),
-        **_tool_env(settings),
         **_action_env(plan.actions),
     }
     items: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
