@@ -606,32 +606,56 @@ _created = msgspec.json.Decoder(_Created)
 
 class _RawWatch(watch.Watch):
     """A Watch that leaves objects as the JSON dicts we read (no model conversion per event), each
-    line decoded once with msgspec instead of stdlib ``json`` (the base class's semantics: error
-    events raise ``ApiException`` with their code, so a 410 still means "re-list")."""
+    line decoded once with msgspec instead of stdlib ``json``, into what the runtime reads of a Job
+    (``_ObjectView``), with the base class's semantics: error events raise ``ApiException`` with
+    their code, so a 410 still means "re-list")."""
 
     def get_return_type(self, func: object) -> None:  # type: ignore[override]
         return None
 
     def unmarshal_event(self, data: str | bytes, response_type: str | None) -> Any:
         try:
-            js = msgspec.json.decode(data)
-        except msgspec.DecodeError:
+            line = _watch_line.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return data
-        if not isinstance(js, dict) or "object" not in js or "type" not in js:
-            if isinstance(js, dict) and "code" in js:
-                raise ApiException(status=js["code"], reason=f"{js.get('reason')}: {js.get('message')}")
-            raise TemporaryError(f"watch jobs: malformed event without type/object: {str(js)[:200]}")
-        obj = js["raw_object"] = js["object"]
-        kind = str(js["type"]).lower()
+        seen = line.object
+        if line.type is None or seen is None:
+            if line.code is not None:
+                raise ApiException(status=line.code, reason=f"{line.reason}: {line.message}")
+            raise TemporaryError(f"watch jobs: malformed event without type/object: {str(data)[:200]}")
+        kind = line.type.lower()
         if kind == "error":
-            obj = obj if isinstance(obj, dict) else {}
-            raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
-        rv = (obj.get("metadata") or {}).get("resourceVersion") if isinstance(obj, dict) else None
+            raise ApiException(status=seen.code, reason=f"{seen.reason}: {seen.message}")
+        obj = {"metadata": seen.metadata, "status": seen.status if isinstance(seen.status, dict) else {}}
+        rv = seen.metadata.get("resourceVersion")
         if rv:
             self.resource_version = rv
         elif kind == "bookmark":
-            raise TemporaryError(f"watch jobs: bookmark without a resourceVersion: {str(js)[:200]}")
-        return js
+            raise TemporaryError(f"watch jobs: bookmark without a resourceVersion: {str(data)[:200]}")
+        return {"type": line.type, "object": obj, "raw_object": obj}
+
+
+class _ObjectView(msgspec.Struct):
+    """The parts of a watched Job the runtime reads — metadata and status; ``spec`` (the whole pod
+    template, the inline incident with it) is skipped, never built. An error event's object is a
+    Status instead: its code, reason and message."""
+
+    metadata: dict[str, Any] = {}
+    status: Any = None  # a Job's status object; a Status's "Failure"
+    code: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class _WatchLine(msgspec.Struct):
+    type: str | None = None
+    object: _ObjectView | None = None
+    code: int | None = None  # a bare Status line (no event)
+    reason: str | None = None
+    message: str | None = None
+
+
+_watch_line = msgspec.json.Decoder(_WatchLine)
 
 
 class _Expired(Exception):
