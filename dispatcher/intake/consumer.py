@@ -7,6 +7,12 @@ short pause — the consumer keeps running; the broker's delivery limit stops a
 message that crashes every time, and the dead-letter recorder explains it.
 ``stop`` cancels the subscription and waits for in-flight handlers (drain).
 
+With ``batch_acks`` (for handlers whose ACK means "done and durable"), the acks settled in one
+turn of the event loop go out together: one ``basic.ack multiple=True`` for the run of delivery
+tags below the lowest one still being handled (``acks_to_send``, pure), the others one by one —
+never an ack for a message still in hand. A crash before the flush only redelivers messages whose
+work is done, which every handler already tolerates.
+
 ``agentjobs_consumer_up{queue}`` (the ``up`` gauge a component passes in) is 1 while the
 subscription stands on an open channel: 0 before ``start``, while the channel is down (the
 robust connection restores it and the subscription), and after ``stop``.
@@ -37,6 +43,22 @@ Handler = Callable[[Delivery], Awaitable[Outcome]]
 CRASH_PAUSE = 1.0  # seconds before handing back a message whose handler crashed
 
 
+def acks_to_send(ready: list[int], in_hand: set[int]) -> tuple[int | None, list[int]]:
+    """``(highest tag for one multiple=True ack, tags to ack one by one)`` (pure).
+
+    ``ready``: tags handled with ACK and not yet acked; ``in_hand``: every tag delivered on the
+    channel and not yet settled (``ready`` included). A multiple ack covers every unsettled tag at
+    or below it, so it may only reach below the lowest tag still being handled.
+    """
+    ready = sorted(ready)
+    waiting = in_hand.difference(ready)
+    low = min(waiting) if waiting else None
+    covered = [t for t in ready if low is None or t < low]
+    if len(covered) < 2:
+        return None, ready
+    return covered[-1], [t for t in ready if t > covered[-1]]
+
+
 def to_delivery(message: AbstractIncomingMessage) -> Delivery:
     """Broker message → broker-agnostic delivery."""
     headers = dict(message.headers or {})
@@ -57,7 +79,7 @@ class Consumer:
     """Consumes one queue with a handler; settles every message exactly here."""
 
     def __init__(self, queue_name: str, handler: Handler, *, prefetch: int, name: str,
-                 up: Gauge | None = None) -> None:
+                 up: Gauge | None = None, batch_acks: bool = False) -> None:
         self.queue_name = queue_name
         self.handler = handler
         self.prefetch = prefetch
@@ -67,6 +89,12 @@ class Consumer:
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.consuming = False
+        self.batch_acks = batch_acks
+        # per underlying channel (delivery tags are per channel): tags delivered and not settled,
+        # and the handled ones waiting for the next flush
+        self._in_hand: dict[int, set[int]] = {}
+        self._ready: dict[int, list[AbstractIncomingMessage]] = {}
+        self._flushing: asyncio.Task[None] | None = None
         # 0 from the start: a process stuck before consuming (replaying, say) shows as not consuming.
         self._up = up.labels(queue=queue_name) if up is not None else None
         self._set_up(False)
@@ -97,6 +125,8 @@ class Consumer:
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)
+        if self.batch_acks and message.delivery_tag is not None:
+            self._in_hand.setdefault(id(message.channel), set()).add(message.delivery_tag)
         try:
             delivery = to_delivery(message)
             with bound(queue=self.queue_name, message_id=delivery.message_id, attempt=delivery.delivery_count + 1):
@@ -114,14 +144,42 @@ class Consumer:
                 self._inflight.discard(task)
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
-        """The one ack site."""
+        """The one ack site (with its batched flush below)."""
+        tag = message.delivery_tag
+        batched = self.batch_acks and tag is not None
         try:
+            if outcome is Outcome.ACK and batched:
+                self._ready.setdefault(id(message.channel), []).append(message)
+                if self._flushing is None:
+                    self._flushing = asyncio.create_task(self._flush(), name=f"{self.name}-acks")
+                return
+            if batched:
+                self._in_hand.get(id(message.channel), set()).discard(tag)
             if outcome is Outcome.ACK:
                 await message.ack()
             else:
                 await message.nack(requeue=True)
         except Exception as exc:  # channel gone: the broker redelivers; handlers are idempotent
             log.warning("settle_failed", outcome=outcome.value, error=repr(exc))
+
+    async def _flush(self) -> None:
+        """Send the acks settled during this turn of the loop (``acks_to_send``)."""
+        await asyncio.sleep(0)  # let the other handlers finishing now join
+        ready, self._ready, self._flushing = self._ready, {}, None
+        for channel, messages in ready.items():
+            in_hand = self._in_hand.get(channel, set())
+            by_tag = {m.delivery_tag: m for m in messages}
+            highest, singles = acks_to_send(list(by_tag), in_hand)
+            try:
+                if highest is not None:
+                    await by_tag[highest].ack(multiple=True)
+                for tag in singles:
+                    await by_tag[tag].ack()
+            except Exception as exc:  # channel gone: the broker redelivers; handlers are idempotent
+                log.warning("settle_failed", outcome=Outcome.ACK.value, error=repr(exc), acks=len(by_tag))
+            in_hand.difference_update(by_tag)
+            if not in_hand:
+                self._in_hand.pop(channel, None)
 
     async def stop(self, *, drain_timeout: float = 30.0) -> None:
         """Stop taking new messages, then wait for in-flight ones (unacked ones are redelivered)."""
@@ -135,6 +193,9 @@ class Consumer:
             _, pending = await asyncio.wait(set(self._inflight), timeout=drain_timeout)
             for task in pending:
                 task.cancel()
+        if self._flushing is not None:  # the last handled ones' acks, before the channel closes
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._flushing), timeout=5)
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._channel.close(), timeout=5)

@@ -226,7 +226,8 @@ class DispatcherService:
         recorder = DeadLetterRecorder(reporter=reporter, metrics=self.metrics, backoff=backoff)
         up = self.metrics.consumer_up
         self._consumers = [
-            Consumer(INCIDENTS, self._handle_incident, prefetch=s.amqp.prefetch, name="incidents", up=up),
+            Consumer(INCIDENTS, self._handle_incident, prefetch=s.amqp.prefetch, name="incidents", up=up,
+                     batch_acks=True),  # an incident's ACK means its outcome is durable
             Consumer(CONTROL, control.handle, prefetch=16, name="control", up=up),
             Consumer(DEAD_LOG, recorder.handle, prefetch=64, name="dead-letter-recorder", up=up),
             Consumer(COSTS, CostRecorder(metrics=self.metrics, publisher=publisher, identities=s.identities,
