@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import os
 import re
@@ -51,10 +50,11 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from tests.support.buildcache import flock, tail
 import aiohttp
 
 from .services import free_port
@@ -212,31 +212,12 @@ def read_lock(lock: Path = LOCK, test_lock: Path = TEST_LOCK) -> Lock:
 
 # --- helpers ----------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    """One builder at a time (parallel sessions share the cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
 
 def _pip_failure(log: Path, what: str, rc: int | str) -> Exception:
     text = log.read_text(errors="replace") if log.exists() else ""
     if "DO NOT MATCH THE HASHES" in text:
         return LlmRefused(f"{what}: a download does not match the hash pinned in {LOCK.name}:\n"
-                          f"{_tail(log)}")
+                          f"{tail(log)}")
     if re.search(r"No matching distribution|Could not find a version|Failed to establish|"
                  r"Network is unreachable|Temporary failure in name resolution|ConnectTimeout",
                  text):
@@ -245,7 +226,7 @@ def _pip_failure(log: Path, what: str, rc: int | str) -> Exception:
         why = "the build's binaries need CPU instructions this machine lacks"
     else:
         why = "pip failed"
-    return LlmUnavailable(f"{what}: {why} (exit {rc}); log {log}:\n{_tail(log)}")
+    return LlmUnavailable(f"{what}: {why} (exit {rc}); log {log}:\n{tail(log)}")
 
 
 def _run(cmd: Sequence[str], log: Path, what: str, *, timeout: float,
@@ -280,7 +261,7 @@ def ensure_llama_server(*, cache: Path | None = None) -> Path:
     python = venv / "bin" / "python"
     stamp = venv / ".agentjobs-llm-stamp"
     lock = read_lock()
-    with _flock(cache / ".venv.lock"):
+    with flock(cache / ".venv.lock"):
         if python.exists() and stamp.exists() and stamp.read_text().strip() == lock.digest:
             return python
         shutil.rmtree(venv, ignore_errors=True)
@@ -325,7 +306,7 @@ def ensure_model(*, cache: Path | None = None) -> Path:
     cache = cache or cache_dir()
     model_dir = cache / "model"
     model = model_dir / MODEL_FILE
-    with _flock(cache / ".model.lock"):
+    with flock(cache / ".model.lock"):
         if model.exists():
             if model.stat().st_size == MODEL_SIZE and _sha256(model) == MODEL_SHA256:
                 return model
@@ -402,8 +383,8 @@ class LlamaServer:
             return None
         return None
 
-    def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
+    def logtail(self, lines: int = 40) -> str:
+        return tail(self.log_path, lines)
 
 
 def _open_log(path: Path, header: str) -> BinaryIO:
@@ -478,7 +459,7 @@ async def _wait_ready(proc: asyncio.subprocess.Process, root: str, log_path: Pat
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise LlmUnavailable(f"llama_cpp.server {_exit_reason(proc.returncode)} before it "
-                                     f"was ready ({last}); log {log_path}:\n{_tail(log_path)}")
+                                     f"was ready ({last}); log {log_path}:\n{tail(log_path)}")
             try:
                 if model is None:
                     async with http.get(f"{root}/v1/models") as resp:
@@ -497,7 +478,7 @@ async def _wait_ready(proc: asyncio.subprocess.Process, root: str, log_path: Pat
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.25)
     raise LlmUnavailable(f"llama_cpp.server was not ready within {timeout:.0f} s ({last}); "
-                         f"log {log_path}:\n{_tail(log_path)}")
+                         f"log {log_path}:\n{tail(log_path)}")
 
 
 async def _stop(proc: asyncio.subprocess.Process, grace: float = 10) -> None:

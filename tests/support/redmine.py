@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -65,10 +64,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .buildcache import flock, tail
 from .services import free_port
 
 REDMINE_HOME = Path("/usr/share/redmine")
@@ -201,25 +201,6 @@ def golden_dir(version: str | None = None) -> Path:
     return cache_dir() / f"{version or package_version()}-{_recipe_digest()}"
 
 
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    """One builder at a time (parallel sessions share the cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_root(root: Path, database: Path) -> Path:
     """A private Redmine root at ``root`` whose tenant uses the SQLite file ``database``."""
     root.mkdir(parents=True)
@@ -279,7 +260,7 @@ def _run(cmd: Sequence[str], root: Path, log: Path, what: str, env: Mapping[str,
         except OSError as exc:
             raise RedmineUnavailable(f"{what}: cannot run {cmd[0]}: {exc}") from exc
     if rc != 0:
-        raise RedmineUnavailable(f"{what} failed (exit {rc}); log {log}:\n{_tail(log)}")
+        raise RedmineUnavailable(f"{what} failed (exit {rc}); log {log}:\n{tail(log)}")
 
 
 def prepare() -> Path:
@@ -289,7 +270,7 @@ def prepare() -> Path:
     golden = golden_dir(version)
     if (golden / "meta.json").is_file():
         return golden
-    with _flock(cache_dir() / ".lock"):
+    with flock(cache_dir() / ".lock"):
         if (golden / "meta.json").is_file():
             return golden
         work = Path(tempfile.mkdtemp(prefix="building-", dir=cache_dir()))
@@ -397,14 +378,14 @@ class RedmineServer:
         try:
             while True:
                 if self._proc.poll() is not None:
-                    raise RuntimeError(f"redmine exited early ({self._proc.returncode}):\n{self.log_tail()}")
+                    raise RuntimeError(f"redmine exited early ({self._proc.returncode}):\n{self.logtail()}")
                 with contextlib.suppress(OSError, ValueError):
                     if self.request("GET", f"/projects/{self.project}.json", api_key=self.api_key,
                                     timeout=5)[0] == 200:
                         return
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"redmine at {self.url} not ready after {timeout:.0f} s:\n"
-                                       f"{self.log_tail()}")
+                                       f"{self.logtail()}")
                 time.sleep(0.1)
         except BaseException:
             self.stop()
@@ -434,8 +415,8 @@ class RedmineServer:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def log_tail(self, lines: int = 30) -> str:
-        return _tail(self.log_path, lines) if self.workdir is not None else "(not started)"
+    def logtail(self, lines: int = 30) -> str:
+        return tail(self.log_path, lines) if self.workdir is not None else "(not started)"
 
     def __enter__(self) -> RedmineServer:
         self.start()
