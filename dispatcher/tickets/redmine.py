@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -49,18 +50,17 @@ def _iso(at: datetime) -> str:
     return at.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(frozen=True, kw_only=True)
 class Meta:
     """Ids the connector needs, resolved by name once."""
 
-    def __init__(self, *, user_id: int, project_id: int, fields: Mapping[str, int], statuses: Mapping[str, int],
-                 closed: frozenset[int], priorities: Mapping[str, int], tracker_id: int | None) -> None:
-        self.user_id = user_id
-        self.project_id = project_id
-        self.fields = dict(fields)
-        self.statuses = dict(statuses)
-        self.closed = closed
-        self.priorities = dict(priorities)
-        self.tracker_id = tracker_id
+    user_id: int
+    project_id: int
+    fields: Mapping[str, int]
+    statuses: Mapping[str, int]
+    closed: frozenset[int]
+    priorities: Mapping[str, int]
+    tracker_id: int | None
 
 
 class RedmineBackend:

@@ -39,27 +39,30 @@ async def test_out_of_order_handlers_with_requeues_end_with_every_message_acked_
         requeued: set[str] = set()
         rng = random.Random(7)
         held = asyncio.Event()
+        all_but_held, everything = asyncio.Event(), asyncio.Event()
 
         async def handle(delivery: Delivery) -> Outcome:
             key = delivery.message_id
             if key == "3":  # one message stays in hand a long while: nothing above it may ride a multiple ack
                 await held.wait()
-            await asyncio.sleep(rng.random() * 0.01)
+            await asyncio.sleep(rng.random() * 0.01)  # work of uneven length: handlers finish out of order
             if int(key) % 37 == 0 and key not in requeued:
                 requeued.add(key)
                 return Outcome.REQUEUE
             handled.append(key)
+            if len(handled) == n - 1:
+                all_but_held.set()
+            if len(handled) == n:
+                everything.set()
             return Outcome.ACK
 
         consumer = Consumer(QUEUE, handle, prefetch=50, name="acks", batch_acks=True)
         await consumer.start(connection)
         async with asyncio.timeout(60):
-            while len(handled) < n - 1:
-                await asyncio.sleep(0.05)
+            await all_but_held.wait()
         held.set()
         async with asyncio.timeout(30):
-            while len(handled) < n:
-                await asyncio.sleep(0.05)
+            await everything.wait()
         await consumer.stop(drain_timeout=5)
         # Then every message was handled once (the requeued ones once more), and none is left
         assert sorted(handled, key=int) == [str(i) for i in range(n)]

@@ -11,7 +11,6 @@ user, through the REST API as a browser would).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -19,8 +18,6 @@ import aio_pika
 import pytest
 
 from dispatcher.plumbing.identities import TICKETS_QUEUE
-from dispatcher.plumbing.settings import load_settings
-from dispatcher.tickets.service import TicketsService
 from schemas import (
     DeadLetter, LifecycleEvent, LifecycleState, Phase, Verdict, decode, decode_incident, encode, identify, vault_paths,
 )
@@ -32,7 +29,7 @@ from tests.integration.vault_helpers import vault_world
 from tests.support.identities import agent_user, url_for, user
 from tests.support.payloads import am_alert, dumps, group
 from tests.support.redmine import RedmineServer, custom_field
-from tests.support.tickets import finding, finding_by, lifecycle_by_dispatcher, publish_as
+from tests.support.tickets import finding, finding_by, lifecycle_by_dispatcher, publish_as, running_tickets
 from tests.support.trust_records import dispatched as trust_dispatched
 
 pytestmark = pytest.mark.integration
@@ -54,18 +51,6 @@ async def world(k8s_emulator, amqp_vhost, rabbitmq_management, postgres, rabbitm
                        "AGENTJOBS_TICKETS__LOOKBACK": "1", "AGENTJOBS_TICKETS__POLL_INTERVAL": "3600",
                        "AGENTJOBS_RETRY__CAP": "1", "AGENTJOBS_METRICS__PORT": "0"}
         yield k8s_emulator, amqp_vhost.amqp_url, env, tickets_env
-
-
-@contextlib.asynccontextmanager
-async def running_tickets(url: str, env: dict[str, str]):
-    """`agentjobs tickets` as the ticketing identity, its Redmine key read from Vault."""
-    settings = load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url_for(url, "ticketing")})
-    service = TicketsService(settings, health_port=0)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop(drain=2)
 
 
 async def _until(predicate, timeout: float = 60.0, interval: float = 0.2) -> Any:

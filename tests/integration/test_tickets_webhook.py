@@ -14,13 +14,11 @@ import pytest
 from aiohttp import web
 
 from dispatcher.plumbing.settings import load_settings
-from dispatcher.tickets.service import TicketsService
 from dispatcher.tickets.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
 from schemas import DeadLetter, Phase, decode
 from schemas.routing import DEAD
 from tests.integration.dispatcher_harness import declare_topology, drain
-from tests.support.tickets import finding, finding_by, lifecycle_by_dispatcher
-from tests.support.identities import url_for
+from tests.support.tickets import finding, finding_by, lifecycle_by_dispatcher, running_tickets
 from tests.support.trust_records import dispatched
 
 pytestmark = pytest.mark.integration
@@ -65,19 +63,11 @@ async def receiving(receiver: Receiver):
         await runner.cleanup()
 
 
-@contextlib.asynccontextmanager
-async def webhook_tickets(url: str, receiver: Receiver):
-    settings = load_settings(None, {"AGENTJOBS_AMQP__URL": url_for(url, "ticketing"),
-                                    "AGENTJOBS_TICKETS__BACKEND": "webhook",
-                                    "AGENTJOBS_TICKETS__WEBHOOK__URL": receiver.url,
-                                    "AGENTJOBS_TICKETS__WEBHOOK__SECRET": SECRET,
-                                    "AGENTJOBS_RETRY__BASE": "0.05", "AGENTJOBS_RETRY__CAP": "0.2"})
-    service = TicketsService(settings, health_port=0)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop(drain=2)
+def webhook_tickets(url: str, receiver: Receiver):
+    return running_tickets(url, {"AGENTJOBS_TICKETS__BACKEND": "webhook",
+                                 "AGENTJOBS_TICKETS__WEBHOOK__URL": receiver.url,
+                                 "AGENTJOBS_TICKETS__WEBHOOK__SECRET": SECRET,
+                                 "AGENTJOBS_RETRY__BASE": "0.05", "AGENTJOBS_RETRY__CAP": "0.2"})
 
 
 @pytest.fixture

@@ -3,6 +3,9 @@ broker-validated ``user_id``, and a finding with hypotheses, evidence and an act
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import aio_pika
 
 from schemas import (
@@ -10,6 +13,9 @@ from schemas import (
 )
 from schemas.routing import RESULTS, finding_key, lifecycle_key
 from tests.support.identities import url_for, user
+
+from dispatcher.plumbing.settings import load_settings
+from dispatcher.tickets.service import TicketsService
 
 CAUSE = "lock contention on table ledger"
 
@@ -50,3 +56,15 @@ async def finding_by(url: str, sender: tuple[str, str] | None, found: Finding, *
     name, target = (user("dispatcher"), url_for(url, "dispatcher")) if sender is None else sender
     await publish_as(target, name, RESULTS, finding_key(found.severity, found.domain, found.phase),
                      encode(found), found.idempotency_key, times=times)
+
+
+@contextlib.asynccontextmanager
+async def running_tickets(url: str, env: dict[str, str]) -> AsyncIterator[TicketsService]:
+    """`agentjobs tickets` as the ticketing identity on ``url``'s vhost, configured by ``env``."""
+    settings = load_settings(None, {**env, "AGENTJOBS_AMQP__URL": url_for(url, "ticketing")})
+    service = TicketsService(settings, health_port=0)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop(drain=2)
